@@ -1,0 +1,111 @@
+"""Ollama's Host and Origin guards (``allowedHostsMiddleware`` and gin-contrib/cors).
+
+* Host: only when the connection arrived on a loopback address (Ollama checks its
+  listener; the stub checks the socket the request came in on). The ``Host``
+  header, port stripped and lower-cased, must be empty, ``localhost``, this
+  machine's hostname, end in ``.localhost``/``.local``/``.internal``, or be a
+  loopback, private or unspecified IP. Anything else: 403 with an empty body.
+* Origin: a request with an ``Origin`` header that is neither same-host nor on
+  the allow-list (localhost, 127.0.0.1, 0.0.0.0 on http/https with any port,
+  app/file/tauri/vscode schemes, browser extensions, plus
+  ``StubSettings.allowed_origins``) gets 403 with an empty body.
+* An allowed ``OPTIONS`` request gets 204.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+_DEFAULT_ORIGINS: tuple[str, ...] = (
+    *(
+        pattern
+        for host in ("localhost", "127.0.0.1", "0.0.0.0")
+        for pattern in (f"http://{host}", f"https://{host}", f"http://{host}:*", f"https://{host}:*")
+    ),
+    "app://*",
+    "file://*",
+    "tauri://*",
+    "vscode-webview://*",
+    "vscode-file://*",
+)
+
+_EXTENSION_SCHEMES = (
+    "chrome-extension://",
+    "safari-extension://",
+    "moz-extension://",
+    "ms-browser-extension://",
+)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _split_host(header: str) -> str:
+    host = header.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[1:end] if end > 0 else host
+    if host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host
+
+
+def host_allowed(header: str) -> bool:
+    """Whether Ollama would serve a request with this ``Host`` header on loopback."""
+    host = _split_host(header)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is not None:
+        return address.is_loopback or address.is_private or address.is_unspecified
+    if host in ("", "localhost", socket.gethostname().lower()):
+        return True
+    return host.endswith((".localhost", ".local", ".internal"))
+
+
+def origin_allowed(origin: str, host: str, extra: tuple[str, ...]) -> bool:
+    """Whether the CORS check lets a request with this ``Origin`` through."""
+    if origin in (f"http://{host}", f"https://{host}"):
+        return True
+    if origin.startswith(_EXTENSION_SCHEMES):
+        return True
+    patterns = _DEFAULT_ORIGINS + extra
+    return any(p == "*" or fnmatch.fnmatchcase(origin, p) for p in patterns)
+
+
+def _arrived_on_loopback(request: web.Request) -> bool:
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    if not isinstance(sockname, tuple) or not sockname:
+        return False
+    try:
+        return ipaddress.ip_address(str(sockname[0]).split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def guard_middleware(check_host: bool, extra_origins: tuple[str, ...]) -> Middleware:
+    """Build the middleware applying both guards."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin", "")
+        if origin and not origin_allowed(origin, request.host, extra_origins):
+            return web.Response(status=403)
+        if (
+            check_host
+            and _arrived_on_loopback(request)
+            and not host_allowed(request.headers.get("Host", ""))
+        ):
+            return web.Response(status=403)
+        if request.method == "OPTIONS":
+            return web.Response(status=204)
+        return await handler(request)
+
+    return guard
