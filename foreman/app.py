@@ -1,0 +1,86 @@
+"""The one place where foreman is assembled."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from foreman import api, middleware, proxy
+from foreman.config import Config
+from foreman.events import JobEvents
+from foreman.keys import CONFIG, EVENTS, STORE, UPSTREAM, WORKER
+from foreman.models import QUEUED_ENDPOINTS
+from foreman.retry import RetryPolicy, Sleep
+from foreman.store import AsyncStore
+from foreman.upstream import Upstream
+from foreman.worker import Worker
+
+log = structlog.get_logger("foreman")
+
+
+def create_app(
+    config: Config,
+    *,
+    clock: Callable[[], float] = time.time,
+    sleep: Sleep = asyncio.sleep,
+) -> web.Application:
+    """foreman as an aiohttp application; nothing starts until the app does."""
+    app = web.Application(client_max_size=config.max_body, middlewares=[middleware.errors])
+    app[CONFIG] = config
+    app[EVENTS] = JobEvents()
+
+    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+        store = await AsyncStore.open(config.db_path)
+        requeued, failed = await store.recover(clock(), config.max_attempts)
+        if requeued or failed:
+            log.info("queue.recovered", requeued=requeued, failed=failed, db=str(config.db_path))
+        app[STORE] = store
+        yield
+        await store.close()
+
+    async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+        # No total timeout: a cold load of a big model can take minutes, and
+        # Ollama aborts a load whose client gave up.
+        session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            auto_decompress=False,
+        )
+        app[UPSTREAM] = Upstream(session, config.upstream)
+        yield
+        await session.close()
+
+    async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
+        worker = Worker(
+            store=app[STORE],
+            upstream=app[UPSTREAM],
+            events=app[EVENTS],
+            retry=RetryPolicy(config.max_attempts, config.backoff_initial, config.backoff_max),
+            pin_keep_alive=config.pin_keep_alive,
+            release_keep_alive=config.release_keep_alive,
+            clock=clock,
+            sleep=sleep,
+        )
+        app[WORKER] = worker
+        task = asyncio.create_task(worker.run(), name="foreman-worker")
+        log.info("foreman.ready", upstream=config.upstream, db=str(config.db_path))
+        yield
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+    async def release_waiters(app: web.Application) -> None:
+        app[EVENTS].end_all(api.SHUTTING_DOWN)
+
+    # Torn down in reverse: the worker stops before the session and the store close.
+    app.cleanup_ctx.extend([store_ctx, upstream_ctx, worker_ctx])
+    app.on_shutdown.append(release_waiters)
+    for endpoint in QUEUED_ENDPOINTS:
+        app.router.add_post(endpoint, api.queued)
+    app.router.add_route("*", "/{tail:.*}", proxy.passthrough)
+    return app

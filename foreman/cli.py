@@ -1,0 +1,203 @@
+"""The `foreman` command: flags and FOREMAN_* variables in, a running daemon out.
+
+This is the only module that reads sys.argv and os.environ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from foreman import __version__
+from foreman.config import Config, default_db_path, parse_keep_alive, parse_listen, parse_upstream
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One `foreman serve` flag with its environment variable and default."""
+
+    flag: str
+    env: str
+    default: str
+    parse: Callable[[str], Any]
+    help: str
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"must be at least 1, got {number}")
+    return number
+
+
+def _seconds(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise ValueError(f"must not be negative, got {number}")
+    return number
+
+
+def _log_format(value: str) -> str:
+    if value not in ("console", "json"):
+        raise ValueError("must be console or json")
+    return value
+
+
+def _log_level(value: str) -> str:
+    if value.lower() not in ("debug", "info", "warning", "error"):
+        raise ValueError("must be debug, info, warning or error")
+    return value.lower()
+
+
+def serve_settings(environ: Mapping[str, str], isatty: bool) -> list[Setting]:
+    return [
+        Setting(
+            "--host",
+            "FOREMAN_HOST",
+            "127.0.0.1:11435",
+            parse_listen,
+            "address to listen on, in OLLAMA_HOST's forms",
+        ),
+        Setting(
+            "--upstream", "FOREMAN_UPSTREAM", "http://127.0.0.1:11434", parse_upstream, "Ollama's base URL"
+        ),
+        Setting(
+            "--db",
+            "FOREMAN_DB",
+            str(default_db_path(environ)),
+            os.path.expanduser,
+            "SQLite database that holds the queue",
+        ),
+        Setting(
+            "--log-format",
+            "FOREMAN_LOG_FORMAT",
+            "console" if isatty else "json",
+            _log_format,
+            "console or json (default: console on a terminal, json otherwise)",
+        ),
+        Setting("--log-level", "FOREMAN_LOG_LEVEL", "info", _log_level, "debug, info, warning or error"),
+        Setting(
+            "--max-attempts",
+            "FOREMAN_MAX_ATTEMPTS",
+            "8",
+            _positive_int,
+            "tries per job before it fails on transient errors",
+        ),
+        Setting(
+            "--backoff-initial",
+            "FOREMAN_BACKOFF_INITIAL",
+            "0.5",
+            _seconds,
+            "seconds to wait after the first transient failure",
+        ),
+        Setting("--backoff-max", "FOREMAN_BACKOFF_MAX", "30", _seconds, "longest wait between tries"),
+        Setting(
+            "--pin-keep-alive",
+            "FOREMAN_PIN_KEEP_ALIVE",
+            "-1",
+            parse_keep_alive,
+            "keep_alive that pins the loaded model while work for it waits",
+        ),
+        Setting(
+            "--release-keep-alive",
+            "FOREMAN_RELEASE_KEEP_ALIVE",
+            "5m",
+            parse_keep_alive,
+            "keep_alive that releases the pin when a client gave none (match OLLAMA_KEEP_ALIVE)",
+        ),
+        Setting(
+            "--max-body",
+            "FOREMAN_MAX_BODY",
+            str(32 * 1024 * 1024),
+            _positive_int,
+            "largest request body in bytes for queued endpoints",
+        ),
+        Setting(
+            "--early-headers",
+            "FOREMAN_EARLY_HEADERS",
+            "60",
+            _seconds,
+            "seconds a streaming client waits before foreman sends 200 and starts the stream",
+        ),
+    ]
+
+
+def _add_settings(
+    parser: argparse.ArgumentParser, settings: Sequence[Setting], environ: Mapping[str, str]
+) -> None:
+    for setting in settings:
+        raw = environ.get(setting.env, setting.default)
+        parser.add_argument(
+            setting.flag,
+            default=raw,
+            metavar=setting.env,
+            help=f"{setting.help} [env {setting.env}, default {setting.default}]",
+        )
+
+
+def _parse_settings(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, settings: Sequence[Setting]
+) -> dict[str, Any]:
+    values = {}
+    for setting in settings:
+        name = setting.flag.removeprefix("--").replace("-", "_")
+        raw = getattr(args, name)
+        try:
+            values[name] = setting.parse(raw)
+        except ValueError as exc:
+            parser.error(f"{setting.flag} / {setting.env}={raw!r}: {exc}")
+    return values
+
+
+def config_from(values: Mapping[str, Any]) -> Config:
+    host, port = values["host"]
+    return Config(
+        db_path=Path(values["db"]),
+        host=host,
+        port=port,
+        upstream=values["upstream"],
+        log_format=values["log_format"],
+        log_level=values["log_level"],
+        max_attempts=values["max_attempts"],
+        backoff_initial=values["backoff_initial"],
+        backoff_max=values["backoff_max"],
+        pin_keep_alive=values["pin_keep_alive"],
+        release_keep_alive=values["release_keep_alive"],
+        max_body=values["max_body"],
+        early_headers=values["early_headers"],
+    )
+
+
+def build_parser(environ: Mapping[str, str], isatty: bool) -> tuple[argparse.ArgumentParser, list[Setting]]:
+    parser = argparse.ArgumentParser(
+        prog="foreman", description="A durable, model-aware queue in front of Ollama."
+    )
+    parser.add_argument("--version", action="version", version=f"foreman {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    settings = serve_settings(environ, isatty)
+    serve = commands.add_parser("serve", help="run the daemon in front of Ollama")
+    _add_settings(serve, settings, environ)
+    demo = commands.add_parser("demo", help="run a stub Ollama and foreman, and watch a mixed workload drain")
+    demo.add_argument("--requests", type=_positive_int, default=12, help="how many requests to send")
+    demo.add_argument(
+        "--load-delay", type=_seconds, default=1.0, help="seconds the stub takes to load a model"
+    )
+    return parser, settings
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    parser, settings = build_parser(environ, sys.stdout.isatty())
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from foreman.serve import serve
+
+        return serve(config_from(_parse_settings(parser, args, settings)))
+    from foreman.demo import demo
+
+    return demo(requests=args.requests, load_delay=args.load_delay)

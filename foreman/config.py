@@ -1,0 +1,91 @@
+"""foreman's settings: one frozen value built from flags and FOREMAN_* variables."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from foreman.intake import is_keep_alive
+
+DEFAULT_PORT = 11435
+OLLAMA_PORT = 11434
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    db_path: Path
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    upstream: str = f"http://127.0.0.1:{OLLAMA_PORT}"
+    log_format: str = "console"
+    log_level: str = "info"
+    max_attempts: int = 8
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    # keep_alive values as sent to Ollama: a number of seconds or a duration string.
+    pin_keep_alive: float | str = -1
+    release_keep_alive: float | str = "5m"
+    max_body: int = 32 * 1024 * 1024
+    # A streaming client that has waited this long in the queue gets its 200
+    # and NDJSON headers at once, so clients with a headers timeout (Node's
+    # fetch gives up after 300 s) keep waiting.
+    early_headers: float = 60.0
+
+
+def parse_listen(value: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """`host:port`, `host`, `:port` or `http://host:port`, as OLLAMA_HOST takes them."""
+    value = value.strip().strip("\"'")
+    if "://" not in value:
+        value = "http://" + value
+    parts = urlsplit(value)
+    if parts.scheme != "http":
+        raise ValueError(f"unsupported scheme {parts.scheme!r} in {value!r}: foreman serves plain http")
+    try:
+        port = parts.port or default_port
+    except ValueError as exc:
+        raise ValueError(f"bad port in {value!r}") from exc
+    # Like Ollama, ":port" alone means every interface.
+    host = parts.hostname or "0.0.0.0"
+    return host, port
+
+
+def parse_upstream(value: str) -> str:
+    """Ollama's base URL from a URL or an OLLAMA_HOST-style address."""
+    value = value.strip().strip("\"'")
+    if "://" not in value:
+        host, port = parse_listen(value, OLLAMA_PORT)
+        host = "127.0.0.1" if host == "0.0.0.0" else host
+        value = f"http://{_bracket(host)}:{port}"
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {value!r}")
+    return value.rstrip("/")
+
+
+def parse_keep_alive(value: str) -> float | str:
+    """A keep_alive setting as Ollama's request field takes it: `-1` → -1, `24h` → "24h"."""
+    try:
+        number = json.loads(value)
+    except ValueError:
+        number = None
+    if isinstance(number, int | float) and not isinstance(number, bool):
+        return number
+    if not is_keep_alive(value):
+        raise ValueError(f"not a keep_alive: {value!r} (use seconds like -1 or 300, or a duration like 24h)")
+    return value
+
+
+def default_db_path(environ: Mapping[str, str]) -> Path:
+    """systemd's StateDirectory when it set one, else the XDG state directory."""
+    state_directory = environ.get("STATE_DIRECTORY")
+    if state_directory:
+        return Path(state_directory.split(":")[0]) / "foreman.db"
+    xdg = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "foreman" / "foreman.db"
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

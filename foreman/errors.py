@@ -1,0 +1,47 @@
+"""Errors that carry the HTTP status a client should see."""
+
+from __future__ import annotations
+
+
+class ForemanError(Exception):
+    """An error answered as Ollama answers errors: `{"error": message}` with `status`."""
+
+    status = 500
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+
+class BadRequest(ForemanError):
+    status = 400
+
+
+class UpstreamUnreachable(ForemanError):
+    """Ollama could not be reached: refused, reset, or gone before it answered."""
+
+    status = 502
+
+
+class UpstreamFailed(ForemanError):
+    """Ollama answered but failed in a way worth retrying (5xx), or dropped a stream."""
+
+    status = 502
+
+    def __init__(self, message: str, status: int = 502, body: bytes | None = None) -> None:
+        super().__init__(message, status)
+        self.body = body
+
+
+class UpstreamRejected(ForemanError):
+    """Ollama refused the request (4xx); retrying would not help."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(body.decode("utf-8", "replace"), status)
+        self.body = body
+
+
+# What the worker retries: the request may well succeed a moment later.
+TRANSIENT = (UpstreamUnreachable, UpstreamFailed)

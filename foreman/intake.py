@@ -1,0 +1,150 @@
+"""Turning a client's request body into a job, or a 400 that says what is wrong.
+
+foreman checks what it relies on (the model, `stream`, `keep_alive`, `options`)
+and the shape of the fields Ollama would reject anyway, so a bad request fails
+at once instead of after it has waited its turn in the queue. Anything subtler
+is Ollama's to judge; its 4xx then reaches the client unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from ulid import ULID
+
+from foreman.errors import BadRequest
+from foreman.models import NewJob
+from foreman.names import model_key
+
+# Go's time.ParseDuration grammar, which Ollama uses for string keep_alive values.
+_GO_DURATION = re.compile(r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
+
+# Endpoints that never stream, whatever the request says.
+_NEVER_STREAMED = frozenset({"/api/embed", "/api/embeddings"})
+
+
+def parse_job(endpoint: str, raw: bytes, now: float) -> NewJob:
+    """Validate `raw` for `endpoint` and make it a job; raises BadRequest."""
+    body = _json_object(raw)
+    model = body.get("model")
+    if model is None or model == "":
+        raise BadRequest("model is required")
+    if not isinstance(model, str):
+        raise BadRequest("model must be a string")
+    _check_common_fields(body)
+    _CHECKS[endpoint](body)
+    stream = endpoint not in _NEVER_STREAMED and body.get("stream") is not False
+    return NewJob(
+        id=str(ULID()),
+        endpoint=endpoint,
+        model=model,
+        model_key=model_key(model, body.get("options")),
+        stream=stream,
+        body=raw,
+        created_at=now,
+    )
+
+
+def is_keep_alive(value: object) -> bool:
+    """Whether Ollama accepts `value` as a keep_alive (seconds, or a Go duration string)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return True
+    if isinstance(value, str):
+        return value == "0" or _GO_DURATION.fullmatch(value) is not None
+    return False
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise BadRequest("missing request body")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"invalid JSON in request body: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+def _check_common_fields(body: dict[str, Any]) -> None:
+    _expect(body, "stream", bool)
+    _expect(body, "options", dict)
+    keep_alive = body.get("keep_alive")
+    if keep_alive is not None and not is_keep_alive(keep_alive):
+        raise BadRequest(
+            f"invalid keep_alive {json.dumps(keep_alive)}: use seconds (300) "
+            'or a duration with a unit ("5m", "1h", "-1" as a number pins forever)'
+        )
+
+
+def _check_chat(body: dict[str, Any]) -> None:
+    messages = _expect(body, "messages", list)
+    if messages is not None:
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise BadRequest(f"messages[{index}] must be an object")
+            _expect(message, "role", str, where=f"messages[{index}].")
+            _expect(message, "content", str, where=f"messages[{index}].")
+            _expect(message, "images", list, where=f"messages[{index}].")
+    _expect(body, "tools", list)
+    _check_format(body)
+
+
+def _check_generate(body: dict[str, Any]) -> None:
+    for field in ("prompt", "suffix", "system", "template"):
+        _expect(body, field, str)
+    _expect(body, "raw", bool)
+    _expect(body, "images", list)
+    _expect(body, "context", list)
+    _check_format(body)
+
+
+def _check_embed(body: dict[str, Any]) -> None:
+    value = body.get("input")
+    if value is None or isinstance(value, str):
+        return
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return
+    raise BadRequest("invalid input type: input must be a string or a list of strings")
+
+
+def _check_embeddings(body: dict[str, Any]) -> None:
+    _expect(body, "prompt", str)
+
+
+def _check_format(body: dict[str, Any]) -> None:
+    value = body.get("format")
+    if value is not None and not isinstance(value, str | dict):
+        raise BadRequest('invalid format: use "json" or a JSON schema object')
+
+
+def _expect(body: dict[str, Any], field: str, kind: type, *, where: str = "") -> Any:
+    value = body.get(field)
+    # bool is an int in Python; a JSON true where a number belongs is still wrong.
+    if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+        raise BadRequest(f"{where}{field} must be {_JSON_NAMES[kind]}, not {_json_name(value)}")
+    return value
+
+
+_JSON_NAMES = {bool: "a boolean", dict: "an object", list: "an array", str: "a string"}
+
+
+def _json_name(value: object) -> str:
+    """The JSON type of a decoded value, as a client would call it."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return _JSON_NAMES.get(type(value), "null")
+
+
+_CHECKS = {
+    "/api/chat": _check_chat,
+    "/api/generate": _check_generate,
+    "/api/embed": _check_embed,
+    "/api/embeddings": _check_embeddings,
+}

@@ -1,0 +1,17 @@
+"""Typed slots on the aiohttp application, so modules share them without importing each other."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from foreman.config import Config
+from foreman.events import JobEvents
+from foreman.store import AsyncStore
+from foreman.upstream import Upstream
+from foreman.worker import Worker
+
+CONFIG = web.AppKey("config", Config)
+EVENTS = web.AppKey("events", JobEvents)
+STORE = web.AppKey("store", AsyncStore)
+UPSTREAM = web.AppKey("upstream", Upstream)
+WORKER = web.AppKey("worker", Worker)

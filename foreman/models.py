@@ -1,0 +1,58 @@
+"""The values foreman's modules pass between each other."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    LOADING = "loading"
+    WORKING = "working"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+
+# The endpoints whose requests become jobs; every other path is passed through.
+QUEUED_ENDPOINTS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A validated request, ready to be written to the store."""
+
+    id: str
+    endpoint: str
+    model: str  # exactly as the client sent it; Ollama echoes it back
+    model_key: str  # normalised name plus load options: the unit of residency
+    stream: bool
+    body: bytes  # the request body as the client sent it
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A job row as the store holds it."""
+
+    id: str
+    state: JobState
+    endpoint: str
+    model: str
+    model_key: str
+    stream: bool
+    body: bytes
+    attempt: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    status: int | None  # the HTTP status the job ended with
+    error: str | None
+    result: bytes | None

@@ -1,0 +1,65 @@
+"""Everything foreman does not queue goes to Ollama as it came, and back as it comes."""
+
+from __future__ import annotations
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from foreman.errors import UpstreamUnreachable
+from foreman.keys import UPSTREAM
+
+log = structlog.get_logger("foreman.proxy")
+
+# Headers that describe one connection, not the message (RFC 9110, 7.6.1).
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    }
+)
+
+
+def _end_to_end(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _HOP_BY_HOP)
+
+
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    """Forward any request to Ollama, streaming both ways (pull progress, blob uploads)."""
+    upstream = request.app[UPSTREAM]
+    try:
+        response = await upstream.session.request(
+            request.method,
+            upstream.url(request.path_qs),
+            headers=_end_to_end(request.headers),
+            data=request.content if request.body_exists else None,
+            allow_redirects=False,
+        )
+    except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+        raise UpstreamUnreachable(f"cannot reach Ollama at {upstream.base_url}: {exc}") from exc
+    async with response:
+        out = web.StreamResponse(
+            status=response.status, reason=response.reason, headers=_end_to_end(response.headers)
+        )
+        await out.prepare(request)
+        try:
+            async for data in response.content.iter_any():
+                await out.write(data)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            # Too late for a status: cut the client's connection so it sees the
+            # reply is incomplete rather than a clean, truncated one.
+            log.warning("proxy.broken", path=request.path, error=str(exc))
+            if request.transport is not None:
+                request.transport.abort()
+            return out
+        await out.write_eof()
+        return out

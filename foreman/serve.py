@@ -1,0 +1,38 @@
+"""`foreman serve`: the daemon as systemd or a terminal runs it."""
+
+from __future__ import annotations
+
+import structlog
+from aiohttp import web
+
+from foreman import log as logging_setup
+from foreman.app import create_app
+from foreman.config import Config
+
+log = structlog.get_logger("foreman")
+
+
+def serve(config: Config) -> int:
+    """Run until SIGINT or SIGTERM; returns the process exit code."""
+    logging_setup.configure(config.log_format, config.log_level)
+    log.info(
+        "foreman.start",
+        listen=f"{config.host}:{config.port}",
+        upstream=config.upstream,
+        db=str(config.db_path),
+    )
+    try:
+        web.run_app(
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            # A client that disconnects must cancel its job, as it does in Ollama.
+            handler_cancellation=True,
+            print=None,
+            access_log=None,
+        )
+    except OSError as exc:
+        log.error("foreman.listen_failed", listen=f"{config.host}:{config.port}", error=str(exc))
+        return 1
+    log.info("foreman.stopped")
+    return 0

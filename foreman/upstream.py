@@ -1,0 +1,131 @@
+"""Ollama as foreman talks to it: residency, the load step, and job requests.
+
+Every failure is sorted here into what the worker does with it: retry
+(`UpstreamUnreachable`, `UpstreamFailed`) or pass on to the client
+(`UpstreamRejected`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+
+from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable
+from foreman.names import normalise_model
+
+NDJSON = "application/x-ndjson"
+
+# The request that makes Ollama load a model without running anything, per
+# endpoint family (ollama docs/api.md, "Load a model").
+_LOAD_BODIES: dict[str, dict[str, Any]] = {
+    "/api/chat": {"messages": []},
+    "/api/generate": {"prompt": ""},
+    "/api/embed": {"input": []},
+}
+_LOAD_ENDPOINT = {
+    "/api/chat": "/api/chat",
+    "/api/generate": "/api/generate",
+    "/api/embed": "/api/embed",
+    "/api/embeddings": "/api/embed",
+}
+
+
+class Reply:
+    """Ollama's answer to a job, read as it arrives."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.content_type = response.headers.get("Content-Type", "application/json; charset=utf-8")
+        self.streamed = self.content_type.startswith(NDJSON)
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        """NDJSON lines with their newline, each yielded as soon as it is complete."""
+        buffer = bytearray()
+        scanned = 0
+        try:
+            async for data in self._response.content.iter_any():
+                buffer += data
+                start = 0
+                while (end := buffer.find(b"\n", scanned)) != -1:
+                    line = bytes(buffer[start : end + 1])
+                    start = scanned = end + 1
+                    if line.strip():
+                        yield line
+                del buffer[:start]
+                scanned = len(buffer)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            raise UpstreamFailed(f"Ollama dropped the connection mid-reply: {exc}") from exc
+        if buffer.strip():
+            yield bytes(buffer) + b"\n"
+
+    async def read(self) -> bytes:
+        try:
+            return await self._response.read()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            raise UpstreamFailed(f"Ollama dropped the connection mid-reply: {exc}") from exc
+
+
+class Upstream:
+    """One Ollama server behind one client session."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+        self.session = session
+        self.base_url = base_url.rstrip("/")
+
+    def url(self, path_qs: str) -> str:
+        return self.base_url + path_qs
+
+    async def resident_models(self) -> set[str]:
+        """Normalised names of the models Ollama holds now (`/api/ps`)."""
+        async with self._request("GET", "/api/ps") as reply:
+            body = await reply.read()
+        try:
+            models = json.loads(body)["models"] or []
+            return {normalise_model(m["name"]) for m in models}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UpstreamFailed(f"Ollama's /api/ps answer is not what foreman expects: {exc}") from exc
+
+    async def load(self, endpoint: str, model: str, options: Mapping[str, Any], keep_alive: object) -> None:
+        """Ask Ollama to load `model` with `options` and hold it for `keep_alive`."""
+        family = _LOAD_ENDPOINT[endpoint]
+        body: dict[str, Any] = {"model": model, **_LOAD_BODIES[family], "keep_alive": keep_alive}
+        if options:
+            body["options"] = dict(options)
+        async with self.post(family, json.dumps(body).encode()) as reply:
+            await reply.read()
+
+    @asynccontextmanager
+    async def post(self, endpoint: str, body: bytes) -> AsyncIterator[Reply]:
+        """POST a job's body; yields the reply once Ollama has accepted it (2xx)."""
+        async with self._request("POST", endpoint, body) as reply:
+            yield reply
+
+    @asynccontextmanager
+    async def _request(self, method: str, path: str, body: bytes | None = None) -> AsyncIterator[Reply]:
+        headers = {"Content-Type": "application/json"} if body is not None else None
+        try:
+            response = await self.session.request(method, self.url(path), data=body, headers=headers)
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise UpstreamUnreachable(f"cannot reach Ollama at {self.base_url}: {exc}") from exc
+        try:
+            reply = Reply(response)
+            if response.status >= 500:
+                error = await reply.read()
+                raise UpstreamFailed(_error_text(error, response.status), response.status, error)
+            if response.status >= 400:
+                raise UpstreamRejected(response.status, await reply.read())
+            yield reply
+        finally:
+            response.release()
+
+
+def _error_text(body: bytes, status: int) -> str:
+    try:
+        return f"Ollama answered {status}: {json.loads(body)['error']}"
+    except (ValueError, KeyError, TypeError):
+        return f"Ollama answered {status}: {body[:200].decode('utf-8', 'replace')}"
