@@ -29,7 +29,9 @@ def test_drained_resident_model_hands_over_to_the_oldest_job() -> None:
 
 def test_nothing_loaded_is_a_cold_start() -> None:
     """A cold Ollama loads the model of the oldest job."""
-    assert pick([q("b:latest", 1, "01B"), q("a:latest", 1, "01A")], set()) == Decision("a:latest", Reason.COLD)
+    assert pick([q("b:latest", 1, "01B"), q("a:latest", 1, "01A")], set()) == Decision(
+        "a:latest", Reason.COLD
+    )
 
 
 def test_among_several_resident_models_the_oldest_job_goes_first() -> None:

@@ -20,7 +20,13 @@ def store(tmp_path: Path) -> Store:
 
 def new_job(key: str, created: float = 0.0) -> NewJob:
     return NewJob(
-        id=str(ULID()), endpoint="/api/chat", model=key, model_key=key, stream=False, body=b"{}", created_at=created
+        id=str(ULID()),
+        endpoint="/api/chat",
+        model=key,
+        model_key=key,
+        stream=False,
+        body=b"{}",
+        created_at=created,
     )
 
 
@@ -40,7 +46,10 @@ def test_insert_is_committed_at_once(store: Store, tmp_path: Path) -> None:
     job = new_job("a:latest")
     store.insert(job)
     other = sqlite3.connect(tmp_path / "q.db")
-    assert other.execute("SELECT state, attempt FROM jobs WHERE id = ?", (job.id,)).fetchone() == ("queued", 0)
+    assert other.execute("SELECT state, attempt FROM jobs WHERE id = ?", (job.id,)).fetchone() == (
+        "queued",
+        0,
+    )
 
 
 def test_claims_drain_the_resident_model_first(store: Store) -> None:
@@ -50,12 +59,18 @@ def test_claims_drain_the_resident_model_first(store: Store) -> None:
         store.insert(job)
     order = []
     loaded = {"a:latest"}
-    while (claim := store.claim_next(lambda qs: pick(qs, loaded), now=1.0)) is not None:
+    while (claim := store.claim_next(lambda qs: pick(qs, set(loaded)), now=1.0)) is not None:
         order.append((claim.job.id, claim.decision.reason))
-        loaded = {claim.job.model_key}
+        loaded.clear()
+        loaded.add(claim.job.model_key)
         store.finish(claim.job, JobState.DONE, 2.0, status=200)
     assert [job_id for job_id, _ in order] == [jobs[1].id, jobs[3].id, jobs[0].id, jobs[2].id]
-    assert [reason for _, reason in order] == [Reason.RESIDENT, Reason.RESIDENT, Reason.DRAINED, Reason.RESIDENT]
+    assert [reason for _, reason in order] == [
+        Reason.RESIDENT,
+        Reason.RESIDENT,
+        Reason.DRAINED,
+        Reason.RESIDENT,
+    ]
 
 
 def test_claim_reports_what_still_waits_for_the_model(store: Store) -> None:

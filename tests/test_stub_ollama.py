@@ -73,9 +73,7 @@ async def ollama_client() -> AsyncIterator[Callable[[str], ollama.AsyncClient]]:
         await client.close()  # type: ignore[no-untyped-call]
 
 
-async def post(
-    http: aiohttp.ClientSession, url: str, path: str, body: object
-) -> tuple[int, Any, str]:
+async def post(http: aiohttp.ClientSession, url: str, path: str, body: object) -> tuple[int, Any, str]:
     """POST JSON and return (status, parsed body or None, content type)."""
     async with http.post(url + path, json=body) as response:
         text = await response.text()
@@ -157,9 +155,7 @@ def test_reply_tokens_are_deterministic() -> None:
 # -------------------------------------------------------------- simple routes
 
 
-async def test_root_version_tags_and_unknown_path(
-    start_stub: StartStub, http: aiohttp.ClientSession
-) -> None:
+async def test_root_version_tags_and_unknown_path(start_stub: StartStub, http: aiohttp.ClientSession) -> None:
     """/, /api/version, /api/tags and unknown paths answer like Ollama."""
     url, _stub = await start_stub()
     async with http.get(url + "/") as response:
@@ -291,9 +287,7 @@ async def test_capacity_one_swaps_models(start_stub: StartStub, http: aiohttp.Cl
     assert stub.loaded() == [A]
 
 
-async def test_same_model_twice_loads_once(
-    start_stub: StartStub, http: aiohttp.ClientSession
-) -> None:
+async def test_same_model_twice_loads_once(start_stub: StartStub, http: aiohttp.ClientSession) -> None:
     """Two requests for a resident model load it once; sequential use never overlaps."""
     url, stub = await start_stub()
     await chat(http, url, "llama3", "one")
@@ -304,9 +298,7 @@ async def test_same_model_twice_loads_once(
     assert [r.prompt for r in stub.inference_requests()] == ["one", "two"]
 
 
-async def test_runner_option_change_reloads(
-    start_stub: StartStub, http: aiohttp.ClientSession
-) -> None:
+async def test_runner_option_change_reloads(start_stub: StartStub, http: aiohttp.ClientSession) -> None:
     """A different num_ctx reloads the same model; other options do not."""
     url, stub = await start_stub(capacity=3)
     await chat(http, url, "llama3", options={"temperature": 0.1})
@@ -336,9 +328,7 @@ async def test_keep_alive_expiry_timer(start_stub: StartStub, http: aiohttp.Clie
     await stub.wait_for(lambda s: s.evictions == [A], timeout=2)
 
 
-async def test_load_and_unload_short_cuts(
-    start_stub: StartStub, http: aiohttp.ClientSession
-) -> None:
+async def test_load_and_unload_short_cuts(start_stub: StartStub, http: aiohttp.ClientSession) -> None:
     """Empty messages load the model (done_reason load); with keep_alive 0 they unload it."""
     url, stub = await start_stub()
     status, reply, _ = await post(http, url, "/api/chat", {"model": "llama3", "stream": True})
@@ -355,9 +345,7 @@ async def test_load_and_unload_short_cuts(
     await stub.wait_for(lambda s: s.loaded() == [])
     status, reply, _ = await post(http, url, "/api/embed", {"model": "nomic-embed-text"})
     assert (status, reply) == (200, {"model": "nomic-embed-text", "embeddings": []})
-    status, reply, _ = await post(
-        http, url, "/api/embeddings", {"model": "nomic-embed-text", "prompt": ""}
-    )
+    status, reply, _ = await post(http, url, "/api/embeddings", {"model": "nomic-embed-text", "prompt": ""})
     assert (status, reply) == (200, {"embedding": []})
     assert stub.inference_requests() == []
     assert len(stub.inference_requests(exclude_loads=False)) == 4
@@ -378,8 +366,11 @@ async def test_fifo_queue_evicts_idle_victim_first(
 async def test_busy_runner_is_waited_for(start_stub: StartStub, http: aiohttp.ClientSession) -> None:
     """A swap waits for the busy model's stream to finish instead of aborting it."""
     url, stub = await start_stub(token_delay=0.01, tokens=6)
-    first = asyncio.create_task(stream_lines(http, url, "/api/chat", {
-        "model": "llama3", "messages": [{"role": "user", "content": "long"}]}))
+    first = asyncio.create_task(
+        stream_lines(
+            http, url, "/api/chat", {"model": "llama3", "messages": [{"role": "user", "content": "long"}]}
+        )
+    )
     await stub.wait_for(lambda s: s.generating == 1)
     second = asyncio.create_task(chat(http, url, "mistral"))
     lines = await first
@@ -403,9 +394,7 @@ async def test_concurrency_counts_and_num_parallel(
         assert stub.loads == [A]
 
 
-async def test_client_disconnect_releases_runner(
-    start_stub: StartStub, http: aiohttp.ClientSession
-) -> None:
+async def test_client_disconnect_releases_runner(start_stub: StartStub, http: aiohttp.ClientSession) -> None:
     """A client leaving mid-stream stops generation and frees the runner."""
     url, stub = await start_stub(token_delay=0.02, tokens=50)
     body = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
@@ -434,9 +423,7 @@ async def test_disconnect_while_loading_aborts_load(
 # ---------------------------------------------------------------- streaming
 
 
-async def test_streamed_chat_and_generate_shapes(
-    start_stub: StartStub, http: aiohttp.ClientSession
-) -> None:
+async def test_streamed_chat_and_generate_shapes(start_stub: StartStub, http: aiohttp.ClientSession) -> None:
     """Streams are compact NDJSON with message/response chunks and a final metrics line."""
     url, _stub = await start_stub(tokens=3)
     lines = await stream_lines(
@@ -451,9 +438,7 @@ async def test_streamed_chat_and_generate_shapes(
     for key in ("total_duration", "load_duration", "prompt_eval_count", "eval_count"):
         assert isinstance(final[key], int) and final[key] > 0
 
-    lines = await stream_lines(
-        http, url, "/api/generate", {"model": "llama3", "prompt": "p", "stream": None}
-    )
+    lines = await stream_lines(http, url, "/api/generate", {"model": "llama3", "prompt": "p", "stream": None})
     assert [line.get("response") for line in lines[:-1]] == reply_tokens(A, "p", 3)
     assert isinstance(lines[-1]["context"], list)
 
@@ -572,9 +557,7 @@ async def test_drop_next_mid_stream(start_stub: StartStub, http: aiohttp.ClientS
     assert status == 200
 
 
-async def test_drop_next_before_headers(
-    start_stub: StartStub, http: aiohttp.ClientSession
-) -> None:
+async def test_drop_next_before_headers(start_stub: StartStub, http: aiohttp.ClientSession) -> None:
     """drop_next(after_chunks=0) closes the connection before any response."""
     url, stub = await start_stub()
     stub.faults.drop_next(after_chunks=0)

@@ -1,0 +1,86 @@
+"""Shared set-ups: a stub Ollama on a real port, and foreman in front of it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import ollama
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from foreman.app import create_app
+from foreman.config import Config
+from helpers import Foreman, MakeForeman, MakeStub
+from stub_ollama import Stub, StubServer, StubSettings
+
+
+@pytest.fixture
+async def make_stub() -> AsyncIterator[MakeStub]:
+    """Start stub Ollamas on free loopback ports; small load delay by default."""
+    servers: list[StubServer] = []
+
+    async def make(**overrides: Any) -> StubServer:
+        server = StubServer(StubSettings(**{"load_delay": 0.01, **overrides}))
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def stub_server(make_stub: MakeStub) -> StubServer:
+    return await make_stub()
+
+
+@pytest.fixture
+def stub(stub_server: StubServer) -> Stub:
+    return stub_server.stub
+
+
+@pytest.fixture
+def make_foreman(
+    aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]], tmp_path: Path
+) -> MakeForeman:
+    """Start foreman in front of `upstream`; retries wait zero seconds unless told otherwise."""
+
+    async def make(upstream: str, **overrides: Any) -> Foreman:
+        base = Config(db_path=tmp_path / "foreman.db", upstream=upstream, backoff_initial=0, backoff_max=0)
+        config = replace(base, **overrides)
+        client = await aiohttp_client(create_app(config))
+        return Foreman(client, config)
+
+    return make
+
+
+@pytest.fixture
+async def foreman(make_foreman: MakeForeman, stub_server: StubServer) -> Foreman:
+    return await make_foreman(stub_server.url)
+
+
+@pytest.fixture
+async def ollama_client() -> AsyncIterator[Callable[[str], ollama.AsyncClient]]:
+    """Official ollama AsyncClients, closed after the test."""
+    clients: list[ollama.AsyncClient] = []
+
+    def make(url: str) -> ollama.AsyncClient:
+        client = ollama.AsyncClient(host=url, trust_env=False)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

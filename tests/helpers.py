@@ -1,0 +1,104 @@
+"""Helpers the tests share: foreman under test, and waiting with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from foreman.config import Config
+from stub_ollama import StubServer, normalise, reply_tokens
+
+
+async def eventually(predicate: Callable[[], bool], within: float = 5.0, what: str = "condition") -> None:
+    """Poll `predicate` until it holds, failing after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+@dataclass
+class Foreman:
+    """foreman running in-process on a loopback port, with its database file."""
+
+    client: TestClient[web.Request, web.Application]
+    config: Config
+
+    @property
+    def app(self) -> web.Application:
+        return self.client.app  # type: ignore[return-value]
+
+    @property
+    def url(self) -> str:
+        return str(self.client.make_url("")).rstrip("/")
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every job row, oldest first, read through a separate connection."""
+        db = sqlite3.connect(self.config.db_path)
+        db.row_factory = sqlite3.Row
+        try:
+            return [dict(row) for row in db.execute("SELECT * FROM jobs ORDER BY id")]
+        finally:
+            db.close()
+
+    def states(self) -> list[str]:
+        return [job["state"] for job in self.jobs()]
+
+    async def wait_states(self, predicate: Callable[[list[str]], bool], what: str = "job states") -> None:
+        await eventually(lambda: predicate(self.states()), what=what)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def chat_body(model: str, content: str = "hi", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}], "stream": False, **extra}
+
+
+def reply_text(model: str, prompt: str, tokens: int = 8) -> str:
+    """What the stub answers `prompt` with on `model`."""
+    return "".join(reply_tokens(normalise(model) or model, prompt, tokens))
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def lines(self) -> list[Any]:
+        return [json.loads(line) for line in self.body.splitlines()]
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: Any) -> Answer:
+    """POST JSON (or raw bytes) and read the whole answer."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with http.post(url, data=data, headers={"Content-Type": "application/json"}) as response:
+        return Answer(response.status, dict(response.headers), await response.read())
+
+
+async def submit(
+    http: aiohttp.ClientSession, foreman: Foreman, body: Any, path: str = "/api/chat"
+) -> asyncio.Task[Answer]:
+    """Send a request in the background and return once foreman has written its job."""
+    before = len(foreman.jobs())
+    task = asyncio.create_task(post(http, foreman.url + path, body))
+    await eventually(lambda: len(foreman.jobs()) > before or task.done(), what="the job to be written")
+    return task
+
+
+MakeForeman = Callable[..., Awaitable[Foreman]]
+MakeStub = Callable[..., Awaitable[StubServer]]
