@@ -141,12 +141,13 @@ class Store:
         status: int,
         result: bytes | None = None,
         error: str | None = None,
+        attempt: int | None = None,
     ) -> None:
         """End a running job for good; a job that already ended stays as it ended."""
         self._db.execute(
-            "UPDATE jobs SET state = ?, finished_at = ?, status = ?, result = ?, error = ?"
-            " WHERE id = ? AND state IN ('loading', 'working')",
-            (state, now, status, result, error, job.id),
+            "UPDATE jobs SET state = ?, finished_at = ?, status = ?, result = ?, error = ?,"
+            " attempt = coalesce(?, attempt) WHERE id = ? AND state IN ('loading', 'working')",
+            (state, now, status, result, error, attempt, job.id),
         )
 
     def requeue(self, job: Job, *, attempt: int, error: str | None) -> None:
@@ -280,8 +281,11 @@ class AsyncStore:
         status: int,
         result: bytes | None = None,
         error: str | None = None,
+        attempt: int | None = None,
     ) -> None:
-        await self._run(self._store.finish, job, state, now, status=status, result=result, error=error)
+        await self._run(
+            self._store.finish, job, state, now, status=status, result=result, error=error, attempt=attempt
+        )
 
     async def requeue(self, job: Job, *, attempt: int, error: str | None) -> None:
         await self._run(self._store.requeue, job, attempt=attempt, error=error)

@@ -305,7 +305,7 @@ class Worker:
                 status, body = failure.status, failure.body
             else:
                 status, body = 502, _error_body(f"{message} (gave up after {attempt} attempts)")
-            await self._end(job, JobState.FAILED, status, body, error=message)
+            await self._end(job, JobState.FAILED, status, body, error=message, attempt=attempt)
             bound.warning("job.failed", status=status, error=message)
         else:
             await self._store.requeue(job, attempt=attempt, error=message)
@@ -322,11 +322,14 @@ class Worker:
         content_type: str = _JSON,
         result: bytes | None = None,
         error: str | None = None,
+        attempt: int | None = None,
     ) -> None:
         """Record how the job ended, then tell whoever waits for it."""
         if state is not JobState.DONE and error is None:
             error = _error_text(body)
-        await self._store.finish(job, state, self._clock(), status=status, result=result, error=error)
+        await self._store.finish(
+            job, state, self._clock(), status=status, result=result, error=error, attempt=attempt
+        )
         self._events.publish(job.id, Ended(state, status, body, content_type))
 
     def _note_outage(self, exc: UpstreamUnreachable) -> None:

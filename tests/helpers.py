@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from foreman.config import Config
-from stub_ollama import StubServer, normalise, reply_tokens
+from stub_ollama import Stub, StubServer, normalise, reply_tokens
 
 
 async def eventually(predicate: Callable[[], bool], within: float = 5.0, what: str = "condition") -> None:
@@ -102,3 +102,13 @@ async def submit(
 
 MakeForeman = Callable[..., Awaitable[Foreman]]
 MakeStub = Callable[..., Awaitable[StubServer]]
+
+
+async def hold_worker(
+    http: aiohttp.ClientSession, foreman: Foreman, stub: Stub, model: str
+) -> asyncio.Task[Answer]:
+    """Start one job that the stub holds, so the following ones queue up behind it."""
+    stub.faults.hang_next(1)
+    task = await submit(http, foreman, chat_body(model, "first"))
+    await stub.wait_for(lambda s: s.faults.hung == 1)
+    return task

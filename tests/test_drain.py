@@ -7,16 +7,8 @@ import json
 
 import aiohttp
 
-from helpers import Foreman, MakeForeman, MakeStub, chat_body, reply_text, submit
+from helpers import Foreman, MakeForeman, MakeStub, chat_body, hold_worker, reply_text, submit
 from stub_ollama import Stub
-
-
-async def hold_worker(http: aiohttp.ClientSession, foreman: Foreman, stub: Stub, model: str) -> asyncio.Task:
-    """Start one job that the stub holds, so the following ones queue up behind it."""
-    stub.faults.hang_next(1)
-    task = await submit(http, foreman, chat_body(model, "first"))
-    await stub.wait_for(lambda s: s.faults.hung == 1)
-    return task
 
 
 async def test_mixed_queue_drains_by_model(http: aiohttp.ClientSession, foreman: Foreman, stub: Stub) -> None:
