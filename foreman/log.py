@@ -21,10 +21,13 @@ def configure(fmt: str, level: str, stream: TextIO = sys.stdout) -> None:
         shared.append(structlog.processors.dict_tracebacks)
         renderer = structlog.processors.JSONRenderer()
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        # Keep fields in the order the code gives them: model and job first.
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False)
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=structlog.PrintLoggerFactory(stream),
-        cache_logger_on_first_use=True,
+        # Not cached: modules hold lazy loggers, and a cached one would keep
+        # writing to whatever stream was configured first.
+        cache_logger_on_first_use=False,
     )

@@ -190,15 +190,18 @@ class Worker:
 
     async def _execute(self, claim: Claim) -> Exception | None:
         job = claim.job
-        bound = log.bind(job_id=job.id, model=job.model_key, endpoint=job.endpoint, attempt=job.attempt)
+        bound = log.bind(model=job.model_key, job_id=job.id, endpoint=job.endpoint, attempt=job.attempt)
         wait_s = round(self._clock() - job.created_at, 3)
+        waiting = claim.waiting_after
         try:
             if claim.decision.swap:
                 await self._swap(claim)
                 await self._store.set_state(job.id, JobState.WORKING)
-            bound.info("job.start", wait_s=wait_s, waiting_for_model=claim.waiting_after)
+                # A load can take a minute; more work may have come for this model meanwhile.
+                waiting = await self._store.waiting(job.model_key)
+            bound.info("job.start", wait_s=wait_s, waiting_for_model=waiting)
             started = time.monotonic()
-            result, load_ns = await self._call(job, claim.waiting_after)
+            result, load_ns = await self._call(job, waiting)
         except UpstreamRejected as exc:
             await self._end(job, JobState.FAILED, exc.status, exc.body)
             bound.info("job.failed", status=exc.status, error=exc.message)
@@ -295,7 +298,7 @@ class Worker:
     async def _back_off(self, job: Job, failure: Exception) -> None:
         """Requeue (or finally fail) a job after a transient failure, then wait."""
         attempt = job.attempt + 1
-        bound = log.bind(job_id=job.id, model=job.model_key, endpoint=job.endpoint, attempt=attempt)
+        bound = log.bind(model=job.model_key, job_id=job.id, endpoint=job.endpoint, attempt=attempt)
         if isinstance(failure, UpstreamUnreachable):
             self._note_outage(failure)
             self._resident = None  # Ollama may come back with nothing loaded

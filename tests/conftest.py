@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import ollama
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -17,6 +18,13 @@ from foreman.app import create_app
 from foreman.config import Config
 from helpers import Foreman, MakeForeman, MakeStub
 from stub_ollama import Stub, StubServer, StubSettings
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """Tests that run the CLI configure structlog for the process; undo it after each."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture
