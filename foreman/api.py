@@ -30,7 +30,7 @@ async def queued(request: web.Request) -> web.StreamResponse:
             # leaves, and the cancel below then finds the job.
             await asyncio.shield(app[STORE].insert(job))
             worker.wake()
-            log.debug("job.queued", job_id=job.id, model=job.model_key, endpoint=job.endpoint)
+            log.info("job.queued", model=job.model_key, job_id=job.id, endpoint=job.endpoint, stream=job.stream)
             return await _respond(request, job, inbox, app[CONFIG].early_headers)
         except (asyncio.CancelledError, ConnectionResetError):
             # The client went away: like Ollama, stop working for it.
