@@ -12,6 +12,7 @@ from foreman.events import Chunk, Ended, JobEvent
 from foreman.intake import parse_job
 from foreman.keys import CONFIG, EVENTS, STORE, WORKER
 from foreman.models import JobState, NewJob
+from foreman.store import Store
 from foreman.upstream import NDJSON
 
 log = structlog.get_logger("foreman.api")
@@ -28,9 +29,11 @@ async def queued(request: web.Request) -> web.StreamResponse:
         try:
             # Shielded: once the insert started, it lands even if the client
             # leaves, and the cancel below then finds the job.
-            await asyncio.shield(app[STORE].insert(job))
+            await asyncio.shield(app[STORE].run(Store.insert, job))
             worker.wake()
-            log.info("job.queued", model=job.model_key, job_id=job.id, endpoint=job.endpoint, stream=job.stream)
+            log.info(
+                "job.queued", model=job.model_key, job_id=job.id, endpoint=job.endpoint, stream=job.stream
+            )
             return await _respond(request, job, inbox, app[CONFIG].early_headers)
         except (asyncio.CancelledError, ConnectionResetError):
             # The client went away: like Ollama, stop working for it.

@@ -17,7 +17,7 @@ from foreman.events import JobEvents
 from foreman.keys import CONFIG, EVENTS, STORE, UPSTREAM, WORKER
 from foreman.models import QUEUED_ENDPOINTS
 from foreman.retry import RetryPolicy, Sleep
-from foreman.store import AsyncStore
+from foreman.store import AsyncStore, Store
 from foreman.upstream import Upstream
 from foreman.worker import Worker
 
@@ -37,7 +37,7 @@ def create_app(
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         store = await AsyncStore.open(config.db_path)
-        requeued, failed = await store.recover(clock(), config.max_attempts)
+        requeued, failed = await store.run(Store.recover, clock(), config.max_attempts)
         if requeued or failed:
             log.info("queue.recovered", requeued=requeued, failed=failed, db=str(config.db_path))
         app[STORE] = store

@@ -36,6 +36,8 @@ class NewJob:
     stream: bool
     body: bytes  # the request body as the client sent it
     created_at: float
+    respond_async: bool = False  # the client took a 202 and collects the result later
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,3 +58,17 @@ class Job:
     status: int | None  # the HTTP status the job ended with
     error: str | None
     result: bytes | None
+    respond_async: bool = False
+
+    @property
+    def queue_wait(self) -> float | None:
+        """Seconds from arrival to the start of its latest attempt."""
+        return None if self.started_at is None else self.started_at - self.created_at
+
+    @property
+    def run_time(self) -> float | None:
+        return (
+            None
+            if self.finished_at is None or self.started_at is None
+            else self.finished_at - self.started_at
+        )

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from foreman.models import Job, JobState, NewJob
 from foreman.scheduler import Decision, ModelQueue
@@ -38,20 +38,47 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     status      INTEGER,
     error       TEXT,
-    result      BLOB
+    result      BLOB,
+    respond_async   INTEGER NOT NULL DEFAULT 0,
+    idempotency_key TEXT,
+    request_hash    TEXT            -- tells a retried submission from a different one
 );
 -- The pick: the oldest queued job of a model is the first entry under its key.
 CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (model_key, id) WHERE state = 'queued';
--- Boot recovery finds interrupted jobs without scanning the finished ones.
-CREATE INDEX IF NOT EXISTS jobs_active ON jobs (state) WHERE state IN ('loading', 'working');
+-- Listing by state, newest first; counts by state; boot recovery.
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+-- Retention finds old finished jobs without scanning the queue.
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE state IN ('done', 'failed', 'cancelled');
+
+-- The output of a job, one row per streamed chunk, kept so its events can be replayed.
+CREATE TABLE IF NOT EXISTS chunks (
+    job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    seq    INTEGER NOT NULL,
+    data   BLOB NOT NULL,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
 """
 
 _COLUMNS = (
     "id, state, endpoint, model, model_key, stream, body, attempt,"
-    " created_at, started_at, finished_at, status, error, result"
+    " created_at, started_at, finished_at, status, error, result, respond_async"
 )
 
+_ENDED = "('done', 'failed', 'cancelled')"
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key is taken by a job with a different request."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +102,7 @@ class Store:
         # undo the last commits.
         self._db.execute("PRAGMA synchronous = NORMAL")
         self._db.execute("PRAGMA busy_timeout = 5000")
+        self._db.execute("PRAGMA foreign_keys = ON")
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         # Waiting jobs per model key, kept beside the table so that neither the
@@ -91,13 +119,39 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
-    def insert(self, job: NewJob) -> None:
+    def insert(self, job: NewJob, request_hash: str | None = None) -> str:
+        """Write a new job and return its id.
+
+        A job with an idempotency key already in use is not written: the
+        existing job's id comes back if it was the same request, and
+        IdempotencyConflict is raised if it was not.
+        """
+        if job.idempotency_key is not None:
+            row = self._db.execute(
+                "SELECT id, request_hash FROM jobs WHERE idempotency_key = ?", (job.idempotency_key,)
+            ).fetchone()
+            if row is not None:
+                if row[1] != request_hash:
+                    raise IdempotencyConflict(row[0])
+                return str(row[0])
         self._db.execute(
-            "INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at)"
-            " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
-            (job.id, job.endpoint, job.model, job.model_key, job.stream, job.body, job.created_at),
+            "INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at,"
+            " respond_async, idempotency_key, request_hash) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job.id,
+                job.endpoint,
+                job.model,
+                job.model_key,
+                job.stream,
+                job.body,
+                job.created_at,
+                job.respond_async,
+                job.idempotency_key,
+                request_hash,
+            ),
         )
         self._waiting[job.model_key] += 1
+        return job.id
 
     def queues(self) -> list[ModelQueue]:
         """What waits, per model key, oldest job first within each."""
@@ -142,13 +196,25 @@ class Store:
         result: bytes | None = None,
         error: str | None = None,
         attempt: int | None = None,
+        chunks: Sequence[bytes] = (),
     ) -> None:
-        """End a running job for good; a job that already ended stays as it ended."""
-        self._db.execute(
-            "UPDATE jobs SET state = ?, finished_at = ?, status = ?, result = ?, error = ?,"
-            " attempt = coalesce(?, attempt) WHERE id = ? AND state IN ('loading', 'working')",
-            (state, now, status, result, error, attempt, job.id),
-        )
+        """End a running job for good, with its output; a job that already ended stays as it ended."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            ended = self._db.execute(
+                "UPDATE jobs SET state = ?, finished_at = ?, status = ?, result = ?, error = ?,"
+                " attempt = coalesce(?, attempt) WHERE id = ? AND state IN ('loading', 'working')",
+                (state, now, status, result, error, attempt, job.id),
+            ).rowcount
+            if ended and chunks:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO chunks (job_id, seq, data) VALUES (?, ?, ?)",
+                    ((job.id, seq, data) for seq, data in enumerate(chunks)),
+                )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def requeue(self, job: Job, *, attempt: int, error: str | None) -> None:
         """Put a running job back in line, keeping its place (its id)."""
@@ -178,6 +244,66 @@ class Store:
     def waiting(self, model_key: str) -> int:
         return self._waiting[model_key]
 
+    def chunks(self, job_id: str) -> list[bytes]:
+        """The output a finished job streamed, in order."""
+        rows = self._db.execute("SELECT data FROM chunks WHERE job_id = ? ORDER BY seq", (job_id,))
+        return [bytes(data) for (data,) in rows]
+
+    def list_jobs(
+        self, *, state: str | None, model_key: str | None, limit: int, before: str | None
+    ) -> list[Job]:
+        """A page of jobs, newest first, each older than the cursor `before` (a job id)."""
+        where, args = [], []
+        if state is not None:
+            where.append("state = ?")
+            args.append(state)
+        if model_key is not None:
+            # A model name matches its groups with and without load options.
+            where.append("(model_key = ? OR model_key LIKE ? ESCAPE '\\')")
+            args += [model_key, _like_prefix(model_key) + " %"]
+        if before is not None:
+            where.append("id < ?")
+            args.append(before)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM jobs {clause} ORDER BY id DESC LIMIT ?", (*args, limit)
+        ).fetchall()
+        return [_job_from_row(row) for row in rows]
+
+    def position(self, job: Job, drain_order: Callable[[list[ModelQueue]], list[str]]) -> int:
+        """How many queued jobs run before `job` if the queue drains in `drain_order`."""
+        queues = self.queues()
+        waiting = {q.model_key: q.waiting for q in queues}
+        before = 0
+        for key in drain_order(queues):
+            if key == job.model_key:
+                break
+            before += waiting[key]
+        (ahead,) = self._db.execute(
+            "SELECT count(*) FROM jobs WHERE state = 'queued' AND model_key = ? AND id < ?",
+            (job.model_key, job.id),
+        ).fetchone()
+        return before + int(ahead)
+
+    def counts_by_state(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+
+    def prune(self, cutoff: float, batch: int = 1000) -> int:
+        """Delete up to `batch` jobs that ended before `cutoff`, with their chunks; returns how many."""
+        return self._db.execute(
+            f"DELETE FROM jobs WHERE id IN"
+            f" (SELECT id FROM jobs WHERE state IN {_ENDED} AND finished_at < ? LIMIT ?)",
+            (cutoff, batch),
+        ).rowcount
+
+    def size_bytes(self) -> int:
+        """The database's size on disk, write-ahead log included."""
+        return sum(p.stat().st_size for p in (self.path, _wal(self.path)) if p.exists())
+
+    def ping(self) -> None:
+        """Fail unless the database answers a query."""
+        self._db.execute("SELECT count(*) FROM jobs WHERE rowid = 0").fetchone()
+
     def recover(self, now: float, max_attempts: int) -> tuple[int, int]:
         """After a crash or restart, requeue jobs that were running; returns (requeued, failed).
 
@@ -204,7 +330,17 @@ class Store:
         return len(requeued), failed
 
 
+def _wal(path: Path) -> Path:
+    return path.with_name(path.name + "-wal")
+
+
+def _like_prefix(text: str) -> str:
+    """`text` with LIKE's wildcards escaped, for a prefix match."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def _job_from_row(row: tuple[Any, ...]) -> Job:
+    """A job from a row of `_COLUMNS`; fails loudly on anything else."""
     (
         id_,
         state,
@@ -220,6 +356,7 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
         status,
         error,
         result,
+        bg,
     ) = row
     return Job(
         id=id_,
@@ -236,11 +373,12 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
         status=status,
         error=error,
         result=None if result is None else bytes(result),
+        respond_async=bool(bg),
     )
 
 
 class AsyncStore:
-    """The store for coroutines: each call runs on the store's own thread."""
+    """The store for coroutines: `await store.run(Store.method, ...)` runs it on the store's thread."""
 
     def __init__(self, store: Store, executor: ThreadPoolExecutor) -> None:
         self._store = store
@@ -254,50 +392,11 @@ class AsyncStore:
         return cls(store, executor)
 
     async def close(self) -> None:
-        await self._run(self._store.close)
+        await self.run(Store.close)
         self._executor.shutdown(wait=True)
 
-    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        call = partial(fn, *args, **kwargs) if kwargs else partial(fn, *args)
+    async def run(
+        self, method: Callable[Concatenate[Store, P], T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        call = partial(method, self._store, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
-
-    async def insert(self, job: NewJob) -> None:
-        await self._run(self._store.insert, job)
-
-    async def claim_next(
-        self, choose: Callable[[list[ModelQueue]], Decision | None], now: float
-    ) -> Claim | None:
-        return await self._run(self._store.claim_next, choose, now)
-
-    async def set_state(self, job_id: str, state: JobState) -> None:
-        await self._run(self._store.set_state, job_id, state)
-
-    async def finish(
-        self,
-        job: Job,
-        state: JobState,
-        now: float,
-        *,
-        status: int,
-        result: bytes | None = None,
-        error: str | None = None,
-        attempt: int | None = None,
-    ) -> None:
-        await self._run(
-            self._store.finish, job, state, now, status=status, result=result, error=error, attempt=attempt
-        )
-
-    async def requeue(self, job: Job, *, attempt: int, error: str | None) -> None:
-        await self._run(self._store.requeue, job, attempt=attempt, error=error)
-
-    async def cancel_queued(self, job_id: str, now: float) -> bool:
-        return await self._run(self._store.cancel_queued, job_id, now)
-
-    async def get(self, job_id: str) -> Job | None:
-        return await self._run(self._store.get, job_id)
-
-    async def waiting(self, model_key: str) -> int:
-        return await self._run(self._store.waiting, model_key)
-
-    async def recover(self, now: float, max_attempts: int) -> tuple[int, int]:
-        return await self._run(self._store.recover, now, max_attempts)

@@ -19,7 +19,7 @@ from foreman.models import Job, JobState
 from foreman.names import key_model_name, load_options
 from foreman.retry import RetryPolicy, Sleep
 from foreman.scheduler import ModelQueue
-from foreman.store import AsyncStore, Claim
+from foreman.store import AsyncStore, Claim, Store
 from foreman.upstream import Upstream
 
 log = structlog.get_logger("foreman.worker")
@@ -124,7 +124,7 @@ class Worker:
             return
         # If the worker claims the job before the store sees this, the flag stops it.
         self._cancel_requested.add(job_id)
-        if await self._store.cancel_queued(job_id, self._clock()):
+        if await self._store.run(Store.cancel_queued, job_id, self._clock()):
             self._cancel_requested.discard(job_id)
             log.info("job.cancelled", job_id=job_id, before="start")
 
@@ -132,7 +132,7 @@ class Worker:
         while True:
             if self._resident is None:
                 await self._await_residency()
-            claim = await self._store.claim_next(self._choose, self._clock())
+            claim = await self._store.run(Store.claim_next, self._choose, self._clock())
             if claim is None:
                 # Idle: other clients and keep_alive expiry may change what
                 # Ollama holds before the next job comes.
@@ -182,7 +182,7 @@ class Worker:
                 log.info("job.cancelled", job_id=job.id, before="end")
                 return None
             # foreman is stopping: the job keeps its place and runs after the restart.
-            await asyncio.shield(self._store.requeue(job, attempt=job.attempt, error=None))
+            await asyncio.shield(self._store.run(Store.requeue, job, attempt=job.attempt, error=None))
             log.info("job.requeued", job_id=job.id, reason="shutdown")
             raise
         finally:
@@ -196,9 +196,9 @@ class Worker:
         try:
             if claim.decision.swap:
                 await self._swap(claim)
-                await self._store.set_state(job.id, JobState.WORKING)
+                await self._store.run(Store.set_state, job.id, JobState.WORKING)
                 # A load can take a minute; more work may have come for this model meanwhile.
-                waiting = await self._store.waiting(job.model_key)
+                waiting = await self._store.run(Store.waiting, job.model_key)
             bound.info("job.start", wait_s=wait_s, waiting_for_model=waiting)
             started = time.monotonic()
             result, load_ns = await self._call(job, waiting)
@@ -266,7 +266,7 @@ class Worker:
         job = claim.job
         key = job.model_key
         leaving = sorted(self._resident or ())
-        waiting_leaving = {k: await self._store.waiting(k) for k in leaving}
+        waiting_leaving = {k: await self._store.run(Store.waiting, k) for k in leaving}
         await self._release_idle_pins(keep=key)
         options = load_options(json.loads(job.body).get("options"))
         started = time.monotonic()
@@ -289,7 +289,7 @@ class Worker:
     async def _release_idle_pins(self, keep: str) -> None:
         """Unpin models with no work left, so Ollama may evict them for the next one."""
         for key, pin in list(self._pins.items()):
-            if key == keep or await self._store.waiting(key) > 0:
+            if key == keep or await self._store.run(Store.waiting, key) > 0:
                 continue
             await self._upstream.load(pin.endpoint, pin.model, pin.options, self._release_keep_alive)
             del self._pins[key]
@@ -311,7 +311,7 @@ class Worker:
             await self._end(job, JobState.FAILED, status, body, error=message, attempt=attempt)
             bound.warning("job.failed", status=status, error=message)
         else:
-            await self._store.requeue(job, attempt=attempt, error=message)
+            await self._store.run(Store.requeue, job, attempt=attempt, error=message)
             bound.info("job.retry", error=message)
         await self._sleep(self._retry.delay(attempt))
 
@@ -330,8 +330,15 @@ class Worker:
         """Record how the job ended, then tell whoever waits for it."""
         if state is not JobState.DONE and error is None:
             error = _error_text(body)
-        await self._store.finish(
-            job, state, self._clock(), status=status, result=result, error=error, attempt=attempt
+        await self._store.run(
+            Store.finish,
+            job,
+            state,
+            self._clock(),
+            status=status,
+            result=result,
+            error=error,
+            attempt=attempt,
         )
         self._events.publish(job.id, Ended(state, status, body, content_type))
 
