@@ -1,18 +1,21 @@
-"""The queued endpoints: each request becomes a job, and the handler waits for it."""
+"""The queued endpoints: each request becomes a job, then waits for it or is handed its id."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 
 import structlog
 from aiohttp import web
 
+from foreman.errors import Conflict
 from foreman.events import Chunk, Ended, JobEvent
-from foreman.intake import parse_job
+from foreman.intake import parse_job, request_hash
 from foreman.keys import CONFIG, EVENTS, STORE, WORKER
 from foreman.models import JobState, NewJob
-from foreman.store import Store
+from foreman.scheduler import drain_order
+from foreman.store import IdempotencyConflict, Store
 from foreman.upstream import NDJSON
 
 log = structlog.get_logger("foreman.api")
@@ -21,19 +24,72 @@ JOB_HEADER = "X-Foreman-Job"
 
 
 async def queued(request: web.Request) -> web.StreamResponse:
-    """Write the request as a job, then answer with what the worker produces for it."""
+    """Write the request as a job; answer 202 at once, or with what the worker produces for it."""
+    respond_async = prefers_async(request)
+    job = parse_job(
+        request.path,
+        await request.read(),
+        time.time(),
+        respond_async=respond_async,
+        idempotency_key=request.headers.get("Idempotency-Key") if respond_async else None,
+    )
+    if respond_async:
+        return await _accept(request, job)
+    return await _serve(request, job)
+
+
+def prefers_async(request: web.Request) -> bool:
+    """Whether the client sent `Prefer: respond-async` (RFC 7240)."""
+    for header in request.headers.getall("Prefer", ()):
+        for preference in header.split(","):
+            if preference.split(";")[0].split("=")[0].strip().lower() == "respond-async":
+                return True
+    return False
+
+
+async def _accept(request: web.Request, job: NewJob) -> web.Response:
+    """Commit an async job and hand back its id and place in line."""
     app = request.app
-    job = parse_job(request.path, await request.read(), time.time())
+    store = app[STORE]
+    fingerprint = request_hash(job) if job.idempotency_key is not None else None
+    try:
+        job_id = await asyncio.shield(store.run(Store.insert, job, fingerprint))
+    except IdempotencyConflict as exc:
+        key = job.idempotency_key
+        raise Conflict(
+            f"Idempotency-Key {key!r} was already used for a different request (job {exc.job_id})"
+        ) from exc
+    if job_id == job.id:
+        app[WORKER].wake()
+        log.info("job.queued", model=job.model_key, job_id=job.id, endpoint=job.endpoint, respond_async=True)
+        status, state = 202, JobState.QUEUED.value
+    else:
+        existing = await store.run(Store.get, job_id)
+        status, state = 200, existing.state.value if existing else JobState.QUEUED.value
+    position = await job_position(request.app, job_id, job.model_key) if state == JobState.QUEUED else None
+    return web.json_response(
+        {"id": job_id, "state": state, "position": position},
+        status=status,
+        headers={"Location": f"/jobs/{job_id}", "Preference-Applied": "respond-async", JOB_HEADER: job_id},
+    )
+
+
+async def job_position(app: web.Application, job_id: str, model_key: str) -> int:
+    """How many queued jobs run before this one in the current drain order."""
+    order = partial(drain_order, resident=app[WORKER].resident or frozenset())
+    return await app[STORE].run(Store.position, job_id, model_key, order)
+
+
+async def _serve(request: web.Request, job: NewJob) -> web.StreamResponse:
+    app = request.app
     worker = app[WORKER]
-    with app[EVENTS].subscribe(job.id) as inbox:
+    with app[EVENTS].subscribe(job.id, client=True) as inbox:
         try:
             # Shielded: once the insert started, it lands even if the client
             # leaves, and the cancel below then finds the job.
             await asyncio.shield(app[STORE].run(Store.insert, job))
             worker.wake()
-            log.info(
-                "job.queued", model=job.model_key, job_id=job.id, endpoint=job.endpoint, stream=job.stream
-            )
+            log.info("job.queued", model=job.model_key, job_id=job.id, endpoint=job.endpoint)
             return await _respond(request, job, inbox, app[CONFIG].early_headers)
         except (asyncio.CancelledError, ConnectionResetError):
             # The client went away: like Ollama, stop working for it.
@@ -58,8 +114,8 @@ async def _respond(
             if stream is None:
                 stream = await _start_stream(request, job)
             await stream.write(event.data)
-            continue
-        return await _finish(request, job, stream, event)
+        elif isinstance(event, Ended):
+            return await _finish(request, job, stream, event)
 
 
 async def _start_stream(request: web.Request, job: NewJob) -> web.StreamResponse:

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import suppress
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager, suppress
+from typing import Any
 
 import aiohttp
 import structlog
 from aiohttp import web
 
-from foreman import api, middleware, proxy
+from foreman import api, jobs, middleware, proxy, status
 from foreman.config import Config
 from foreman.events import JobEvents
-from foreman.keys import CONFIG, EVENTS, STORE, UPSTREAM, WORKER
+from foreman.keys import CONFIG, EVENTS, METRICS, STORE, UPSTREAM, WORKER
+from foreman.metrics import Metrics
 from foreman.models import QUEUED_ENDPOINTS
+from foreman.retention import prune_forever
 from foreman.retry import RetryPolicy, Sleep
 from foreman.store import AsyncStore, Store
 from foreman.upstream import Upstream
@@ -34,6 +37,7 @@ def create_app(
     app = web.Application(client_max_size=config.max_body, middlewares=[middleware.errors])
     app[CONFIG] = config
     app[EVENTS] = JobEvents()
+    app[METRICS] = Metrics()
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         store = await AsyncStore.open(config.db_path)
@@ -63,24 +67,45 @@ def create_app(
             retry=RetryPolicy(config.max_attempts, config.backoff_initial, config.backoff_max),
             pin_keep_alive=config.pin_keep_alive,
             release_keep_alive=config.release_keep_alive,
+            metrics=app[METRICS],
             clock=clock,
             sleep=sleep,
         )
         app[WORKER] = worker
-        task = asyncio.create_task(worker.run(), name="foreman-worker")
-        log.info("foreman.ready", upstream=config.upstream, db=str(config.db_path))
-        yield
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
+        async with _running(worker.run(), "foreman-worker"):
+            log.info("foreman.ready", upstream=config.upstream, db=str(config.db_path))
+            yield
+
+    async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
+        async with _running(prune_forever(app[STORE], config.retention, clock, sleep), "foreman-prune"):
+            yield
 
     async def release_waiters(app: web.Application) -> None:
         app[EVENTS].end_all(api.SHUTTING_DOWN)
 
     # Torn down in reverse: the worker stops before the session and the store close.
-    app.cleanup_ctx.extend([store_ctx, upstream_ctx, worker_ctx])
+    app.cleanup_ctx.extend([store_ctx, upstream_ctx, worker_ctx, retention_ctx])
     app.on_shutdown.append(release_waiters)
     for endpoint in QUEUED_ENDPOINTS:
         app.router.add_post(endpoint, api.queued)
+    app.router.add_get("/jobs", jobs.list_jobs)
+    app.router.add_get("/jobs/{id}", jobs.get_job)
+    app.router.add_delete("/jobs/{id}", jobs.cancel_job)
+    app.router.add_get("/jobs/{id}/events", jobs.job_events)
+    app.router.add_get("/status", status.status)
+    app.router.add_get("/healthz", status.healthz)
+    app.router.add_get("/metrics", status.metrics)
     app.router.add_route("*", "/{tail:.*}", proxy.passthrough)
     return app
+
+
+@asynccontextmanager
+async def _running(work: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
+    """A background task for the life of the block, cancelled and awaited at its end."""
+    task = asyncio.create_task(work, name=name)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from foreman import __version__
-from foreman.config import Config, default_db_path, parse_keep_alive, parse_listen, parse_upstream
+from foreman.config import (
+    Config,
+    default_db_path,
+    parse_duration,
+    parse_keep_alive,
+    parse_listen,
+    parse_upstream,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +125,13 @@ def serve_settings(environ: Mapping[str, str], isatty: bool) -> list[Setting]:
             "largest request body in bytes for queued endpoints",
         ),
         Setting(
+            "--retention",
+            "FOREMAN_RETENTION",
+            "7d",
+            parse_duration,
+            "how long finished jobs and their output are kept (90s, 15m, 12h, 7d)",
+        ),
+        Setting(
             "--early-headers",
             "FOREMAN_EARLY_HEADERS",
             "60",
@@ -170,6 +184,7 @@ def config_from(values: Mapping[str, Any]) -> Config:
         release_keep_alive=values["release_keep_alive"],
         max_body=values["max_body"],
         early_headers=values["early_headers"],
+        retention=values["retention"],
     )
 
 

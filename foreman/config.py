@@ -33,6 +33,8 @@ class Config:
     # and NDJSON headers at once, so clients with a headers timeout (Node's
     # fetch gives up after 300 s) keep waiting.
     early_headers: float = 60.0
+    # Finished jobs and their output are deleted this many seconds after they end.
+    retention: float = 7 * 24 * 3600.0
 
 
 def parse_listen(value: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -76,6 +78,23 @@ def parse_keep_alive(value: str) -> float | str:
     if not is_keep_alive(value):
         raise ValueError(f"not a keep_alive: {value!r} (use seconds like -1 or 300, or a duration like 24h)")
     return value
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: str) -> float:
+    """Seconds from `90`, `30s`, `15m`, `12h` or `7d`."""
+    text = value.strip().lower()
+    scale = _UNITS.get(text[-1:])
+    number = text[:-1] if scale is not None else text
+    try:
+        seconds = float(number) * (scale or 1)
+    except ValueError as exc:
+        raise ValueError(f"not a duration: {value!r} (use seconds, or a number with s, m, h or d)") from exc
+    if seconds <= 0:
+        raise ValueError(f"must be positive, got {value!r}")
+    return seconds
 
 
 def default_db_path(environ: Mapping[str, str]) -> Path:

@@ -19,6 +19,14 @@ class BadRequest(ForemanError):
     status = 400
 
 
+class NotFound(ForemanError):
+    status = 404
+
+
+class Conflict(ForemanError):
+    status = 409
+
+
 class UpstreamUnreachable(ForemanError):
     """Ollama could not be reached: refused, reset, or gone before it answered."""
 

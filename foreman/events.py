@@ -19,6 +19,12 @@ class Chunk:
 
 
 @dataclass(frozen=True, slots=True)
+class StateChanged:
+    state: JobState
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
 class Ended:
     """The job is over for this handler.
 
@@ -33,36 +39,43 @@ class Ended:
     content_type: str = "application/json; charset=utf-8"
 
 
-JobEvent = Chunk | Ended
+JobEvent = Chunk | StateChanged | Ended
+
+
+@dataclass(eq=False, slots=True)
+class Subscription:
+    queue: asyncio.Queue[JobEvent]
+    client: bool  # the job's own client, as opposed to someone watching its events
 
 
 class JobEvents:
     """Per-job queues of events; a handler subscribes before its job can start."""
 
     def __init__(self) -> None:
-        self._subscribers: defaultdict[str, list[asyncio.Queue[JobEvent]]] = defaultdict(list)
+        self._subscribers: defaultdict[str, list[Subscription]] = defaultdict(list)
 
     @contextmanager
-    def subscribe(self, job_id: str) -> Iterator[asyncio.Queue[JobEvent]]:
-        queue: asyncio.Queue[JobEvent] = asyncio.Queue()
-        self._subscribers[job_id].append(queue)
+    def subscribe(self, job_id: str, *, client: bool) -> Iterator[asyncio.Queue[JobEvent]]:
+        subscription = Subscription(asyncio.Queue(), client)
+        self._subscribers[job_id].append(subscription)
         try:
-            yield queue
+            yield subscription.queue
         finally:
-            queues = self._subscribers[job_id]
-            queues.remove(queue)
-            if not queues:
+            subscriptions = self._subscribers[job_id]
+            subscriptions.remove(subscription)
+            if not subscriptions:
                 del self._subscribers[job_id]
 
-    def has_subscribers(self, job_id: str) -> bool:
-        return job_id in self._subscribers
+    def has_client(self, job_id: str) -> bool:
+        """Whether the client that submitted the job is still waiting for it."""
+        return any(s.client for s in self._subscribers.get(job_id, ()))
 
     def publish(self, job_id: str, event: JobEvent) -> None:
-        for queue in self._subscribers.get(job_id, ()):
-            queue.put_nowait(event)
+        for subscription in self._subscribers.get(job_id, ()):
+            subscription.queue.put_nowait(event)
 
     def end_all(self, event: Ended) -> None:
         """Release every waiting handler, e.g. when the daemon shuts down."""
-        for queues in self._subscribers.values():
-            for queue in queues:
-                queue.put_nowait(event)
+        for subscriptions in self._subscribers.values():
+            for subscription in subscriptions:
+                subscription.queue.put_nowait(event)

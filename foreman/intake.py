@@ -8,6 +8,7 @@ is Ollama's to judge; its 4xx then reaches the client unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any
@@ -25,7 +26,14 @@ _GO_DURATION = re.compile(r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s
 _NEVER_STREAMED = frozenset({"/api/embed", "/api/embeddings"})
 
 
-def parse_job(endpoint: str, raw: bytes, now: float) -> NewJob:
+def parse_job(
+    endpoint: str,
+    raw: bytes,
+    now: float,
+    *,
+    respond_async: bool = False,
+    idempotency_key: str | None = None,
+) -> NewJob:
     """Validate `raw` for `endpoint` and make it a job; raises BadRequest."""
     body = _json_object(raw)
     model = body.get("model")
@@ -44,7 +52,15 @@ def parse_job(endpoint: str, raw: bytes, now: float) -> NewJob:
         stream=stream,
         body=raw,
         created_at=now,
+        respond_async=respond_async,
+        idempotency_key=idempotency_key,
     )
+
+
+def request_hash(job: NewJob) -> str:
+    """A fingerprint of what was asked, blind to key order and spacing in the JSON."""
+    canonical = json.dumps(json.loads(job.body), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{job.endpoint}\n{canonical}".encode()).hexdigest()
 
 
 def is_keep_alive(value: object) -> bool:

@@ -6,12 +6,14 @@ from aiohttp import web
 
 from foreman.config import Config
 from foreman.events import JobEvents
+from foreman.metrics import Metrics
 from foreman.store import AsyncStore
 from foreman.upstream import Upstream
 from foreman.worker import Worker
 
 CONFIG = web.AppKey("config", Config)
 EVENTS = web.AppKey("events", JobEvents)
+METRICS = web.AppKey("metrics", Metrics)
 STORE = web.AppKey("store", AsyncStore)
 UPSTREAM = web.AppKey("upstream", Upstream)
 WORKER = web.AppKey("worker", Worker)

@@ -49,5 +49,18 @@ def pick(queues: Iterable[ModelQueue], resident: Set[str]) -> Decision | None:
     return Decision(min(waiting, key=_age).model_key, reason)
 
 
+def drain_order(queues: Iterable[ModelQueue], resident: Set[str]) -> list[str]:
+    """The model keys in the order they will be served if nothing else arrives."""
+    remaining = [q for q in queues if q.waiting > 0]
+    loaded = set(resident)
+    order = []
+    while (decision := pick(remaining, loaded)) is not None:
+        order.append(decision.model_key)
+        remaining = [q for q in remaining if q.model_key != decision.model_key]
+        if decision.swap:
+            loaded = {decision.model_key}
+    return order
+
+
 def _age(queue: ModelQueue) -> str:
     return queue.oldest_id

@@ -79,6 +79,7 @@ class IdempotencyConflict(Exception):
 
 T = TypeVar("T")
 P = ParamSpec("P")
+DrainOrder = Callable[[list[ModelQueue]], list[str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,18 +271,20 @@ class Store:
         ).fetchall()
         return [_job_from_row(row) for row in rows]
 
-    def position(self, job: Job, drain_order: Callable[[list[ModelQueue]], list[str]]) -> int:
-        """How many queued jobs run before `job` if the queue drains in `drain_order`."""
+    def position(
+        self, job_id: str, model_key: str, drain_order: Callable[[list[ModelQueue]], list[str]]
+    ) -> int:
+        """How many queued jobs run before this one if the queue drains in `drain_order`."""
         queues = self.queues()
         waiting = {q.model_key: q.waiting for q in queues}
         before = 0
         for key in drain_order(queues):
-            if key == job.model_key:
+            if key == model_key:
                 break
             before += waiting[key]
         (ahead,) = self._db.execute(
             "SELECT count(*) FROM jobs WHERE state = 'queued' AND model_key = ? AND id < ?",
-            (job.model_key, job.id),
+            (model_key, job_id),
         ).fetchone()
         return before + int(ahead)
 

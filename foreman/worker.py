@@ -14,9 +14,11 @@ import structlog
 
 from foreman import scheduler
 from foreman.errors import TRANSIENT, UpstreamFailed, UpstreamRejected, UpstreamUnreachable
-from foreman.events import Chunk, Ended, JobEvents
+from foreman.events import Chunk, Ended, JobEvents, StateChanged
+from foreman.metrics import Metrics
 from foreman.models import Job, JobState
 from foreman.names import key_model_name, load_options
+from foreman.results import merge_stream
 from foreman.retry import RetryPolicy, Sleep
 from foreman.scheduler import ModelQueue
 from foreman.store import AsyncStore, Claim, Store
@@ -30,6 +32,7 @@ log = structlog.get_logger("foreman.worker")
 _RELOAD_HINT_NS = 500_000_000
 _LOAD_DURATION = re.compile(rb'"load_duration":\s*(\d+)')
 _JSON = "application/json; charset=utf-8"
+_STREAMABLE = frozenset({"/api/chat", "/api/generate"})
 
 
 class StreamBroken(Exception):
@@ -71,10 +74,12 @@ class Worker:
         retry: RetryPolicy,
         pin_keep_alive: object,
         release_keep_alive: object,
+        metrics: Metrics,
         clock: Callable[[], float] = time.time,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self._upstream = upstream
         self._events = events
         self._retry = retry
@@ -90,8 +95,29 @@ class Worker:
         self._pins: dict[str, _Pin] = {}
         self._running: _Running | None = None
         self._cancel_requested: set[str] = set()
+        # What each running job has streamed so far, for late watchers and the store.
+        self._output: dict[str, list[bytes]] = {}
         self._upstream_down = False
         self.swaps = 0
+        self.last_error: tuple[float, str] | None = None  # (when, what)
+
+    @property
+    def running_job(self) -> str | None:
+        """The id of the job running now, if any."""
+        return None if self._running is None else self._running.job_id
+
+    @property
+    def resident(self) -> frozenset[str] | None:
+        """Model keys Ollama held at the last reading (None while unknown)."""
+        return self._resident
+
+    @property
+    def upstream_down(self) -> bool:
+        return self._upstream_down
+
+    def output_so_far(self, job_id: str) -> list[bytes]:
+        """The chunks a running job has streamed up to now."""
+        return list(self._output.get(job_id, ()))
 
     def wake(self) -> None:
         """New work is in the store."""
@@ -115,18 +141,25 @@ class Worker:
                 self._work.set()
                 await self._sleep(self._retry.maximum)
 
-    async def cancel(self, job_id: str) -> None:
-        """The client went away: drop its job if it waits, abort it if it runs."""
+    async def cancel(self, job_id: str) -> bool:
+        """Drop a job that waits, or abort one that runs; False if it had already ended."""
         running = self._running
         if running is not None and running.job_id == job_id:
             running.aborted = True
             running.task.cancel()
-            return
+            return True
         # If the worker claims the job before the store sees this, the flag stops it.
         self._cancel_requested.add(job_id)
         if await self._store.run(Store.cancel_queued, job_id, self._clock()):
             self._cancel_requested.discard(job_id)
+            self._events.publish(job_id, Ended(JobState.CANCELLED, 499, _error_body("request canceled")))
             log.info("job.cancelled", job_id=job_id, before="start")
+            return True
+        running = self._running
+        if running is not None and running.job_id == job_id:
+            return True  # claimed meanwhile: the flag cancels it before it reaches Ollama
+        self._cancel_requested.discard(job_id)
+        return False
 
     async def _drain(self) -> None:
         while True:
@@ -172,6 +205,7 @@ class Worker:
             await self._end(job, JobState.CANCELLED, 499, _error_body("request canceled"))
             log.info("job.cancelled", job_id=job.id, before="start")
             return None
+        self._events.publish(job.id, StateChanged(job.state, job.attempt))
         task = asyncio.create_task(self._execute(claim))
         self._running = running = _Running(job.id, task)
         try:
@@ -183,6 +217,7 @@ class Worker:
                 return None
             # foreman is stopping: the job keeps its place and runs after the restart.
             await asyncio.shield(self._store.run(Store.requeue, job, attempt=job.attempt, error=None))
+            self._output.pop(job.id, None)
             log.info("job.requeued", job_id=job.id, reason="shutdown")
             raise
         finally:
@@ -197,6 +232,7 @@ class Worker:
             if claim.decision.swap:
                 await self._swap(claim)
                 await self._store.run(Store.set_state, job.id, JobState.WORKING)
+                self._events.publish(job.id, StateChanged(JobState.WORKING, job.attempt))
                 # A load can take a minute; more work may have come for this model meanwhile.
                 waiting = await self._store.run(Store.waiting, job.model_key)
             bound.info("job.start", wait_s=wait_s, waiting_for_model=waiting)
@@ -229,37 +265,44 @@ class Worker:
             if not reply.streamed:
                 data = await reply.read()
                 return _Result(data, reply.content_type, data), _load_ns(data)
-            last = b""
+            output = self._output[job.id] = []
             delivered = False
             try:
                 async for line in reply.lines():
+                    output.append(line)
                     self._events.publish(job.id, Chunk(line))
-                    delivered = delivered or self._events.has_subscribers(job.id)
-                    last = line
+                    delivered = delivered or self._events.has_client(job.id)
             except UpstreamFailed as exc:
                 if delivered:
                     raise StreamBroken(exc.message, _error_body(exc.message)) from exc
+                del self._output[job.id]  # the retry starts the output afresh
                 raise
+        last = output[-1] if output else b""
         error = _stream_error(last)
         if error is not None:
             raise StreamBroken(error, b"")
-        return _Result(b"", reply.content_type, last), _load_ns(last)
+        return _Result(b"", reply.content_type, merge_stream(job.endpoint, output)), _load_ns(last)
 
     def _dispatch_body(self, job: Job, waiting_after: int) -> bytes:
         """The job's body with the keep_alive that pins or releases its model."""
         body = json.loads(job.body)
         if _is_unload(job.endpoint, body):
             return job.body  # the client asked Ollama to unload: do exactly that
+        changed = False
+        if job.respond_async and job.endpoint in _STREAMABLE and body.get("stream") is False:
+            # Nobody holds a connection for the reply: stream it anyway, so the
+            # job's events show its output as it is made.
+            body["stream"] = changed = True
         key = job.model_key
         if waiting_after > 0:
             body["keep_alive"] = self._pin_keep_alive
             self._pins[key] = _Pin(job.endpoint, job.model, load_options(body.get("options")))
+            changed = True
         elif self._pins.pop(key, None) is not None:
             # The last job of this drain hands Ollama back its own expiry.
             body.setdefault("keep_alive", self._release_keep_alive)
-        else:
-            return job.body
-        return json.dumps(body, separators=(",", ":")).encode()
+            changed = True
+        return json.dumps(body, separators=(",", ":")).encode() if changed else job.body
 
     async def _swap(self, claim: Claim) -> None:
         """Load the claimed job's model, pinned, and log what the swap cost."""
@@ -276,6 +319,7 @@ class Worker:
         self._loaded_as[key_model_name(key)] = key
         self._resident = None  # read /api/ps again before the next pick
         self.swaps += 1
+        self._metrics.swapped(load_s)
         log.info(
             "model.swap",
             reason=claim.decision.reason.value,
@@ -303,6 +347,8 @@ class Worker:
             self._note_outage(failure)
             self._resident = None  # Ollama may come back with nothing loaded
         message = getattr(failure, "message", str(failure))
+        self._metrics.upstream_error("unreachable" if isinstance(failure, UpstreamUnreachable) else "failed")
+        self.last_error = (self._clock(), message)
         if attempt >= self._retry.max_attempts:
             if isinstance(failure, UpstreamFailed) and failure.body:
                 status, body = failure.status, failure.body
@@ -312,6 +358,9 @@ class Worker:
             bound.warning("job.failed", status=status, error=message)
         else:
             await self._store.run(Store.requeue, job, attempt=attempt, error=message)
+            self._output.pop(job.id, None)
+            self._events.publish(job.id, StateChanged(JobState.QUEUED, attempt))
+            self._metrics.retried()
             bound.info("job.retry", error=message)
         await self._sleep(self._retry.delay(attempt))
 
@@ -327,20 +376,27 @@ class Worker:
         error: str | None = None,
         attempt: int | None = None,
     ) -> None:
-        """Record how the job ended, then tell whoever waits for it."""
+        """Record how the job ended, with its output, then tell whoever waits for it."""
         if state is not JobState.DONE and error is None:
             error = _error_text(body)
+        now = self._clock()
+        if state is JobState.FAILED:
+            self.last_error = (now, error or "")
+        chunks = self._output.pop(job.id, ())
         await self._store.run(
             Store.finish,
             job,
             state,
-            self._clock(),
+            now,
             status=status,
             result=result,
             error=error,
             attempt=attempt,
+            chunks=chunks,
         )
         self._events.publish(job.id, Ended(state, status, body, content_type))
+        started = job.started_at if job.started_at is not None else now
+        self._metrics.job_ended(job, state, wait=started - job.created_at, run=now - started)
 
     def _note_outage(self, exc: UpstreamUnreachable) -> None:
         if not self._upstream_down:

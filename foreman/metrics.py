@@ -1,0 +1,60 @@
+"""Prometheus metrics, kept per app (no process-wide registry), rendered by GET /metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from foreman.models import Job, JobState
+from foreman.scheduler import ModelQueue
+
+_SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._jobs = Counter(
+            "foreman_jobs", "Jobs that ended, by final state.", ["endpoint", "model", "state"], registry=r
+        )
+        self._queue_depth = Gauge("foreman_queue_depth", "Jobs waiting, by model.", ["model"], registry=r)
+        self._swaps = Counter("foreman_swaps", "Models loaded by the worker's swap step.", registry=r)
+        self._load = Histogram(
+            "foreman_model_load_seconds", "Time Ollama took to load a model.", buckets=_SECONDS, registry=r
+        )
+        self._wait = Histogram(
+            "foreman_queue_wait_seconds", "Time from arrival to start, per job.", buckets=_SECONDS, registry=r
+        )
+        self._run = Histogram(
+            "foreman_run_seconds", "Time from start to end, per job.", buckets=_SECONDS, registry=r
+        )
+        self._upstream_errors = Counter(
+            "foreman_upstream_errors", "Failures talking to Ollama, by kind.", ["kind"], registry=r
+        )
+        self._retries = Counter(
+            "foreman_retries", "Jobs put back in the queue after a transient failure.", registry=r
+        )
+
+    def job_ended(self, job: Job, state: JobState, *, wait: float, run: float) -> None:
+        self._jobs.labels(job.endpoint, job.model_key, state.value).inc()
+        self._wait.observe(max(wait, 0.0))
+        self._run.observe(max(run, 0.0))
+
+    def swapped(self, load_seconds: float) -> None:
+        self._swaps.inc()
+        self._load.observe(load_seconds)
+
+    def upstream_error(self, kind: str) -> None:
+        self._upstream_errors.labels(kind).inc()
+
+    def retried(self) -> None:
+        self._retries.inc()
+
+    def render(self, queues: Iterable[ModelQueue]) -> bytes:
+        """The text exposition format, with the queue depth as it is now."""
+        self._queue_depth.clear()
+        for queue in queues:
+            self._queue_depth.labels(queue.model_key).set(queue.waiting)
+        return bytes(generate_latest(self.registry))
