@@ -76,7 +76,7 @@ async def _accept(request: web.Request, job: NewJob) -> web.Response:
 
 async def job_position(app: web.Application, job_id: str, model_key: str) -> int:
     """How many queued jobs run before this one in the current drain order."""
-    order = partial(drain_order, resident=app[WORKER].resident or frozenset())
+    order = partial(drain_order, resident=app[WORKER].resident)
     return await app[STORE].run(Store.position, job_id, model_key, order)
 
 

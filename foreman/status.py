@@ -33,7 +33,7 @@ async def status(request: web.Request) -> web.Response:
     now = time.time()
     queue = [
         {"model": key, "waiting": waiting[key].waiting, "oldest_job": waiting[key].oldest_id}
-        for key in drain_order(queues, worker.resident or frozenset())
+        for key in drain_order(queues, worker.resident)
     ]
     running = None
     if (job_id := worker.running_job) is not None and (job := await store.run(Store.get, job_id)) is not None:
@@ -46,7 +46,7 @@ async def status(request: web.Request) -> web.Response:
         {
             "version": __version__,
             "upstream": {"url": app[CONFIG].upstream, "reachable": reachable, "loaded": ollama_models},
-            "resident": sorted(worker.resident) if worker.resident is not None else ollama_models,
+            "resident": sorted(worker.resident),
             "running": running,
             "queue": queue,
             "jobs": await store.run(Store.counts_by_state),

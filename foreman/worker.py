@@ -89,7 +89,10 @@ class Worker:
         self._sleep = sleep
         self._work = asyncio.Event()
         # Model keys Ollama holds; None means "read /api/ps before the next pick".
-        self._resident: frozenset[str] | None = None
+        self._resident: frozenset[str] = frozenset()
+        # Whether to read /api/ps before the next pick: the worker was idle,
+        # swapped, or saw signs that Ollama loaded something behind its back.
+        self._resident_stale = True
         # /api/ps names models, not load options: remember which key we loaded each name as.
         self._loaded_as: dict[str, str] = {}
         self._pins: dict[str, _Pin] = {}
@@ -107,8 +110,8 @@ class Worker:
         return None if self._running is None else self._running.job_id
 
     @property
-    def resident(self) -> frozenset[str] | None:
-        """Model keys Ollama held at the last reading (None while unknown)."""
+    def resident(self) -> frozenset[str]:
+        """Model keys Ollama holds, as far as the worker knows."""
         return self._resident
 
     @property
@@ -137,7 +140,7 @@ class Worker:
                 # A bug or a broken disk must not stop the only worker: log it,
                 # pause, and look at the queue again.
                 log.exception("worker.error")
-                self._resident = None
+                self._resident_stale = True
                 self._work.set()
                 await self._sleep(self._retry.maximum)
 
@@ -163,20 +166,20 @@ class Worker:
 
     async def _drain(self) -> None:
         while True:
-            if self._resident is None:
+            if self._resident_stale:
                 await self._await_residency()
             claim = await self._store.run(Store.claim_next, self._choose, self._clock())
             if claim is None:
                 # Idle: other clients and keep_alive expiry may change what
                 # Ollama holds before the next job comes.
-                self._resident = None
+                self._resident_stale = True
                 return
             failure = await self._run(claim)
             if failure is not None:
                 await self._back_off(claim.job, failure)
 
     def _choose(self, queues: list[ModelQueue]) -> scheduler.Decision | None:
-        return scheduler.pick(queues, self._resident or frozenset())
+        return scheduler.pick(queues, self._resident)
 
     async def _await_residency(self) -> None:
         async for attempt in self._retry.until_answered(self._sleep):
@@ -196,6 +199,7 @@ class Worker:
             names = set()
         self._note_upstream_ok()
         self._resident = frozenset(self._loaded_as.get(name, name) for name in names)
+        self._resident_stale = False
 
     async def _run(self, claim: Claim) -> Exception | None:
         """Run one claimed job; returns the transient failure to back off from, if any."""
@@ -251,7 +255,7 @@ class Worker:
             return exc
         self._note_upstream_ok()
         if not claim.decision.swap and load_ns > _RELOAD_HINT_NS:
-            self._resident = None
+            self._resident_stale = True
         await self._end(
             job, JobState.DONE, 200, result.body, content_type=result.content_type, result=result.result
         )
@@ -308,7 +312,7 @@ class Worker:
         """Load the claimed job's model, pinned, and log what the swap cost."""
         job = claim.job
         key = job.model_key
-        leaving = sorted(self._resident or ())
+        leaving = sorted(self._resident)
         waiting_leaving = {k: await self._store.run(Store.waiting, k) for k in leaving}
         await self._release_idle_pins(keep=key)
         options = load_options(json.loads(job.body).get("options"))
@@ -317,7 +321,8 @@ class Worker:
         load_s = round(time.monotonic() - started, 3)
         self._pins[key] = _Pin(job.endpoint, job.model, options)
         self._loaded_as[key_model_name(key)] = key
-        self._resident = None  # read /api/ps again before the next pick
+        self._resident = frozenset({key})
+        self._resident_stale = True  # read /api/ps again before the next pick
         self.swaps += 1
         self._metrics.swapped(load_s)
         log.info(
@@ -345,7 +350,8 @@ class Worker:
         bound = log.bind(model=job.model_key, job_id=job.id, endpoint=job.endpoint, attempt=attempt)
         if isinstance(failure, UpstreamUnreachable):
             self._note_outage(failure)
-            self._resident = None  # Ollama may come back with nothing loaded
+            # Ollama may come back with nothing loaded.
+            self._resident, self._resident_stale = frozenset(), True
         message = getattr(failure, "message", str(failure))
         self._metrics.upstream_error("unreachable" if isinstance(failure, UpstreamUnreachable) else "failed")
         self.last_error = (self._clock(), message)

@@ -112,3 +112,37 @@ async def hold_worker(
     task = await submit(http, foreman, chat_body(model, "first"))
     await stub.wait_for(lambda s: s.faults.hung == 1)
     return task
+
+
+ASYNC = {"Prefer": "respond-async"}
+
+
+@dataclass(frozen=True)
+class ServerEvent:
+    event: str
+    data: Any
+
+
+async def read_events(response: aiohttp.ClientResponse) -> list[ServerEvent]:
+    """Every Server-Sent Event of a response, until the stream ends."""
+    events: list[ServerEvent] = []
+    name, data = "message", []
+    async for raw in response.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event: "):
+            name = line[len("event: ") :]
+        elif line.startswith("data: "):
+            data.append(line[len("data: ") :])
+        elif line == "" and data:
+            events.append(ServerEvent(name, json.loads("\n".join(data))))
+            name, data = "message", []
+    return events
+
+
+def chunk_text(events: list[ServerEvent]) -> str:
+    """The text the chunk events of a chat or generate job carry."""
+    parts = []
+    for event in events:
+        if event.event == "chunk":
+            parts.append(event.data.get("message", {}).get("content") or event.data.get("response") or "")
+    return "".join(parts)
