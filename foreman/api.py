@@ -9,7 +9,7 @@ from functools import partial
 import structlog
 from aiohttp import web
 
-from foreman.errors import Conflict
+from foreman.errors import Conflict, ForemanError
 from foreman.events import Chunk, Ended, JobEvent
 from foreman.intake import parse_job, request_hash
 from foreman.keys import CONFIG, EVENTS, STORE, WORKER
@@ -26,9 +26,14 @@ JOB_HEADER = "X-Foreman-Job"
 async def queued(request: web.Request) -> web.StreamResponse:
     """Write the request as a job; answer 202 at once, or with what the worker produces for it."""
     respond_async = prefers_async(request)
+    try:
+        async with asyncio.timeout(request.app[CONFIG].read_timeout):
+            raw = await request.read()
+    except TimeoutError as exc:
+        raise ForemanError("the request body did not arrive in time", 408) from exc
     job = parse_job(
         request.path,
-        await request.read(),
+        raw,
         time.time(),
         respond_async=respond_async,
         idempotency_key=request.headers.get("Idempotency-Key") if respond_async else None,

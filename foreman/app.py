@@ -12,7 +12,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from foreman import api, jobs, middleware, proxy, status
+from foreman import api, jobs, middleware, proxy, security, status
 from foreman.config import Config
 from foreman.events import JobEvents
 from foreman.keys import CONFIG, EVENTS, METRICS, STORE, UPSTREAM, WORKER
@@ -35,12 +35,18 @@ def create_app(
 ) -> web.Application:
     """foreman as an aiohttp application; nothing starts until the app does."""
     app = web.Application(client_max_size=config.max_body, middlewares=[middleware.errors])
+    if security.is_loopback(config.host):
+        # DNS rebinding only threatens a server that trusts "local" callers.
+        app.middlewares.append(security.host_guard(config.host, config.allowed_hosts))
+    security.cors(app, config.origins)
+    if config.token:
+        app.middlewares.append(security.bearer_token(config.token))
     app[CONFIG] = config
     app[EVENTS] = JobEvents()
     app[METRICS] = Metrics()
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        store = await AsyncStore.open(config.db_path)
+        store = await AsyncStore.open(config.db_path, sync=config.sync, max_queue=config.max_queue)
         requeued, failed = await store.run(Store.recover, clock(), config.max_attempts)
         if requeued or failed:
             log.info("queue.recovered", requeued=requeued, failed=failed, db=str(config.db_path))

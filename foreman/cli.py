@@ -49,6 +49,16 @@ def _seconds(value: str) -> float:
     return number
 
 
+def _sync(value: str) -> str:
+    if value not in ("normal", "full"):
+        raise ValueError("must be normal or full")
+    return value
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
 def _log_format(value: str) -> str:
     if value not in ("console", "json"):
         raise ValueError("must be console or json")
@@ -132,6 +142,34 @@ def serve_settings(environ: Mapping[str, str], isatty: bool) -> list[Setting]:
             "how long finished jobs and their output are kept (90s, 15m, 12h, 7d)",
         ),
         Setting(
+            "--sync", "FOREMAN_SYNC", "normal", _sync, "normal (survives a crash) or full (and power loss)"
+        ),
+        Setting(
+            "--max-queue", "FOREMAN_MAX_QUEUE", "100000", _positive_int, "most jobs that may wait at once"
+        ),
+        Setting("--token", "FOREMAN_TOKEN", "", str, "bearer token every client must send (off when empty)"),
+        Setting(
+            "--allowed-hosts",
+            "FOREMAN_ALLOWED_HOSTS",
+            "",
+            _names,
+            "comma-separated Host names accepted beside the bind address and localhost",
+        ),
+        Setting(
+            "--origins",
+            "FOREMAN_ORIGINS",
+            "",
+            _names,
+            "comma-separated extra CORS origins, like OLLAMA_ORIGINS",
+        ),
+        Setting(
+            "--read-timeout",
+            "FOREMAN_READ_TIMEOUT",
+            "60",
+            _seconds,
+            "seconds a client may take to send its body",
+        ),
+        Setting(
             "--early-headers",
             "FOREMAN_EARLY_HEADERS",
             "60",
@@ -185,6 +223,12 @@ def config_from(values: Mapping[str, Any]) -> Config:
         max_body=values["max_body"],
         early_headers=values["early_headers"],
         retention=values["retention"],
+        sync=values["sync"],
+        max_queue=values["max_queue"],
+        token=values["token"] or None,
+        allowed_hosts=values["allowed_hosts"],
+        origins=values["origins"],
+        read_timeout=values["read_timeout"],
     )
 
 

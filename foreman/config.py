@@ -35,6 +35,12 @@ class Config:
     early_headers: float = 60.0
     # Finished jobs and their output are deleted this many seconds after they end.
     retention: float = 7 * 24 * 3600.0
+    sync: str = "normal"  # "full": an fsync per commit, so power loss cannot undo one
+    max_queue: int = 100_000  # waiting jobs; beyond it new ones get 503
+    token: str | None = None  # when set, every endpoint but /healthz needs it as a bearer token
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted beside the bind address and localhost
+    origins: tuple[str, ...] = ()  # browser origins allowed beside Ollama's defaults
+    read_timeout: float = 60.0  # seconds a client may take to send its request body
 
 
 def parse_listen(value: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:

@@ -7,6 +7,7 @@ class ForemanError(Exception):
     """An error answered as Ollama answers errors: `{"error": message}` with `status`."""
 
     status = 500
+    headers: dict[str, str] = {}  # noqa: RUF012 - a read-only default, replaced per instance
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
@@ -25,6 +26,25 @@ class NotFound(ForemanError):
 
 class Conflict(ForemanError):
     status = 409
+
+
+class Unavailable(ForemanError):
+    """foreman cannot take the request now; nothing already accepted is affected."""
+
+    status = 503
+
+
+class QueueFull(Unavailable):
+    def __init__(self, limit: int) -> None:
+        # Ollama's own wording (two spaces included), so clients that handle
+        # Ollama's queue-full answer handle foreman's too.
+        wording = "server busy, please try again.  maximum pending requests exceeded"
+        super().__init__(f"{wording} ({limit} jobs wait in foreman)")
+        self.headers = {"Retry-After": "5"}
+
+
+class StoreError(Exception):
+    """The database cannot be used; foreman stops rather than risk it."""
 
 
 class UpstreamUnreachable(ForemanError):

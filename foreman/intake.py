@@ -22,6 +22,9 @@ from foreman.names import model_key
 # Go's time.ParseDuration grammar, which Ollama uses for string keep_alive values.
 _GO_DURATION = re.compile(r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
 
+# More messages than any real conversation has; a bigger array is an attack or a bug.
+MAX_MESSAGES = 10_000
+
 # Endpoints that never stream, whatever the request says.
 _NEVER_STREAMED = frozenset({"/api/embed", "/api/embeddings"})
 
@@ -99,6 +102,8 @@ def _check_common_fields(body: dict[str, Any]) -> None:
 
 def _check_chat(body: dict[str, Any]) -> None:
     messages = _expect(body, "messages", list)
+    if messages is not None and len(messages) > MAX_MESSAGES:
+        raise BadRequest(f"too many messages: {len(messages)} (foreman takes at most {MAX_MESSAGES})")
     if messages is not None:
         for index, message in enumerate(messages):
             if not isinstance(message, dict):

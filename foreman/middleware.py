@@ -20,7 +20,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ForemanError as exc:
-        return error_response(exc.status, exc.message)
+        response = error_response(exc.status, exc.message)
+        response.headers.update(exc.headers)
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import aiohttp
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from foreman.errors import UpstreamUnreachable
-from foreman.keys import UPSTREAM
+from foreman.keys import CONFIG, UPSTREAM
 
 log = structlog.get_logger("foreman.proxy")
 
@@ -33,6 +33,13 @@ def _end_to_end(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _HOP_BY_HOP)
 
 
+def _forwarded_headers(request: web.Request) -> CIMultiDict[str]:
+    headers = _end_to_end(request.headers)
+    if request.app[CONFIG].token:
+        headers.popall(hdrs.AUTHORIZATION, None)  # foreman's credential, not Ollama's
+    return headers
+
+
 async def passthrough(request: web.Request) -> web.StreamResponse:
     """Forward any request to Ollama, streaming both ways (pull progress, blob uploads)."""
     upstream = request.app[UPSTREAM]
@@ -40,7 +47,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         response = await upstream.session.request(
             request.method,
             upstream.url(request.path_qs),
-            headers=_end_to_end(request.headers),
+            headers=_forwarded_headers(request),
             data=request.content if request.body_exists else None,
             allow_redirects=False,
         )

@@ -8,8 +8,15 @@ from aiohttp import web
 from foreman import log as logging_setup
 from foreman.app import create_app
 from foreman.config import Config
+from foreman.errors import StoreError
+from foreman.security import is_loopback
 
 log = structlog.get_logger("foreman")
+
+
+# sysexits' EX_CONFIG: systemd's RestartPreventExitStatus stops retrying a
+# start that cannot succeed until a person looks.
+EXIT_CONFIG = 78
 
 
 def serve(config: Config) -> int:
@@ -21,6 +28,12 @@ def serve(config: Config) -> int:
         upstream=config.upstream,
         db=str(config.db_path),
     )
+    if not is_loopback(config.host) and not config.token:
+        log.warning(
+            "foreman.exposed",
+            listen=config.host,
+            hint="anyone who can reach this address can use your GPU; set FOREMAN_TOKEN or bind 127.0.0.1",
+        )
     try:
         web.run_app(
             create_app(config),
@@ -31,6 +44,9 @@ def serve(config: Config) -> int:
             print=None,
             access_log=None,
         )
+    except StoreError as exc:
+        log.error("foreman.db_refused", error=str(exc))
+        return EXIT_CONFIG
     except OSError as exc:
         log.error("foreman.listen_failed", listen=f"{config.host}:{config.port}", error=str(exc))
         return 1

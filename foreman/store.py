@@ -18,10 +18,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from foreman.errors import QueueFull, StoreError, Unavailable
 from foreman.models import Job, JobState, NewJob
 from foreman.scheduler import Decision, ModelQueue
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Marks the file as foreman's (PRAGMA application_id): "FRMN".
+APPLICATION_ID = 0x46524D4E
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -61,6 +64,17 @@ CREATE TABLE IF NOT EXISTS chunks (
 ) WITHOUT ROWID;
 """
 
+# What takes a database at version N-1 to version N.
+_MIGRATIONS: dict[int, str] = {
+    2: """
+    ALTER TABLE jobs ADD COLUMN respond_async INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN idempotency_key TEXT;
+    ALTER TABLE jobs ADD COLUMN request_hash TEXT;
+    DROP INDEX IF EXISTS jobs_active;
+    """,
+}
+_OUR_TABLES = frozenset({"jobs", "chunks"})
+
 _COLUMNS = (
     "id, state, endpoint, model, model_key, stream, body, attempt,"
     " created_at, started_at, finished_at, status, error, result, respond_async"
@@ -94,18 +108,22 @@ class Claim:
 class Store:
     """Jobs in one SQLite database. Not thread-safe: one thread owns it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, sync: str = "normal", max_queue: int = 0) -> None:
+        """Open or create the queue at `path`; StoreError if the file is not a sound foreman queue.
+
+        `sync` is "normal" (survives a process crash; in WAL mode only power
+        loss can undo the last commits) or "full" (an fsync per commit, which
+        also survives power loss). `max_queue` > 0 caps the waiting jobs.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit: each statement is its own transaction unless we BEGIN.
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode = WAL")
-        # NORMAL in WAL mode survives a process crash; only power loss can
-        # undo the last commits.
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        self._db.execute("PRAGMA busy_timeout = 5000")
-        self._db.execute("PRAGMA foreign_keys = ON")
-        self._db.executescript(_SCHEMA)
-        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        try:
+            self._prepare(path, sync)
+        except BaseException:
+            self._db.close()
+            raise
+        self.max_queue = max_queue
         # Waiting jobs per model key, kept beside the table so that neither the
         # pick nor the pin decision has to count a million rows.
         self._waiting: Counter[str] = Counter(
@@ -117,6 +135,56 @@ class Store:
         )
         self.path = path
 
+    def _prepare(self, path: Path, sync: str) -> None:
+        try:
+            version = self._check_ours(path)
+            self._db.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.DatabaseError as exc:
+            message = f"{path} is not a usable SQLite database ({exc}); foreman leaves it untouched"
+            raise StoreError(message) from exc
+        self._db.execute(f"PRAGMA synchronous = {'FULL' if sync == 'full' else 'NORMAL'}")
+        self._db.execute("PRAGMA busy_timeout = 5000")
+        self._db.execute("PRAGMA foreign_keys = ON")
+        # One script, one transaction: a migration that fails leaves the file as it was.
+        pending = range(version + 1, SCHEMA_VERSION + 1) if version else range(0)
+        migrations = "".join(_MIGRATIONS[v] for v in pending)
+        try:
+            self._db.executescript(
+                f"BEGIN IMMEDIATE; {migrations} {_SCHEMA}"
+                f" PRAGMA user_version = {SCHEMA_VERSION}; PRAGMA application_id = {APPLICATION_ID}; COMMIT;"
+            )
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
+    def _check_ours(self, path: Path) -> int:
+        """The schema version of an existing foreman queue, 0 for a new file; StoreError otherwise."""
+        tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return 0
+        (application_id,) = self._db.execute("PRAGMA application_id").fetchone()
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        # Queues from before the application id was set carry only our tables.
+        older_ours = application_id == 0 and version and tables <= _OUR_TABLES
+        if application_id != APPLICATION_ID and not older_ours:
+            raise StoreError(
+                f"{path} is not a foreman queue (tables: {', '.join(sorted(tables))}); "
+                "foreman leaves it untouched: point FOREMAN_DB at another file"
+            )
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} was written by a newer foreman (schema {version}, this one knows {SCHEMA_VERSION}); "
+                "upgrade foreman"
+            )
+        problems = [row for (row,) in self._db.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise StoreError(
+                f"{path} failed its integrity check ({'; '.join(problems[:3])}); "
+                "foreman leaves it untouched: restore a backup or move it aside"
+            )
+        return int(version)
+
     def close(self) -> None:
         self._db.close()
 
@@ -127,6 +195,14 @@ class Store:
         existing job's id comes back if it was the same request, and
         IdempotencyConflict is raised if it was not.
         """
+        try:
+            return self._insert(job, request_hash)
+        except sqlite3.OperationalError as exc:
+            # Disk full, or the file locked by another program: refuse this
+            # request, keep running, and keep everything already accepted.
+            raise Unavailable(f"foreman cannot write its queue: {exc}") from exc
+
+    def _insert(self, job: NewJob, request_hash: str | None) -> str:
         if job.idempotency_key is not None:
             row = self._db.execute(
                 "SELECT id, request_hash FROM jobs WHERE idempotency_key = ?", (job.idempotency_key,)
@@ -135,6 +211,8 @@ class Store:
                 if row[1] != request_hash:
                     raise IdempotencyConflict(row[0])
                 return str(row[0])
+        if self.max_queue and sum(self._waiting.values()) >= self.max_queue:
+            raise QueueFull(self.max_queue)
         self._db.execute(
             "INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at,"
             " respond_async, idempotency_key, request_hash) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -389,9 +467,15 @@ class AsyncStore:
         self.path = store.path
 
     @classmethod
-    async def open(cls, path: Path) -> AsyncStore:
+    async def open(cls, path: Path, *, sync: str = "normal", max_queue: int = 0) -> AsyncStore:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="foreman-store")
-        store = await asyncio.get_running_loop().run_in_executor(executor, Store, path)
+        try:
+            store = await asyncio.get_running_loop().run_in_executor(
+                executor, partial(Store, path, sync=sync, max_queue=max_queue)
+            )
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
         return cls(store, executor)
 
     async def close(self) -> None:
