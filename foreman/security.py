@@ -35,7 +35,7 @@ DEFAULT_ORIGINS = (
     "vscode-file://*",
 )
 
-_CORS_HEADERS = "foreman.cors_headers"
+_CORS_HEADERS = web.RequestKey("cors_headers", dict)
 
 # Paths a monitor may reach without the token.
 _OPEN_PATHS = frozenset({"/healthz"})

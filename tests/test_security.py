@@ -1,0 +1,123 @@
+"""Who gets in: DNS-rebinding guard, CORS like Ollama's, and the bearer token."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from foreman.cli import main
+from helpers import Foreman, MakeForeman, chat_body
+from stub_ollama import StubServer
+
+
+@pytest.mark.parametrize(
+    "host", ["evil.example", "evil.example:11435", "192.168.1.10", "localhost.evil.example"]
+)
+async def test_foreign_host_headers_are_refused(foreman: Foreman, host: str) -> None:
+    """A request naming another server in Host (DNS rebinding) gets 403 with an empty body."""
+    answer = await foreman.client.get("/api/tags", headers={"Host": host})
+    assert answer.status == 403 and await answer.read() == b""
+    answer = await foreman.client.post("/api/chat", json=chat_body("llama3"), headers={"Host": host})
+    assert answer.status == 403 and foreman.jobs() == []
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost:11435", "127.0.0.1", "[::1]:11435", "app.localhost", "LOCALHOST"]
+)
+async def test_local_host_headers_pass(foreman: Foreman, host: str) -> None:
+    """localhost, the loopback addresses and *.localhost are this machine."""
+    answer = await foreman.client.get("/api/version", headers={"Host": host})
+    assert answer.status == 200
+
+
+async def test_configured_hosts_pass(stub_server: StubServer, make_foreman: MakeForeman) -> None:
+    """FOREMAN_ALLOWED_HOSTS adds names, e.g. for a reverse proxy in front."""
+    foreman = await make_foreman(stub_server.url, allowed_hosts=("gpu.lan",))
+    assert (await foreman.client.get("/api/version", headers={"Host": "gpu.lan:8080"})).status == 200
+
+
+async def test_cors_allows_ollamas_default_origins(foreman: Foreman) -> None:
+    """A page on localhost may call foreman, and sees the job header; preflights get 204."""
+    origin = "http://localhost:3000"
+    answer = await foreman.client.post("/api/chat", json=chat_body("llama3"), headers={"Origin": origin})
+    assert answer.status == 200
+    assert answer.headers["Access-Control-Allow-Origin"] == origin
+    assert "X-Foreman-Job" in answer.headers["Access-Control-Expose-Headers"]
+    preflight = await foreman.client.options(
+        "/api/chat", headers={"Origin": origin, "Access-Control-Request-Method": "POST"}
+    )
+    assert preflight.status == 204 and "POST" in preflight.headers["Access-Control-Allow-Methods"]
+
+
+async def test_cors_refuses_other_origins(foreman: Foreman) -> None:
+    """A page from elsewhere gets 403 with an empty body, as from Ollama."""
+    answer = await foreman.client.post(
+        "/api/chat", json=chat_body("llama3"), headers={"Origin": "https://evil.example"}
+    )
+    assert answer.status == 403 and await answer.read() == b""
+    assert foreman.jobs() == []
+
+
+async def test_extra_origins_take_wildcards(stub_server: StubServer, make_foreman: MakeForeman) -> None:
+    """FOREMAN_ORIGINS works like OLLAMA_ORIGINS, wildcards included."""
+    foreman = await make_foreman(stub_server.url, origins=("chrome-extension://*",))
+    answer = await foreman.client.get("/api/version", headers={"Origin": "chrome-extension://abcdef"})
+    assert (
+        answer.status == 200 and answer.headers["Access-Control-Allow-Origin"] == "chrome-extension://abcdef"
+    )
+
+
+async def test_streamed_replies_carry_cors_headers(foreman: Foreman) -> None:
+    """Headers sent from inside a streaming handler still carry the CORS grant."""
+    body = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
+    answer = await foreman.client.post("/api/chat", json=body, headers={"Origin": "http://127.0.0.1:8080"})
+    assert answer.headers["Content-Type"] == "application/x-ndjson"
+    assert answer.headers["Access-Control-Allow-Origin"] == "http://127.0.0.1:8080"
+    await answer.read()
+
+
+@pytest.fixture
+async def guarded(stub_server: StubServer, make_foreman: MakeForeman) -> Foreman:
+    return await make_foreman(stub_server.url, token="s3cret")
+
+
+async def test_token_is_required_everywhere_but_healthz(guarded: Foreman) -> None:
+    """With FOREMAN_TOKEN set, every endpoint needs the bearer token; /healthz stays open."""
+    for method, path in [("POST", "/api/chat"), ("GET", "/api/tags"), ("GET", "/jobs"), ("GET", "/status")]:
+        answer = await guarded.client.request(method, path, json=chat_body("llama3"))
+        assert answer.status == 401, path
+        assert "FOREMAN_TOKEN" in (await answer.json())["error"]
+    wrong = await guarded.client.get("/status", headers={"Authorization": "Bearer nope"})
+    assert wrong.status == 401
+    assert (await guarded.client.get("/healthz")).status == 200
+    assert guarded.jobs() == []
+
+
+async def test_ollama_clients_that_send_a_bearer_token_work(
+    guarded: Foreman, stub_server: StubServer
+) -> None:
+    """ollama-python sends OLLAMA_API_KEY as a bearer token: with the right key, it just works."""
+    import ollama
+
+    client = ollama.AsyncClient(host=guarded.url, headers={"Authorization": "Bearer s3cret"}, trust_env=False)
+    try:
+        response = await client.chat(model="llama3", messages=[{"role": "user", "content": "hi"}])
+        assert response.done
+        assert [m.model for m in (await client.list()).models]
+    finally:
+        await client.close()  # type: ignore[no-untyped-call]
+
+
+def test_a_public_bind_without_a_token_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Binding beyond loopback with no token logs a warning before anything else."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # The port is taken, so the start fails right after the warning.
+        argv = ["serve", "--host", f"0.0.0.0:{port}", "--db", str(tmp_path / "q.db"), "--log-format", "json"]
+        assert main(argv, environ={}) == 1
+    out = capsys.readouterr().out
+    assert "foreman.exposed" in out and "FOREMAN_TOKEN" in out
