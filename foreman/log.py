@@ -9,8 +9,9 @@ from typing import TextIO
 import structlog
 
 
-def configure(fmt: str, level: str, stream: TextIO = sys.stdout) -> None:
-    """Send structlog events to `stream` as `console` text or `json` lines."""
+def configure(fmt: str, level: str, stream: TextIO | None = None) -> None:
+    """Send structlog events to `stream` (stdout) as `console` text or `json` lines."""
+    stream = stream or sys.stdout
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
