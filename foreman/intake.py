@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from typing import Any
 
@@ -91,13 +92,51 @@ def _json_object(raw: bytes) -> dict[str, Any]:
 
 def _check_common_fields(body: dict[str, Any]) -> None:
     _expect(body, "stream", bool)
-    _expect(body, "options", dict)
+    options = _expect(body, "options", dict)
+    if options:
+        _check_options(options)
     keep_alive = body.get("keep_alive")
     if keep_alive is not None and not is_keep_alive(keep_alive):
         raise BadRequest(
             f"invalid keep_alive {json.dumps(keep_alive)}: use seconds (300) "
             'or a duration with a unit ("5m", "1h", "-1" as a number pins forever)'
         )
+
+
+# The typed fields of Ollama's Options (api/types.go). Ollama answers a wrong
+# type here with a 500 after scheduling; foreman says 400 before queueing.
+_WHOLE_OPTIONS = frozenset(
+    {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "num_keep", "seed", "num_predict", "top_k"}
+    | {"repeat_last_n"}
+)
+_NUMBER_OPTIONS = frozenset(
+    {"temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty", "frequency_penalty"}
+)
+_BOOL_OPTIONS = frozenset({"use_mmap", "numa", "low_vram", "use_mlock"})
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key in _WHOLE_OPTIONS and not _is_whole(value):
+            raise BadRequest(f"option {key!r} must be a whole number, not {json.dumps(value)[:40]}")
+        if key in _NUMBER_OPTIONS and not _is_number(value):
+            raise BadRequest(f"option {key!r} must be a number, not {_json_name(value)}")
+        if key in _BOOL_OPTIONS and not isinstance(value, bool):
+            raise BadRequest(f"option {key!r} must be a boolean, not {_json_name(value)}")
+        if key == "stop" and not (isinstance(value, list) and all(isinstance(s, str) for s in value)):
+            raise BadRequest("option 'stop' must be an array of strings")
+
+
+def _is_number(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _is_whole(value: object) -> bool:
+    return _is_number(value) and (isinstance(value, int) or float(value).is_integer())  # type: ignore[arg-type]
 
 
 def _check_chat(body: dict[str, Any]) -> None:
