@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -49,28 +49,6 @@ def start_stub(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> StartStu
         return str(server.make_url("")).rstrip("/"), stub_of(app)
 
     return start
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    """A plain aiohttp client session."""
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
-async def ollama_client() -> AsyncIterator[Callable[[str], ollama.AsyncClient]]:
-    """Factory for official ollama AsyncClients, closed after the test."""
-    clients: list[ollama.AsyncClient] = []
-
-    def make(url: str) -> ollama.AsyncClient:
-        client = ollama.AsyncClient(host=url, trust_env=False)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        await client.close()  # type: ignore[no-untyped-call]
 
 
 async def post(http: aiohttp.ClientSession, url: str, path: str, body: object) -> tuple[int, Any, str]:
