@@ -55,20 +55,6 @@ def _seconds(value: str) -> float:
     return number
 
 
-def _page_size(value: str) -> int:
-    number = _positive_int(value)
-    if number > MAX_PAGE:
-        raise ValueError(f"must be at most {MAX_PAGE}, got {number}")
-    return number
-
-
-def _daemon_url(value: str) -> str:
-    try:
-        return client_url(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{exc} (from --host or FOREMAN_HOST)") from exc
-
-
 def _log_format(value: str) -> str:
     if value not in ("console", "json"):
         raise ValueError("must be console or json")
@@ -226,6 +212,20 @@ def build_parser(environ: Mapping[str, str], isatty: bool) -> tuple[argparse.Arg
     return parser, settings
 
 
+def _page_size(value: str) -> int:
+    number = _positive_int(value)
+    if number > MAX_PAGE:
+        raise ValueError(f"must be at most {MAX_PAGE}, got {number}")
+    return number
+
+
+def _daemon_url(value: str) -> str:
+    try:
+        return client_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (from --host or FOREMAN_HOST)") from exc
+
+
 def _add_client_commands(
     commands: argparse._SubParsersAction[argparse.ArgumentParser], environ: Mapping[str, str]
 ) -> None:
@@ -237,6 +237,8 @@ def _add_client_commands(
         metavar="FOREMAN_HOST",
         help=f"the daemon's address, in OLLAMA_HOST's forms [env FOREMAN_HOST, default {DEFAULT_HOST}]",
     )
+    # Sent as a bearer token when set; only from the environment, as a flag would show in `ps`.
+    daemon.set_defaults(token=environ.get("FOREMAN_TOKEN") or None)
     raw = argparse.ArgumentParser(add_help=False)
     raw.add_argument("--json", action="store_true", help="print the daemon's JSON as it is")
     both = [daemon, raw]

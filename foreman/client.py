@@ -46,8 +46,10 @@ class Daemon:
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, url: str) -> AsyncIterator[Daemon]:
-        async with aiohttp.ClientSession(timeout=_TIMEOUT) as session:
+    async def connect(cls, url: str, token: str | None = None) -> AsyncIterator[Daemon]:
+        """A session for the daemon at `url`, sending `token` (FOREMAN_TOKEN) as a bearer token."""
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        async with aiohttp.ClientSession(timeout=_TIMEOUT, headers=headers) as session:
             yield cls(session, url)
 
     async def status(self) -> Json:

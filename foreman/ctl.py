@@ -41,7 +41,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 async def run_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run the client command `args.command` against the daemon at `args.host`."""
     try:
-        async with Daemon.connect(args.host) as daemon:
+        async with Daemon.connect(args.host, args.token) as daemon:
             return await COMMANDS[args.command](daemon, args, out, err)
     except (DaemonError, BadInput) as exc:
         print(f"foreman: {exc}", file=err)

@@ -8,12 +8,14 @@ import json
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from foreman.cli import build_parser, main
 from foreman.ctl import run_command
@@ -35,9 +37,11 @@ class Terminal(io.StringIO):
         return True
 
 
-async def ctl(host: str, command: str, *argv: str, out: io.StringIO | None = None) -> Ran:
+async def ctl(
+    host: str, command: str, *argv: str, out: io.StringIO | None = None, environ: dict[str, str] | None = None
+) -> Ran:
     """Run `foreman COMMAND ... --host HOST` on the test's own loop and capture what it prints."""
-    parser, _ = build_parser({}, isatty=False)
+    parser, _ = build_parser(environ or {}, isatty=False)
     args = parser.parse_args([command, *argv, "--host", host])
     out = out if out is not None else io.StringIO()
     err = io.StringIO()
@@ -266,6 +270,26 @@ async def test_ctrl_c_ends_watch_cleanly(foreman: Foreman) -> None:
         process.send_signal(signal.SIGINT)
         _, err = await process.communicate()
     assert (process.returncode, err) == (0, b"")
+
+
+async def test_foreman_token_goes_with_the_requests(
+    aiohttp_server: Callable[[web.Application], Awaitable[TestServer]],
+) -> None:
+    """With FOREMAN_TOKEN set, requests carry it as a bearer token; a 401 is the daemon's message."""
+    seen: list[str | None] = []
+
+    async def status(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response(
+            {"error": "unauthorized: send Authorization: Bearer <FOREMAN_TOKEN>"}, status=401
+        )
+
+    app = web.Application()
+    app.router.add_get("/status", status)
+    server = await aiohttp_server(app)
+    ran = await ctl(str(server.make_url("")).rstrip("/"), "status", environ={"FOREMAN_TOKEN": "s3cret"})
+    assert ran == Ran(1, "", "foreman: unauthorized: send Authorization: Bearer <FOREMAN_TOKEN>\n")
+    assert seen == ["Bearer s3cret"]
 
 
 @pytest.mark.parametrize(
