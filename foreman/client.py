@@ -80,12 +80,12 @@ class Daemon:
             headers["Idempotency-Key"] = key
         return await self._call("POST", endpoint, json=body, headers=headers)
 
-    async def queued_ids(self, oldest: str) -> set[str]:
+    async def queued_ids(self, oldest: str, page_size: int = MAX_PAGE) -> set[str]:
         """The ids of the queued jobs no older than the job `oldest`, a page at a time."""
         ids: set[str] = set()
         after = None
         while True:
-            page = await self.jobs(state="queued", limit=MAX_PAGE, after=after)
+            page = await self.jobs(state="queued", limit=page_size, after=after)
             ids.update(job["id"] for job in page["jobs"])
             after = page["next"]
             # Ids are ULIDs and pages go newest first: past `oldest`, nothing is ours.

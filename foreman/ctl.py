@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -24,6 +25,9 @@ Command = Callable[[Daemon, argparse.Namespace, TextIO, TextIO], Awaitable[int]]
 # ANSI: cursor to the top left, clear to the end of the line / of the screen, hide and show the cursor.
 _HOME, _CLEAR_LINE, _CLEAR_BELOW = "\x1b[H", "\x1b[K", "\x1b[J"
 _HIDE_CURSOR, _SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
+
+# Up to this many jobs pending, fetching each is cheaper than listing the queue.
+_FETCH_EACH = 8
 
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -126,15 +130,15 @@ async def watch(daemon: Daemon, args: argparse.Namespace, out: TextIO, err: Text
 async def wait_for(daemon: Daemon, ids: list[str], interval: float, progress: Progress) -> dict[str, Json]:
     """Each job's final view, polling every `interval` seconds until all have ended.
 
-    A round lists the queue once; only the jobs that have left it (the
-    running one, and those that ended since) are fetched one by one, so a
-    batch of 500 costs a few requests a round rather than 500.
+    With many jobs pending, a round lists the queue once and fetches only the
+    jobs that have left it (the running one, and those that ended since), so
+    a batch of 500 costs a few requests a round rather than 500.
     """
     ended: dict[str, Json] = {}
     pending = set(ids)
     try:
         while True:
-            queued = await daemon.queued_ids(min(pending))
+            queued = await daemon.queued_ids(min(pending)) if len(pending) > _FETCH_EACH else set()
             for job_id in sorted(pending - queued):
                 view = await daemon.job(job_id)
                 if JobState(view["state"]).terminal:
@@ -181,7 +185,9 @@ class Screen:
         if self.tty:
             # Overwrite line by line rather than clearing the screen first, which flickers.
             start = _HIDE_CURSOR + "\x1b[2J" + _HOME if not self.drawn else _HOME
-            lines = "".join(line + _CLEAR_LINE + "\n" for line in frame.splitlines())
+            # Cut at the terminal's width: a wrapped line would push the frame off the top.
+            width = shutil.get_terminal_size().columns
+            lines = "".join(line[:width] + _CLEAR_LINE + "\n" for line in frame.splitlines())
             self.stream.write(start + lines + _CLEAR_BELOW)
         else:
             self.stream.write(frame + "\n\n")

@@ -18,9 +18,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from foreman.cli import build_parser, main
+from foreman.client import Daemon
 from foreman.ctl import run_command
 from helpers import ASYNC, Foreman, chat_body, hold_worker, reply_text
-from stub_ollama import Stub
+from stub_ollama import Stub, StubServer
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,32 @@ async def test_submit_a_file_and_again_without_new_jobs(foreman: Foreman, stub: 
     assert len(foreman.jobs()) == 3 and len(stub.inference_requests()) == served
 
 
+async def test_submit_wait_on_a_batch_follows_the_queue(foreman: Foreman, tmp_path: Path) -> None:
+    """A batch too big to fetch job by job every round still ends with every result, in file order."""
+    models = ["llama3", "mistral", "qwen2"] * 4
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("".join(json.dumps(chat_body(m, f"n{i}")) + "\n" for i, m in enumerate(models)))
+    ran = await ctl(foreman.url, "submit", "--file", str(batch), "--wait", "--json", "--interval", "0.01")
+    assert ran.code == 0, ran.err
+    ended = [json.loads(line) for line in ran.out.splitlines()]
+    assert [job["result"]["message"]["content"] for job in ended] == [
+        reply_text(m, f"n{i}") for i, m in enumerate(models)
+    ]
+
+
+async def test_queued_ids_pages_back_to_the_oldest_job_asked_for(
+    http: aiohttp.ClientSession, foreman: Foreman, stub: Stub
+) -> None:
+    """The queue is read a page at a time, newest first, and no further than needed."""
+    first = await hold_worker(http, foreman, stub, "llama3")
+    ids = [await submit_async(foreman, "mistral", f"q{i}") for i in range(5)]
+    async with Daemon.connect(foreman.url) as daemon:
+        assert await daemon.queued_ids(ids[1], page_size=2) == set(ids[1:])
+        assert await daemon.queued_ids(ids[4], page_size=2) == set(ids[3:])
+    stub.faults.release_hung()
+    await first
+
+
 async def test_submit_goes_on_past_a_rejected_line_and_exits_1(foreman: Foreman, tmp_path: Path) -> None:
     """A line the daemon refuses is reported by its line number; the others run; a failed job is exit 1."""
     batch = tmp_path / "batch.jsonl"
@@ -270,6 +297,17 @@ async def test_ctrl_c_ends_watch_cleanly(foreman: Foreman) -> None:
         process.send_signal(signal.SIGINT)
         _, err = await process.communicate()
     assert (process.returncode, err) == (0, b"")
+
+
+async def test_an_address_that_is_not_foreman_says_so(stub_server: StubServer) -> None:
+    """FOREMAN_HOST pointing at Ollama itself gets a hint, not a JSON error."""
+    ran = await ctl(stub_server.url, "status")
+    assert ran == Ran(
+        1,
+        "",
+        f"foreman: {stub_server.url}/status answered 404 with something other than foreman's JSON;"
+        " is that foreman's address?\n",
+    )
 
 
 async def test_foreman_token_goes_with_the_requests(
