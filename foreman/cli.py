@@ -1,4 +1,4 @@
-"""The `foreman` command: flags and FOREMAN_* variables in, a running daemon out.
+"""The `foreman` command: `serve` and `demo` run a daemon; the others talk to a running one.
 
 This is the only module that reads sys.argv and os.environ.
 """
@@ -15,13 +15,19 @@ from typing import Any
 
 from foreman import __version__
 from foreman.config import (
+    DEFAULT_PORT,
     Config,
+    client_url,
     default_db_path,
     parse_duration,
     parse_keep_alive,
     parse_listen,
     parse_upstream,
 )
+from foreman.jobs import MAX_PAGE
+from foreman.models import JobState
+
+DEFAULT_HOST = f"127.0.0.1:{DEFAULT_PORT}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +82,7 @@ def serve_settings(environ: Mapping[str, str], isatty: bool) -> list[Setting]:
         Setting(
             "--host",
             "FOREMAN_HOST",
-            "127.0.0.1:11435",
+            DEFAULT_HOST,
             parse_listen,
             "address to listen on, in OLLAMA_HOST's forms",
         ),
@@ -246,7 +252,90 @@ def build_parser(environ: Mapping[str, str], isatty: bool) -> tuple[argparse.Arg
     demo.add_argument(
         "--load-delay", type=_seconds, default=1.0, help="seconds the stub takes to load a model"
     )
+    _add_client_commands(commands, environ)
     return parser, settings
+
+
+def _page_size(value: str) -> int:
+    number = _positive_int(value)
+    if number > MAX_PAGE:
+        raise ValueError(f"must be at most {MAX_PAGE}, got {number}")
+    return number
+
+
+def _daemon_url(value: str) -> str:
+    try:
+        return client_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (from --host or FOREMAN_HOST)") from exc
+
+
+def _add_client_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], environ: Mapping[str, str]
+) -> None:
+    daemon = argparse.ArgumentParser(add_help=False)
+    daemon.add_argument(
+        "--host",
+        type=_daemon_url,
+        default=environ.get("FOREMAN_HOST", DEFAULT_HOST),
+        metavar="FOREMAN_HOST",
+        help=f"the daemon's address, in OLLAMA_HOST's forms [env FOREMAN_HOST, default {DEFAULT_HOST}]",
+    )
+    # Sent as a bearer token when set; only from the environment, as a flag would show in `ps`.
+    daemon.set_defaults(token=environ.get("FOREMAN_TOKEN") or None)
+    raw = argparse.ArgumentParser(add_help=False)
+    raw.add_argument("--json", action="store_true", help="print the daemon's JSON as it is")
+    both = [daemon, raw]
+
+    commands.add_parser(
+        "status", parents=both, help="the queue by model in drain order, the resident model, the running job"
+    )
+    jobs = commands.add_parser("jobs", parents=both, help="a table of jobs, newest first")
+    jobs.add_argument("--state", choices=[state.value for state in JobState], help="only jobs in this state")
+    jobs.add_argument("--model", help="only jobs for this model (llama3 means llama3:latest)")
+    jobs.add_argument(
+        "--limit", type=_page_size, default=20, help=f"how many jobs to show (at most {MAX_PAGE})"
+    )
+    jobs.add_argument("--after", metavar="ID", help="the page after this job, as a listing's last line says")
+    job = commands.add_parser("job", parents=both, help="one job, with its result's text")
+    job.add_argument("id", metavar="ID")
+    cancel = commands.add_parser(
+        "cancel", parents=[daemon], help="cancel a queued job or abort a running one"
+    )
+    cancel.add_argument("id", metavar="ID")
+
+    submit = commands.add_parser(
+        "submit", parents=both, help="queue async jobs from a prompt or a JSONL file and print their ids"
+    )
+    what = submit.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", metavar="TEXT", help="one prompt for --model, sent to /api/chat")
+    what.add_argument(
+        "--file",
+        metavar="FILE",
+        help='JSONL, a request body per line with an optional "endpoint" (default /api/chat);'
+        " running the same file again submits nothing twice",
+    )
+    submit.add_argument("--model", help="the model for --prompt")
+    submit.add_argument("--generate", action="store_true", help="send --prompt to /api/generate instead")
+    submit.add_argument(
+        "--wait", action="store_true", help="show progress until all are done, then the results"
+    )
+    submit.add_argument(
+        "--interval", type=_seconds, default=0.5, help="seconds between checks while waiting (default 0.5)"
+    )
+
+    watch = commands.add_parser(
+        "watch", parents=[daemon], help="a live view of the queue draining, until Ctrl-C"
+    )
+    watch.add_argument("--interval", type=_seconds, default=1.0, help="seconds between refreshes (default 1)")
+    watch.add_argument("--count", type=_positive_int, help="stop after this many refreshes")
+
+
+def _check_submit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.prompt is not None and not args.model:
+        parser.error("submit --prompt needs --model")
+    if args.file is not None and (args.model or args.generate):
+        parser.error("--model and --generate go with --prompt; in a file each request names its model")
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -257,6 +346,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         from foreman.serve import serve
 
         return serve(config_from(_parse_settings(parser, args, settings)))
-    from foreman.demo import demo
+    if args.command == "demo":
+        from foreman.demo import demo
 
-    return demo(requests=args.requests, load_delay=args.load_delay)
+        return demo(requests=args.requests, load_delay=args.load_delay)
+    if args.command == "submit":
+        _check_submit(parser, args)
+    from foreman.ctl import run
+
+    return run(args, sys.stdout, sys.stderr)

@@ -60,13 +60,23 @@ def parse_listen(value: str, default_port: int = DEFAULT_PORT) -> tuple[str, int
     return host, port
 
 
+def client_url(value: str, default_port: int = DEFAULT_PORT) -> str:
+    """The base URL a client uses for an OLLAMA_HOST-style address.
+
+    A wildcard host (`0.0.0.0`, `::`, or none as in `:port`) is where a server
+    listens; a client on the same machine reaches it on the loopback address.
+    """
+    host, port = parse_listen(value, default_port)
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://{_bracket(host)}:{port}"
+
+
 def parse_upstream(value: str) -> str:
     """Ollama's base URL from a URL or an OLLAMA_HOST-style address."""
     value = value.strip().strip("\"'")
     if "://" not in value:
-        host, port = parse_listen(value, OLLAMA_PORT)
-        host = "127.0.0.1" if host == "0.0.0.0" else host
-        value = f"http://{_bracket(host)}:{port}"
+        value = client_url(value, OLLAMA_PORT)
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not an http(s) URL: {value!r}")

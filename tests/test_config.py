@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from foreman.cli import build_parser, config_from, main, serve_settings
-from foreman.config import default_db_path, parse_keep_alive, parse_listen, parse_upstream
+from foreman.config import client_url, default_db_path, parse_keep_alive, parse_listen, parse_upstream
 
 
 def config_for(argv: list[str], environ: dict[str, str]):
@@ -88,6 +88,22 @@ def test_https_listen_is_refused() -> None:
 def test_upstream_takes_urls_and_ollama_host_forms(value: str, expected: str) -> None:
     """FOREMAN_UPSTREAM may be a URL or an OLLAMA_HOST-style address."""
     assert parse_upstream(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("127.0.0.1:11435", "http://127.0.0.1:11435"),
+        (":9000", "http://127.0.0.1:9000"),
+        ("0.0.0.0:9000", "http://127.0.0.1:9000"),
+        ("gpu-box", "http://gpu-box:11435"),
+        ("http://gpu-box:9000", "http://gpu-box:9000"),
+        ("[::1]:9000", "http://[::1]:9000"),
+    ],
+)
+def test_client_url_reads_foreman_host_as_the_daemon_does(value: str, expected: str) -> None:
+    """A client finds the daemon where FOREMAN_HOST makes it listen; a wildcard host means this machine."""
+    assert client_url(value) == expected
 
 
 def test_db_path_follows_systemd_then_xdg(tmp_path: Path) -> None:
