@@ -3,26 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import structlog
 from aiohttp import web
 
 from foreman.events import Chunk, Ended, JobEvent
-from foreman.intake import parse_job
-from foreman.keys import CONFIG, EVENTS, STORE, WORKER
+from foreman.intake import parse_job, parse_priority
+from foreman.keys import CLOCK, CONFIG, EVENTS, STORE, WORKER
 from foreman.models import JobState, NewJob
 from foreman.upstream import NDJSON
 
 log = structlog.get_logger("foreman.api")
 
 JOB_HEADER = "X-Foreman-Job"
+PRIORITY_HEADER = "X-Foreman-Priority"
 
 
 async def queued(request: web.Request) -> web.StreamResponse:
     """Write the request as a job, then answer with what the worker produces for it."""
     app = request.app
-    job = parse_job(request.path, await request.read(), time.time())
+    priority = parse_priority(request.headers.get(PRIORITY_HEADER), app[CONFIG].sync_priority)
+    job = parse_job(request.path, await request.read(), app[CLOCK](), priority)
     worker = app[WORKER]
     with app[EVENTS].subscribe(job.id) as inbox:
         try:
@@ -30,7 +31,14 @@ async def queued(request: web.Request) -> web.StreamResponse:
             # leaves, and the cancel below then finds the job.
             await asyncio.shield(app[STORE].insert(job))
             worker.wake()
-            log.info("job.queued", model=job.model_key, job_id=job.id, endpoint=job.endpoint, stream=job.stream)
+            log.info(
+                "job.queued",
+                model=job.model_key,
+                job_id=job.id,
+                endpoint=job.endpoint,
+                stream=job.stream,
+                priority=job.priority.value,
+            )
             return await _respond(request, job, inbox, app[CONFIG].early_headers)
         except (asyncio.CancelledError, ConnectionResetError):
             # The client went away: like Ollama, stop working for it.

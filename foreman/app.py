@@ -14,11 +14,13 @@ from aiohttp import web
 from foreman import api, middleware, proxy
 from foreman.config import Config
 from foreman.events import JobEvents
-from foreman.keys import CONFIG, EVENTS, STORE, UPSTREAM, WORKER
+from foreman.keys import CLOCK, CONFIG, EVENTS, STORE, UPSTREAM, WORKER
 from foreman.models import QUEUED_ENDPOINTS
 from foreman.retry import RetryPolicy, Sleep
+from foreman.scheduler import Policy
 from foreman.store import AsyncStore
 from foreman.upstream import Upstream
+from foreman.warm import Warmer
 from foreman.worker import Worker
 
 log = structlog.get_logger("foreman")
@@ -33,6 +35,7 @@ def create_app(
     """foreman as an aiohttp application; nothing starts until the app does."""
     app = web.Application(client_max_size=config.max_body, middlewares=[middleware.errors])
     app[CONFIG] = config
+    app[CLOCK] = clock
     app[EVENTS] = JobEvents()
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -63,6 +66,9 @@ def create_app(
             retry=RetryPolicy(config.max_attempts, config.backoff_initial, config.backoff_max),
             pin_keep_alive=config.pin_keep_alive,
             release_keep_alive=config.release_keep_alive,
+            policy=Policy(max_wait=config.max_wait, min_residency=config.min_residency),
+            parallel=config.parallel,
+            warmer=Warmer(app[UPSTREAM]) if config.warm == "auto" else None,
             clock=clock,
             sleep=sleep,
         )

@@ -15,7 +15,7 @@ from typing import Any
 from ulid import ULID
 
 from foreman.errors import BadRequest
-from foreman.models import NewJob
+from foreman.models import NewJob, Priority
 from foreman.names import model_key
 
 # Go's time.ParseDuration grammar, which Ollama uses for string keep_alive values.
@@ -25,8 +25,8 @@ _GO_DURATION = re.compile(r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s
 _NEVER_STREAMED = frozenset({"/api/embed", "/api/embeddings"})
 
 
-def parse_job(endpoint: str, raw: bytes, now: float) -> NewJob:
-    """Validate `raw` for `endpoint` and make it a job; raises BadRequest."""
+def parse_job(endpoint: str, raw: bytes, now: float, priority: Priority = Priority.INTERACTIVE) -> NewJob:
+    """Validate `raw` for `endpoint` and make it a job of class `priority`; raises BadRequest."""
     body = _json_object(raw)
     model = body.get("model")
     if model is None or model == "":
@@ -44,7 +44,23 @@ def parse_job(endpoint: str, raw: bytes, now: float) -> NewJob:
         stream=stream,
         body=raw,
         created_at=now,
+        priority=priority,
     )
+
+
+def parse_priority(value: str | None, default: Priority) -> Priority:
+    """The class an `X-Foreman-Priority` header asks for; `default` when there is none.
+
+    The default is the caller's: synchronous requests and async submissions
+    default to different classes.
+    """
+    if value is None or not value.strip():
+        return default
+    try:
+        return Priority(value.strip().lower())
+    except ValueError:
+        choices = ", ".join(p.value for p in Priority)
+        raise BadRequest(f"invalid X-Foreman-Priority {value!r}: use one of {choices}") from None
 
 
 def is_keep_alive(value: object) -> bool:

@@ -21,6 +21,14 @@ class JobState(StrEnum):
 
 _TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
 
+
+class Priority(StrEnum):
+    """A job's class: every interactive job is picked before any batch job."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+
 # The endpoints whose requests become jobs; every other path is passed through.
 QUEUED_ENDPOINTS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
 
@@ -36,6 +44,7 @@ class NewJob:
     stream: bool
     body: bytes  # the request body as the client sent it
     created_at: float
+    priority: Priority = Priority.INTERACTIVE
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,3 +65,23 @@ class Job:
     status: int | None  # the HTTP status the job ended with
     error: str | None
     result: bytes | None
+    priority: Priority = Priority.INTERACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStats:
+    """What the worker knows about one model: residency, scheduling state, learned costs.
+
+    Means are over every observation since foreman started; None until the
+    first one. This is what /status shows per model.
+    """
+
+    model_key: str
+    resident: bool  # Ollama holds it, as foreman last read /api/ps
+    serving: bool  # the model of the latest job the worker started
+    draining: bool  # a max_wait drain of this model is under way
+    loads: int
+    mean_load_s: float | None
+    last_load_s: float | None
+    runs: int
+    mean_run_s: float | None

@@ -18,10 +18,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from foreman.models import Job, JobState, NewJob
+from foreman.models import Job, JobState, NewJob, Priority
 from foreman.scheduler import Decision, ModelQueue
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -38,17 +38,28 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     status      INTEGER,
     error       TEXT,
-    result      BLOB
+    result      BLOB,
+    priority    TEXT NOT NULL DEFAULT 'interactive'  -- interactive or batch
 );
--- The pick: the oldest queued job of a model is the first entry under its key.
-CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (model_key, id) WHERE state = 'queued';
 -- Boot recovery finds interrupted jobs without scanning the finished ones.
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs (state) WHERE state IN ('loading', 'working');
 """
 
+# Indexes go after the migration, which adds the column the pick index needs.
+_INDEXES = """
+-- The pick: the oldest queued job of a model in a class is the first entry under (key, class).
+CREATE INDEX IF NOT EXISTS jobs_queued_by_class ON jobs (model_key, priority, id) WHERE state = 'queued';
+"""
+
+# Schema 1 had no priority column; its jobs were all synchronous requests.
+_MIGRATE_1 = """
+ALTER TABLE jobs ADD COLUMN priority TEXT NOT NULL DEFAULT 'interactive';
+DROP INDEX IF EXISTS jobs_queued;
+"""
+
 _COLUMNS = (
     "id, state, endpoint, model, model_key, stream, body, attempt,"
-    " created_at, started_at, finished_at, status, error, result"
+    " created_at, started_at, finished_at, status, error, result, priority"
 )
 
 T = TypeVar("T")
@@ -75,41 +86,62 @@ class Store:
         # undo the last commits.
         self._db.execute("PRAGMA synchronous = NORMAL")
         self._db.execute("PRAGMA busy_timeout = 5000")
-        self._db.executescript(_SCHEMA)
-        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        # Waiting jobs per model key, kept beside the table so that neither the
-        # pick nor the pin decision has to count a million rows.
-        self._waiting: Counter[str] = Counter(
-            dict(
-                self._db.execute(
-                    "SELECT model_key, count(*) FROM jobs WHERE state = 'queued' GROUP BY model_key"
-                ).fetchall()
-            )
-        )
+        self._migrate()
+        # Waiting jobs per model key and per (key, class), kept beside the table
+        # so that neither the pick nor the pin decision has to count a million rows.
+        self._waiting: Counter[str] = Counter()
+        self._by_class: Counter[tuple[str, Priority]] = Counter()
+        for key, priority, count in self._db.execute(
+            "SELECT model_key, priority, count(*) FROM jobs WHERE state = 'queued'"
+            " GROUP BY model_key, priority"
+        ):
+            self._count(key, Priority(priority), count)
         self.path = path
+
+    def _migrate(self) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        has_jobs = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone()
+        if has_jobs and version < 2:
+            self._db.executescript(_MIGRATE_1)
+        self._db.executescript(_SCHEMA + _INDEXES)
+        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _count(self, key: str, priority: Priority, delta: int) -> None:
+        self._waiting[key] += delta
+        self._by_class[key, priority] += delta
 
     def close(self) -> None:
         self._db.close()
 
     def insert(self, job: NewJob) -> None:
         self._db.execute(
-            "INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at)"
-            " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
-            (job.id, job.endpoint, job.model, job.model_key, job.stream, job.body, job.created_at),
+            "INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at, priority)"
+            " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job.id,
+                job.endpoint,
+                job.model,
+                job.model_key,
+                job.stream,
+                job.body,
+                job.created_at,
+                job.priority,
+            ),
         )
-        self._waiting[job.model_key] += 1
+        self._count(job.model_key, job.priority, 1)
 
     def queues(self) -> list[ModelQueue]:
-        """What waits, per model key, oldest job first within each."""
+        """What waits, per model key and class: one index lookup each for the oldest job."""
         queues = []
-        for key, waiting in self._waiting.items():
+        for (key, priority), waiting in self._by_class.items():
             if waiting <= 0:
                 continue
-            (oldest,) = self._db.execute(
-                "SELECT id FROM jobs WHERE state = 'queued' AND model_key = ? ORDER BY id LIMIT 1",
-                (key,),
+            oldest, oldest_at = self._db.execute(
+                "SELECT id, created_at FROM jobs WHERE state = 'queued' AND model_key = ? AND priority = ?"
+                " ORDER BY id LIMIT 1",
+                (key, priority),
             ).fetchone()
-            queues.append(ModelQueue(key, waiting, oldest))
+            queues.append(ModelQueue(key, priority, waiting, oldest, oldest_at))
         return queues
 
     def claim_next(self, choose: Callable[[list[ModelQueue]], Decision | None], now: float) -> Claim | None:
@@ -120,13 +152,15 @@ class Store:
         state = JobState.LOADING if decision.swap else JobState.WORKING
         row = self._db.execute(
             f"UPDATE jobs SET state = ?, started_at = ?"
-            f" WHERE id = (SELECT id FROM jobs WHERE state = 'queued' AND model_key = ? ORDER BY id LIMIT 1)"
-            f" RETURNING {_COLUMNS}",
-            (state, now, decision.model_key),
+            f" WHERE id = (SELECT id FROM jobs WHERE state = 'queued' AND model_key = ? AND priority = ?"
+            f" ORDER BY id LIMIT 1) RETURNING {_COLUMNS}",
+            (state, now, decision.model_key, decision.priority),
         ).fetchone()
         if row is None:
-            raise RuntimeError(f"no queued job for {decision.model_key!r} although one was counted")
-        self._waiting[decision.model_key] -= 1
+            raise RuntimeError(
+                f"no queued {decision.priority} job for {decision.model_key!r} although one was counted"
+            )
+        self._count(decision.model_key, decision.priority, -1)
         return Claim(_job_from_row(row), decision, self._waiting[decision.model_key])
 
     def set_state(self, job_id: str, state: JobState) -> None:
@@ -157,18 +191,19 @@ class Store:
             " WHERE id = ? AND state IN ('loading', 'working')",
             (attempt, error, job.id),
         ).rowcount
-        self._waiting[job.model_key] += changed
+        self._count(job.model_key, job.priority, changed)
 
     def cancel_queued(self, job_id: str, now: float) -> bool:
         """Cancel a job that has not started; False if it is no longer queued."""
         row = self._db.execute(
             "UPDATE jobs SET state = 'cancelled', finished_at = ?, status = 499,"
-            " error = 'cancelled before it ran' WHERE id = ? AND state = 'queued' RETURNING model_key",
+            " error = 'cancelled before it ran' WHERE id = ? AND state = 'queued'"
+            " RETURNING model_key, priority",
             (now, job_id),
         ).fetchone()
         if row is None:
             return False
-        self._waiting[row[0]] -= 1
+        self._count(row[0], Priority(row[1]), -1)
         return True
 
     def get(self, job_id: str) -> Job | None:
@@ -194,13 +229,14 @@ class Store:
             ).rowcount
             requeued = self._db.execute(
                 "UPDATE jobs SET state = 'queued', attempt = attempt + 1"
-                " WHERE state IN ('loading', 'working') RETURNING model_key"
+                " WHERE state IN ('loading', 'working') RETURNING model_key, priority"
             ).fetchall()
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        self._waiting.update(key for (key,) in requeued)
+        for key, priority in requeued:
+            self._count(key, Priority(priority), 1)
         return len(requeued), failed
 
 
@@ -220,6 +256,7 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
         status,
         error,
         result,
+        priority,
     ) = row
     return Job(
         id=id_,
@@ -236,6 +273,7 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
         status=status,
         error=error,
         result=None if result is None else bytes(result),
+        priority=Priority(priority),
     )
 
 

@@ -1,4 +1,9 @@
-"""The one worker: takes jobs in drain-by-model order and runs them against Ollama."""
+"""The one worker: takes jobs in the order `scheduler.Policy` decides and runs them against Ollama.
+
+Up to `parallel` jobs run at once, all for the model Ollama already holds;
+a job for any other model waits until they are done, so Ollama never serves
+two models for foreman at the same time.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +13,19 @@ import re
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 
-from foreman import scheduler
 from foreman.errors import TRANSIENT, UpstreamFailed, UpstreamRejected, UpstreamUnreachable
 from foreman.events import Chunk, Ended, JobEvents
-from foreman.models import Job, JobState
+from foreman.models import Job, JobState, ModelStats
 from foreman.names import key_model_name, load_options
 from foreman.retry import RetryPolicy, Sleep
-from foreman.scheduler import ModelQueue
+from foreman.scheduler import CostBook, Decision, ModelQueue, Policy, State
 from foreman.store import AsyncStore, Claim
 from foreman.upstream import Upstream
+from foreman.warm import Warmer
 
 log = structlog.get_logger("foreman.worker")
 
@@ -60,7 +65,7 @@ class _Pin:
 
 
 class Worker:
-    """Runs queued jobs one at a time, serving loaded models before paying for a swap."""
+    """Runs queued jobs in the policy's order, serving loaded models before paying for a swap."""
 
     def __init__(
         self,
@@ -71,6 +76,9 @@ class Worker:
         retry: RetryPolicy,
         pin_keep_alive: object,
         release_keep_alive: object,
+        policy: Policy | None = None,
+        parallel: int = 1,
+        warmer: Warmer | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
@@ -80,15 +88,23 @@ class Worker:
         self._retry = retry
         self._pin_keep_alive = pin_keep_alive
         self._release_keep_alive = release_keep_alive
+        self._policy = policy or Policy()
+        self._parallel = parallel
+        self._warmer = warmer
         self._clock = clock
         self._sleep = sleep
         self._work = asyncio.Event()
         # Model keys Ollama holds; None means "read /api/ps before the next pick".
         self._resident: frozenset[str] | None = None
+        # What the policy remembers between picks (its resident set is refreshed from _resident).
+        self._state = State()
+        self._costs = CostBook()
         # /api/ps names models, not load options: remember which key we loaded each name as.
         self._loaded_as: dict[str, str] = {}
         self._pins: dict[str, _Pin] = {}
-        self._running: _Running | None = None
+        self._running: dict[str, _Running] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._crashed: list[BaseException] = []
         self._cancel_requested: set[str] = set()
         self._upstream_down = False
         self.swaps = 0
@@ -97,28 +113,60 @@ class Worker:
         """New work is in the store."""
         self._work.set()
 
+    def model_stats(self) -> list[ModelStats]:
+        """Per model: residency, scheduling state and learned costs, for /status."""
+        observed = self._costs.observed()
+        state = self._state
+        resident = self._resident if self._resident is not None else state.resident
+        keys = set(observed) | resident | ({state.serving} if state.serving else set())
+        stats = []
+        for key in sorted(keys):
+            seen = observed.get(key)
+            stats.append(
+                ModelStats(
+                    model_key=key,
+                    resident=key in resident,
+                    serving=key == state.serving,
+                    draining=state.drain is not None and state.drain.model_key == key,
+                    loads=seen.loads if seen else 0,
+                    mean_load_s=seen.mean_load_s if seen and seen.loads else None,
+                    last_load_s=seen.last_load_s if seen and seen.loads else None,
+                    runs=seen.runs if seen else 0,
+                    mean_run_s=seen.mean_run_s if seen and seen.runs else None,
+                )
+            )
+        return stats
+
     async def run(self) -> None:
         """Work until cancelled; each wake-up drains everything that waits."""
-        with suppress(UpstreamUnreachable):
-            await self._read_residency()
-        self._work.set()  # jobs may be waiting from before a restart
-        while True:
-            await self._work.wait()
-            self._work.clear()
-            try:
-                await self._drain()
-            except Exception:
-                # A bug or a broken disk must not stop the only worker: log it,
-                # pause, and look at the queue again.
-                log.exception("worker.error")
-                self._resident = None
-                self._work.set()
-                await self._sleep(self._retry.maximum)
+        try:
+            with suppress(UpstreamUnreachable):
+                await self._read_residency()
+            self._work.set()  # jobs may be waiting from before a restart
+            while True:
+                await self._work.wait()
+                self._work.clear()
+                try:
+                    await self._drain()
+                except Exception:
+                    # A bug or a broken disk must not stop the only worker: log it,
+                    # pause, and look at the queue again.
+                    log.exception("worker.error")
+                    self._resident = None
+                    self._work.set()
+                    await self._sleep(self._retry.maximum)
+        finally:
+            # Stopping: jobs in flight go back to the queue (see _run).
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._warmer is not None:
+                await self._warmer.close()
 
     async def cancel(self, job_id: str) -> None:
         """The client went away: drop its job if it waits, abort it if it runs."""
-        running = self._running
-        if running is not None and running.job_id == job_id:
+        running = self._running.get(job_id)
+        if running is not None:
             running.aborted = True
             running.task.cancel()
             return
@@ -130,20 +178,66 @@ class Worker:
 
     async def _drain(self) -> None:
         while True:
+            if self._crashed:
+                raise self._crashed.pop()
+            if len(self._tasks) >= self._parallel:
+                await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                continue
             if self._resident is None:
                 await self._await_residency()
-            claim = await self._store.claim_next(self._choose, self._clock())
+            self._work.clear()  # from here on, a new job or a finished one wakes the loop again
+            now = self._clock()
+            state = replace(self._state, resident=self._resident or frozenset())
+            upcoming: list[str | None] = []
+            claim = await self._store.claim_next(self._chooser(state, now, upcoming), now)
             if claim is None:
-                # Idle: other clients and keep_alive expiry may change what
-                # Ollama holds before the next job comes.
-                self._resident = None
-                return
-            failure = await self._run(claim)
-            if failure is not None:
-                await self._back_off(claim.job, failure)
+                if not self._tasks:
+                    # Idle: other clients and keep_alive expiry may change what
+                    # Ollama holds before the next job comes.
+                    self._resident = None
+                    return
+                await self._work.wait()
+                continue
+            self._state = state.after(claim.decision, now)
+            task = asyncio.create_task(self._job(claim), name=f"foreman-job {claim.job.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._job_ended)
+            if upcoming and upcoming[0] is not None and self._warmer is not None:
+                self._warmer.prepare(upcoming[0])
 
-    def _choose(self, queues: list[ModelQueue]) -> scheduler.Decision | None:
-        return scheduler.pick(queues, self._resident or frozenset())
+    def _chooser(
+        self, state: State, now: float, upcoming: list[str | None]
+    ) -> Callable[[list[ModelQueue]], Decision | None]:
+        """The pick the store runs (on its own thread) against what waits."""
+        busy = bool(self._tasks)
+        costs = self._costs.costs()
+        policy = self._policy
+        want_upcoming = self._warmer is not None
+
+        def choose(queues: list[ModelQueue]) -> Decision | None:
+            decision = policy.pick(queues, state, now, costs)
+            if decision is None:
+                return None
+            if busy and (decision.swap or decision.model_key != state.serving):
+                # Never two models at once: this one waits until the jobs in flight end.
+                return None
+            if want_upcoming:
+                upcoming.append(policy.upcoming(queues, state, now, costs))
+            return decision
+
+        return choose
+
+    async def _job(self, claim: Claim) -> None:
+        failure = await self._run(claim)
+        if failure is not None:
+            await self._back_off(claim.job, failure)
+
+    def _job_ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            self._crashed.append(error)
+        self._work.set()
 
     async def _await_residency(self) -> None:
         async for attempt in self._retry.until_answered(self._sleep):
@@ -173,7 +267,7 @@ class Worker:
             log.info("job.cancelled", job_id=job.id, before="start")
             return None
         task = asyncio.create_task(self._execute(claim))
-        self._running = running = _Running(job.id, task)
+        self._running[job.id] = running = _Running(job.id, task)
         try:
             return await task
         except asyncio.CancelledError:
@@ -186,11 +280,17 @@ class Worker:
             log.info("job.requeued", job_id=job.id, reason="shutdown")
             raise
         finally:
-            self._running = None
+            del self._running[job.id]
 
     async def _execute(self, claim: Claim) -> Exception | None:
         job = claim.job
-        bound = log.bind(model=job.model_key, job_id=job.id, endpoint=job.endpoint, attempt=job.attempt)
+        bound = log.bind(
+            model=job.model_key,
+            job_id=job.id,
+            endpoint=job.endpoint,
+            attempt=job.attempt,
+            priority=job.priority.value,
+        )
         wait_s = round(self._clock() - job.created_at, 3)
         waiting = claim.waiting_after
         try:
@@ -216,10 +316,12 @@ class Worker:
         self._note_upstream_ok()
         if not claim.decision.swap and load_ns > _RELOAD_HINT_NS:
             self._resident = None
+        run_s = time.monotonic() - started
+        self._costs.record_run(job.model_key, run_s)
         await self._end(
             job, JobState.DONE, 200, result.body, content_type=result.content_type, result=result.result
         )
-        bound.info("job.done", wait_s=wait_s, run_s=round(time.monotonic() - started, 3))
+        bound.info("job.done", wait_s=wait_s, run_s=round(run_s, 3))
         return None
 
     async def _call(self, job: Job, waiting_after: int) -> tuple[_Result, int]:
@@ -262,38 +364,58 @@ class Worker:
         return json.dumps(body, separators=(",", ":")).encode()
 
     async def _swap(self, claim: Claim) -> None:
-        """Load the claimed job's model, pinned, and log what the swap cost."""
+        """Load the claimed job's model, pinned, and log why and what the swap cost."""
         job = claim.job
+        decision = claim.decision
         key = job.model_key
         leaving = sorted(self._resident or ())
         waiting_leaving = {k: await self._store.waiting(k) for k in leaving}
-        await self._release_idle_pins(keep=key)
+        await self._release_pins(keep=key, evict=decision.evict)
         options = load_options(json.loads(job.body).get("options"))
+        expected = self._costs.costs().load_s.get(key)
         started = time.monotonic()
         await self._upstream.load(job.endpoint, job.model, options, self._pin_keep_alive)
-        load_s = round(time.monotonic() - started, 3)
+        load_s = time.monotonic() - started
+        self._costs.record_load(key, load_s)
+        self._state = self._state.loaded(key, self._clock())
         self._pins[key] = _Pin(job.endpoint, job.model, options)
         self._loaded_as[key_model_name(key)] = key
         self._resident = None  # read /api/ps again before the next pick
+        self._work.set()  # with FOREMAN_PARALLEL > 1, more jobs for this model may start now
         self.swaps += 1
         log.info(
             "model.swap",
-            reason=claim.decision.reason.value,
+            reason=decision.reason.value,
+            priority=decision.priority.value,
             from_models=leaving,
             to_model=key,
             waiting_from=sum(waiting_leaving.values()),
             waiting_to=claim.waiting_after + 1,
-            load_s=load_s,
+            oldest_wait_s=round(decision.waited, 3),
+            evict=decision.evict,
+            load_s=round(load_s, 3),
+            learned_load_s=None if expected is None else round(expected, 3),
         )
 
-    async def _release_idle_pins(self, keep: str) -> None:
-        """Unpin models with no work left, so Ollama may evict them for the next one."""
+    async def _release_pins(self, keep: str, evict: str | None) -> None:
+        """Unpin models with no work left, and the policy's victim, so Ollama evicts those first.
+
+        Ollama makes room by evicting an idle model with the shortest
+        keep_alive: a released pin (FOREMAN_RELEASE_KEEP_ALIVE) is shorter than
+        a pinned one, so the model with the least waiting work goes.
+        """
         for key, pin in list(self._pins.items()):
-            if key == keep or await self._store.waiting(key) > 0:
+            if key == keep:
+                continue
+            if key == evict:
+                why = "make_room"
+            elif await self._store.waiting(key) == 0:
+                why = "idle"
+            else:
                 continue
             await self._upstream.load(pin.endpoint, pin.model, pin.options, self._release_keep_alive)
             del self._pins[key]
-            log.info("model.unpinned", model=key, keep_alive=self._release_keep_alive)
+            log.info("model.unpinned", model=key, keep_alive=self._release_keep_alive, reason=why)
 
     async def _back_off(self, job: Job, failure: Exception) -> None:
         """Requeue (or finally fail) a job after a transient failure, then wait."""
