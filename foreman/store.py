@@ -302,6 +302,9 @@ class AsyncStore:
     async def insert(self, job: NewJob) -> None:
         await self._run(self._store.insert, job)
 
+    async def queues(self) -> list[ModelQueue]:
+        return await self._run(self._store.queues)
+
     async def claim_next(
         self, choose: Callable[[list[ModelQueue]], Decision | None], now: float
     ) -> Claim | None:

@@ -102,6 +102,8 @@ class Worker:
         # /api/ps names models, not load options: remember which key we loaded each name as.
         self._loaded_as: dict[str, str] = {}
         self._pins: dict[str, _Pin] = {}
+        # How to load each model key foreman has loaded, to pin or unpin it later.
+        self._known: dict[str, _Pin] = {}
         self._running: dict[str, _Running] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._crashed: list[BaseException] = []
@@ -181,7 +183,7 @@ class Worker:
             if self._crashed:
                 raise self._crashed.pop()
             if len(self._tasks) >= self._parallel:
-                await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                await self._wait_for_a_slot()
                 continue
             if self._resident is None:
                 await self._await_residency()
@@ -202,8 +204,28 @@ class Worker:
             task = asyncio.create_task(self._job(claim), name=f"foreman-job {claim.job.id}")
             self._tasks.add(task)
             task.add_done_callback(self._job_ended)
-            if upcoming and upcoming[0] is not None and self._warmer is not None:
-                self._warmer.prepare(upcoming[0])
+            following = upcoming[0] if upcoming else None
+            if self._warmer is not None and following not in (None, claim.job.model_key):
+                self._warmer.prepare(following)
+
+    async def _wait_for_a_slot(self) -> None:
+        """Wait until a job in flight ends; meanwhile, new work may change the model to warm."""
+        if self._warmer is None:
+            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            return
+        self._work.clear()
+        arrived = asyncio.ensure_future(self._work.wait())
+        try:
+            done, _ = await asyncio.wait({*self._tasks, arrived}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            arrived.cancel()
+        if arrived in done:
+            # Until /api/ps is read again after a swap, the policy's own view stands in.
+            state = replace(self._state, resident=self._resident or self._state.resident)
+            queues = await self._store.queues()
+            following = self._policy.upcoming(queues, state, self._clock(), self._costs.costs())
+            if following is not None and following != state.serving:
+                self._warmer.prepare(following)
 
     def _chooser(
         self, state: State, now: float, upcoming: list[str | None]
@@ -370,7 +392,7 @@ class Worker:
         key = job.model_key
         leaving = sorted(self._resident or ())
         waiting_leaving = {k: await self._store.waiting(k) for k in leaving}
-        await self._release_pins(keep=key, evict=decision.evict)
+        await self._make_room(keep=key, evict=decision.evict)
         options = load_options(json.loads(job.body).get("options"))
         expected = self._costs.costs().load_s.get(key)
         started = time.monotonic()
@@ -378,7 +400,7 @@ class Worker:
         load_s = time.monotonic() - started
         self._costs.record_load(key, load_s)
         self._state = self._state.loaded(key, self._clock())
-        self._pins[key] = _Pin(job.endpoint, job.model, options)
+        self._pins[key] = self._known[key] = _Pin(job.endpoint, job.model, options)
         self._loaded_as[key_model_name(key)] = key
         self._resident = None  # read /api/ps again before the next pick
         self._work.set()  # with FOREMAN_PARALLEL > 1, more jobs for this model may start now
@@ -397,25 +419,32 @@ class Worker:
             learned_load_s=None if expected is None else round(expected, 3),
         )
 
-    async def _release_pins(self, keep: str, evict: str | None) -> None:
-        """Unpin models with no work left, and the policy's victim, so Ollama evicts those first.
+    async def _make_room(self, keep: str, evict: str | None) -> None:
+        """Before a load: leave only the policy's victim and idle models without a pin.
 
         Ollama makes room by evicting an idle model with the shortest
-        keep_alive: a released pin (FOREMAN_RELEASE_KEEP_ALIVE) is shorter than
-        a pinned one, so the model with the least waiting work goes.
+        keep_alive. A released pin (FOREMAN_RELEASE_KEEP_ALIVE) is shorter than
+        a pin, so foreman unpins models with no work left and the victim (the
+        loaded model with the least waiting work), and pins again any other
+        loaded model that still has work but whose last drain had released it.
         """
-        for key, pin in list(self._pins.items()):
+        for key in sorted((self._resident or frozenset()) | set(self._pins)):
             if key == keep:
                 continue
-            if key == evict:
-                why = "make_room"
-            elif await self._store.waiting(key) == 0:
-                why = "idle"
+            pinned = key in self._pins
+            waiting = await self._store.waiting(key)
+            if pinned and (key == evict or waiting == 0):
+                pin = self._pins.pop(key)
+                keep_alive = self._release_keep_alive
+                event, why = "model.unpinned", "make_room" if key == evict else "idle"
+            elif not pinned and key != evict and waiting > 0 and key in self._known:
+                pin = self._pins[key] = self._known[key]
+                keep_alive = self._pin_keep_alive
+                event, why = "model.pinned", "make_room"
             else:
                 continue
-            await self._upstream.load(pin.endpoint, pin.model, pin.options, self._release_keep_alive)
-            del self._pins[key]
-            log.info("model.unpinned", model=key, keep_alive=self._release_keep_alive, reason=why)
+            await self._upstream.load(pin.endpoint, pin.model, pin.options, keep_alive)
+            log.info(event, model=key, keep_alive=keep_alive, reason=why)
 
     async def _back_off(self, job: Job, failure: Exception) -> None:
         """Requeue (or finally fail) a job after a transient failure, then wait."""
