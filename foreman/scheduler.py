@@ -15,7 +15,8 @@ The rules, in the order they apply (README, "Scheduling"):
    has held Ollama for less than `min_residency`. Among several overdue models,
    the worst wait per second of learned swap cost goes first, but a model that
    already had a max_wait drain while another has been overdue waits for it.
-3. Priority: interactive jobs before batch jobs.
+3. Priority: interactive jobs before batch jobs; a load begun for batch work
+   is given up when an interactive job arrives for another model (`abandons`).
 4. Within a class, residency first: the oldest job of a model Ollama holds;
    only when none is left, the oldest job of the class, which costs a swap.
 """
@@ -232,6 +233,29 @@ class Policy:
                 return self._decide(min(loaded, key=_age), Reason.RESIDENT, state, work, now, costs)
             return self._decide(min(candidates, key=_age), _leaving(state, work), state, work, now, costs)
         raise AssertionError("work without queues")  # _by_model keeps only non-empty queues
+
+    def abandons(
+        self,
+        loading: Decision,
+        queues: Iterable[ModelQueue],
+        state: State,
+        now: float,
+        costs: Costs = NO_COSTS,
+    ) -> bool:
+        """Whether to give up the load `loading` started: an interactive job now waits elsewhere.
+
+        Only a load for batch work that no max_wait drain asked for is given
+        up, so an interactive job never waits for a batch model's load. `state`
+        is the one `loading` was decided in; `queues` what waits now.
+        """
+        if loading.priority is not Priority.BATCH or loading.drain is not None or not loading.swap:
+            return False
+        decision = self.pick(queues, state, now, costs)
+        return (
+            decision is not None
+            and decision.priority is Priority.INTERACTIVE
+            and decision.model_key != loading.model_key
+        )
 
     def upcoming(
         self, queues: Iterable[ModelQueue], state: State, now: float, costs: Costs = NO_COSTS

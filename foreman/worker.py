@@ -22,7 +22,7 @@ from foreman.events import Chunk, Ended, JobEvents
 from foreman.models import Job, JobState, ModelStats
 from foreman.names import key_model_name, load_options
 from foreman.retry import RetryPolicy, Sleep
-from foreman.scheduler import CostBook, Decision, ModelQueue, Policy, State
+from foreman.scheduler import CostBook, Decision, ModelQueue, Policy, Reason, State
 from foreman.store import AsyncStore, Claim
 from foreman.upstream import Upstream
 from foreman.warm import Warmer
@@ -94,10 +94,12 @@ class Worker:
         self._clock = clock
         self._sleep = sleep
         self._work = asyncio.Event()
+        self._arrived = asyncio.Event()  # a job was queued: a load for batch work may be given up
         # Model keys Ollama holds; None means "read /api/ps before the next pick".
         self._resident: frozenset[str] | None = None
         # What the policy remembers between picks (its resident set is refreshed from _resident).
         self._state = State()
+        self._picked_from = self._state  # the state the latest claim was decided in
         self._costs = CostBook()
         # /api/ps names models, not load options: remember which key we loaded each name as.
         self._loaded_as: dict[str, str] = {}
@@ -114,6 +116,7 @@ class Worker:
     def wake(self) -> None:
         """New work is in the store."""
         self._work.set()
+        self._arrived.set()
 
     def model_stats(self) -> list[ModelStats]:
         """Per model: residency, scheduling state and learned costs, for /status."""
@@ -200,7 +203,7 @@ class Worker:
                     return
                 await self._work.wait()
                 continue
-            self._state = state.after(claim.decision, now)
+            self._picked_from, self._state = state, state.after(claim.decision, now)
             task = asyncio.create_task(self._job(claim), name=f"foreman-job {claim.job.id}")
             self._tasks.add(task)
             task.add_done_callback(self._job_ended)
@@ -317,7 +320,8 @@ class Worker:
         waiting = claim.waiting_after
         try:
             if claim.decision.swap:
-                await self._swap(claim)
+                if not await self._swap(claim):
+                    return None
                 await self._store.set_state(job.id, JobState.WORKING)
                 # A load can take a minute; more work may have come for this model meanwhile.
                 waiting = await self._store.waiting(job.model_key)
@@ -385,8 +389,13 @@ class Worker:
             return job.body
         return json.dumps(body, separators=(",", ":")).encode()
 
-    async def _swap(self, claim: Claim) -> None:
-        """Load the claimed job's model, pinned, and log why and what the swap cost."""
+    async def _swap(self, claim: Claim) -> bool:
+        """Load the claimed job's model, pinned, and log why and what the swap cost.
+
+        Returns False when the load was given up for an interactive job that
+        arrived meanwhile (`Policy.abandons`); the job is back in the queue,
+        in its place and without an attempt charged.
+        """
         job = claim.job
         decision = claim.decision
         key = job.model_key
@@ -396,7 +405,21 @@ class Worker:
         options = load_options(json.loads(job.body).get("options"))
         expected = self._costs.costs().load_s.get(key)
         started = time.monotonic()
-        await self._upstream.load(job.endpoint, job.model, options, self._pin_keep_alive)
+        load = asyncio.create_task(
+            self._upstream.load(job.endpoint, job.model, options, self._pin_keep_alive)
+        )
+        if await self._abandoned(load, decision):
+            await self._store.requeue(job, attempt=job.attempt, error=None)
+            self._state, self._resident = self._picked_from, None
+            log.info(
+                "model.load_abandoned",
+                model=key,
+                reason=Reason.PRIORITY.value,
+                after_s=round(time.monotonic() - started, 3),
+                job_id=job.id,
+            )
+            self._work.set()
+            return False
         load_s = time.monotonic() - started
         self._costs.record_load(key, load_s)
         self._state = self._state.loaded(key, self._clock())
@@ -418,6 +441,34 @@ class Worker:
             load_s=round(load_s, 3),
             learned_load_s=None if expected is None else round(expected, 3),
         )
+        return True
+
+    async def _abandoned(self, load: asyncio.Task[None], decision: Decision) -> bool:
+        """Wait for `load`; True if it was cancelled because the policy gives it up.
+
+        Cancelling the request makes Ollama abort the load, as it does for
+        any client that leaves while its model loads.
+        """
+        try:
+            while True:
+                self._arrived.clear()
+                arrived = asyncio.ensure_future(self._arrived.wait())
+                try:
+                    done, _ = await asyncio.wait({load, arrived}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    arrived.cancel()
+                if load in done:
+                    await load  # raises what the load raised
+                    return False
+                queues = await self._store.queues()
+                now = self._clock()
+                if self._policy.abandons(decision, queues, self._picked_from, now, self._costs.costs()):
+                    return True
+        finally:
+            if not load.done():
+                load.cancel()
+                with suppress(asyncio.CancelledError):
+                    await load
 
     async def _make_room(self, keep: str, evict: str | None) -> None:
         """Before a load: leave only the policy's victim and idle models without a pin.

@@ -250,3 +250,17 @@ def test_policy_is_pure() -> None:
     for name in ("asyncio", "sqlite3", "aiohttp", "time"):
         assert f"import {name}" not in source
     assert replace(State(), serving="x").serving == "x"
+
+
+def test_a_load_for_batch_work_is_given_up_for_an_interactive_job_elsewhere() -> None:
+    """Interactive jobs never wait for a batch model's load; max_wait and interactive loads are kept."""
+    before = loaded("old")
+    batch_load = Decision("bulk", Reason.DRAINED, B, swap=True)
+    chat = [q("bulk", 3, 1, B), q("chat", 1, 9, I)]
+    assert POLICY.abandons(batch_load, chat, before, now=10)
+    assert not POLICY.abandons(batch_load, [q("bulk", 3, 1, B), q("bulk", 1, 9, I)], before, now=10)
+    assert not POLICY.abandons(batch_load, [q("bulk", 3, 1, B), q("other", 1, 9, B)], before, now=10)
+    overdue_load = replace(batch_load, reason=Reason.MAX_WAIT, drain=_drain("bulk", 5))
+    assert not POLICY.abandons(overdue_load, chat, before, now=10)
+    chat_load = replace(batch_load, priority=I)
+    assert not POLICY.abandons(chat_load, chat, before, now=10)

@@ -198,3 +198,27 @@ async def test_warming_off_reads_nothing(
         server.stub.faults.release_hung()
         await asyncio.gather(first, *tasks)
     assert not [e for e in logs if e["event"].startswith("model.warm")]
+
+
+async def test_an_interactive_job_does_not_wait_for_a_batch_models_load(
+    http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman
+) -> None:
+    """A slow load begun for batch work is abandoned (Ollama aborts it) when an interactive job arrives."""
+    models = (StubModel("llama3:latest"), StubModel("mixtral:latest", load_delay=30))
+    server = await make_stub(models=models)
+    stub = server.stub
+    foreman = await make_foreman(server.url)
+    with capture_logs() as logs:
+        bulk = await submit(
+            http, foreman, chat_body("mixtral", "bulk"), headers={"X-Foreman-Priority": "batch"}
+        )
+        await stub.wait_for(lambda s: s.loading() == ["mixtral:latest"])
+        answer = await foreman.client.post("/api/chat", json=chat_body("llama3", "chat"))
+        assert answer.status == 200
+        assert not bulk.done()
+        assert [j["state"] for j in foreman.jobs()][1] == "done"
+    abandoned = [e for e in logs if e["event"] == "model.load_abandoned"]
+    assert [(e["model"], e["reason"]) for e in abandoned] == [("mixtral:latest", "priority")]
+    assert stub.evictions[0] == "mixtral:latest"  # the stub aborted the load when foreman hung up
+    assert [j["attempt"] for j in foreman.jobs()] == [0, 0]
+    bulk.cancel()
