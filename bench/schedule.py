@@ -23,6 +23,7 @@ import itertools
 import math
 import random
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -157,9 +158,15 @@ def trace_starve(seed: int = 5, duration: float = 3600.0) -> Trace:
     return Trace("5-starve", "hot stream at 100% + others", _jobs(items), {m: LOAD_S[m] for m in models})
 
 
+def trace_hot_tight() -> Trace:
+    """Trace 2 again with FOREMAN_MAX_WAIT=120, so that the bound binds on it."""
+    return replace(trace_hot(), name="2b-hot-w120", title="trace 2 with max_wait 120 s", max_wait=120.0)
+
+
 TRACES: dict[str, Callable[[], Trace]] = {
     "1": trace_batch,
     "2": trace_hot,
+    "2b": trace_hot_tight,
     "3": trace_bursts,
     "4": trace_two_slots,
     "5": trace_starve,
@@ -505,6 +512,7 @@ class Target:
     measured: str
     wanted: str
     met: bool
+    info: bool = False  # reported, not one of the issue's targets
 
 
 def targets(results: Sequence[Result]) -> list[Target]:
@@ -513,7 +521,8 @@ def targets(results: Sequence[Result]) -> list[Target]:
     checks = []
     t1, t1_fifo = by["1-batch", "foreman"], by["1-batch", "fifo"]
     over = t1.makespan / t1.trace.lower_bound() - 1
-    checks.append(Target("trace 1: makespan vs lower bound", f"+{over:.2%}", "within 3%", over <= 0.03))
+    over = 0.0 if abs(over) < 1e-9 else over  # equal up to float rounding
+    checks.append(Target("trace 1: makespan vs lower bound", f"{over:+.2%}", "within 3%", over <= 0.03))
     ratio = t1_fifo.swaps / t1.swaps
     checks.append(
         Target(
@@ -541,6 +550,27 @@ def targets(results: Sequence[Result]) -> list[Target]:
             f"{t2.swaps}/{t2_drain.swaps} = {swaps:.2f}x",
             "<= 1.5x",
             swaps <= 1.5,
+        )
+    )
+    t2b, t2b_drain = by["2b-hot-w120", "foreman"], by["2b-hot-w120", "drain"]
+    worst, stay = t2b.waits()[-1], t2b.longest_stay()
+    checks.append(
+        Target(
+            "trace 2b: longest wait vs bound + one drain",
+            f"{worst:.0f}s",
+            f"<= {t2b.trace.max_wait:.0f}s + {stay:.0f}s",
+            worst <= t2b.trace.max_wait + stay,
+            info=True,
+        )
+    )
+    swaps = t2b.swaps / t2b_drain.swaps
+    checks.append(
+        Target(
+            "trace 2b: swaps vs plain drain-by-model",
+            f"{t2b.swaps}/{t2b_drain.swaps} = {swaps:.2f}x",
+            "<= 1.5x",
+            swaps <= 1.5,
+            info=True,
         )
     )
     t3 = by["3-bursts", "foreman"]
@@ -631,8 +661,9 @@ async def end_to_end(trace: Trace, scale: float) -> tuple[int, list[str]]:
     """Run `trace` through foreman and stub_ollama with every time multiplied by `scale`.
 
     Returns the swaps foreman made and the models in the order the stub loaded them.
-    All jobs are submitted while the stub refuses connections, so, as in the
-    trace, they are all queued before the worker starts.
+    All jobs are submitted while the stub refuses connections and foreman's
+    clock is held, so, as in the trace, they are all queued at time 0 before
+    the worker starts.
     """
     import tempfile
 
@@ -657,7 +688,8 @@ async def end_to_end(trace: Trace, scale: float) -> tuple[int, list[str]]:
                 backoff_max=0.05,
                 warm="off",
             )
-            app = create_app(config)
+            clock = HeldClock()
+            app = create_app(config, clock=clock)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -680,6 +712,7 @@ async def end_to_end(trace: Trace, scale: float) -> tuple[int, list[str]]:
                     tasks.append(asyncio.create_task(_post(http, url + "/api/generate", body, headers)))
                     await asyncio.sleep(0)
                 await _until_queued(config.db_path, len(trace.jobs))
+                clock.release()
                 await stub.resume_listening()
                 statuses = await asyncio.gather(*tasks)
             swaps = app[WORKER].swaps
@@ -688,6 +721,22 @@ async def end_to_end(trace: Trace, scale: float) -> tuple[int, list[str]]:
             raise RuntimeError(f"end-to-end run failed: statuses {sorted(set(statuses))}")
         loads = [name.split(":")[0] for name in stub.stub.loads]
     return swaps, loads
+
+
+class HeldClock:
+    """time.time that stands still until `release`, then runs on from where it stood."""
+
+    def __init__(self) -> None:
+        self._held: float | None = time.time()
+        self._offset = 0.0
+
+    def __call__(self) -> float:
+        return self._held if self._held is not None else time.time() - self._offset
+
+    def release(self) -> None:
+        if self._held is not None:
+            self._offset = time.time() - self._held
+            self._held = None
 
 
 async def _post(http: object, url: str, body: dict[str, object], headers: dict[str, str]) -> int:
@@ -749,13 +798,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     checks = targets(results)
     for check in checks:
-        print(f"[{'ok' if check.met else 'MISSED'}] {check.name}: {check.measured} (target {check.wanted})")
-    ok = all(check.met for check in checks)
+        mark = "ok" if check.met else "info" if check.info else "MISSED"
+        against = "compare" if check.info else "target"
+        print(f"[{mark}] {check.name}: {check.measured} ({against} {check.wanted})")
+    ok = all(check.met or check.info for check in checks)
     if not args.no_png:
         plot(results, args.png)
         print(f"\ntimeline: {args.png}")
     if args.e2e:
         simulated = next(r for r in results if r.trace.name == "1-batch" and r.policy == "foreman")
+        from foreman import log
+
+        log.configure("console", "warning")  # the daemon's own job log would drown the report
         swaps, loads = asyncio.run(end_to_end(traces[0], args.scale))
         sim_loads = [load.model for load in simulated.loads]
         same = swaps == simulated.swaps

@@ -178,6 +178,10 @@ class _Work:
         return min(q.oldest_at for q in self.queues.values())
 
     @property
+    def oldest_id(self) -> str:
+        return min(q.oldest_id for q in self.queues.values())
+
+    @property
     def waiting(self) -> int:
         return sum(q.waiting for q in self.queues.values())
 
@@ -218,9 +222,10 @@ class Policy:
             if serving is not None and serving not in overdue and self._settling(state, now):
                 # Nothing else may take the worker either, or the overdue job would slip further.
                 return self._decide(_head(serving), Reason.RESIDENT, state, work, now, costs)
+            # max() keeps the first of equals: on a tie, the model whose job came first.
             chosen = max(
-                _eligible(overdue, state, self.max_wait),
-                key=lambda w: (self._urgency(w, state, now, costs), -w.oldest_at),
+                sorted(_eligible(overdue, state, self.max_wait), key=lambda w: w.oldest_id),
+                key=lambda w: self._urgency(w, state, now, costs),
             )
             drain = Drain(chosen.model_key, now)
             return self._decide(_head(chosen), Reason.MAX_WAIT, state, work, now, costs, drain)
