@@ -51,11 +51,14 @@ _INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_queued_by_class ON jobs (model_key, priority, id) WHERE state = 'queued';
 """
 
-# Schema 1 had no priority column; its jobs were all synchronous requests.
-_MIGRATE_1 = """
-ALTER TABLE jobs ADD COLUMN priority TEXT NOT NULL DEFAULT 'interactive';
-DROP INDEX IF EXISTS jobs_queued;
-"""
+# What takes a database at version N-1 to version N.
+_MIGRATIONS: dict[int, str] = {
+    # Priorities: jobs queued before them were all synchronous requests, so interactive.
+    2: """
+    ALTER TABLE jobs ADD COLUMN priority TEXT NOT NULL DEFAULT 'interactive';
+    DROP INDEX IF EXISTS jobs_queued;
+    """,
+}
 
 _COLUMNS = (
     "id, state, endpoint, model, model_key, stream, body, attempt,"
@@ -101,8 +104,9 @@ class Store:
     def _migrate(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
         has_jobs = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone()
-        if has_jobs and version < 2:
-            self._db.executescript(_MIGRATE_1)
+        if has_jobs:
+            for step in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+                self._db.executescript(_MIGRATIONS[step])
         self._db.executescript(_SCHEMA + _INDEXES)
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
