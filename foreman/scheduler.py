@@ -239,6 +239,11 @@ class Policy:
             return self._decide(min(candidates, key=_age), _leaving(state, work), state, work, now, costs)
         raise AssertionError("work without queues")  # _by_model keeps only non-empty queues
 
+    @staticmethod
+    def may_abandon(loading: Decision) -> bool:
+        """Whether a load begun for `loading` could ever be given up (see `abandons`)."""
+        return loading.swap and loading.priority is Priority.BATCH and loading.drain is None
+
     def abandons(
         self,
         loading: Decision,
@@ -253,7 +258,7 @@ class Policy:
         up, so an interactive job never waits for a batch model's load. `state`
         is the one `loading` was decided in; `queues` what waits now.
         """
-        if loading.priority is not Priority.BATCH or loading.drain is not None or not loading.swap:
+        if not self.may_abandon(loading):
             return False
         decision = self.pick(queues, state, now, costs)
         return (

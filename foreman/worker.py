@@ -405,10 +405,10 @@ class Worker:
         options = load_options(json.loads(job.body).get("options"))
         expected = self._costs.costs().load_s.get(key)
         started = time.monotonic()
-        load = asyncio.create_task(
-            self._upstream.load(job.endpoint, job.model, options, self._pin_keep_alive)
-        )
-        if await self._abandoned(load, decision):
+        load = self._upstream.load(job.endpoint, job.model, options, self._pin_keep_alive)
+        if not self._policy.may_abandon(decision):
+            await load
+        elif await self._abandoned(asyncio.create_task(load), decision):
             await self._store.requeue(job, attempt=job.attempt, error=None)
             self._state, self._resident = self._picked_from, None
             log.info(
