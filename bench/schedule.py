@@ -30,6 +30,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+import aiohttp
+
 from foreman.models import Priority
 from foreman.scheduler import CostBook, Decision, ModelQueue, Policy, Reason, State
 
@@ -624,11 +626,12 @@ def plot(results: Sequence[Result], path: Path, panels: Sequence[tuple[str, str]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     by = {(r.trace.name, r.policy): r for r in results}
     chosen = [by[panel] for panel in panels]
     models = sorted({m for r in chosen for m in r.trace.load_s})
-    colours = dict(zip(models, plt.get_cmap("tab10").colors, strict=False))
+    colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(models)}
     fig, axes = plt.subplots(len(chosen), 1, figsize=(11, 1.2 + 1.15 * len(chosen)))
     for ax, r in zip(axes, chosen, strict=True):
         end = max(by[name, policy].makespan for name, policy in panels if name == r.trace.name)
@@ -647,7 +650,7 @@ def plot(results: Sequence[Result], path: Path, panels: Sequence[tuple[str, str]
             loc="left",
         )
     axes[-1].set_xlabel("simulated seconds; dark: loading")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[m]) for m in models]
+    handles = [Rectangle((0, 0), 1, 1, color=colours[m]) for m in models]
     fig.legend(handles, models, loc="lower right", ncol=len(models), fontsize=8)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=100)
@@ -667,7 +670,6 @@ async def end_to_end(trace: Trace, scale: float) -> tuple[int, list[str]]:
     """
     import tempfile
 
-    import aiohttp
     from aiohttp import web
 
     from foreman.app import create_app
@@ -739,10 +741,9 @@ class HeldClock:
             self._held = None
 
 
-async def _post(http: object, url: str, body: dict[str, object], headers: dict[str, str]) -> int:
-    import aiohttp
-
-    assert isinstance(http, aiohttp.ClientSession)
+async def _post(
+    http: aiohttp.ClientSession, url: str, body: dict[str, object], headers: dict[str, str]
+) -> int:
     async with http.post(url, json=body, headers=headers) as response:
         await response.read()
         return response.status

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,7 @@ from foreman.scheduler import (
     CostBook,
     Costs,
     Decision,
+    Drain,
     ModelQueue,
     Policy,
     Reason,
@@ -28,8 +30,8 @@ def q(key: str, waiting: int, oldest_at: float, priority: Priority = B) -> Model
     return ModelQueue(key, priority, waiting, f"{oldest_at:012.3f}", oldest_at)
 
 
-def loaded(*keys: str, **fields: object) -> State:
-    return State(resident=frozenset(keys), **fields)  # type: ignore[arg-type]
+def loaded(*keys: str, **fields: Any) -> State:
+    return State(resident=frozenset(keys), **fields)
 
 
 POLICY = Policy(max_wait=60)
@@ -106,7 +108,7 @@ def test_overdue_batch_beats_waiting_interactive() -> None:
 
 def test_a_max_wait_drain_serves_what_was_queued_when_it_began_and_nothing_later() -> None:
     """During the drain nothing else runs; jobs that arrive later are not part of it."""
-    state = loaded("cold").after(Decision("cold", Reason.MAX_WAIT, B, True, None, _drain("cold", 100)), 100)
+    state = loaded("cold").after(Decision("cold", Reason.MAX_WAIT, B, True, None, Drain("cold", 100)), 100)
     # An interactive job elsewhere does not interrupt the drain.
     decision = POLICY.pick([q("cold", 2, 50), q("chat", 1, 101, I)], state, now=102)
     assert decision is not None and (decision.model_key, decision.reason) == ("cold", Reason.MAX_WAIT)
@@ -179,7 +181,7 @@ def test_learned_costs_are_means_and_stand_in_for_unseen_models() -> None:
 
 def test_state_remembers_drains_and_residency() -> None:
     """after() records a new max_wait drain once; loaded() restarts the residency clock."""
-    drain = _drain("b", 50)
+    drain = Drain("b", 50)
     state = loaded("a").after(Decision("b", Reason.MAX_WAIT, B, True, "a", drain), 50)
     assert state.resident == {"b"} and state.drained_at == {"b": 50} and state.serving == "b"
     again = state.after(Decision("b", Reason.MAX_WAIT, B, False, None, drain), 70)
@@ -188,12 +190,6 @@ def test_state_remembers_drains_and_residency() -> None:
 
 
 # ----------------------------------------------------------- scenarios, simulated clock
-
-
-def _drain(key: str, since: float):  # type: ignore[no-untyped-def]
-    from foreman.scheduler import Drain
-
-    return Drain(key, since)
 
 
 def hot_stream(cold_at: float, until: float = 3000.0) -> Trace:
@@ -260,7 +256,7 @@ def test_a_load_for_batch_work_is_given_up_for_an_interactive_job_elsewhere() ->
     assert POLICY.abandons(batch_load, chat, before, now=10)
     assert not POLICY.abandons(batch_load, [q("bulk", 3, 1, B), q("bulk", 1, 9, I)], before, now=10)
     assert not POLICY.abandons(batch_load, [q("bulk", 3, 1, B), q("other", 1, 9, B)], before, now=10)
-    overdue_load = replace(batch_load, reason=Reason.MAX_WAIT, drain=_drain("bulk", 5))
+    overdue_load = replace(batch_load, reason=Reason.MAX_WAIT, drain=Drain("bulk", 5))
     assert not POLICY.abandons(overdue_load, chat, before, now=10)
     chat_load = replace(batch_load, priority=I)
     assert not POLICY.abandons(chat_load, chat, before, now=10)
