@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import math
 import random
+import socket
 import sys
 import time
 from collections import deque
@@ -679,12 +680,19 @@ async def end_to_end(trace: Trace, scale: float) -> tuple[int, list[str]]:
 
     token_s = 0.002
     models = tuple(StubModel(f"{m}:latest", load_delay=s * scale) for m, s in trace.load_s.items())
-    async with StubServer(StubSettings(models=models, token_delay=token_s, tokens=64)) as stub:
-        await stub.stop_listening()
+    # Reserve the stub's port with a socket that is bound but not listening:
+    # connections are refused, yet no other socket (not even one of the 400
+    # client connections below) can take the port before the stub starts on it.
+    placeholder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    placeholder.bind(("127.0.0.1", 0))
+    port = placeholder.getsockname()[1]
+    stub = StubServer(StubSettings(models=models, token_delay=token_s, tokens=64))
+    try:
         with tempfile.TemporaryDirectory(prefix="foreman-e2e-") as tmp:
             config = Config(
                 db_path=Path(tmp) / "foreman.db",
-                upstream=stub.url,
+                upstream=f"http://127.0.0.1:{port}",
                 max_wait=trace.max_wait * scale,
                 backoff_initial=0.01,
                 backoff_max=0.05,
@@ -715,13 +723,17 @@ async def end_to_end(trace: Trace, scale: float) -> tuple[int, list[str]]:
                     await asyncio.sleep(0)
                 await _until_queued(config.db_path, len(trace.jobs))
                 clock.release()
-                await stub.resume_listening()
+                await stub.start("127.0.0.1", port)
+                placeholder.close()
                 statuses = await asyncio.gather(*tasks)
             swaps = app[WORKER].swaps
             await runner.cleanup()
-        if set(statuses) != {200}:
-            raise RuntimeError(f"end-to-end run failed: statuses {sorted(set(statuses))}")
-        loads = [name.split(":")[0] for name in stub.stub.loads]
+    finally:
+        placeholder.close()
+        await stub.close()
+    if set(statuses) != {200}:
+        raise RuntimeError(f"end-to-end run failed: statuses {sorted(set(statuses))}")
+    loads = [name.split(":")[0] for name in stub.stub.loads]
     return swaps, loads
 
 
