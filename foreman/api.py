@@ -23,7 +23,7 @@ async def queued(request: web.Request) -> web.StreamResponse:
     """Write the request as a job, then answer with what the worker produces for it."""
     app = request.app
     priority = parse_priority(request.headers.get(PRIORITY_HEADER), app[CONFIG].sync_priority)
-    job = parse_job(request.path, await request.read(), app[CLOCK](), priority)
+    job = parse_job(request.path, await request.read(), app[CLOCK](), priority=priority)
     worker = app[WORKER]
     with app[EVENTS].subscribe(job.id) as inbox:
         try:

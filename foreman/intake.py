@@ -25,7 +25,7 @@ _GO_DURATION = re.compile(r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s
 _NEVER_STREAMED = frozenset({"/api/embed", "/api/embeddings"})
 
 
-def parse_job(endpoint: str, raw: bytes, now: float, priority: Priority = Priority.INTERACTIVE) -> NewJob:
+def parse_job(endpoint: str, raw: bytes, now: float, *, priority: Priority = Priority.INTERACTIVE) -> NewJob:
     """Validate `raw` for `endpoint` and make it a job of class `priority`; raises BadRequest."""
     body = _json_object(raw)
     model = body.get("model")

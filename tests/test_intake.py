@@ -76,5 +76,5 @@ def test_priority_comes_from_the_header_else_from_the_callers_default() -> None:
     assert parse_priority(" Batch ", Priority.INTERACTIVE) is Priority.BATCH
     with pytest.raises(BadRequest, match="X-Foreman-Priority"):
         parse_priority("urgent", Priority.INTERACTIVE)
-    job = parse_job("/api/generate", body(model="m", prompt="p"), 0, Priority.BATCH)
+    job = parse_job("/api/generate", body(model="m", prompt="p"), 0, priority=Priority.BATCH)
     assert job.priority is Priority.BATCH
