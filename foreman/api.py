@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from functools import partial
 
 import structlog
 from aiohttp import web
 
 from foreman.errors import Conflict, ForemanError
 from foreman.events import Chunk, Ended, JobEvent
-from foreman.intake import parse_job, request_hash
-from foreman.keys import CONFIG, EVENTS, STORE, WORKER
-from foreman.models import JobState, NewJob
-from foreman.scheduler import drain_order
+from foreman.intake import parse_job, parse_priority, request_hash
+from foreman.keys import CLOCK, CONFIG, EVENTS, STORE, WORKER
+from foreman.models import JobState, NewJob, Priority
 from foreman.store import IdempotencyConflict, Store
 from foreman.upstream import NDJSON
 
 log = structlog.get_logger("foreman.api")
 
 JOB_HEADER = "X-Foreman-Job"
+PRIORITY_HEADER = "X-Foreman-Priority"
 
 
 async def queued(request: web.Request) -> web.StreamResponse:
@@ -31,10 +29,13 @@ async def queued(request: web.Request) -> web.StreamResponse:
             raw = await request.read()
     except TimeoutError as exc:
         raise ForemanError("the request body did not arrive in time", 408) from exc
+    config = request.app[CONFIG]
+    default_priority = config.async_priority if respond_async else config.sync_priority
     job = parse_job(
         request.path,
         raw,
-        time.time(),
+        request.app[CLOCK](),
+        priority=parse_priority(request.headers.get(PRIORITY_HEADER), default_priority),
         respond_async=respond_async,
         idempotency_key=request.headers.get("Idempotency-Key") if respond_async else None,
     )
@@ -71,7 +72,8 @@ async def _accept(request: web.Request, job: NewJob) -> web.Response:
     else:
         existing = await store.run(Store.get, job_id)
         status, state = 200, existing.state.value if existing else JobState.QUEUED.value
-    position = await job_position(request.app, job_id, job.model_key) if state == JobState.QUEUED else None
+    queued = state == JobState.QUEUED
+    position = await job_position(request.app, job_id, job.model_key, job.priority) if queued else None
     return web.json_response(
         {"id": job_id, "state": state, "position": position},
         status=status,
@@ -79,10 +81,9 @@ async def _accept(request: web.Request, job: NewJob) -> web.Response:
     )
 
 
-async def job_position(app: web.Application, job_id: str, model_key: str) -> int:
+async def job_position(app: web.Application, job_id: str, model_key: str, priority: Priority) -> int:
     """How many queued jobs run before this one in the current drain order."""
-    order = partial(drain_order, resident=app[WORKER].resident)
-    return await app[STORE].run(Store.position, job_id, model_key, order)
+    return await app[STORE].run(Store.position, job_id, model_key, priority, app[WORKER].drain_order)
 
 
 async def _serve(request: web.Request, job: NewJob) -> web.StreamResponse:
@@ -94,7 +95,14 @@ async def _serve(request: web.Request, job: NewJob) -> web.StreamResponse:
             # leaves, and the cancel below then finds the job.
             await asyncio.shield(app[STORE].run(Store.insert, job))
             worker.wake()
-            log.info("job.queued", model=job.model_key, job_id=job.id, endpoint=job.endpoint)
+            log.info(
+                "job.queued",
+                model=job.model_key,
+                job_id=job.id,
+                endpoint=job.endpoint,
+                stream=job.stream,
+                priority=job.priority.value,
+            )
             return await _respond(request, job, inbox, app[CONFIG].early_headers)
         except (asyncio.CancelledError, ConnectionResetError):
             # The client went away: like Ollama, stop working for it.

@@ -15,13 +15,15 @@ from aiohttp import web
 from foreman import api, jobs, middleware, proxy, security, status
 from foreman.config import Config
 from foreman.events import JobEvents
-from foreman.keys import CONFIG, EVENTS, METRICS, STORE, UPSTREAM, WORKER
+from foreman.keys import CLOCK, CONFIG, EVENTS, METRICS, STORE, UPSTREAM, WORKER
 from foreman.metrics import Metrics
 from foreman.models import QUEUED_ENDPOINTS
 from foreman.retention import prune_forever
 from foreman.retry import RetryPolicy, Sleep
+from foreman.scheduler import Policy
 from foreman.store import AsyncStore, Store
 from foreman.upstream import Upstream
+from foreman.warm import Warmer
 from foreman.worker import Worker
 
 log = structlog.get_logger("foreman")
@@ -42,6 +44,7 @@ def create_app(
     if config.token:
         app.middlewares.append(security.bearer_token(config.token))
     app[CONFIG] = config
+    app[CLOCK] = clock
     app[EVENTS] = JobEvents()
     app[METRICS] = Metrics()
 
@@ -74,6 +77,9 @@ def create_app(
             pin_keep_alive=config.pin_keep_alive,
             release_keep_alive=config.release_keep_alive,
             metrics=app[METRICS],
+            policy=Policy(max_wait=config.max_wait, min_residency=config.min_residency),
+            parallel=config.parallel,
+            warmer=Warmer(app[UPSTREAM]) if config.warm == "auto" else None,
             clock=clock,
             sleep=sleep,
         )

@@ -25,7 +25,7 @@ from foreman.config import (
     parse_upstream,
 )
 from foreman.jobs import MAX_PAGE
-from foreman.models import JobState
+from foreman.models import JobState, Priority
 
 DEFAULT_HOST = f"127.0.0.1:{DEFAULT_PORT}"
 
@@ -75,6 +75,19 @@ def _log_level(value: str) -> str:
     if value.lower() not in ("debug", "info", "warning", "error"):
         raise ValueError("must be debug, info, warning or error")
     return value.lower()
+
+
+def _priority(value: str) -> Priority:
+    try:
+        return Priority(value.lower())
+    except ValueError:
+        raise ValueError(f"must be one of {', '.join(p.value for p in Priority)}") from None
+
+
+def _warm(value: str) -> str:
+    if value not in ("auto", "off"):
+        raise ValueError("must be auto or off")
+    return value
 
 
 def serve_settings(environ: Mapping[str, str], isatty: bool) -> list[Setting]:
@@ -182,6 +195,48 @@ def serve_settings(environ: Mapping[str, str], isatty: bool) -> list[Setting]:
             _seconds,
             "seconds a streaming client waits before foreman sends 200 and starts the stream",
         ),
+        Setting(
+            "--max-wait",
+            "FOREMAN_MAX_WAIT",
+            "600",
+            _seconds,
+            "seconds a job may wait before its model is served next, even at the cost of a swap",
+        ),
+        Setting(
+            "--min-residency",
+            "FOREMAN_MIN_RESIDENCY",
+            "0",
+            _seconds,
+            "seconds a loaded model stays before the wait bound may swap it away",
+        ),
+        Setting(
+            "--parallel",
+            "FOREMAN_PARALLEL",
+            "1",
+            _positive_int,
+            "jobs in flight at once, all for the one loaded model (match OLLAMA_NUM_PARALLEL)",
+        ),
+        Setting(
+            "--sync-priority",
+            "FOREMAN_SYNC_PRIORITY",
+            "interactive",
+            _priority,
+            "class of a request that sends no X-Foreman-Priority: interactive or batch",
+        ),
+        Setting(
+            "--async-priority",
+            "FOREMAN_ASYNC_PRIORITY",
+            "batch",
+            _priority,
+            "class of an async submission (Prefer: respond-async) that sends no X-Foreman-Priority",
+        ),
+        Setting(
+            "--warm",
+            "FOREMAN_WARM",
+            "auto",
+            _warm,
+            "read the next model's file into the page cache while the loaded one drains: auto or off",
+        ),
     ]
 
 
@@ -235,6 +290,12 @@ def config_from(values: Mapping[str, Any]) -> Config:
         allowed_hosts=values["allowed_hosts"],
         origins=values["origins"],
         read_timeout=values["read_timeout"],
+        max_wait=values["max_wait"],
+        min_residency=values["min_residency"],
+        parallel=values["parallel"],
+        sync_priority=values["sync_priority"],
+        async_priority=values["async_priority"],
+        warm=values["warm"],
     )
 
 

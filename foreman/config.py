@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from foreman.intake import is_keep_alive
+from foreman.models import Priority
 
 DEFAULT_PORT = 11435
 OLLAMA_PORT = 11434
@@ -41,6 +42,15 @@ class Config:
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted beside the bind address and localhost
     origins: tuple[str, ...] = ()  # browser origins allowed beside Ollama's defaults
     read_timeout: float = 60.0  # seconds a client may take to send its request body
+    # Scheduling (README, "Scheduling"): the wait bound, the least time a
+    # loaded model stays before the bound may swap it away, and how many jobs
+    # of the one loaded model may run at once.
+    max_wait: float = 600.0
+    min_residency: float = 0.0
+    parallel: int = 1
+    sync_priority: Priority = Priority.INTERACTIVE  # class of a request without X-Foreman-Priority
+    async_priority: Priority = Priority.BATCH  # class of an async submission without X-Foreman-Priority
+    warm: str = "auto"  # read the next model's blob into the page cache: auto (when readable) or off
 
 
 def parse_listen(value: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:

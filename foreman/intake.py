@@ -17,7 +17,7 @@ from typing import Any
 from ulid import ULID
 
 from foreman.errors import BadRequest
-from foreman.models import NewJob
+from foreman.models import NewJob, Priority
 from foreman.names import model_key
 
 # Go's time.ParseDuration grammar, which Ollama uses for string keep_alive values.
@@ -35,10 +35,11 @@ def parse_job(
     raw: bytes,
     now: float,
     *,
+    priority: Priority = Priority.INTERACTIVE,
     respond_async: bool = False,
     idempotency_key: str | None = None,
 ) -> NewJob:
-    """Validate `raw` for `endpoint` and make it a job; raises BadRequest."""
+    """Validate `raw` for `endpoint` and make it a job of class `priority`; raises BadRequest."""
     body = _json_object(raw)
     model = body.get("model")
     if model is None or model == "":
@@ -58,6 +59,7 @@ def parse_job(
         created_at=now,
         respond_async=respond_async,
         idempotency_key=idempotency_key,
+        priority=priority,
     )
 
 
@@ -65,6 +67,21 @@ def request_hash(job: NewJob) -> str:
     """A fingerprint of what was asked, blind to key order and spacing in the JSON."""
     canonical = json.dumps(json.loads(job.body), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(f"{job.endpoint}\n{canonical}".encode()).hexdigest()
+
+
+def parse_priority(value: str | None, default: Priority) -> Priority:
+    """The class an `X-Foreman-Priority` header asks for; `default` when there is none.
+
+    The default is the caller's: synchronous requests and async submissions
+    default to different classes.
+    """
+    if value is None or not value.strip():
+        return default
+    try:
+        return Priority(value.strip().lower())
+    except ValueError:
+        choices = ", ".join(p.value for p in Priority)
+        raise BadRequest(f"invalid X-Foreman-Priority {value!r}: use one of {choices}") from None
 
 
 def is_keep_alive(value: object) -> bool:

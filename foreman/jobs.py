@@ -25,7 +25,9 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 async def get_job(request: web.Request) -> web.Response:
     job = await _job_or_404(request)
     position = (
-        await job_position(request.app, job.id, job.model_key) if job.state is JobState.QUEUED else None
+        await job_position(request.app, job.id, job.model_key, job.priority)
+        if job.state is JobState.QUEUED
+        else None
     )
     return web.json_response(job_view(job, position=position, with_result=True))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
 from foreman.config import Config
@@ -11,6 +13,8 @@ from foreman.store import AsyncStore
 from foreman.upstream import Upstream
 from foreman.worker import Worker
 
+# The clock jobs are stamped and scheduled by: time.time, or a fake one in tests.
+CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 CONFIG = web.AppKey("config", Config)
 EVENTS = web.AppKey("events", JobEvents)
 METRICS = web.AppKey("metrics", Metrics)

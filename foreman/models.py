@@ -21,6 +21,14 @@ class JobState(StrEnum):
 
 _TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
 
+
+class Priority(StrEnum):
+    """A job's class: every interactive job is picked before any batch job."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+
 # The endpoints whose requests become jobs; every other path is passed through.
 QUEUED_ENDPOINTS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
 
@@ -38,6 +46,7 @@ class NewJob:
     created_at: float
     respond_async: bool = False  # the client took a 202 and collects the result later
     idempotency_key: str | None = None
+    priority: Priority = Priority.INTERACTIVE
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +68,7 @@ class Job:
     error: str | None
     result: bytes | None
     respond_async: bool = False
+    priority: Priority = Priority.INTERACTIVE
 
     @property
     def queue_wait(self) -> float | None:
@@ -72,3 +82,22 @@ class Job:
             if self.finished_at is None or self.started_at is None
             else self.finished_at - self.started_at
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStats:
+    """What the worker knows about one model: residency, scheduling state, learned costs.
+
+    Means are over every observation since foreman started; None until the
+    first one. This is what /status shows per model.
+    """
+
+    model_key: str
+    resident: bool  # Ollama holds it, as foreman last read /api/ps
+    serving: bool  # the model of the latest job the worker started
+    draining: bool  # a max_wait drain of this model is under way
+    loads: int
+    mean_load_s: float | None
+    last_load_s: float | None
+    runs: int
+    mean_run_s: float | None

@@ -1,64 +1,366 @@
-"""Which model to serve next: the drain-by-model policy, as pure code.
+"""Which model to serve next, as pure code: no I/O, no asyncio, and no clock.
 
-No I/O and no clock: the worker hands in what waits and what Ollama holds,
-and gets back the model whose oldest job runs next, with the reason.
+The worker and the simulator (`bench/schedule.py`) hand in what waits, what
+Ollama holds, the policy's own small state and `now`; they get back the model
+(and priority class) whose oldest job runs next, with the reason. Both then
+advance the state with `State.after` and feed observed load and run times to a
+`CostBook`, so the daemon and the simulator run exactly the same rules.
+
+The rules, in the order they apply (README, "Scheduling"):
+
+1. A max_wait drain in progress runs to its end: the jobs its model had queued
+   when the drain began, and nothing that came later.
+2. Bounded wait: when a model's oldest job has waited longer than `max_wait`,
+   its model is served next (a max_wait drain), unless the model loaded last
+   has held Ollama for less than `min_residency`. Among several overdue models,
+   the worst wait per second of learned swap cost goes first, but a model that
+   already had a max_wait drain while another has been overdue waits for it.
+3. Priority: interactive jobs before batch jobs; a load begun for batch work
+   is given up when an interactive job arrives for another model (`abandons`).
+4. Within a class, residency first: the oldest job of a model Ollama holds;
+   only when none is left, the oldest job of the class, which costs a swap.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Set
-from dataclasses import dataclass
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
+
+from foreman.models import Priority
+
+# What an unlearned model is assumed to cost until the worker has seen one load or run.
+DEFAULT_LOAD_S = 10.0
+DEFAULT_RUN_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
 class ModelQueue:
-    """What waits for one model key."""
+    """What waits for one model key in one priority class."""
 
     model_key: str
+    priority: Priority
     waiting: int
     oldest_id: str  # a ULID, so it sorts by arrival
+    oldest_at: float  # when that job was queued, on the clock `now` comes from
 
 
 class Reason(StrEnum):
-    RESIDENT = "resident"  # the model is loaded: no swap
-    DRAINED = "drained"  # loaded models have no work left: swap to the oldest waiting
-    COLD = "cold"  # nothing is loaded: load the oldest waiting
+    """Why the worker serves the model it picked; for a swap, why it left the loaded one."""
+
+    RESIDENT = "resident"  # a loaded model has work: no swap
+    COLD = "cold"  # nothing is loaded
+    DRAINED = "drained"  # loaded models have no work left
+    MAX_WAIT = "max_wait"  # a job waited longer than the bound
+    PRIORITY = "priority"  # an interactive job waits for a model that is not loaded
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """A max_wait drain: the jobs `model_key` had queued at `since`, served before anything else."""
+
+    model_key: str
+    since: float
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     model_key: str
     reason: Reason
+    priority: Priority = Priority.INTERACTIVE
+    swap: bool = False  # serving it means asking Ollama to load it
+    # A loaded model whose pin to release so that Ollama evicts it, and not a
+    # busier one, to make room (only for a swap while models are loaded).
+    evict: str | None = None
+    drain: Drain | None = None  # the max_wait drain this job belongs to
+    waited: float = 0.0  # how long the model's oldest job had waited
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """What the policy remembers between picks; advance it with `after` and `loaded`."""
+
+    resident: frozenset[str] = frozenset()
+    serving: str | None = None  # the model of the latest job started
+    loaded_at: float | None = None  # when `serving` finished loading; None if foreman found it loaded
+    drain: Drain | None = None
+    # When each model's latest max_wait drain began: a model drained while
+    # another was overdue waits for that one (this keeps the bound exact).
+    drained_at: Mapping[str, float] = field(default_factory=dict)
+
+    def after(self, decision: Decision, now: float) -> State:
+        """The state once a job was claimed per `decision` at `now`."""
+        drained_at = self.drained_at
+        if decision.drain is not None and decision.drain != self.drain:
+            drained_at = {**drained_at, decision.model_key: now}
+        resident = self.resident
+        loaded_at = self.loaded_at if decision.model_key == self.serving else None
+        if decision.swap:
+            resident = (resident - {decision.evict}) | {decision.model_key}
+            loaded_at = now  # until `loaded` says when the load really ended
+        return State(resident, decision.model_key, loaded_at, decision.drain, drained_at)
+
+    def loaded(self, model_key: str, now: float) -> State:
+        """`model_key` finished loading at `now`: minimum residency counts from here."""
+        if model_key != self.serving:
+            return self
+        return replace(self, resident=self.resident | {model_key}, loaded_at=now)
+
+
+@dataclass(frozen=True, slots=True)
+class Costs:
+    """Learned seconds per model; models not seen yet cost the mean of those seen."""
+
+    load_s: Mapping[str, float] = field(default_factory=dict)
+    run_s: Mapping[str, float] = field(default_factory=dict)
+
+    def load(self, model_key: str) -> float:
+        return _learned(self.load_s, model_key, DEFAULT_LOAD_S)
+
+    def run(self, model_key: str) -> float:
+        return _learned(self.run_s, model_key, DEFAULT_RUN_S)
+
+
+def _learned(table: Mapping[str, float], key: str, default: float) -> float:
+    if key in table:
+        return table[key]
+    return sum(table.values()) / len(table) if table else default
+
+
+@dataclass(slots=True)
+class Observed:
+    """Running means of one model's load and run times."""
+
+    loads: int = 0
+    mean_load_s: float = 0.0
+    last_load_s: float = 0.0
+    runs: int = 0
+    mean_run_s: float = 0.0
+
+
+class CostBook:
+    """Load times from swaps and run times from finished jobs, per model key."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, Observed] = {}
+
+    def record_load(self, model_key: str, seconds: float) -> None:
+        seen = self._seen.setdefault(model_key, Observed())
+        seen.loads += 1
+        seen.mean_load_s += (seconds - seen.mean_load_s) / seen.loads
+        seen.last_load_s = seconds
+
+    def record_run(self, model_key: str, seconds: float) -> None:
+        seen = self._seen.setdefault(model_key, Observed())
+        seen.runs += 1
+        seen.mean_run_s += (seconds - seen.mean_run_s) / seen.runs
+
+    def costs(self) -> Costs:
+        return Costs(
+            {k: s.mean_load_s for k, s in self._seen.items() if s.loads},
+            {k: s.mean_run_s for k, s in self._seen.items() if s.runs},
+        )
+
+    def observed(self) -> dict[str, Observed]:
+        return {k: replace(s) for k, s in self._seen.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class _Work:
+    """Everything that waits for one model, by class."""
+
+    model_key: str
+    queues: Mapping[Priority, ModelQueue]
 
     @property
-    def swap(self) -> bool:
-        """Whether serving this model means asking Ollama to load it."""
-        return self.reason is not Reason.RESIDENT
+    def oldest_at(self) -> float:
+        return min(q.oldest_at for q in self.queues.values())
 
+    @property
+    def oldest_id(self) -> str:
+        return min(q.oldest_id for q in self.queues.values())
 
-def pick(queues: Iterable[ModelQueue], resident: Set[str]) -> Decision | None:
-    """The oldest job for a resident model; only when none is left, the oldest job overall."""
-    waiting = [q for q in queues if q.waiting > 0]
-    if not waiting:
+    @property
+    def waiting(self) -> int:
+        return sum(q.waiting for q in self.queues.values())
+
+    def head(self, until: float = math.inf) -> ModelQueue | None:
+        """The class to serve next for this model: interactive first, only jobs queued by `until`."""
+        for priority in Priority:
+            queue = self.queues.get(priority)
+            if queue is not None and queue.oldest_at <= until:
+                return queue
         return None
-    loaded = [q for q in waiting if q.model_key in resident]
-    if loaded:
-        return Decision(min(loaded, key=_age).model_key, Reason.RESIDENT)
-    reason = Reason.DRAINED if resident else Reason.COLD
-    return Decision(min(waiting, key=_age).model_key, reason)
 
 
-def drain_order(queues: Iterable[ModelQueue], resident: Set[str]) -> list[str]:
-    """The model keys in the order they will be served if nothing else arrives."""
+NO_COSTS = Costs()
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The scheduling rules and their two knobs, in seconds (see the module docstring)."""
+
+    max_wait: float = 600.0
+    min_residency: float = 0.0
+
+    def pick(
+        self, queues: Iterable[ModelQueue], state: State, now: float, costs: Costs = NO_COSTS
+    ) -> Decision | None:
+        """The next job's model and class, or None when nothing waits."""
+        work = _by_model(queues)
+        if not work:
+            return None
+        if state.drain is not None:
+            draining = work.get(state.drain.model_key)
+            queue = draining.head(until=state.drain.since) if draining else None
+            if queue is not None:
+                return self._decide(queue, Reason.MAX_WAIT, state, work, now, costs, state.drain)
+        overdue = [w for w in work.values() if now - w.oldest_at > self.max_wait]
+        if overdue:
+            serving = work.get(state.serving or "")
+            if serving is not None and serving not in overdue and self._settling(state, now):
+                # Nothing else may take the worker either, or the overdue job would slip further.
+                return self._decide(_head(serving), Reason.RESIDENT, state, work, now, costs)
+            # max() keeps the first of equals: on a tie, the model whose job came first.
+            chosen = max(
+                sorted(_eligible(overdue, state, self.max_wait), key=lambda w: w.oldest_id),
+                key=lambda w: self._urgency(w, state, now, costs),
+            )
+            drain = Drain(chosen.model_key, now)
+            return self._decide(_head(chosen), Reason.MAX_WAIT, state, work, now, costs, drain)
+        for priority in Priority:
+            candidates = [w.queues[priority] for w in work.values() if priority in w.queues]
+            if not candidates:
+                continue
+            loaded = [q for q in candidates if q.model_key in state.resident]
+            if loaded:
+                return self._decide(min(loaded, key=_age), Reason.RESIDENT, state, work, now, costs)
+            return self._decide(min(candidates, key=_age), _leaving(state, work), state, work, now, costs)
+        raise AssertionError("work without queues")  # _by_model keeps only non-empty queues
+
+    @staticmethod
+    def may_abandon(loading: Decision) -> bool:
+        """Whether a load begun for `loading` could ever be given up (see `abandons`)."""
+        return loading.swap and loading.priority is Priority.BATCH and loading.drain is None
+
+    def abandons(
+        self,
+        loading: Decision,
+        queues: Iterable[ModelQueue],
+        state: State,
+        now: float,
+        costs: Costs = NO_COSTS,
+    ) -> bool:
+        """Whether to give up the load `loading` started: an interactive job now waits elsewhere.
+
+        Only a load for batch work that no max_wait drain asked for is given
+        up, so an interactive job never waits for a batch model's load. `state`
+        is the one `loading` was decided in; `queues` what waits now.
+        """
+        if not self.may_abandon(loading):
+            return False
+        decision = self.pick(queues, state, now, costs)
+        return (
+            decision is not None
+            and decision.priority is Priority.INTERACTIVE
+            and decision.model_key != loading.model_key
+        )
+
+    def upcoming(
+        self, queues: Iterable[ModelQueue], state: State, now: float, costs: Costs = NO_COSTS
+    ) -> str | None:
+        """The model the worker will load next, once the loaded models run out of work."""
+        elsewhere = [q for q in queues if q.model_key not in state.resident]
+        decision = self.pick(elsewhere, replace(state, drain=None), now, costs)
+        return decision.model_key if decision is not None else None
+
+    def _settling(self, state: State, now: float) -> bool:
+        """The model loaded last still holds Ollama, for less than the minimum residency so far."""
+        return (
+            state.serving in state.resident
+            and state.loaded_at is not None
+            and now - state.loaded_at < self.min_residency
+        )
+
+    @staticmethod
+    def _urgency(work: _Work, state: State, now: float, costs: Costs) -> float:
+        """Seconds waited per second of swap cost; a loaded model costs no swap."""
+        if work.model_key in state.resident:
+            return math.inf
+        return (now - work.oldest_at) / max(costs.load(work.model_key), 1e-3)
+
+    @staticmethod
+    def _decide(
+        queue: ModelQueue,
+        reason: Reason,
+        state: State,
+        work: Mapping[str, _Work],
+        now: float,
+        costs: Costs,
+        drain: Drain | None = None,
+    ) -> Decision:
+        key = queue.model_key
+        swap = key not in state.resident
+        evict = _victim(state.resident, work, costs) if swap and state.resident else None
+        return Decision(key, reason, queue.priority, swap, evict, drain, now - work[key].oldest_at)
+
+
+def _by_model(queues: Iterable[ModelQueue]) -> dict[str, _Work]:
+    grouped: dict[str, dict[Priority, ModelQueue]] = {}
+    for queue in queues:
+        if queue.waiting > 0:
+            grouped.setdefault(queue.model_key, {})[queue.priority] = queue
+    return {key: _Work(key, by_class) for key, by_class in grouped.items()}
+
+
+def _head(work: _Work) -> ModelQueue:
+    queue = work.head()
+    assert queue is not None  # a _Work always has a non-empty queue
+    return queue
+
+
+def _eligible(overdue: list[_Work], state: State, max_wait: float) -> list[_Work]:
+    """Overdue models that have not had a max_wait drain since another one became overdue.
+
+    The model overdue longest always qualifies (its jobs all came after its
+    last drain began), so the list is never empty.
+    """
+    since = {w.model_key: w.oldest_at + max_wait for w in overdue}
+    first_overdue = min(since.values())
+    return [w for w in overdue if state.drained_at.get(w.model_key, -math.inf) <= first_overdue] or overdue
+
+
+def _leaving(state: State, work: Mapping[str, _Work]) -> Reason:
+    """Why a swap leaves the loaded models: nothing loaded, nothing left for them, or priority."""
+    if not state.resident:
+        return Reason.COLD
+    if any(key in work for key in state.resident):
+        return Reason.PRIORITY
+    return Reason.DRAINED
+
+
+def _victim(resident: frozenset[str], work: Mapping[str, _Work], costs: Costs) -> str:
+    """The loaded model with the least waiting work (seconds of learned run time); cheapest reload on ties."""
+
+    def waiting_work(key: str) -> tuple[float, float, str]:
+        waiting = work[key].waiting if key in work else 0
+        return waiting * costs.run(key), costs.load(key), key
+
+    return min(resident, key=waiting_work)
+
+
+def drain_order(
+    policy: Policy, queues: Iterable[ModelQueue], state: State, now: float, costs: Costs = NO_COSTS
+) -> list[tuple[str, Priority]]:
+    """The (model, class) queues in the order `policy` serves them if nothing else arrives by `now`."""
     remaining = [q for q in queues if q.waiting > 0]
-    loaded = set(resident)
     order = []
-    while (decision := pick(remaining, loaded)) is not None:
-        order.append(decision.model_key)
-        remaining = [q for q in remaining if q.model_key != decision.model_key]
-        if decision.swap:
-            loaded = {decision.model_key}
+    while (decision := policy.pick(remaining, state, now, costs)) is not None:
+        group = (decision.model_key, decision.priority)
+        order.append(group)
+        remaining = [q for q in remaining if (q.model_key, q.priority) != group]
+        state = replace(state.after(decision, now), drain=None)
     return order
 
 

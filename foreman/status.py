@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from typing import Any
 
 import aiohttp
 import structlog
@@ -13,8 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from foreman import __version__
 from foreman.keys import CONFIG, METRICS, STORE, UPSTREAM, WORKER
 from foreman.names import normalise_model
-from foreman.scheduler import drain_order
-from foreman.store import Store
+from foreman.store import AsyncStore, Store
 from foreman.views import iso, job_view
 
 log = structlog.get_logger("foreman.status")
@@ -29,15 +30,18 @@ async def status(request: web.Request) -> web.Response:
     store, worker = app[STORE], app[WORKER]
     reachable, ollama_models = await _probe_ollama(request)
     queues = await store.run(Store.queues)
-    waiting = {q.model_key: q for q in queues}
+    waiting = {(q.model_key, q.priority): q for q in queues}
     now = time.time()
     queue = [
-        {"model": key, "waiting": waiting[key].waiting, "oldest_job": waiting[key].oldest_id}
-        for key in drain_order(queues, worker.resident)
+        {
+            "model": key,
+            "priority": priority,
+            "waiting": waiting[key, priority].waiting,
+            "oldest_job": waiting[key, priority].oldest_id,
+        }
+        for key, priority in worker.drain_order(queues)
     ]
-    running = None
-    if (job_id := worker.running_job) is not None and (job := await store.run(Store.get, job_id)) is not None:
-        running = job_view(job)
+    running = [view for job_id in worker.running_jobs if (view := await _view(store, job_id)) is not None]
     last_error = None
     if worker.last_error is not None:
         at, message = worker.last_error
@@ -47,7 +51,9 @@ async def status(request: web.Request) -> web.Response:
             "version": __version__,
             "upstream": {"url": app[CONFIG].upstream, "reachable": reachable, "loaded": ollama_models},
             "resident": sorted(worker.resident),
-            "running": running,
+            "running": running[0] if running else None,
+            "in_flight": running,
+            "models": [dataclasses.asdict(stats) for stats in worker.model_stats()],
             "queue": queue,
             "jobs": await store.run(Store.counts_by_state),
             "swaps": worker.swaps,
@@ -55,6 +61,11 @@ async def status(request: web.Request) -> web.Response:
             "db": {"path": str(app[CONFIG].db_path), "size_bytes": await store.run(Store.size_bytes)},
         }
     )
+
+
+async def _view(store: AsyncStore, job_id: str) -> dict[str, Any] | None:
+    job = await store.run(Store.get, job_id)
+    return None if job is None else job_view(job)
 
 
 async def healthz(request: web.Request) -> web.Response:

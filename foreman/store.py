@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from foreman.errors import QueueFull, StoreError, Unavailable
-from foreman.models import Job, JobState, NewJob
+from foreman.models import Job, JobState, NewJob, Priority
 from foreman.scheduler import Decision, ModelQueue
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Marks the file as foreman's (PRAGMA application_id): "FRMN".
 APPLICATION_ID = 0x46524D4E
 
@@ -44,10 +44,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     result      BLOB,
     respond_async   INTEGER NOT NULL DEFAULT 0,
     idempotency_key TEXT,
-    request_hash    TEXT            -- tells a retried submission from a different one
+    request_hash    TEXT,           -- tells a retried submission from a different one
+    priority        TEXT NOT NULL DEFAULT 'interactive'  -- interactive or batch
 );
--- The pick: the oldest queued job of a model is the first entry under its key.
-CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (model_key, id) WHERE state = 'queued';
+-- The pick: the oldest queued job of a model in a class is the first entry under (key, class).
+CREATE INDEX IF NOT EXISTS jobs_queued_by_class ON jobs (model_key, priority, id) WHERE state = 'queued';
 -- Listing by state, newest first; counts by state; boot recovery.
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (idempotency_key)
@@ -72,12 +73,17 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE jobs ADD COLUMN request_hash TEXT;
     DROP INDEX IF EXISTS jobs_active;
     """,
+    # Priorities: jobs queued before them were all synchronous requests, so interactive.
+    3: """
+    ALTER TABLE jobs ADD COLUMN priority TEXT NOT NULL DEFAULT 'interactive';
+    DROP INDEX IF EXISTS jobs_queued;
+    """,
 }
 _OUR_TABLES = frozenset({"jobs", "chunks"})
 
 _COLUMNS = (
     "id, state, endpoint, model, model_key, stream, body, attempt,"
-    " created_at, started_at, finished_at, status, error, result, respond_async"
+    " created_at, started_at, finished_at, status, error, result, respond_async, priority"
 )
 
 _ENDED = "('done', 'failed', 'cancelled')"
@@ -93,7 +99,8 @@ class IdempotencyConflict(Exception):
 
 T = TypeVar("T")
 P = ParamSpec("P")
-DrainOrder = Callable[[list[ModelQueue]], list[str]]
+# The (model, class) queues in the order they will be served.
+DrainOrder = Callable[[list[ModelQueue]], list[tuple[str, Priority]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,15 +131,15 @@ class Store:
             self._db.close()
             raise
         self.max_queue = max_queue
-        # Waiting jobs per model key, kept beside the table so that neither the
-        # pick nor the pin decision has to count a million rows.
-        self._waiting: Counter[str] = Counter(
-            dict(
-                self._db.execute(
-                    "SELECT model_key, count(*) FROM jobs WHERE state = 'queued' GROUP BY model_key"
-                ).fetchall()
-            )
-        )
+        # Waiting jobs per model key and per (key, class), kept beside the table
+        # so that neither the pick nor the pin decision has to count a million rows.
+        self._waiting: Counter[str] = Counter()
+        self._by_class: Counter[tuple[str, Priority]] = Counter()
+        for key, priority, count in self._db.execute(
+            "SELECT model_key, priority, count(*) FROM jobs WHERE state = 'queued'"
+            " GROUP BY model_key, priority"
+        ):
+            self._count(key, Priority(priority), count)
         self.path = path
 
     def _prepare(self, path: Path, sync: str) -> None:
@@ -185,6 +192,10 @@ class Store:
             )
         return int(version)
 
+    def _count(self, key: str, priority: Priority, delta: int) -> None:
+        self._waiting[key] += delta
+        self._by_class[key, priority] += delta
+
     def close(self) -> None:
         self._db.close()
 
@@ -215,7 +226,8 @@ class Store:
             raise QueueFull(self.max_queue)
         self._db.execute(
             "INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at,"
-            " respond_async, idempotency_key, request_hash) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " respond_async, idempotency_key, request_hash, priority)"
+            " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 job.id,
                 job.endpoint,
@@ -227,22 +239,24 @@ class Store:
                 job.respond_async,
                 job.idempotency_key,
                 request_hash,
+                job.priority,
             ),
         )
-        self._waiting[job.model_key] += 1
+        self._count(job.model_key, job.priority, 1)
         return job.id
 
     def queues(self) -> list[ModelQueue]:
-        """What waits, per model key, oldest job first within each."""
+        """What waits, per model key and class: one index lookup each for the oldest job."""
         queues = []
-        for key, waiting in self._waiting.items():
+        for (key, priority), waiting in self._by_class.items():
             if waiting <= 0:
                 continue
-            (oldest,) = self._db.execute(
-                "SELECT id FROM jobs WHERE state = 'queued' AND model_key = ? ORDER BY id LIMIT 1",
-                (key,),
+            oldest, oldest_at = self._db.execute(
+                "SELECT id, created_at FROM jobs WHERE state = 'queued' AND model_key = ? AND priority = ?"
+                " ORDER BY id LIMIT 1",
+                (key, priority),
             ).fetchone()
-            queues.append(ModelQueue(key, waiting, oldest))
+            queues.append(ModelQueue(key, priority, waiting, oldest, oldest_at))
         return queues
 
     def claim_next(self, choose: Callable[[list[ModelQueue]], Decision | None], now: float) -> Claim | None:
@@ -253,13 +267,15 @@ class Store:
         state = JobState.LOADING if decision.swap else JobState.WORKING
         row = self._db.execute(
             f"UPDATE jobs SET state = ?, started_at = ?"
-            f" WHERE id = (SELECT id FROM jobs WHERE state = 'queued' AND model_key = ? ORDER BY id LIMIT 1)"
-            f" RETURNING {_COLUMNS}",
-            (state, now, decision.model_key),
+            f" WHERE id = (SELECT id FROM jobs WHERE state = 'queued' AND model_key = ? AND priority = ?"
+            f" ORDER BY id LIMIT 1) RETURNING {_COLUMNS}",
+            (state, now, decision.model_key, decision.priority),
         ).fetchone()
         if row is None:
-            raise RuntimeError(f"no queued job for {decision.model_key!r} although one was counted")
-        self._waiting[decision.model_key] -= 1
+            raise RuntimeError(
+                f"no queued {decision.priority} job for {decision.model_key!r} although one was counted"
+            )
+        self._count(decision.model_key, decision.priority, -1)
         return Claim(_job_from_row(row), decision, self._waiting[decision.model_key])
 
     def set_state(self, job_id: str, state: JobState) -> None:
@@ -302,18 +318,19 @@ class Store:
             " WHERE id = ? AND state IN ('loading', 'working')",
             (attempt, error, job.id),
         ).rowcount
-        self._waiting[job.model_key] += changed
+        self._count(job.model_key, job.priority, changed)
 
     def cancel_queued(self, job_id: str, now: float) -> bool:
         """Cancel a job that has not started; False if it is no longer queued."""
         row = self._db.execute(
             "UPDATE jobs SET state = 'cancelled', finished_at = ?, status = 499,"
-            " error = 'cancelled before it ran' WHERE id = ? AND state = 'queued' RETURNING model_key",
+            " error = 'cancelled before it ran' WHERE id = ? AND state = 'queued'"
+            " RETURNING model_key, priority",
             (now, job_id),
         ).fetchone()
         if row is None:
             return False
-        self._waiting[row[0]] -= 1
+        self._count(row[0], Priority(row[1]), -1)
         return True
 
     def get(self, job_id: str) -> Job | None:
@@ -349,20 +366,18 @@ class Store:
         ).fetchall()
         return [_job_from_row(row) for row in rows]
 
-    def position(
-        self, job_id: str, model_key: str, drain_order: Callable[[list[ModelQueue]], list[str]]
-    ) -> int:
+    def position(self, job_id: str, model_key: str, priority: Priority, drain_order: DrainOrder) -> int:
         """How many queued jobs run before this one if the queue drains in `drain_order`."""
         queues = self.queues()
-        waiting = {q.model_key: q.waiting for q in queues}
+        waiting = {(q.model_key, q.priority): q.waiting for q in queues}
         before = 0
-        for key in drain_order(queues):
-            if key == model_key:
+        for group in drain_order(queues):
+            if group == (model_key, priority):
                 break
-            before += waiting[key]
+            before += waiting[group]
         (ahead,) = self._db.execute(
-            "SELECT count(*) FROM jobs WHERE state = 'queued' AND model_key = ? AND id < ?",
-            (model_key, job_id),
+            "SELECT count(*) FROM jobs WHERE state = 'queued' AND model_key = ? AND priority = ? AND id < ?",
+            (model_key, priority, job_id),
         ).fetchone()
         return before + int(ahead)
 
@@ -401,13 +416,14 @@ class Store:
             ).rowcount
             requeued = self._db.execute(
                 "UPDATE jobs SET state = 'queued', attempt = attempt + 1"
-                " WHERE state IN ('loading', 'working') RETURNING model_key"
+                " WHERE state IN ('loading', 'working') RETURNING model_key, priority"
             ).fetchall()
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        self._waiting.update(key for (key,) in requeued)
+        for key, priority in requeued:
+            self._count(key, Priority(priority), 1)
         return len(requeued), failed
 
 
@@ -438,6 +454,7 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
         error,
         result,
         bg,
+        priority,
     ) = row
     return Job(
         id=id_,
@@ -455,6 +472,7 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
         error=error,
         result=None if result is None else bytes(result),
         respond_async=bool(bg),
+        priority=Priority(priority),
     )
 
 

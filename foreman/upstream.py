@@ -90,6 +90,21 @@ class Upstream:
         except (ValueError, KeyError, TypeError) as exc:
             raise UpstreamFailed(f"Ollama's /api/ps answer is not what foreman expects: {exc}") from exc
 
+    async def blob_path(self, model: str) -> str | None:
+        """The weights file `/api/show` names after FROM in the modelfile, if it names one."""
+        async with self.post("/api/show", json.dumps({"model": model}).encode()) as reply:
+            body = await reply.read()
+        try:
+            modelfile = json.loads(body).get("modelfile") or ""
+        except (ValueError, AttributeError) as exc:
+            raise UpstreamFailed(f"Ollama's /api/show answer is not what foreman expects: {exc}") from exc
+        for line in modelfile.splitlines():
+            if line.startswith("FROM "):
+                target = line[5:].strip()
+                if target.startswith("/"):
+                    return target
+        return None
+
     async def load(self, endpoint: str, model: str, options: Mapping[str, Any], keep_alive: object) -> None:
         """Ask Ollama to load `model` with `options` and hold it for `keep_alive`."""
         family = _LOAD_ENDPOINT[endpoint]

@@ -1,4 +1,9 @@
-"""The one worker: takes jobs in drain-by-model order and runs them against Ollama."""
+"""The one worker: takes jobs in the order `scheduler.Policy` decides and runs them against Ollama.
+
+Up to `parallel` jobs run at once, all for the model Ollama already holds;
+a job for any other model waits until they are done, so Ollama never serves
+two models for foreman at the same time.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +13,21 @@ import re
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 
-from foreman import scheduler
 from foreman.errors import TRANSIENT, UpstreamFailed, UpstreamRejected, UpstreamUnreachable
 from foreman.events import Chunk, Ended, JobEvents, StateChanged
 from foreman.metrics import Metrics
-from foreman.models import Job, JobState
+from foreman.models import Job, JobState, ModelStats, Priority
 from foreman.names import key_model_name, load_options
 from foreman.results import merge_stream
 from foreman.retry import RetryPolicy, Sleep
-from foreman.scheduler import ModelQueue
+from foreman.scheduler import CostBook, Decision, ModelQueue, Policy, Reason, State, drain_order
 from foreman.store import AsyncStore, Claim, Store
 from foreman.upstream import Upstream
+from foreman.warm import Warmer
 
 log = structlog.get_logger("foreman.worker")
 
@@ -63,7 +68,7 @@ class _Pin:
 
 
 class Worker:
-    """Runs queued jobs one at a time, serving loaded models before paying for a swap."""
+    """Runs queued jobs in the policy's order, serving loaded models before paying for a swap."""
 
     def __init__(
         self,
@@ -75,6 +80,9 @@ class Worker:
         pin_keep_alive: object,
         release_keep_alive: object,
         metrics: Metrics,
+        policy: Policy | None = None,
+        parallel: int = 1,
+        warmer: Warmer | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
@@ -85,18 +93,27 @@ class Worker:
         self._retry = retry
         self._pin_keep_alive = pin_keep_alive
         self._release_keep_alive = release_keep_alive
+        self._policy = policy or Policy()
+        self._parallel = parallel
+        self._warmer = warmer
         self._clock = clock
         self._sleep = sleep
         self._work = asyncio.Event()
+        self._arrived = asyncio.Event()  # a job was queued: a load for batch work may be given up
         # Model keys Ollama holds; None means "read /api/ps before the next pick".
-        self._resident: frozenset[str] = frozenset()
-        # Whether to read /api/ps before the next pick: the worker was idle,
-        # swapped, or saw signs that Ollama loaded something behind its back.
-        self._resident_stale = True
+        self._resident: frozenset[str] | None = None
+        # What the policy remembers between picks (its resident set is refreshed from _resident).
+        self._state = State()
+        self._picked_from = self._state  # the state the latest claim was decided in
+        self._costs = CostBook()
         # /api/ps names models, not load options: remember which key we loaded each name as.
         self._loaded_as: dict[str, str] = {}
         self._pins: dict[str, _Pin] = {}
-        self._running: _Running | None = None
+        # How to load each model key foreman has loaded, to pin or unpin it later.
+        self._known: dict[str, _Pin] = {}
+        self._running: dict[str, _Running] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._crashed: list[BaseException] = []
         self._cancel_requested: set[str] = set()
         # What each running job has streamed so far, for late watchers and the store.
         self._output: dict[str, list[bytes]] = {}
@@ -105,14 +122,14 @@ class Worker:
         self.last_error: tuple[float, str] | None = None  # (when, what)
 
     @property
-    def running_job(self) -> str | None:
-        """The id of the job running now, if any."""
-        return None if self._running is None else self._running.job_id
+    def running_jobs(self) -> list[str]:
+        """The ids of the jobs in flight now, oldest first."""
+        return sorted(self._running)
 
     @property
     def resident(self) -> frozenset[str]:
-        """Model keys Ollama holds, as far as the worker knows."""
-        return self._resident
+        """Model keys Ollama holds, as far as the worker knows (its own view while /api/ps is due)."""
+        return self._resident if self._resident is not None else self._state.resident
 
     @property
     def upstream_down(self) -> bool:
@@ -122,32 +139,70 @@ class Worker:
         """The chunks a running job has streamed up to now."""
         return list(self._output.get(job_id, ()))
 
+    def drain_order(self, queues: list[ModelQueue]) -> list[tuple[str, Priority]]:
+        """The (model, class) queues in the order they will be served if nothing else arrives."""
+        state = replace(self._state, resident=self.resident)
+        return drain_order(self._policy, queues, state, self._clock(), self._costs.costs())
+
     def wake(self) -> None:
         """New work is in the store."""
         self._work.set()
+        self._arrived.set()
+
+    def model_stats(self) -> list[ModelStats]:
+        """Per model: residency, scheduling state and learned costs, for /status."""
+        observed = self._costs.observed()
+        state = self._state
+        resident = self._resident if self._resident is not None else state.resident
+        keys = set(observed) | resident | ({state.serving} if state.serving else set())
+        stats = []
+        for key in sorted(keys):
+            seen = observed.get(key)
+            stats.append(
+                ModelStats(
+                    model_key=key,
+                    resident=key in resident,
+                    serving=key == state.serving,
+                    draining=state.drain is not None and state.drain.model_key == key,
+                    loads=seen.loads if seen else 0,
+                    mean_load_s=seen.mean_load_s if seen and seen.loads else None,
+                    last_load_s=seen.last_load_s if seen and seen.loads else None,
+                    runs=seen.runs if seen else 0,
+                    mean_run_s=seen.mean_run_s if seen and seen.runs else None,
+                )
+            )
+        return stats
 
     async def run(self) -> None:
         """Work until cancelled; each wake-up drains everything that waits."""
-        with suppress(UpstreamUnreachable):
-            await self._read_residency()
-        self._work.set()  # jobs may be waiting from before a restart
-        while True:
-            await self._work.wait()
-            self._work.clear()
-            try:
-                await self._drain()
-            except Exception:
-                # A bug or a broken disk must not stop the only worker: log it,
-                # pause, and look at the queue again.
-                log.exception("worker.error")
-                self._resident_stale = True
-                self._work.set()
-                await self._sleep(self._retry.maximum)
+        try:
+            with suppress(UpstreamUnreachable):
+                await self._read_residency()
+            self._work.set()  # jobs may be waiting from before a restart
+            while True:
+                await self._work.wait()
+                self._work.clear()
+                try:
+                    await self._drain()
+                except Exception:
+                    # A bug or a broken disk must not stop the only worker: log it,
+                    # pause, and look at the queue again.
+                    log.exception("worker.error")
+                    self._resident = None
+                    self._work.set()
+                    await self._sleep(self._retry.maximum)
+        finally:
+            # Stopping: jobs in flight go back to the queue (see _run).
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._warmer is not None:
+                await self._warmer.close()
 
     async def cancel(self, job_id: str) -> bool:
         """Drop a job that waits, or abort one that runs; False if it had already ended."""
-        running = self._running
-        if running is not None and running.job_id == job_id:
+        running = self._running.get(job_id)
+        if running is not None:
             running.aborted = True
             running.task.cancel()
             return True
@@ -158,28 +213,93 @@ class Worker:
             self._events.publish(job_id, Ended(JobState.CANCELLED, 499, _error_body("request canceled")))
             log.info("job.cancelled", job_id=job_id, before="start")
             return True
-        running = self._running
-        if running is not None and running.job_id == job_id:
+        if job_id in self._running:
             return True  # claimed meanwhile: the flag cancels it before it reaches Ollama
         self._cancel_requested.discard(job_id)
         return False
 
     async def _drain(self) -> None:
         while True:
-            if self._resident_stale:
+            if self._crashed:
+                raise self._crashed.pop()
+            if len(self._tasks) >= self._parallel:
+                await self._wait_for_a_slot()
+                continue
+            if self._resident is None:
                 await self._await_residency()
-            claim = await self._store.run(Store.claim_next, self._choose, self._clock())
+            self._work.clear()  # from here on, a new job or a finished one wakes the loop again
+            now = self._clock()
+            state = replace(self._state, resident=self._resident or frozenset())
+            upcoming: list[str | None] = []
+            claim = await self._store.run(Store.claim_next, self._chooser(state, now, upcoming), now)
             if claim is None:
-                # Idle: other clients and keep_alive expiry may change what
-                # Ollama holds before the next job comes.
-                self._resident_stale = True
-                return
-            failure = await self._run(claim)
-            if failure is not None:
-                await self._back_off(claim.job, failure)
+                if not self._tasks:
+                    # Idle: other clients and keep_alive expiry may change what
+                    # Ollama holds before the next job comes.
+                    self._resident = None
+                    return
+                await self._work.wait()
+                continue
+            self._picked_from, self._state = state, state.after(claim.decision, now)
+            task = asyncio.create_task(self._job(claim), name=f"foreman-job {claim.job.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._job_ended)
+            following = upcoming[0] if upcoming else None
+            if self._warmer is not None and following not in (None, claim.job.model_key):
+                self._warmer.prepare(following)
 
-    def _choose(self, queues: list[ModelQueue]) -> scheduler.Decision | None:
-        return scheduler.pick(queues, self._resident)
+    async def _wait_for_a_slot(self) -> None:
+        """Wait until a job in flight ends; meanwhile, new work may change the model to warm."""
+        if self._warmer is None:
+            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            return
+        self._work.clear()
+        arrived = asyncio.ensure_future(self._work.wait())
+        try:
+            done, _ = await asyncio.wait({*self._tasks, arrived}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            arrived.cancel()
+        if arrived in done:
+            # Until /api/ps is read again after a swap, the policy's own view stands in.
+            state = replace(self._state, resident=self._resident or self._state.resident)
+            queues = await self._store.run(Store.queues)
+            following = self._policy.upcoming(queues, state, self._clock(), self._costs.costs())
+            if following is not None and following != state.serving:
+                self._warmer.prepare(following)
+
+    def _chooser(
+        self, state: State, now: float, upcoming: list[str | None]
+    ) -> Callable[[list[ModelQueue]], Decision | None]:
+        """The pick the store runs (on its own thread) against what waits."""
+        busy = bool(self._tasks)
+        costs = self._costs.costs()
+        policy = self._policy
+        want_upcoming = self._warmer is not None
+
+        def choose(queues: list[ModelQueue]) -> Decision | None:
+            decision = policy.pick(queues, state, now, costs)
+            if decision is None:
+                return None
+            if busy and (decision.swap or decision.model_key != state.serving):
+                # Never two models at once: this one waits until the jobs in flight end.
+                return None
+            if want_upcoming:
+                upcoming.append(policy.upcoming(queues, state, now, costs))
+            return decision
+
+        return choose
+
+    async def _job(self, claim: Claim) -> None:
+        failure = await self._run(claim)
+        if failure is not None:
+            await self._back_off(claim.job, failure)
+
+    def _job_ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            self._crashed.append(error)
+        self._work.set()
 
     async def _await_residency(self) -> None:
         async for attempt in self._retry.until_answered(self._sleep):
@@ -199,7 +319,6 @@ class Worker:
             names = set()
         self._note_upstream_ok()
         self._resident = frozenset(self._loaded_as.get(name, name) for name in names)
-        self._resident_stale = False
 
     async def _run(self, claim: Claim) -> Exception | None:
         """Run one claimed job; returns the transient failure to back off from, if any."""
@@ -211,7 +330,7 @@ class Worker:
             return None
         self._events.publish(job.id, StateChanged(job.state, job.attempt))
         task = asyncio.create_task(self._execute(claim))
-        self._running = running = _Running(job.id, task)
+        self._running[job.id] = running = _Running(job.id, task)
         try:
             return await task
         except asyncio.CancelledError:
@@ -225,16 +344,23 @@ class Worker:
             log.info("job.requeued", job_id=job.id, reason="shutdown")
             raise
         finally:
-            self._running = None
+            del self._running[job.id]
 
     async def _execute(self, claim: Claim) -> Exception | None:
         job = claim.job
-        bound = log.bind(model=job.model_key, job_id=job.id, endpoint=job.endpoint, attempt=job.attempt)
+        bound = log.bind(
+            model=job.model_key,
+            job_id=job.id,
+            endpoint=job.endpoint,
+            attempt=job.attempt,
+            priority=job.priority.value,
+        )
         wait_s = round(self._clock() - job.created_at, 3)
         waiting = claim.waiting_after
         try:
             if claim.decision.swap:
-                await self._swap(claim)
+                if not await self._swap(claim):
+                    return None
                 await self._store.run(Store.set_state, job.id, JobState.WORKING)
                 self._events.publish(job.id, StateChanged(JobState.WORKING, job.attempt))
                 # A load can take a minute; more work may have come for this model meanwhile.
@@ -255,11 +381,13 @@ class Worker:
             return exc
         self._note_upstream_ok()
         if not claim.decision.swap and load_ns > _RELOAD_HINT_NS:
-            self._resident_stale = True
+            self._resident = None
+        run_s = time.monotonic() - started
+        self._costs.record_run(job.model_key, run_s)
         await self._end(
             job, JobState.DONE, 200, result.body, content_type=result.content_type, result=result.result
         )
-        bound.info("job.done", wait_s=wait_s, run_s=round(time.monotonic() - started, 3))
+        bound.info("job.done", wait_s=wait_s, run_s=round(run_s, 3))
         return None
 
     async def _call(self, job: Job, waiting_after: int) -> tuple[_Result, int]:
@@ -308,41 +436,115 @@ class Worker:
             changed = True
         return json.dumps(body, separators=(",", ":")).encode() if changed else job.body
 
-    async def _swap(self, claim: Claim) -> None:
-        """Load the claimed job's model, pinned, and log what the swap cost."""
+    async def _swap(self, claim: Claim) -> bool:
+        """Load the claimed job's model, pinned, and log why and what the swap cost.
+
+        Returns False when the load was given up for an interactive job that
+        arrived meanwhile (`Policy.abandons`); the job is back in the queue,
+        in its place and without an attempt charged.
+        """
         job = claim.job
+        decision = claim.decision
         key = job.model_key
-        leaving = sorted(self._resident)
+        leaving = sorted(self._resident or ())
         waiting_leaving = {k: await self._store.run(Store.waiting, k) for k in leaving}
-        await self._release_idle_pins(keep=key)
+        await self._make_room(keep=key, evict=decision.evict)
         options = load_options(json.loads(job.body).get("options"))
+        expected = self._costs.costs().load_s.get(key)
         started = time.monotonic()
-        await self._upstream.load(job.endpoint, job.model, options, self._pin_keep_alive)
-        load_s = round(time.monotonic() - started, 3)
-        self._pins[key] = _Pin(job.endpoint, job.model, options)
+        load = self._upstream.load(job.endpoint, job.model, options, self._pin_keep_alive)
+        if not self._policy.may_abandon(decision):
+            await load
+        elif await self._abandoned(asyncio.create_task(load), decision):
+            await self._store.run(Store.requeue, job, attempt=job.attempt, error=None)
+            self._events.publish(job.id, StateChanged(JobState.QUEUED, job.attempt))
+            self._state, self._resident = self._picked_from, None
+            log.info(
+                "model.load_abandoned",
+                model=key,
+                reason=Reason.PRIORITY.value,
+                after_s=round(time.monotonic() - started, 3),
+                job_id=job.id,
+            )
+            self._work.set()
+            return False
+        load_s = time.monotonic() - started
+        self._costs.record_load(key, load_s)
+        self._state = self._state.loaded(key, self._clock())
+        self._pins[key] = self._known[key] = _Pin(job.endpoint, job.model, options)
         self._loaded_as[key_model_name(key)] = key
-        self._resident = frozenset({key})
-        self._resident_stale = True  # read /api/ps again before the next pick
+        self._resident = None  # read /api/ps again before the next pick
+        self._work.set()  # with FOREMAN_PARALLEL > 1, more jobs for this model may start now
         self.swaps += 1
         self._metrics.swapped(load_s)
         log.info(
             "model.swap",
-            reason=claim.decision.reason.value,
+            reason=decision.reason.value,
+            priority=decision.priority.value,
             from_models=leaving,
             to_model=key,
             waiting_from=sum(waiting_leaving.values()),
             waiting_to=claim.waiting_after + 1,
-            load_s=load_s,
+            oldest_wait_s=round(decision.waited, 3),
+            evict=decision.evict,
+            load_s=round(load_s, 3),
+            learned_load_s=None if expected is None else round(expected, 3),
         )
+        return True
 
-    async def _release_idle_pins(self, keep: str) -> None:
-        """Unpin models with no work left, so Ollama may evict them for the next one."""
-        for key, pin in list(self._pins.items()):
-            if key == keep or await self._store.run(Store.waiting, key) > 0:
+    async def _abandoned(self, load: asyncio.Task[None], decision: Decision) -> bool:
+        """Wait for `load`; True if it was cancelled because the policy gives it up.
+
+        Cancelling the request makes Ollama abort the load, as it does for
+        any client that leaves while its model loads.
+        """
+        try:
+            while True:
+                self._arrived.clear()
+                arrived = asyncio.ensure_future(self._arrived.wait())
+                try:
+                    done, _ = await asyncio.wait({load, arrived}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    arrived.cancel()
+                if load in done:
+                    await load  # raises what the load raised
+                    return False
+                queues = await self._store.run(Store.queues)
+                now = self._clock()
+                if self._policy.abandons(decision, queues, self._picked_from, now, self._costs.costs()):
+                    return True
+        finally:
+            if not load.done():
+                load.cancel()
+                with suppress(asyncio.CancelledError):
+                    await load
+
+    async def _make_room(self, keep: str, evict: str | None) -> None:
+        """Before a load: leave only the policy's victim and idle models without a pin.
+
+        Ollama makes room by evicting an idle model with the shortest
+        keep_alive. A released pin (FOREMAN_RELEASE_KEEP_ALIVE) is shorter than
+        a pin, so foreman unpins models with no work left and the victim (the
+        loaded model with the least waiting work), and pins again any other
+        loaded model that still has work but whose last drain had released it.
+        """
+        for key in sorted((self._resident or frozenset()) | set(self._pins)):
+            if key == keep:
                 continue
-            await self._upstream.load(pin.endpoint, pin.model, pin.options, self._release_keep_alive)
-            del self._pins[key]
-            log.info("model.unpinned", model=key, keep_alive=self._release_keep_alive)
+            pinned = key in self._pins
+            waiting = await self._store.run(Store.waiting, key)
+            if pinned and (key == evict or waiting == 0):
+                pin = self._pins.pop(key)
+                keep_alive = self._release_keep_alive
+                event, why = "model.unpinned", "make_room" if key == evict else "idle"
+            elif not pinned and key != evict and waiting > 0 and key in self._known:
+                pin = self._pins[key] = self._known[key]
+                keep_alive = self._pin_keep_alive
+                event, why = "model.pinned", "make_room"
+            else:
+                continue
+            await self._upstream.load(pin.endpoint, pin.model, pin.options, keep_alive)
+            log.info(event, model=key, keep_alive=keep_alive, reason=why)
 
     async def _back_off(self, job: Job, failure: Exception) -> None:
         """Requeue (or finally fail) a job after a transient failure, then wait."""
@@ -350,8 +552,7 @@ class Worker:
         bound = log.bind(model=job.model_key, job_id=job.id, endpoint=job.endpoint, attempt=attempt)
         if isinstance(failure, UpstreamUnreachable):
             self._note_outage(failure)
-            # Ollama may come back with nothing loaded.
-            self._resident, self._resident_stale = frozenset(), True
+            self._resident = None  # Ollama may come back with nothing loaded
         message = getattr(failure, "message", str(failure))
         self._metrics.upstream_error("unreachable" if isinstance(failure, UpstreamUnreachable) else "failed")
         self.last_error = (self._clock(), message)
@@ -424,7 +625,7 @@ class Worker:
 class _Result:
     body: bytes  # what a waiting client still needs: the whole reply, or b"" after a stream
     content_type: str
-    result: bytes  # what the store keeps: the reply, or the stream's final chunk
+    result: bytes  # what the store keeps: the reply, or the stream merged as `stream: false` would give it
 
 
 def _load_ns(data: bytes) -> int:

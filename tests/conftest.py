@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -57,12 +58,15 @@ def stub(stub_server: StubServer) -> Stub:
 def make_foreman(
     aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]], tmp_path: Path
 ) -> MakeForeman:
-    """Start foreman in front of `upstream`; retries wait zero seconds unless told otherwise."""
+    """Start foreman in front of `upstream`; retries wait zero seconds unless told otherwise.
 
-    async def make(upstream: str, **overrides: Any) -> Foreman:
+    `clock` replaces the time foreman stamps and schedules jobs by.
+    """
+
+    async def make(upstream: str, clock: Callable[[], float] = time.time, **overrides: Any) -> Foreman:
         base = Config(db_path=tmp_path / "foreman.db", upstream=upstream, backoff_initial=0, backoff_max=0)
         config = replace(base, **overrides)
-        client = await aiohttp_client(create_app(config))
+        client = await aiohttp_client(create_app(config, clock=clock))
         return Foreman(client, config)
 
     return make

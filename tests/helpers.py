@@ -83,19 +83,26 @@ class Answer:
         return [json.loads(line) for line in self.body.splitlines()]
 
 
-async def post(http: aiohttp.ClientSession, url: str, body: Any) -> Answer:
+async def post(
+    http: aiohttp.ClientSession, url: str, body: Any, headers: dict[str, str] | None = None
+) -> Answer:
     """POST JSON (or raw bytes) and read the whole answer."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    async with http.post(url, data=data, headers={"Content-Type": "application/json"}) as response:
+    sent = {"Content-Type": "application/json", **(headers or {})}
+    async with http.post(url, data=data, headers=sent) as response:
         return Answer(response.status, dict(response.headers), await response.read())
 
 
 async def submit(
-    http: aiohttp.ClientSession, foreman: Foreman, body: Any, path: str = "/api/chat"
+    http: aiohttp.ClientSession,
+    foreman: Foreman,
+    body: Any,
+    path: str = "/api/chat",
+    headers: dict[str, str] | None = None,
 ) -> asyncio.Task[Answer]:
     """Send a request in the background and return once foreman has written its job."""
     before = len(foreman.jobs())
-    task = asyncio.create_task(post(http, foreman.url + path, body))
+    task = asyncio.create_task(post(http, foreman.url + path, body, headers))
     await eventually(lambda: len(foreman.jobs()) > before or task.done(), what="the job to be written")
     return task
 

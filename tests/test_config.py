@@ -26,6 +26,23 @@ def test_defaults_match_the_documented_ones(tmp_path: Path) -> None:
     assert config.db_path == tmp_path / "foreman" / "foreman.db"
     assert config.log_format == "json"  # not a terminal
     assert config.max_attempts == 8 and config.pin_keep_alive == -1 and config.release_keep_alive == "5m"
+    assert (config.max_wait, config.min_residency, config.parallel) == (600, 0, 1)
+    assert config.sync_priority == "interactive" and config.warm == "auto"
+
+
+def test_scheduling_settings_come_from_flags_and_variables() -> None:
+    """FOREMAN_MAX_WAIT, _MIN_RESIDENCY, _PARALLEL, _SYNC_PRIORITY and _WARM reach the Config."""
+    environ = {
+        "FOREMAN_MAX_WAIT": "120",
+        "FOREMAN_MIN_RESIDENCY": "30",
+        "FOREMAN_SYNC_PRIORITY": "batch",
+        "FOREMAN_WARM": "off",
+    }
+    config = config_for(["--parallel", "4"], environ)
+    assert (config.max_wait, config.min_residency, config.parallel) == (120, 30, 4)
+    assert config.sync_priority == "batch" and config.warm == "off"
+    with pytest.raises(SystemExit):
+        config_for([], {"FOREMAN_SYNC_PRIORITY": "urgent"})
 
 
 def test_environment_sets_and_flags_override() -> None:

@@ -64,3 +64,17 @@ def test_keep_alive_accepts_ollamas_forms(value: object) -> None:
 def test_keep_alive_refuses_what_ollama_refuses(value: object) -> None:
     """A string without a unit is a 400 in Ollama, so it is here."""
     assert not is_keep_alive(value)
+
+
+def test_priority_comes_from_the_header_else_from_the_callers_default() -> None:
+    """Sync requests pass interactive as the default, async submission will pass batch; bad values are 400."""
+    from foreman.intake import parse_priority
+    from foreman.models import Priority
+
+    assert parse_priority(None, Priority.INTERACTIVE) is Priority.INTERACTIVE
+    assert parse_priority("", Priority.BATCH) is Priority.BATCH
+    assert parse_priority(" Batch ", Priority.INTERACTIVE) is Priority.BATCH
+    with pytest.raises(BadRequest, match="X-Foreman-Priority"):
+        parse_priority("urgent", Priority.INTERACTIVE)
+    job = parse_job("/api/generate", body(model="m", prompt="p"), 0, priority=Priority.BATCH)
+    assert job.priority is Priority.BATCH

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from ulid import ULID
 
-from foreman.models import JobState, NewJob
-from foreman.scheduler import Decision, ModelQueue, Reason, pick
+from foreman.models import JobState, NewJob, Priority
+from foreman.scheduler import Decision, ModelQueue, Policy, Reason, State
 from foreman.store import SCHEMA_VERSION, Store
 
 
@@ -18,7 +18,7 @@ def store(tmp_path: Path) -> Store:
     s.close()
 
 
-def new_job(key: str, created: float = 0.0) -> NewJob:
+def new_job(key: str, created: float = 0.0, priority: Priority = Priority.INTERACTIVE) -> NewJob:
     return NewJob(
         id=str(ULID()),
         endpoint="/api/chat",
@@ -27,7 +27,12 @@ def new_job(key: str, created: float = 0.0) -> NewJob:
         stream=False,
         body=b"{}",
         created_at=created,
+        priority=priority,
     )
+
+
+def pick(queues: list[ModelQueue], loaded: set[str]) -> Decision | None:
+    return Policy().pick(queues, State(resident=frozenset(loaded)), now=0)
 
 
 def resident(*keys: str):
@@ -173,10 +178,11 @@ def test_pick_query_uses_the_queued_index(store: Store, tmp_path: Path) -> None:
     """The oldest-job lookup is an index search, not a table scan."""
     db = sqlite3.connect(tmp_path / "q.db")
     plan = db.execute(
-        "EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE state = 'queued' AND model_key = ? ORDER BY id LIMIT 1",
-        ("a",),
+        "EXPLAIN QUERY PLAN SELECT id FROM jobs"
+        " WHERE state = 'queued' AND model_key = ? AND priority = ? ORDER BY id LIMIT 1",
+        ("a", "batch"),
     ).fetchall()
-    assert any("jobs_queued" in row[-1] for row in plan), plan
+    assert any("jobs_queued_by_class" in row[-1] for row in plan), plan
 
 
 def test_decision_for_an_unknown_key_is_a_bug_not_a_silent_skip(store: Store) -> None:
@@ -188,3 +194,81 @@ def test_decision_for_an_unknown_key_is_a_bug_not_a_silent_skip(store: Store) ->
 
     with pytest.raises(RuntimeError):
         store.claim_next(wrong, now=0)
+
+
+def test_each_class_is_picked_from_its_own_queue(store: Store) -> None:
+    """An interactive job is claimed before older batch jobs of the same model, counts kept per class."""
+    old_batch = new_job("a:latest", 1.0, Priority.BATCH)
+    chat = new_job("a:latest", 2.0, Priority.INTERACTIVE)
+    store.insert(old_batch)
+    store.insert(chat)
+    assert sorted((q.priority, q.waiting, q.oldest_at) for q in store.queues()) == [
+        (Priority.BATCH, 1, 1.0),
+        (Priority.INTERACTIVE, 1, 2.0),
+    ]
+    first = store.claim_next(resident("a:latest"), now=3)
+    assert first is not None and first.job.id == chat.id and first.job.priority is Priority.INTERACTIVE
+    assert first.waiting_after == 1
+    second = store.claim_next(resident("a:latest"), now=3)
+    assert second is not None and second.job.id == old_batch.id and second.job.priority is Priority.BATCH
+
+
+def test_class_counts_follow_cancel_requeue_and_recovery(tmp_path: Path) -> None:
+    """Per-class counts stay right through cancel, requeue and a reopen with recovery."""
+    store = Store(tmp_path / "q.db")
+    jobs = [new_job("a:latest", i, Priority.BATCH) for i in range(3)]
+    for job in jobs:
+        store.insert(job)
+    assert store.cancel_queued(jobs[2].id, now=1)
+    claim = store.claim_next(resident("a:latest"), now=1)
+    assert claim is not None
+    store.requeue(claim.job, attempt=1, error=None)
+    store.claim_next(resident("a:latest"), now=1)
+    store.close()
+    reopened = Store(tmp_path / "q.db")
+    reopened.recover(now=2, max_attempts=8)
+    assert [(q.priority, q.waiting) for q in reopened.queues()] == [(Priority.BATCH, 2)]
+    reopened.close()
+
+
+def test_a_schema_1_database_is_migrated_with_its_jobs_interactive(tmp_path: Path) -> None:
+    """Jobs queued before priorities existed keep their place, as interactive jobs."""
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE jobs (id TEXT PRIMARY KEY, state TEXT NOT NULL, endpoint TEXT NOT NULL,
+            model TEXT NOT NULL, model_key TEXT NOT NULL, stream INTEGER NOT NULL, body BLOB NOT NULL,
+            attempt INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, started_at REAL,
+            finished_at REAL, status INTEGER, error TEXT, result BLOB);
+        CREATE INDEX jobs_queued ON jobs (model_key, id) WHERE state = 'queued';
+        INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at)
+            VALUES ('01OLD', 'queued', '/api/chat', 'a', 'a:latest', 0, X'7B7D', 5.0);
+        PRAGMA user_version = 1;
+        """
+    )
+    db.close()
+    store = Store(path)
+    claim = store.claim_next(resident("a:latest"), now=6)
+    assert claim is not None and claim.job.id == "01OLD" and claim.job.priority is Priority.INTERACTIVE
+    store.close()
+    db = sqlite3.connect(path)
+    indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "jobs_queued" not in indexes and "jobs_queued_by_class" in indexes
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
+
+
+def test_hot_path_queries_search_the_index_and_never_scan(store: Store, tmp_path: Path) -> None:
+    """The queue snapshot and the claim stay index searches, so a million queued rows cost nothing more."""
+    db = sqlite3.connect(tmp_path / "q.db")
+    statements = [
+        "SELECT id, created_at FROM jobs WHERE state = 'queued' AND model_key = ? AND priority = ?"
+        " ORDER BY id LIMIT 1",
+        "UPDATE jobs SET state = 'working' WHERE id = (SELECT id FROM jobs WHERE state = 'queued'"
+        " AND model_key = ? AND priority = ? ORDER BY id LIMIT 1)",
+    ]
+    for sql in statements:
+        plan = " | ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", ("a", "batch")))
+        assert "jobs_queued_by_class" in plan and "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
+    db.close()
