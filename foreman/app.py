@@ -92,12 +92,19 @@ def create_app(
         async with _running(prune_forever(app[STORE], config.retention, clock, sleep), "foreman-prune"):
             yield
 
-    async def release_waiters(app: web.Application) -> None:
+    async def stop_gracefully(app: web.Application) -> None:
+        # The listener is closed already. Clients of queued jobs hear at once
+        # that their job waits for the restart; running jobs get the grace
+        # time to finish for the clients waiting on them.
+        worker = app[WORKER]
+        worker.stop()
+        app[EVENTS].end_all(api.SHUTTING_DOWN, sparing=worker.running_jobs)
+        await worker.wait_for_running(config.shutdown_grace)
         app[EVENTS].end_all(api.SHUTTING_DOWN)
 
     # Torn down in reverse: the worker stops before the session and the store close.
     app.cleanup_ctx.extend([store_ctx, upstream_ctx, worker_ctx, retention_ctx])
-    app.on_shutdown.append(release_waiters)
+    app.on_shutdown.append(stop_gracefully)
     for endpoint in QUEUED_ENDPOINTS:
         app.router.add_post(endpoint, api.queued)
     app.router.add_get("/jobs", jobs.list_jobs)

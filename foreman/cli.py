@@ -189,6 +189,13 @@ def serve_settings(environ: Mapping[str, str], isatty: bool) -> list[Setting]:
             "seconds a client may take to send its body",
         ),
         Setting(
+            "--shutdown-grace",
+            "FOREMAN_SHUTDOWN_GRACE",
+            "30",
+            _seconds,
+            "seconds running jobs get to finish on SIGTERM before they go back to the queue",
+        ),
+        Setting(
             "--early-headers",
             "FOREMAN_EARLY_HEADERS",
             "60",
@@ -290,6 +297,7 @@ def config_from(values: Mapping[str, Any]) -> Config:
         allowed_hosts=values["allowed_hosts"],
         origins=values["origins"],
         read_timeout=values["read_timeout"],
+        shutdown_grace=values["shutdown_grace"],
         max_wait=values["max_wait"],
         min_residency=values["min_residency"],
         parallel=values["parallel"],

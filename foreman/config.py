@@ -42,6 +42,7 @@ class Config:
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted beside the bind address and localhost
     origins: tuple[str, ...] = ()  # browser origins allowed beside Ollama's defaults
     read_timeout: float = 60.0  # seconds a client may take to send its request body
+    shutdown_grace: float = 30.0  # seconds running jobs get to finish on SIGTERM before they are requeued
     # Scheduling (README, "Scheduling"): the wait bound, the least time a
     # loaded model stays before the bound may swap it away, and how many jobs
     # of the one loaded model may run at once.

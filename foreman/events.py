@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -74,8 +74,10 @@ class JobEvents:
         for subscription in self._subscribers.get(job_id, ()):
             subscription.queue.put_nowait(event)
 
-    def end_all(self, event: Ended) -> None:
-        """Release every waiting handler, e.g. when the daemon shuts down."""
-        for subscriptions in self._subscribers.values():
-            for subscription in subscriptions:
-                subscription.queue.put_nowait(event)
+    def end_all(self, event: Ended, sparing: Iterable[str] = ()) -> None:
+        """Release every waiting handler but those of `sparing` jobs, e.g. when the daemon shuts down."""
+        spared = set(sparing)
+        for job_id, subscriptions in self._subscribers.items():
+            if job_id not in spared:
+                for subscription in subscriptions:
+                    subscription.queue.put_nowait(event)

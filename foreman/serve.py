@@ -41,6 +41,9 @@ def serve(config: Config) -> int:
             port=config.port,
             # A client that disconnects must cancel its job, as it does in Ollama.
             handler_cancellation=True,
+            # Handlers still open after the worker's grace period are only
+            # finishing replies or being told 503; they need little time.
+            shutdown_timeout=10,
             print=None,
             access_log=None,
         )

@@ -118,6 +118,7 @@ class Worker:
         # What each running job has streamed so far, for late watchers and the store.
         self._output: dict[str, list[bytes]] = {}
         self._upstream_down = False
+        self._stopping = False
         self.swaps = 0
         self.last_error: tuple[float, str] | None = None  # (when, what)
 
@@ -218,8 +219,26 @@ class Worker:
         self._cancel_requested.discard(job_id)
         return False
 
+    def stop(self) -> None:
+        """Take no new jobs (foreman is shutting down)."""
+        self._stopping = True
+        self._work.set()
+
+    async def wait_for_running(self, grace: float) -> None:
+        """Give the jobs in flight up to `grace` seconds to finish.
+
+        What is still running after that is cancelled when the worker's task
+        is, and goes back to the queue without an attempt charged.
+        """
+        if not self._tasks:
+            return
+        log.info("worker.stopping", in_flight=len(self._tasks), grace_s=grace)
+        _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+        if pending:
+            log.warning("worker.grace_over", requeued=len(pending), grace_s=grace)
+
     async def _drain(self) -> None:
-        while True:
+        while not self._stopping:
             if self._crashed:
                 raise self._crashed.pop()
             if len(self._tasks) >= self._parallel:

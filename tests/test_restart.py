@@ -23,7 +23,7 @@ async def test_restart_mid_queue_runs_every_job_once(
     """Stopping foreman with one job running and three queued, then starting it again, completes all four."""
     server = await make_stub()
     stub = server.stub
-    first = await make_foreman(server.url)
+    first = await make_foreman(server.url, shutdown_grace=0)  # the held job cannot finish
     stub.faults.hang_next(1)
     tasks = [await submit(http, first, chat_body("llama3", "running"))]
     await stub.wait_for(lambda s: s.faults.hung == 1)
@@ -136,3 +136,41 @@ async def test_kill_9_mid_run_loses_no_acknowledged_job(
     finally:
         process.kill()
         process.wait()
+
+
+async def test_sigterm_lets_the_running_job_finish_for_its_client(
+    http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman
+) -> None:
+    """On shutdown the running job may finish within the grace time: its client gets the answer, the rest 503."""
+    server = await make_stub()
+    stub = server.stub
+    foreman = await make_foreman(server.url, shutdown_grace=10)
+    stub.faults.hang_next(1)
+    running = await submit(http, foreman, chat_body("llama3", "finish me"))
+    await stub.wait_for(lambda s: s.faults.hung == 1)
+    waiting = await submit(http, foreman, chat_body("mistral", "later"))
+
+    closing = asyncio.create_task(foreman.close())
+    await eventually(lambda: waiting.done(), what="the waiting client to be told foreman is stopping")
+    assert (await waiting).status == 503
+    assert not running.done()  # the running job's client still waits for its answer
+    stub.faults.release_hung()
+    answer = await running
+    await closing
+    assert answer.status == 200 and answer.json()["done"] is True
+    assert foreman.states() == ["done", "queued"]
+
+
+async def test_a_job_still_running_after_the_grace_time_goes_back_to_the_queue(
+    http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman
+) -> None:
+    """When the grace time runs out, the running job is requeued with no attempt charged."""
+    server = await make_stub()
+    foreman = await make_foreman(server.url, shutdown_grace=0.05)
+    server.stub.faults.hang_next(1)
+    running = await submit(http, foreman, chat_body("llama3", "too slow"))
+    await server.stub.wait_for(lambda s: s.faults.hung == 1)
+    await foreman.close()
+    assert (await running).status == 503
+    [job] = foreman.jobs()
+    assert (job["state"], job["attempt"]) == ("queued", 0)
