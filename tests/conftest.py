@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import ollama
+import openai
 import pytest
 import structlog
 from aiohttp import web
@@ -86,6 +87,25 @@ async def ollama_client() -> AsyncIterator[Callable[[str], ollama.AsyncClient]]:
     yield make
     for client in clients:
         await client.close()  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+async def openai_client() -> AsyncIterator[Callable[[str], openai.AsyncOpenAI]]:
+    """Official openai AsyncClients on a server's /v1, closed after the test.
+
+    The SDK retries 5xx and 409 answers on its own; that would submit new jobs,
+    so tests turn it off.
+    """
+    clients: list[openai.AsyncOpenAI] = []
+
+    def make(url: str) -> openai.AsyncOpenAI:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="ollama", max_retries=0)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
 
 
 @pytest.fixture
