@@ -132,10 +132,15 @@ async def _finish(
     dialect = dialect_for(job.endpoint)
     if stream is None:
         failed = ended.state is not JobState.DONE
+        headers = {"Content-Type": ended.content_type, JOB_HEADER: job.id}
+        if ended.state is JobState.QUEUED:
+            # The job stays queued and runs later: a client retry would run it twice.
+            # (The openai SDKs retry 5xx unless told not to.)
+            headers["x-should-retry"] = "false"
         return web.Response(
             status=ended.status,
             body=dialect.client_error(ended.body) if failed else ended.body,
-            headers={"Content-Type": ended.content_type, JOB_HEADER: job.id},
+            headers=headers,
         )
     if ended.body:
         # Headers are gone: like Ollama, report a late failure as the last line.

@@ -307,6 +307,7 @@ async def test_v1_job_survives_a_restart(
     answer = await waiting
     await held
     assert answer.status == 503 and answer.json()["error"]["type"] == "api_error"
+    assert answer.headers["x-should-retry"] == "false"  # the job is still queued
     assert "stays queued" in answer.json()["error"]["message"]
 
     second = await make_foreman(server.url)
