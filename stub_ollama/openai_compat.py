@@ -279,48 +279,62 @@ class _OpenAIDialect:
         return error_response(err.status, err.message, error_type)
 
 
-class _Chat(_OpenAIDialect):
-    struct_name = "ChatCompletionRequest"
+class _Generating(_OpenAIDialect):
+    """Chat and completions: a native request with `stream` as asked, answered by a stream writer."""
+
+    id_prefix = ""
 
     def bind(self, body: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
         _check(self.struct_name, body)
+        stream = body.get("stream") is True
+        native = {"model": body.get("model") or "", **self.convert(body), "stream": stream}
+        response_id = f"{self.id_prefix}-{random.randrange(999)}"
+        return native, self.writer(stream, _include_usage(body), response_id)
+
+    def convert(self, body: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def writer(self, stream: bool, include_usage: bool, response_id: str) -> Writer:
+        raise NotImplementedError
+
+
+class _Chat(_Generating):
+    struct_name = "ChatCompletionRequest"
+    id_prefix = "chatcmpl"
+
+    def convert(self, body: dict[str, Any]) -> dict[str, Any]:
+        """openai.FromChatRequest."""
         if not body.get("messages"):
             raise MiddlewareError(400, "[] is too short - 'messages'")
         native: dict[str, Any] = {
-            "model": body.get("model") or "",
             "messages": _messages(body["messages"]),
             "options": _sampling_options(body, strict_stop=False),
-            "stream": body.get("stream") is True,
         }
         for key, value in (("format", _format(body)), ("tools", body.get("tools")), ("think", _think(body))):
             if value is not None:
                 native[key] = value
-        writer = ChatWriter(
-            body.get("stream") is True, _include_usage(body), f"chatcmpl-{random.randrange(999)}"
-        )
-        return native, writer
+        return native
+
+    def writer(self, stream: bool, include_usage: bool, response_id: str) -> Writer:
+        return ChatWriter(stream, include_usage, response_id)
 
 
-class _Completions(_OpenAIDialect):
+class _Completions(_Generating):
     struct_name = "CompletionRequest"
+    id_prefix = "cmpl"
 
-    def bind(self, body: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
-        _check(self.struct_name, body)
+    def convert(self, body: dict[str, Any]) -> dict[str, Any]:
+        """openai.FromCompleteRequest."""
         options = _sampling_options(body, strict_stop=True)
         for key in ("frequency_penalty", "presence_penalty"):
             options.setdefault(key, 0.0)
-        native: dict[str, Any] = {
-            "model": body.get("model") or "",
-            "prompt": body.get("prompt") or "",
-            "options": options,
-            "stream": body.get("stream") is True,
-        }
+        native: dict[str, Any] = {"prompt": body.get("prompt") or "", "options": options}
         if body.get("suffix"):
             native["suffix"] = body["suffix"]
-        writer = CompleteWriter(
-            body.get("stream") is True, _include_usage(body), f"cmpl-{random.randrange(999)}"
-        )
-        return native, writer
+        return native
+
+    def writer(self, stream: bool, include_usage: bool, response_id: str) -> Writer:
+        return CompleteWriter(stream, include_usage, response_id)
 
 
 class _Embeddings(_OpenAIDialect):
