@@ -142,11 +142,13 @@ async def _finish(
             body=dialect.client_error(ended.body) if failed else ended.body,
             headers=headers,
         )
-    if ended.body:
+    if ended.state is JobState.DONE:
+        if ended.body:  # a whole reply after early headers, such as a load's
+            await stream.write(dialect.frame(ended.body.rstrip(b"\n") + b"\n"))
+        await stream.write(dialect.end())
+    elif ended.body:
         # Headers are gone: like Ollama, report a late failure as the last line.
         await stream.write(dialect.late_error(ended.body))
-    elif ended.state is JobState.DONE:
-        await stream.write(dialect.end())
     await stream.write_eof()
     return stream
 

@@ -23,7 +23,7 @@ from helpers import (
     reply_text,
     submit,
 )
-from stub_ollama import FOREVER, Stub
+from stub_ollama import FOREVER, Stub, StubServer
 
 OpenAIClient = Callable[[str], openai.AsyncOpenAI]
 CHAT = "/v1/chat/completions"
@@ -156,7 +156,7 @@ async def test_foreman_refuses_bad_requests_in_openais_shape(
     assert foreman.jobs() == [] and stub.requests == []
 
 
-async def test_too_large_is_openai_shaped(make_foreman: MakeForeman, stub_server: Any) -> None:
+async def test_too_large_is_openai_shaped(make_foreman: MakeForeman, stub_server: StubServer) -> None:
     """A body over FOREMAN_MAX_BODY on /v1 gets a 413 in OpenAI's error shape."""
     foreman = await make_foreman(stub_server.url, max_body=1000)
     answer = await foreman.client.post(CHAT, json=v1_chat("llama3", "x" * 2000))
@@ -166,7 +166,7 @@ async def test_too_large_is_openai_shaped(make_foreman: MakeForeman, stub_server
 
 
 async def test_failures_after_retries_are_openai_shaped(
-    make_foreman: MakeForeman, stub_server: Any, stub: Stub, openai_client: OpenAIClient
+    make_foreman: MakeForeman, stub_server: StubServer, stub: Stub, openai_client: OpenAIClient
 ) -> None:
     """Ollama's 500 after the last retry, and foreman's 502 for a dropped connection, parse in the SDK."""
     foreman = await make_foreman(stub_server.url, max_attempts=2)
@@ -315,3 +315,24 @@ async def test_v1_job_survives_a_restart(
     result = json.loads(second.jobs()[1]["result"])
     assert result["choices"][0]["message"]["content"] == reply_text("mistral", "queued")
     await eventually(lambda: server.stub.in_flight == 0, what="the stub to go idle")
+
+
+async def test_early_headers_keep_the_sse_framing(
+    make_foreman: MakeForeman, stub_server: StubServer, stub: Stub, openai_client: OpenAIClient
+) -> None:
+    """After early headers a /v1 stream still ends in [DONE], and a failure comes as an error frame."""
+    foreman = await make_foreman(stub_server.url, early_headers=0)
+    client = openai_client(foreman.url)
+    stream = await client.chat.completions.create(
+        model="llama3", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    assert "".join([c.choices[0].delta.content or "" async for c in stream]) == reply_text("llama3", "hi")
+    stub.faults.fail_next(1, status=400, error="something Ollama refused")
+    late = await client.chat.completions.create(
+        model="llama3", messages=[{"role": "user", "content": "again"}], stream=True
+    )
+    assert late.response.status_code == 200
+    with pytest.raises(openai.APIError, match="something Ollama refused"):
+        async for _ in late:
+            pass
+    assert [j["state"] for j in foreman.jobs()] == ["done", "failed"]
