@@ -31,6 +31,8 @@ class StreamReader(Protocol):
 
 
 class Dialect(Protocol):
+    """How one of the APIs frames streams and errors, and what its requests can carry."""
+
     stream_type: str  # Content-Type of a streamed reply
     carries_keep_alive: bool  # whether a request can set Ollama's keep_alive itself
 
