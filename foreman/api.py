@@ -7,13 +7,13 @@ import asyncio
 import structlog
 from aiohttp import web
 
+from foreman.dialects import dialect_for
 from foreman.errors import Conflict, ForemanError
 from foreman.events import Chunk, Ended, JobEvent
 from foreman.intake import parse_job, parse_priority, request_hash
 from foreman.keys import CLOCK, CONFIG, EVENTS, STORE, WORKER
 from foreman.models import JobState, NewJob, Priority
 from foreman.store import IdempotencyConflict, Store
-from foreman.upstream import NDJSON
 
 log = structlog.get_logger("foreman.api")
 
@@ -113,6 +113,7 @@ async def _serve(request: web.Request, job: NewJob) -> web.StreamResponse:
 async def _respond(
     request: web.Request, job: NewJob, inbox: asyncio.Queue[JobEvent], early_headers: float
 ) -> web.StreamResponse:
+    dialect = dialect_for(job.endpoint)
     stream: web.StreamResponse | None = None
     while True:
         if stream is None and job.stream:
@@ -126,13 +127,14 @@ async def _respond(
         if isinstance(event, Chunk):
             if stream is None:
                 stream = await _start_stream(request, job)
-            await stream.write(event.data)
+            await stream.write(dialect.frame(event.data))
         elif isinstance(event, Ended):
             return await _finish(request, job, stream, event)
 
 
 async def _start_stream(request: web.Request, job: NewJob) -> web.StreamResponse:
-    stream = web.StreamResponse(headers={"Content-Type": NDJSON, JOB_HEADER: job.id})
+    content_type = dialect_for(job.endpoint).stream_type
+    stream = web.StreamResponse(headers={"Content-Type": content_type, JOB_HEADER: job.id})
     await stream.prepare(request)
     return stream
 
@@ -140,15 +142,26 @@ async def _start_stream(request: web.Request, job: NewJob) -> web.StreamResponse
 async def _finish(
     request: web.Request, job: NewJob, stream: web.StreamResponse | None, ended: Ended
 ) -> web.StreamResponse:
+    dialect = dialect_for(job.endpoint)
     if stream is None:
+        failed = ended.state is not JobState.DONE
+        headers = {"Content-Type": ended.content_type, JOB_HEADER: job.id}
+        if ended.state is JobState.QUEUED:
+            # The job stays queued and runs later: a client retry would run it twice.
+            # (The openai SDKs retry 5xx unless told not to.)
+            headers["x-should-retry"] = "false"
         return web.Response(
             status=ended.status,
-            body=ended.body,
-            headers={"Content-Type": ended.content_type, JOB_HEADER: job.id},
+            body=dialect.client_error(ended.body) if failed else ended.body,
+            headers=headers,
         )
-    if ended.body:
+    if ended.state is JobState.DONE:
+        if ended.body:  # a whole reply after early headers, such as a load's
+            await stream.write(dialect.frame(ended.body.rstrip(b"\n") + b"\n"))
+        await stream.write(dialect.end())
+    elif ended.body:
         # Headers are gone: like Ollama, report a late failure as the last line.
-        await stream.write(ended.body.rstrip(b"\n") + b"\n")
+        await stream.write(dialect.late_error(ended.body))
     await stream.write_eof()
     return stream
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from contextlib import suppress
+
 
 class ForemanError(Exception):
     """An error answered as Ollama answers errors: `{"error": message}` with `status`."""
@@ -73,3 +76,12 @@ class UpstreamRejected(ForemanError):
 
 # What the worker retries: the request may well succeed a moment later.
 TRANSIENT = (UpstreamUnreachable, UpstreamFailed)
+
+
+def error_message(body: bytes) -> str | None:
+    """The message in an error body, native (`{"error": "..."}`) or OpenAI-shaped; None if it is not one."""
+    with suppress(ValueError):
+        value = json.loads(body)
+        if isinstance(value, dict) and (error := value.get("error")) is not None:
+            return str(error.get("message")) if isinstance(error, dict) else str(error)
+    return None

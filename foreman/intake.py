@@ -3,7 +3,8 @@
 foreman checks what it relies on (the model, `stream`, `keep_alive`, `options`)
 and the shape of the fields Ollama would reject anyway, so a bad request fails
 at once instead of after it has waited its turn in the queue. Anything subtler
-is Ollama's to judge; its 4xx then reaches the client unchanged.
+is Ollama's to judge; its 4xx then reaches the client unchanged. The rules for
+Ollama's OpenAI-compatible endpoints are in `foreman.openai_intake`.
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ulid import ULID
 
+from foreman import openai_intake
 from foreman.errors import BadRequest
-from foreman.models import NewJob, Priority
+from foreman.fields import expect as _expect
+from foreman.fields import json_name as _json_name
+from foreman.models import STREAMED_ENDPOINTS, NewJob, Priority
 from foreman.names import model_key
 
 # Go's time.ParseDuration grammar, which Ollama uses for string keep_alive values.
@@ -25,9 +31,6 @@ _GO_DURATION = re.compile(r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s
 
 # More messages than any real conversation has; a bigger array is an attack or a bug.
 MAX_MESSAGES = 10_000
-
-# Endpoints that never stream, whatever the request says.
-_NEVER_STREAMED = frozenset({"/api/embed", "/api/embeddings"})
 
 
 def parse_job(
@@ -46,14 +49,19 @@ def parse_job(
         raise BadRequest("model is required")
     if not isinstance(model, str):
         raise BadRequest("model must be a string")
-    _check_common_fields(body)
-    _CHECKS[endpoint](body)
-    stream = endpoint not in _NEVER_STREAMED and body.get("stream") is not False
+    rules = _RULES[endpoint]
+    _expect(body, "stream", bool)
+    if rules.native:
+        _check_native_fields(body)
+    rules.check(body)
+    asked = body.get("stream")
+    stream = endpoint in STREAMED_ENDPOINTS and (rules.streams_by_default if asked is None else asked)
     return NewJob(
         id=str(ULID()),
         endpoint=endpoint,
         model=model,
-        model_key=model_key(model, body.get("options")),
+        # Ollama's /v1 endpoints take no options: their model always loads with the defaults.
+        model_key=model_key(model, body.get("options") if rules.native else None),
         stream=stream,
         body=raw,
         created_at=now,
@@ -107,8 +115,7 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _check_common_fields(body: dict[str, Any]) -> None:
-    _expect(body, "stream", bool)
+def _check_native_fields(body: dict[str, Any]) -> None:
     options = _expect(body, "options", dict)
     if options:
         _check_options(options)
@@ -199,29 +206,19 @@ def _check_format(body: dict[str, Any]) -> None:
         raise BadRequest('invalid format: use "json" or a JSON schema object')
 
 
-def _expect(body: dict[str, Any], field: str, kind: type, *, where: str = "") -> Any:
-    value = body.get(field)
-    # bool is an int in Python; a JSON true where a number belongs is still wrong.
-    if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
-        raise BadRequest(f"{where}{field} must be {_JSON_NAMES[kind]}, not {_json_name(value)}")
-    return value
+@dataclass(frozen=True, slots=True)
+class _Rules:
+    check: Callable[[dict[str, Any]], None]
+    streams_by_default: bool = True  # when the request leaves `stream` out
+    native: bool = True  # takes `options` and `keep_alive`; Ollama's /v1 ignores both
 
 
-_JSON_NAMES = {bool: "a boolean", dict: "an object", list: "an array", str: "a string"}
-
-
-def _json_name(value: object) -> str:
-    """The JSON type of a decoded value, as a client would call it."""
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    return _JSON_NAMES.get(type(value), "null")
-
-
-_CHECKS = {
-    "/api/chat": _check_chat,
-    "/api/generate": _check_generate,
-    "/api/embed": _check_embed,
-    "/api/embeddings": _check_embeddings,
+_RULES = {
+    "/api/chat": _Rules(_check_chat),
+    "/api/generate": _Rules(_check_generate),
+    "/api/embed": _Rules(_check_embed),
+    "/api/embeddings": _Rules(_check_embeddings),
+    "/v1/chat/completions": _Rules(openai_intake.check_chat, streams_by_default=False, native=False),
+    "/v1/completions": _Rules(openai_intake.check_completion, streams_by_default=False, native=False),
+    "/v1/embeddings": _Rules(openai_intake.check_embeddings, streams_by_default=False, native=False),
 }

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from foreman.api import job_position
-from foreman.errors import BadRequest, Conflict, NotFound
+from foreman.errors import BadRequest, Conflict, NotFound, error_message
 from foreman.events import Chunk, Ended, StateChanged
 from foreman.keys import EVENTS, STORE, WORKER
 from foreman.models import Job, JobState
@@ -135,7 +135,4 @@ def _end_view(state: JobState, status: int | None, error: str | None, at: float 
 
 
 def _error_of(body: bytes) -> str | None:
-    try:
-        return str(json.loads(body)["error"])
-    except (ValueError, KeyError, TypeError):
-        return body.decode("utf-8", "replace") or None
+    return error_message(body) or body.decode("utf-8", "replace") or None

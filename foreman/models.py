@@ -30,7 +30,17 @@ class Priority(StrEnum):
 
 
 # The endpoints whose requests become jobs; every other path is passed through.
-QUEUED_ENDPOINTS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
+QUEUED_ENDPOINTS = (
+    "/api/chat",
+    "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+)
+# Those whose replies can stream; the others answer in one piece, whatever `stream` says.
+STREAMED_ENDPOINTS = frozenset({"/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions"})
 
 
 @dataclass(frozen=True, slots=True)

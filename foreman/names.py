@@ -48,3 +48,10 @@ def model_key(name: str, options: Mapping[str, Any] | None) -> str:
 def key_model_name(key: str) -> str:
     """The normalised model name inside a model key."""
     return key.split(" ", 1)[0]
+
+
+def key_load_options(key: str) -> dict[str, Any]:
+    """The load options inside a model key, as `model_key` put them there."""
+    _, _, options = key.partition(" ")
+    loaded: dict[str, Any] = json.loads(options) if options else {}
+    return loaded

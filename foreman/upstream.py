@@ -14,13 +14,15 @@ from typing import Any
 
 import aiohttp
 
-from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable
+from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable, error_message
 from foreman.names import normalise_model
 
 NDJSON = "application/x-ndjson"
+EVENT_STREAM = "text/event-stream"  # how Ollama's /v1 endpoints stream
 
 # The request that makes Ollama load a model without running anything, per
-# endpoint family (ollama docs/api.md, "Load a model").
+# endpoint family (ollama docs/api.md, "Load a model"). Ollama's /v1 endpoints
+# run on the same native handlers, so their models load the same way.
 _LOAD_BODIES: dict[str, dict[str, Any]] = {
     "/api/chat": {"messages": []},
     "/api/generate": {"prompt": ""},
@@ -31,6 +33,9 @@ _LOAD_ENDPOINT = {
     "/api/generate": "/api/generate",
     "/api/embed": "/api/embed",
     "/api/embeddings": "/api/embed",
+    "/v1/chat/completions": "/api/chat",
+    "/v1/completions": "/api/generate",
+    "/v1/embeddings": "/api/embed",
 }
 
 
@@ -41,10 +46,10 @@ class Reply:
         self._response = response
         self.status = response.status
         self.content_type = response.headers.get("Content-Type", "application/json; charset=utf-8")
-        self.streamed = self.content_type.startswith(NDJSON)
+        self.streamed = self.content_type.startswith((NDJSON, EVENT_STREAM))
 
     async def lines(self) -> AsyncIterator[bytes]:
-        """NDJSON lines with their newline, each yielded as soon as it is complete."""
+        """Non-blank lines (NDJSON, or SSE fields) with their newline, each as soon as it is complete."""
         buffer = bytearray()
         scanned = 0
         try:
@@ -140,7 +145,7 @@ class Upstream:
 
 
 def _error_text(body: bytes, status: int) -> str:
-    try:
-        return f"Ollama answered {status}: {json.loads(body)['error']}"
-    except (ValueError, KeyError, TypeError):
-        return f"Ollama answered {status}: {body[:200].decode('utf-8', 'replace')}"
+    message = error_message(body)
+    if message is None:
+        message = body[:200].decode("utf-8", "replace")
+    return f"Ollama answered {status}: {message}"

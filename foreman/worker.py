@@ -17,12 +17,12 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
-from foreman.errors import TRANSIENT, UpstreamFailed, UpstreamRejected, UpstreamUnreachable
+from foreman.dialects import dialect_for
+from foreman.errors import TRANSIENT, UpstreamFailed, UpstreamRejected, UpstreamUnreachable, error_message
 from foreman.events import Chunk, Ended, JobEvents, StateChanged
 from foreman.metrics import Metrics
-from foreman.models import Job, JobState, ModelStats, Priority
-from foreman.names import key_model_name, load_options
-from foreman.results import merge_stream
+from foreman.models import STREAMED_ENDPOINTS, Job, JobState, ModelStats, Priority
+from foreman.names import key_load_options, key_model_name
 from foreman.retry import RetryPolicy, Sleep
 from foreman.scheduler import CostBook, Decision, ModelQueue, Policy, Reason, State, drain_order
 from foreman.store import AsyncStore, Claim, Store
@@ -37,7 +37,6 @@ log = structlog.get_logger("foreman.worker")
 _RELOAD_HINT_NS = 500_000_000
 _LOAD_DURATION = re.compile(rb'"load_duration":\s*(\d+)')
 _JSON = "application/json; charset=utf-8"
-_STREAMABLE = frozenset({"/api/chat", "/api/generate"})
 
 
 class StreamBroken(Exception):
@@ -411,49 +410,70 @@ class Worker:
 
     async def _call(self, job: Job, waiting_after: int) -> tuple[_Result, int]:
         """Send the job to Ollama; stream chunks to its waiters as they arrive."""
-        body = self._dispatch_body(job, waiting_after)
+        body, keep_alive = self._dispatch_body(job, waiting_after)
+        if keep_alive is not None:
+            # The endpoint takes no keep_alive (Ollama's /v1): a load request sets it first.
+            await self._upstream.load(job.endpoint, job.model, key_load_options(job.model_key), keep_alive)
         async with self._upstream.post(job.endpoint, body) as reply:
             if not reply.streamed:
                 data = await reply.read()
                 return _Result(data, reply.content_type, data), _load_ns(data)
+            dialect = dialect_for(job.endpoint)
+            reader = dialect.reader()
             output = self._output[job.id] = []
             delivered = False
             try:
                 async for line in reply.lines():
-                    output.append(line)
-                    self._events.publish(job.id, Chunk(line))
+                    chunk = reader.chunk(line)
+                    if chunk is None:
+                        continue  # framing, such as /v1's [DONE]
+                    output.append(chunk)
+                    self._events.publish(job.id, Chunk(chunk))
                     delivered = delivered or self._events.has_client(job.id)
             except UpstreamFailed as exc:
                 if delivered:
                     raise StreamBroken(exc.message, _error_body(exc.message)) from exc
                 del self._output[job.id]  # the retry starts the output afresh
                 raise
+        broken = reader.failure(output)
+        if broken is not None:
+            raise StreamBroken(*broken)
         last = output[-1] if output else b""
-        error = _stream_error(last)
-        if error is not None:
-            raise StreamBroken(error, b"")
-        return _Result(b"", reply.content_type, merge_stream(job.endpoint, output)), _load_ns(last)
+        return _Result(b"", reply.content_type, dialect.merge(job.endpoint, output)), _load_ns(last)
 
-    def _dispatch_body(self, job: Job, waiting_after: int) -> bytes:
-        """The job's body with the keep_alive that pins or releases its model."""
+    def _dispatch_body(self, job: Job, waiting_after: int) -> tuple[bytes, object | None]:
+        """The job's body with the keep_alive that pins or releases its model.
+
+        Where the endpoint takes no keep_alive (Ollama's /v1), the keep_alive
+        comes back beside the body instead, for a load request to set first.
+        """
+        dialect = dialect_for(job.endpoint)
         body = json.loads(job.body)
         if _is_unload(job.endpoint, body):
-            return job.body  # the client asked Ollama to unload: do exactly that
+            return job.body, None  # the client asked Ollama to unload: do exactly that
         changed = False
-        if job.respond_async and job.endpoint in _STREAMABLE and body.get("stream") is False:
+        if job.respond_async and not job.stream and job.endpoint in STREAMED_ENDPOINTS:
             # Nobody holds a connection for the reply: stream it anyway, so the
             # job's events show its output as it is made.
-            body["stream"] = changed = True
-        key = job.model_key
-        if waiting_after > 0:
-            body["keep_alive"] = self._pin_keep_alive
-            self._pins[key] = _Pin(job.endpoint, job.model, load_options(body.get("options")))
+            dialect.ask_stream(body)
             changed = True
+        key = job.model_key
+        keep_alive: object | None = None
+        if waiting_after > 0:
+            if dialect.carries_keep_alive:
+                body["keep_alive"] = self._pin_keep_alive
+                changed = True
+            elif key not in self._pins:
+                keep_alive = self._pin_keep_alive  # once: the requests that follow leave it alone
+            self._pins[key] = _Pin(job.endpoint, job.model, key_load_options(key))
         elif self._pins.pop(key, None) is not None:
             # The last job of this drain hands Ollama back its own expiry.
-            body.setdefault("keep_alive", self._release_keep_alive)
-            changed = True
-        return json.dumps(body, separators=(",", ":")).encode() if changed else job.body
+            if dialect.carries_keep_alive:
+                body.setdefault("keep_alive", self._release_keep_alive)
+                changed = True
+            else:
+                keep_alive = self._release_keep_alive
+        return json.dumps(body, separators=(",", ":")).encode() if changed else job.body, keep_alive
 
     async def _swap(self, claim: Claim) -> bool:
         """Load the claimed job's model, pinned, and log why and what the swap cost.
@@ -468,7 +488,7 @@ class Worker:
         leaving = sorted(self._resident or ())
         waiting_leaving = {k: await self._store.run(Store.waiting, k) for k in leaving}
         await self._make_room(keep=key, evict=decision.evict)
-        options = load_options(json.loads(job.body).get("options"))
+        options = key_load_options(key)
         expected = self._costs.costs().load_s.get(key)
         started = time.monotonic()
         load = self._upstream.load(job.endpoint, job.model, options, self._pin_keep_alive)
@@ -652,17 +672,6 @@ def _load_ns(data: bytes) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _stream_error(line: bytes) -> str | None:
-    """The error in a stream's last line, as Ollama reports failures mid-stream."""
-    if b'"error"' not in line:
-        return None
-    with suppress(ValueError):
-        value = json.loads(line)
-        if isinstance(value, dict) and "error" in value:
-            return str(value["error"])
-    return None
-
-
 def _is_unload(endpoint: str, body: dict[str, object]) -> bool:
     empty = not body.get("messages") if endpoint == "/api/chat" else not body.get("prompt")
     return endpoint in ("/api/chat", "/api/generate") and empty and body.get("keep_alive") in (0, "0")
@@ -673,6 +682,5 @@ def _error_body(message: str) -> bytes:
 
 
 def _error_text(body: bytes) -> str:
-    with suppress(ValueError, TypeError, KeyError):
-        return str(json.loads(body)["error"])
-    return body[:500].decode("utf-8", "replace")
+    message = error_message(body)
+    return message if message is not None else body[:500].decode("utf-8", "replace")

@@ -1,7 +1,9 @@
 """A fake Ollama server for tests and demos.
 
 It speaks Ollama's HTTP API (``/api/chat``, ``/api/generate``, ``/api/embed``,
-``/api/ps`` ...) with Ollama's shapes and errors, and models the parts a proxy
+``/api/ps`` ..., and the OpenAI-compatible ``/v1/chat/completions``,
+``/v1/completions``, ``/v1/embeddings`` and ``/v1/models``) with Ollama's shapes
+and errors, and models the parts a proxy
 depends on: which models are resident, slow loads, keep_alive, one FIFO load
 queue, per-model parallel slots, NDJSON streaming. Everything it did is recorded
 on :class:`Stub` (``app[STUB]``), and :class:`Faults` injects failures.

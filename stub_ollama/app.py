@@ -19,6 +19,7 @@ from .catalog import Installed
 from .hosts import guard_middleware, origin_allowed
 from .inference import serve_inference
 from .names import normalise
+from .openai_compat import chat_completions, completions, embeddings, list_models, retrieve_model
 from .settings import StubModel, StubSettings
 from .state import STUB, Stub
 from .wire import (
@@ -294,6 +295,11 @@ def create_app(settings: StubSettings | None = None) -> web.Application:
     app.router.add_post("/api/copy", copy)
     for endpoint in ("chat", "generate", "embed", "embeddings"):
         app.router.add_post(f"/api/{endpoint}", _inference(endpoint))
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", list_models, allow_head=False)
+    app.router.add_get("/v1/models/{model}", retrieve_model, allow_head=False)
     app.on_response_prepare.append(_cors_headers)
     app.on_cleanup.append(_cleanup)
     return app

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeGuard
+from typing import Any, Literal, Protocol, TypeGuard
 
 from aiohttp import web
 
@@ -40,6 +40,67 @@ from .wire import (
 )
 
 Endpoint = Literal["chat", "generate", "embed", "embeddings"]
+
+
+class Writer(Protocol):
+    """How one request's answers go on the wire.
+
+    The native API writes Ollama's objects as they are; Ollama's OpenAI
+    middleware wraps the same handlers and rewrites each object on its way out
+    (see :mod:`stub_ollama.openai_compat`).
+    """
+
+    stream_type: str
+
+    def reply(self, obj: dict[str, Any]) -> web.Response:
+        """A whole answer (``stream: false``, or a load short-cut)."""
+        ...
+
+    def line(self, obj: dict[str, Any]) -> bytes:
+        """One object of a streamed answer, framed."""
+        ...
+
+
+class Dialect(Protocol):
+    """An API served by the inference handlers: its request binding and its error shape."""
+
+    async def read(self, request: web.Request, go_type: str) -> dict[str, Any]:
+        """The request body as a JSON object; raises RequestError."""
+        ...
+
+    def bind(self, body: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
+        """The native request for ``body`` and the writer of its answers; raises RequestError."""
+        ...
+
+    def error(self, err: RequestError) -> web.Response:
+        """An error answered before any output."""
+        ...
+
+
+class _NativeWriter:
+    stream_type = NDJSON_TYPE
+
+    def reply(self, obj: dict[str, Any]) -> web.Response:
+        return json_response(obj)
+
+    def line(self, obj: dict[str, Any]) -> bytes:
+        return ndjson_line(obj)
+
+
+class _Native:
+    writer = _NativeWriter()
+
+    async def read(self, request: web.Request, go_type: str) -> dict[str, Any]:
+        return await read_json_object(request, go_type)
+
+    def bind(self, body: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
+        return body, self.writer
+
+    def error(self, err: RequestError) -> web.Response:
+        return error_response(err.status, err.message)
+
+
+NATIVE: Dialect = _Native()
 
 # ------------------------------------------------------------------ validation
 
@@ -205,6 +266,7 @@ class Call:
     is_load: bool
     text: str  # what the reply is derived from
     inputs: list[str]  # /api/embed inputs
+    writer: Writer
 
 
 def _load_request(endpoint: Endpoint, body: dict[str, Any]) -> bool:
@@ -233,12 +295,14 @@ def _embed_inputs(value: object) -> list[str]:
     raise RequestError(400, "invalid input type")
 
 
-async def _parse(request: web.Request, endpoint: Endpoint, stub: Stub, record: StubRequest) -> Call:
+async def _parse(
+    request: web.Request, endpoint: Endpoint, stub: Stub, record: StubRequest, dialect: Dialect
+) -> Call:
     struct = _SCHEMAS[endpoint][0]
-    body = await read_json_object(request, f"api.{struct}")
-    record.body = body
-    model_value = body.get("model")
-    record.model = model_value if isinstance(model_value, str) else None
+    sent = await dialect.read(request, f"api.{struct}")
+    model_value = sent.get("model")
+    record.body, record.model = sent, model_value if isinstance(model_value, str) else None
+    body, writer = dialect.bind(sent)
     record.is_load = _load_request(endpoint, body)
     stub.changed()
     keep_alive = _check_types(endpoint, body)
@@ -261,6 +325,7 @@ async def _parse(request: web.Request, endpoint: Endpoint, stub: Stub, record: S
         is_load=record.is_load,
         text=_prompt_text(endpoint, body),
         inputs=inputs,
+        writer=writer,
     )
 
 
@@ -346,7 +411,7 @@ async def _generate(
                 await asyncio.sleep(settings.token_delay)
         reply = final("".join(tokens))
         record.outcome = "ok"
-        return await send(request, json_response(reply))
+        return await send(request, call.writer.reply(reply))
 
     total_chunks = len(tokens) + 1
     limit: int | None = None
@@ -362,7 +427,7 @@ async def _generate(
         record.outcome = "failed"
         raise RequestError(fail.status, fail.error)
 
-    response = web.StreamResponse(status=200, headers={"Content-Type": NDJSON_TYPE})
+    response = web.StreamResponse(status=200, headers={"Content-Type": call.writer.stream_type})
     for index in range(total_chunks):
         if limit is not None and index == limit:
             break
@@ -373,7 +438,7 @@ async def _generate(
             record.status = 200
         # Built just before sending so created_at and the metrics are current.
         piece = _chunk(call, tokens[index], False) if index < len(tokens) else final("")
-        await response.write(ndjson_line(piece))
+        await response.write(call.writer.line(piece))
         record.chunks_sent += 1
         stub.changed()
     if drop is not None:
@@ -381,7 +446,7 @@ async def _generate(
         raise _Dropped
     if fail is not None and limit is not None:
         # Mid-stream failure: one error line, no done line, status already 200.
-        await response.write(ndjson_line({"error": fail.error}))
+        await response.write(call.writer.line({"error": fail.error}))
         record.outcome = "failed"
         record.error = fail.error
     else:
@@ -397,7 +462,7 @@ async def _embed(
     if call.endpoint == "embeddings":
         vector = embedding(call.model.name, call.text, dims)
         record.outcome = "ok"
-        return await send(request, json_response({"embedding": vector}))
+        return await send(request, call.writer.reply({"embedding": vector}))
     wanted = call.body.get("dimensions")
     cut = int(wanted) if _is_int(wanted) else 0
     vectors = []
@@ -415,7 +480,7 @@ async def _embed(
         "prompt_eval_count": sum(count_tokens(t) for t in call.inputs),
     }
     record.outcome = "ok"
-    return await send(request, json_response({k: v for k, v in reply.items() if v != 0}))
+    return await send(request, call.writer.reply({k: v for k, v in reply.items() if v != 0}))
 
 
 async def _run(
@@ -439,7 +504,7 @@ async def _run(
         # Unload short-cut: expire the runner and answer at once (expireRunner).
         stub.scheduler.expire(call.model.name)
         record.outcome = "unload"
-        return await send(request, json_response(_short_cut_reply(call, "unload")))
+        return await send(request, call.writer.reply(_short_cut_reply(call, "unload")))
 
     options = _runner_options(call.options, stub.settings.num_ctx)
     _int_option(call.options, "num_predict", None)  # Ollama rejects bad options before loading
@@ -454,14 +519,14 @@ async def _run(
         if call.is_load:
             if call.endpoint in ("chat", "generate"):
                 record.outcome = "load"
-                return await send(request, json_response(_short_cut_reply(call, "load")))
+                return await send(request, call.writer.reply(_short_cut_reply(call, "load")))
             record.outcome = "load"
             empty: dict[str, Any] = (
                 {"model": call.model_sent, "embeddings": []}
                 if call.endpoint == "embed"
                 else {"embedding": []}
             )
-            return await send(request, json_response(empty))
+            return await send(request, call.writer.reply(empty))
         return await _with_slot(request, stub, runner, call, record, t_start, t_loaded, fail)
     finally:
         stub.scheduler.release(runner)
@@ -492,14 +557,16 @@ async def _with_slot(
         stub.stop_generating()
 
 
-async def serve_inference(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+async def serve_inference(
+    request: web.Request, endpoint: Endpoint, dialect: Dialect = NATIVE
+) -> web.StreamResponse:
     """Serve one inference request, keeping the stub's records and counters right."""
     stub = request.app[STUB]
     t_start = now_ns()
     record = stub.arrive(request.path)
     response: web.StreamResponse
     try:
-        call = await _parse(request, endpoint, stub, record)
+        call = await _parse(request, endpoint, stub, record, dialect)
         response = await _run(request, stub, call, record, t_start)
         if record.status is None:
             record.status = response.status
@@ -508,7 +575,7 @@ async def serve_inference(request: web.Request, endpoint: Endpoint) -> web.Strea
             record.outcome = "error"
         record.error = err.message
         record.status = err.status
-        response = error_response(err.status, err.message)
+        response = dialect.error(err)
         try:
             await send(request, response)
         except ConnectionError:

@@ -51,13 +51,15 @@ class StubRequest:
     def prompt(self) -> str | None:
         """The text this request asked about: last message, prompt or joined input."""
         body = self.body or {}
-        if self.path.endswith("/chat"):
+        if self.path in ("/api/chat", "/v1/chat/completions"):
             messages = body.get("messages")
             if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
                 content = messages[-1].get("content")
+                if isinstance(content, list):  # OpenAI content parts
+                    content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
                 return content if isinstance(content, str) else None
             return None
-        if self.path.endswith("/embed"):
+        if self.path in ("/api/embed", "/v1/embeddings"):
             value = body.get("input")
             if isinstance(value, list):
                 return "\n".join(str(v) for v in value)

@@ -6,10 +6,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import ollama
+import openai
 import pytest
 import structlog
 from aiohttp import web
@@ -77,19 +78,47 @@ async def foreman(make_foreman: MakeForeman, stub_server: StubServer) -> Foreman
     return await make_foreman(stub_server.url)
 
 
-@pytest.fixture
-async def ollama_client() -> AsyncIterator[Callable[[str], ollama.AsyncClient]]:
-    """Official ollama AsyncClients, closed after the test."""
-    clients: list[ollama.AsyncClient] = []
+Client = TypeVar("Client", ollama.AsyncClient, openai.AsyncOpenAI)
 
-    def make(url: str) -> ollama.AsyncClient:
-        client = ollama.AsyncClient(host=url, trust_env=False)
+
+async def _clients(
+    build: Callable[[str], Client], close: Callable[[Client], Awaitable[object]]
+) -> AsyncIterator[Callable[[str], Client]]:
+    """A factory of clients for a base URL; every client it made is closed afterwards."""
+    clients: list[Client] = []
+
+    def make(url: str) -> Client:
+        client = build(url)
         clients.append(client)
         return client
 
     yield make
     for client in clients:
-        await client.close()  # type: ignore[no-untyped-call]
+        await close(client)
+
+
+@pytest.fixture
+async def ollama_client() -> AsyncIterator[Callable[[str], ollama.AsyncClient]]:
+    """Official ollama AsyncClients, closed after the test."""
+    async for make in _clients(
+        lambda url: ollama.AsyncClient(host=url, trust_env=False),
+        lambda client: client.close(),  # type: ignore[no-untyped-call]
+    ):
+        yield make
+
+
+@pytest.fixture
+async def openai_client() -> AsyncIterator[Callable[[str], openai.AsyncOpenAI]]:
+    """Official openai AsyncClients on a server's /v1, closed after the test.
+
+    The SDK retries 5xx and 409 answers on its own; that would submit new jobs,
+    so tests turn it off.
+    """
+    async for make in _clients(
+        lambda url: openai.AsyncOpenAI(base_url=url + "/v1", api_key="ollama", max_retries=0),
+        lambda client: client.close(),
+    ):
+        yield make
 
 
 @pytest.fixture
