@@ -23,7 +23,15 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
-QUEUED = ["/api/chat", "/api/generate", "/api/embed", "/api/embeddings"]
+QUEUED = [
+    "/api/chat",
+    "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+]
 MODELS = ["llama3", "mistral:latest", "nomic-embed-text", "nope", "", "Llama3:LATEST", "a/b:c", " "]
 FIELDS = [
     "model",
@@ -46,6 +54,14 @@ FIELDS = [
     "dimensions",
     "logprobs",
     "top_logprobs",
+    # OpenAI-compatible fields
+    "max_tokens",
+    "stream_options",
+    "response_format",
+    "temperature",
+    "stop",
+    "n",
+    "encoding_format",
 ]
 OPTIONS = ["num_ctx", "num_predict", "temperature", "seed", "stop", "use_mmap", "num_gpu", "top_k", "bogus"]
 
