@@ -13,6 +13,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from foreman.models import QUEUED_ENDPOINTS
 from helpers import Foreman, eventually
 
 EXAMPLES = int(os.environ.get("FOREMAN_FUZZ_EXAMPLES", "150"))
@@ -23,15 +24,7 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
-QUEUED = [
-    "/api/chat",
-    "/api/generate",
-    "/api/embed",
-    "/api/embeddings",
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-]
+QUEUED = list(QUEUED_ENDPOINTS)
 MODELS = ["llama3", "mistral:latest", "nomic-embed-text", "nope", "", "Llama3:LATEST", "a/b:c", " "]
 FIELDS = [
     "model",
