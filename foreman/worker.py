@@ -35,6 +35,11 @@ log = structlog.get_logger("foreman.worker")
 # model was ready, queueing included. Above this, a model we thought resident
 # was (re)loaded behind our back, so /api/ps is read again.
 _RELOAD_HINT_NS = 500_000_000
+# After the queue ran dry for longer than this, /api/ps is read again before
+# the next job: other programs or keep_alive expiry may have changed what
+# Ollama holds. A shorter gap (a client sending requests one after another)
+# is not worth an extra round trip per request.
+_IDLE_RECHECK_S = 2.0
 _LOAD_DURATION = re.compile(rb'"load_duration":\s*(\d+)')
 _JSON = "application/json; charset=utf-8"
 
@@ -118,6 +123,7 @@ class Worker:
         self._output: dict[str, list[bytes]] = {}
         self._upstream_down = False
         self._stopping = False
+        self._idle_since: float | None = None  # when the queue last ran dry
         self.swaps = 0
         self.last_error: tuple[float, str] | None = None  # (when, what)
 
@@ -243,6 +249,9 @@ class Worker:
             if len(self._tasks) >= self._parallel:
                 await self._wait_for_a_slot()
                 continue
+            if self._idle_since is not None and time.monotonic() - self._idle_since > _IDLE_RECHECK_S:
+                self._resident = None
+            self._idle_since = None
             if self._resident is None:
                 await self._await_residency()
             self._work.clear()  # from here on, a new job or a finished one wakes the loop again
@@ -254,7 +263,7 @@ class Worker:
                 if not self._tasks:
                     # Idle: other clients and keep_alive expiry may change what
                     # Ollama holds before the next job comes.
-                    self._resident = None
+                    self._idle_since = time.monotonic()
                     return
                 await self._work.wait()
                 continue
