@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -231,6 +231,19 @@ class Store:
         )
         self._waiting[job.model_key] += 1
         return job.id
+
+    def insert_many(self, jobs: Iterable[NewJob]) -> int:
+        """Write many new jobs in one transaction (bulk loads, benchmarks); returns how many."""
+        waiting = self._waiting.copy()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            count = sum(1 for job in jobs if self._insert(job, None))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._waiting = waiting
+            raise
+        return count
 
     def queues(self) -> list[ModelQueue]:
         """What waits, per model key, oldest job first within each."""

@@ -1,6 +1,7 @@
 """The SQLite queue on its own: claims, requeues, recovery, all on a real file with WAL."""
 
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,16 @@ def test_decision_for_an_unknown_key_is_a_bug_not_a_silent_skip(store: Store) ->
 
     with pytest.raises(RuntimeError):
         store.claim_next(wrong, now=0)
+
+
+def test_insert_many_writes_all_or_nothing(store: Store, tmp_path: Path) -> None:
+    """A bulk insert lands in one transaction; one bad job leaves neither rows nor counts behind."""
+    assert store.insert_many(new_job(k) for k in ("a:latest", "b:latest", "a:latest")) == 3
+    assert (store.waiting("a:latest"), store.waiting("b:latest")) == (2, 1)
+    taken = new_job("c:latest")
+    store.insert(taken)
+    with pytest.raises(sqlite3.IntegrityError):
+        store.insert_many([new_job("c:latest"), taken])  # the second id is already in the queue
+    assert store.waiting("c:latest") == 1
+    with closing(sqlite3.connect(tmp_path / "q.db")) as other:
+        assert other.execute("SELECT count(*) FROM jobs").fetchone()[0] == 4
