@@ -72,17 +72,23 @@ async def timed_chat(http: aiohttp.ClientSession, url: str, body: bytes) -> floa
 
 
 async def latency(
-    http: aiohttp.ClientSession, targets: dict[str, str], args: argparse.Namespace
+    http: aiohttp.ClientSession, targets: dict[str, Proc], args: argparse.Namespace
 ) -> dict[str, Any]:
     samples: dict[str, list[float]] = {name: [] for name in targets}
     order = rotations(list(targets))
-    for i in range(args.warmup + args.requests):
-        body = chat(f"hello {i}", stream=False, num_predict=8)
-        for name in next(order):
-            elapsed = await timed_chat(http, targets[name], body)
-            if i >= args.warmup:
-                samples[name].append(elapsed)
+    for i in range(args.warmup):
+        for name in targets:
+            await timed_chat(http, targets[name].url, chat(f"warm {i}", stream=False, num_predict=8))
+    with cpu_of(*targets.values()) as used:
+        for i in range(args.requests):
+            body = chat(f"hello {i}", stream=False, num_predict=8)
+            for name in next(order):
+                samples[name].append(await timed_chat(http, targets[name].url, body))
     figures: dict[str, Any] = {name: spread(s) for name, s in samples.items()}
+    for name, proc in targets.items():
+        # The stub's CPU counts for every target; the proxies' only for their own requests.
+        per = args.requests * (len(targets) if name == "direct" else 1)
+        figures[name]["server_cpu_ms_per_request"] = ms(used[proc.name] / per)
     for p in ("p50", "p99"):
         direct = figures["direct"][f"{p}_ms"]
         added = {name: figures[name][f"{p}_ms"] - direct for name in ("bare", "foreman")}
@@ -288,6 +294,8 @@ async def intake(targets: dict[str, Proc], args: argparse.Namespace) -> dict[str
         "jobs_per_round": args.intake_jobs,
         "submitters": args.submitters,
         "worker": "idle: foreman's upstream is a closed port, so jobs only wait and the worker takes no CPU",
+        # Each foreman keeps its queue across rounds, as one big batch would.
+        "queue_depth_at_round_start": [args.warmup + r * args.intake_jobs for r in range(args.intake_rounds)],
     }
     for name in targets:
         rate = median(rates[name])
@@ -326,9 +334,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         await all_listening(stub, slow, bare, foreman, slow_bare, slow_foreman, accept, normal, full)
         results: dict[str, Any] = {"machine": machine()}
         async with aiohttp.ClientSession() as http:
-            targets = {"direct": stub.url, "bare": bare.url, "foreman": foreman.url}
             print("1. latency ...", file=sys.stderr)
-            results["latency"] = await latency(http, targets, args)
+            results["latency"] = await latency(http, {"direct": stub, "bare": bare, "foreman": foreman}, args)
+            targets = {"direct": stub.url, "bare": bare.url, "foreman": foreman.url}
             print("2. streaming ...", file=sys.stderr)
             results["streaming"] = await streaming(http, targets, args)
             slow_targets = {"direct": slow.url, "bare": slow_bare.url, "foreman": slow_foreman.url}
@@ -401,6 +409,7 @@ def table(results: dict[str, Any]) -> list[Row]:
         )
     )
     bare, normal, full = intake_["bare"], intake_["sync_normal"], intake_["sync_full"]
+    depths = intake_["queue_depth_at_round_start"]
     rows.append(
         Row(
             "4 intake",
@@ -408,6 +417,14 @@ def table(results: dict[str, Any]) -> list[Row]:
             f"bare {bare['per_s']:.0f}, foreman {normal['per_s']:.0f}; ratio {normal['ratio_to_bare']:.2f}",
             ">= 0.6",
             normal["ratio_to_bare"] >= 0.6,
+        )
+    )
+    rows.append(
+        Row(
+            "4 intake",
+            "foreman by queue depth (202s/s)",
+            f"{normal['rounds'][0]:.0f} in the round from {depths[0]} queued"
+            f" ... {normal['rounds'][-1]:.0f} in the round from {depths[-1]}",
         )
     )
     rows.append(
