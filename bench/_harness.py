@@ -14,16 +14,19 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any, TypeVar
 
 PYTHON = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
 BARE_PROXY = Path(__file__).resolve().parent / "bare_proxy.py"
 _TICKS = os.sysconf("SC_CLK_TCK")
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -182,6 +185,14 @@ async def until(
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {within}s waiting for {what or predicate}")
         await asyncio.sleep(every)
+
+
+def run_in_workdir(prefix: str, workdir: Path | None, main: Callable[[Path], Coroutine[Any, Any, T]]) -> T:
+    """Run `main(workdir)` in `workdir`, or in a temporary directory removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        path = workdir or Path(tmp)
+        path.mkdir(parents=True, exist_ok=True)
+        return asyncio.run(main(path))
 
 
 async def all_listening(*procs: Proc) -> None:

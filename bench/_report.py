@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -62,6 +63,13 @@ class Row:
     met: bool | None = None
 
 
+def print_report(what: str, results: dict[str, Any], rows: Sequence[Row]) -> None:
+    """The table, under a title that says what ran on which machine, and how busy it was."""
+    m = results["machine"]
+    load = f"load {m['loadavg'][0]} -> {m['loadavg_end'][0]}"
+    print_table(f"{what}: {m['nproc']} x {m['cpu']}, Python {m['python']}, {load}", rows)
+
+
 def print_table(title: str, rows: Sequence[Row]) -> None:
     header = ("item", "measure", "figures", "target", "met")
     cells = [header] + [
@@ -76,9 +84,21 @@ def print_table(title: str, rows: Sequence[Row]) -> None:
             print("  ".join("-" * width for width in widths))
 
 
-def write_json(path: Path | None, results: dict[str, Any]) -> None:
-    if path is None:
+def arg_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's command line, with the --workdir and --json every benchmark takes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--workdir", type=Path, help="keep databases and logs here (default: a temporary directory)"
+    )
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
+    return parser
+
+
+def write_json(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Write the figures, with the arguments that produced them, to `--json` if given."""
+    if args.json is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nJSON written to {path}")
+    results["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nJSON written to {args.json}")

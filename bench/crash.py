@@ -25,18 +25,18 @@ import json
 import random
 import sqlite3
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from _harness import Proc, Processes, all_listening, until
-from _report import machine, write_json
+from _harness import Proc, Processes, all_listening, run_in_workdir, until
+from _report import arg_parser, machine, write_json
 
 MODELS = ("llama3", "mistral", "qwen2", "gemma2")
 # Retries after an outage back off in tenths of seconds rather than up to 30 s, to keep the run short.
@@ -257,9 +257,7 @@ async def run_test(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arg_parser(__doc__)
     add = parser.add_argument
     add("--jobs", type=int, default=2000, help="async jobs to submit (default %(default)s)")
     add("--kills", type=int, default=20, help="SIGKILLs of foreman (default %(default)s)")
@@ -275,17 +273,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--token-delay", type=float, default=0.001, help="the stub's seconds per token (default %(default)s)")
     add("--tokens", type=int, default=5, help="tokens per reply (default %(default)s)")
     add("--timeout", type=float, default=600, help="give up after this many seconds (default %(default)s)")
-    add("--workdir", type=Path, help="keep the database and logs here (default: a temporary directory)")
-    add("--json", type=Path, help="write the figures to this file")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="foreman-crash-") as tmp:
-        workdir = args.workdir or Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        results = asyncio.run(run_test(args, workdir))
+    results = run_in_workdir("foreman-crash-", args.workdir, partial(run_test, args))
     print(
         f"crash test: {results['jobs']} async jobs over {len(MODELS)} models, seed {results['seed']},"
         f" {results['elapsed_s']} s\n"
@@ -302,8 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  jobs unfinished:           {results['unfinished']}\n"
         f"  ran twice at the stub:     {results['ran_twice_upstream']} (killed after Ollama answered: at least once)"
     )
-    results["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    write_json(args.json, results)
+    write_json(args, results)
     bad = results["lost"] + results["duplicated"] + results["failed"] + results["unfinished"]
     return 1 if bad else 0
 

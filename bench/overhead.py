@@ -25,16 +25,16 @@ import asyncio
 import itertools
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from _harness import Proc, Processes, all_listening, cpu_of, free_port
-from _report import Row, machine, median, ms, percentile, print_table, write_json
+from _harness import Proc, Processes, all_listening, cpu_of, free_port, run_in_workdir
+from _report import Row, arg_parser, machine, median, ms, percentile, print_report, write_json
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -439,26 +439,16 @@ def table(results: dict[str, Any]) -> list[Row]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arg_parser(__doc__)
     add = parser.add_argument
     add("--requests", type=int, default=2000, help="latency samples per target (default %(default)s)")
     add("--warmup", type=int, default=50, help="unmeasured requests per target first (default %(default)s)")
     add("--streams", type=int, default=200, help="streams per target (default %(default)s)")
     add("--chunks", type=int, default=200, help="chunks per stream, done line included (default %(default)s)")
-    add(
-        "--slow-streams",
-        type=int,
-        default=3,
-        help="streams per target against the slow stub (default %(default)s)",
-    )
+    add("--slow-streams", type=int, default=3, help="streams per target, slow stub (default %(default)s)")
     add("--slow-chunks", type=int, default=100, help="chunks per slow stream (default %(default)s)")
     add(
-        "--token-delay",
-        type=float,
-        default=0.005,
-        help="the slow stub's seconds per token (default %(default)s)",
+        "--token-delay", type=float, default=0.005, help="slow stub's seconds per token (default %(default)s)"
     )
     add("--throughput-jobs", type=int, default=600, help="jobs per throughput round (default %(default)s)")
     add("--throughput-rounds", type=int, default=3, help="(default %(default)s)")
@@ -466,26 +456,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--intake-jobs", type=int, default=2000, help="async jobs per intake round (default %(default)s)")
     add("--intake-rounds", type=int, default=5, help="(default %(default)s)")
     add("--submitters", type=int, default=32, help="concurrent async submitters (default %(default)s)")
-    add("--workdir", type=Path, help="keep databases and logs here (default: a temporary directory)")
-    add("--json", type=Path, help="write the figures to this file")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="foreman-overhead-") as tmp:
-        workdir = args.workdir or Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        results = asyncio.run(run(args, workdir))
-    m = results["machine"]
-    title = (
-        f"foreman overhead: {m['nproc']} x {m['cpu']}, Python {m['python']},"
-        f" load {m['loadavg'][0]} -> {m['loadavg_end'][0]}"
-    )
-    print_table(title, table(results))
+    results = run_in_workdir("foreman-overhead-", args.workdir, partial(run, args))
+    print_report("foreman overhead", results, table(results))
     print(f"\nintake: {results['intake']['worker']}")
-    results["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    write_json(args.json, results)
+    write_json(args, results)
     return 0
 
 

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -34,8 +33,8 @@ from typing import Any
 import aiohttp
 from ulid import ULID
 
-from _harness import Proc, Processes, free_port
-from _report import Row, machine, median, ms, percentile, print_table, write_json
+from _harness import Proc, Processes, free_port, run_in_workdir
+from _report import Row, arg_parser, machine, median, ms, percentile, print_report, write_json
 from foreman import scheduler
 from foreman.models import NewJob
 from foreman.names import model_key
@@ -197,6 +196,8 @@ async def restarts(procs: Processes, db: Path, args: argparse.Namespace) -> dict
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     db = workdir / "scale.db"
+    if db.exists():
+        sys.exit(f"{db} exists: give an empty --workdir")
     results: dict[str, Any] = {"machine": machine()}
     print(f"queueing {args.jobs} jobs ...", file=sys.stderr)
     results["build"] = build(db, args.jobs)
@@ -257,35 +258,20 @@ def table(results: dict[str, Any]) -> list[Row]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arg_parser(__doc__)
     add = parser.add_argument
     add("--jobs", type=int, default=1_000_000, help="jobs to queue (default %(default)s)")
     add("--picks", type=int, default=2000, help="timed claims of each kind (default %(default)s)")
     add("--restarts", type=int, default=3, help="foreman starts timed on the queue (default %(default)s)")
     add("--sample-seconds", type=float, default=5.0, help="seconds of RSS sampling (default %(default)s)")
-    add("--workdir", type=Path, help="keep the database and logs here (default: a temporary directory)")
-    add("--json", type=Path, help="write the figures to this file")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="foreman-scale-") as tmp:
-        workdir = args.workdir or Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        if (workdir / "scale.db").exists():
-            sys.exit(f"{workdir / 'scale.db'} exists: give an empty --workdir")
-        results = asyncio.run(run(args, workdir))
-    m = results["machine"]
-    title = (
-        f"foreman at scale: {m['nproc']} x {m['cpu']}, Python {m['python']},"
-        f" load {m['loadavg'][0]} -> {m['loadavg_end'][0]}"
-    )
-    print_table(title, table(results))
-    results["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    write_json(args.json, results)
+    results = run_in_workdir("foreman-scale-", args.workdir, partial(run, args))
+    print_report("foreman at scale", results, table(results))
+    write_json(args, results)
     return 0
 
 
