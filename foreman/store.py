@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -244,6 +244,19 @@ class Store:
         )
         self._count(job.model_key, job.priority, 1)
         return job.id
+
+    def insert_many(self, jobs: Iterable[NewJob]) -> int:
+        """Write many new jobs in one transaction (bulk loads, benchmarks); returns how many."""
+        counts = self._waiting.copy(), self._by_class.copy()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            count = sum(1 for job in jobs if self._insert(job, None))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._waiting, self._by_class = counts
+            raise
+        return count
 
     def queues(self) -> list[ModelQueue]:
         """What waits, per model key and class: one index lookup each for the oldest job."""

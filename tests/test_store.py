@@ -1,6 +1,7 @@
 """The SQLite queue on its own: claims, requeues, recovery, all on a real file with WAL."""
 
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,16 @@ def test_hot_path_queries_search_the_index_and_never_scan(store: Store, tmp_path
         plan = " | ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", ("a", "batch")))
         assert "jobs_queued_by_class" in plan and "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
     db.close()
+
+
+def test_insert_many_writes_all_or_nothing(store: Store, tmp_path: Path) -> None:
+    """A bulk insert lands in one transaction; one bad job leaves neither rows nor counts behind."""
+    assert store.insert_many(new_job(k) for k in ("a:latest", "b:latest", "a:latest")) == 3
+    assert (store.waiting("a:latest"), store.waiting("b:latest")) == (2, 1)
+    taken = new_job("c:latest")
+    store.insert(taken)
+    with pytest.raises(sqlite3.IntegrityError):
+        store.insert_many([new_job("c:latest"), taken])  # the second id is already in the queue
+    assert store.waiting("c:latest") == 1
+    with closing(sqlite3.connect(tmp_path / "q.db")) as other:
+        assert other.execute("SELECT count(*) FROM jobs").fetchone()[0] == 4

@@ -1,0 +1,59 @@
+"""The benchmarks in bench/ still run, at tiny sizes; and the crash test of issue 7 loses nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the benchmarks read /proc")
+
+
+def run_script(script: str, tmp_path: Path, *args: str) -> dict[str, Any]:
+    """Run `bench/<script>` as its own process; returns the JSON it wrote."""
+    out = tmp_path / "results.json"
+    workdir = tmp_path / "work"
+    command = [sys.executable, str(BENCH / script), *args, "--workdir", str(workdir), "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(workdir.glob("*.log")))
+    assert done.returncode == 0, f"{script} exited {done.returncode}\n{done.stdout}\n{done.stderr}\n{logs}"
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def test_overhead_runs_and_reports_every_item(tmp_path: Path) -> None:
+    """overhead.py measures latency, streaming, throughput and intake, and writes its JSON."""
+    sizes = "--requests 10 --warmup 5 --streams 3 --chunks 20 --slow-streams 1 --slow-chunks 10"
+    sizes += " --throughput-jobs 20 --throughput-rounds 1 --intake-jobs 50 --intake-rounds 1 --submitters 4"
+    result = run_script("overhead.py", tmp_path, *sizes.split())
+    assert result["latency"]["foreman"]["n"] == 10
+    assert result["as_produced"]["foreman"]["chunks"] == 10
+    assert result["throughput"]["foreman_per_s"] > 0
+    assert result["intake"]["sync_full"]["per_s"] > 0
+
+
+def test_scale_runs_on_a_small_queue(tmp_path: Path) -> None:
+    """scale.py queues jobs through the store, times the pick, and restarts foreman on them."""
+    result = run_script(
+        "scale.py", tmp_path, "--jobs", "2000", "--picks", "20", "--restarts", "2", "--sample-seconds", "0.3"
+    )
+    assert result["build"]["jobs"] == 2000
+    assert len(result["restart"]["to_first_job_s"]) == 2
+    assert result["idle"]["rss_mib"] > 0
+
+
+def test_crash_test_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    """60 async jobs through three kill -9s of foreman and one Ollama restart: all done, once each."""
+    result = run_script(
+        "crash.py", tmp_path, "--jobs", "60", "--kills", "3", "--outages", "1", "--timeout", "90"
+    )
+    assert (result["kills_survived"], result["outages_survived"]) == (3, 1)
+    assert result["acknowledged"] == 60
+    assert (result["lost"], result["duplicated"], result["failed"], result["unfinished"]) == (0, 0, 0, 0)
+    assert result["states"] == {"done": 60}
