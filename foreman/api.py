@@ -8,12 +8,12 @@ import structlog
 from aiohttp import web
 
 from foreman.dialects import dialect_for
-from foreman.errors import Conflict, ForemanError
+from foreman.errors import ForemanError
 from foreman.events import Chunk, Ended, JobEvent
 from foreman.intake import parse_job, parse_priority, request_hash
 from foreman.keys import CLOCK, CONFIG, EVENTS, STORE, WORKER
 from foreman.models import JobState, NewJob, Priority
-from foreman.store import IdempotencyConflict, Store
+from foreman.store import Store, Submission
 
 log = structlog.get_logger("foreman.api")
 
@@ -56,34 +56,24 @@ def prefers_async(request: web.Request) -> bool:
 async def _accept(request: web.Request, job: NewJob) -> web.Response:
     """Commit an async job and hand back its id and place in line."""
     app = request.app
-    store = app[STORE]
     fingerprint = request_hash(job) if job.idempotency_key is not None else None
-    try:
-        job_id = await asyncio.shield(store.run(Store.insert, job, fingerprint))
-    except IdempotencyConflict as exc:
-        key = job.idempotency_key
-        raise Conflict(
-            f"Idempotency-Key {key!r} was already used for a different request (job {exc.job_id})"
-        ) from exc
-    if job_id == job.id:
+    submission = Submission(job, fingerprint, app[WORKER].drain_order_now())
+    accepted = await asyncio.shield(app[STORE].submit(submission))
+    if accepted.new:
         app[WORKER].wake()
         log.info("job.queued", model=job.model_key, job_id=job.id, endpoint=job.endpoint, respond_async=True)
-        status, state = 202, JobState.QUEUED.value
-    else:
-        existing = await store.run(Store.get, job_id)
-        status, state = 200, existing.state.value if existing else JobState.QUEUED.value
-    queued = state == JobState.QUEUED
-    position = await job_position(request.app, job_id, job.model_key, job.priority) if queued else None
+    job_id = accepted.job_id
     return web.json_response(
-        {"id": job_id, "state": state, "position": position},
-        status=status,
+        {"id": job_id, "state": accepted.state, "position": accepted.position},
+        status=202 if accepted.new else 200,
         headers={"Location": f"/jobs/{job_id}", "Preference-Applied": "respond-async", JOB_HEADER: job_id},
     )
 
 
 async def job_position(app: web.Application, job_id: str, model_key: str, priority: Priority) -> int:
     """How many queued jobs run before this one in the current drain order."""
-    return await app[STORE].run(Store.position, job_id, model_key, priority, app[WORKER].drain_order)
+    order = app[WORKER].drain_order_now()
+    return await app[STORE].run(Store.position, job_id, model_key, priority, order)
 
 
 async def _serve(request: web.Request, job: NewJob) -> web.StreamResponse:
@@ -93,7 +83,7 @@ async def _serve(request: web.Request, job: NewJob) -> web.StreamResponse:
         try:
             # Shielded: once the insert started, it lands even if the client
             # leaves, and the cancel below then finds the job.
-            await asyncio.shield(app[STORE].run(Store.insert, job))
+            await asyncio.shield(app[STORE].submit(Submission(job)))
             worker.wake()
             log.info(
                 "job.queued",

@@ -39,7 +39,7 @@ async def status(request: web.Request) -> web.Response:
             "waiting": waiting[key, priority].waiting,
             "oldest_job": waiting[key, priority].oldest_id,
         }
-        for key, priority in worker.drain_order(queues)
+        for key, priority in worker.drain_order_now()(queues)
     ]
     running = [view for job_id in worker.running_jobs if (view := await _view(store, job_id)) is not None]
     last_error = None

@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from foreman.errors import QueueFull, StoreError, Unavailable
+from foreman.errors import Conflict, ForemanError, QueueFull, StoreError, Unavailable
 from foreman.models import Job, JobState, NewJob, Priority
 from foreman.scheduler import Decision, ModelQueue
 
@@ -89,11 +89,11 @@ _COLUMNS = (
 _ENDED = "('done', 'failed', 'cancelled')"
 
 
-class IdempotencyConflict(Exception):
+class IdempotencyConflict(Conflict):
     """The idempotency key is taken by a job with a different request."""
 
-    def __init__(self, job_id: str) -> None:
-        super().__init__(job_id)
+    def __init__(self, key: str, job_id: str) -> None:
+        super().__init__(f"Idempotency-Key {key!r} was already used for a different request (job {job_id})")
         self.job_id = job_id
 
 
@@ -101,6 +101,23 @@ T = TypeVar("T")
 P = ParamSpec("P")
 # The (model, class) queues in the order they will be served.
 DrainOrder = Callable[[list[ModelQueue]], list[tuple[str, Priority]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A job to write; with `drain_order`, its place in line comes back too."""
+
+    job: NewJob
+    request_hash: str | None = None
+    drain_order: DrainOrder | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    job_id: str
+    new: bool  # False: an earlier submission with the same idempotency key
+    state: JobState
+    position: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,18 +217,61 @@ class Store:
         self._db.close()
 
     def insert(self, job: NewJob, request_hash: str | None = None) -> str:
-        """Write a new job and return its id.
+        """Write a new job and return its id (see `submit` for idempotency keys and errors)."""
+        [accepted] = self.submit([Submission(job, request_hash)])
+        if isinstance(accepted, Exception):
+            raise accepted
+        return accepted.job_id
 
-        A job with an idempotency key already in use is not written: the
-        existing job's id comes back if it was the same request, and
-        IdempotencyConflict is raised if it was not.
+    def submit(self, submissions: Sequence[Submission]) -> list[Accepted | ForemanError]:
+        """Write new jobs in one transaction: one commit (and one fsync) for the lot.
+
+        Each comes back accepted or refused on its own. A job whose
+        idempotency key is in use is not written: the existing job comes
+        back if it was the same request, IdempotencyConflict if it was not;
+        QueueFull beyond `max_queue`. If the database cannot be written at
+        all (disk full, or locked by another program), every one is refused
+        with Unavailable and nothing is kept: foreman keeps running, and
+        everything accepted before stays.
         """
+        counts = self._waiting.copy(), self._by_class.copy()
+        results: list[Accepted | ForemanError] = []
         try:
-            return self._insert(job, request_hash)
+            self._db.execute("BEGIN IMMEDIATE")
+            for submission in submissions:
+                self._db.execute("SAVEPOINT job")
+                try:
+                    results.append(self._accept(submission))
+                except (IdempotencyConflict, QueueFull) as exc:
+                    self._db.execute("ROLLBACK TO job")
+                    results.append(exc)
+                self._db.execute("RELEASE job")
+            self._db.execute("COMMIT")
         except sqlite3.OperationalError as exc:
-            # Disk full, or the file locked by another program: refuse this
-            # request, keep running, and keep everything already accepted.
-            raise Unavailable(f"foreman cannot write its queue: {exc}") from exc
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self._waiting, self._by_class = counts
+            refused = Unavailable(f"foreman cannot write its queue: {exc}")
+            return [refused] * len(submissions)
+        return results
+
+    def _accept(self, submission: Submission) -> Accepted:
+        job, order = submission.job, submission.drain_order
+        job_id = self._insert(job, submission.request_hash)
+        if job_id != job.id:
+            existing = self.get(job_id)
+            assert existing is not None
+            position = None
+            if existing.state is JobState.QUEUED and order is not None:
+                position = self.position(job_id, existing.model_key, existing.priority, order)
+            return Accepted(job_id, False, existing.state, position)
+        position = None
+        if order is not None:
+            # The newest job of its group: everything in its group is ahead of it.
+            position = self._waiting_before(job.model_key, job.priority, order) + self._by_class[
+                job.model_key, job.priority
+            ] - 1
+        return Accepted(job_id, True, JobState.QUEUED, position)
 
     def _insert(self, job: NewJob, request_hash: str | None) -> str:
         if job.idempotency_key is not None:
@@ -220,7 +280,7 @@ class Store:
             ).fetchone()
             if row is not None:
                 if row[1] != request_hash:
-                    raise IdempotencyConflict(row[0])
+                    raise IdempotencyConflict(job.idempotency_key, row[0])
                 return str(row[0])
         if self.max_queue and sum(self._waiting.values()) >= self.max_queue:
             raise QueueFull(self.max_queue)
@@ -381,6 +441,15 @@ class Store:
 
     def position(self, job_id: str, model_key: str, priority: Priority, drain_order: DrainOrder) -> int:
         """How many queued jobs run before this one if the queue drains in `drain_order`."""
+        (ahead,) = self._db.execute(
+            "SELECT count(*) FROM jobs INDEXED BY jobs_queued_by_class"
+            " WHERE state = 'queued' AND model_key = ? AND priority = ? AND id < ?",
+            (model_key, priority, job_id),
+        ).fetchone()
+        return self._waiting_before(model_key, priority, drain_order) + int(ahead)
+
+    def _waiting_before(self, model_key: str, priority: Priority, drain_order: DrainOrder) -> int:
+        """The queued jobs of the groups that drain before (model_key, priority)."""
         queues = self.queues()
         waiting = {(q.model_key, q.priority): q.waiting for q in queues}
         before = 0
@@ -388,11 +457,7 @@ class Store:
             if group == (model_key, priority):
                 break
             before += waiting[group]
-        (ahead,) = self._db.execute(
-            "SELECT count(*) FROM jobs WHERE state = 'queued' AND model_key = ? AND priority = ? AND id < ?",
-            (model_key, priority, job_id),
-        ).fetchone()
-        return before + int(ahead)
+        return before
 
     def counts_by_state(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
@@ -490,12 +555,19 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
 
 
 class AsyncStore:
-    """The store for coroutines: `await store.run(Store.method, ...)` runs it on the store's thread."""
+    """The store for coroutines: `await store.run(Store.method, ...)` runs it on the store's thread.
+
+    New jobs go through `submit`, which commits the submissions that arrive
+    while a commit is under way together in the next one (group commit), so
+    concurrent clients share a transaction and its fsync.
+    """
 
     def __init__(self, store: Store, executor: ThreadPoolExecutor) -> None:
         self._store = store
         self._executor = executor
         self.path = store.path
+        self._pending: list[tuple[Submission, asyncio.Future[Accepted]]] = []
+        self._committing = False
 
     @classmethod
     async def open(cls, path: Path, *, sync: str = "normal", max_queue: int = 0) -> AsyncStore:
@@ -513,8 +585,40 @@ class AsyncStore:
         await self.run(Store.close)
         self._executor.shutdown(wait=True)
 
-    async def run(
-        self, method: Callable[Concatenate[Store, P], T], /, *args: P.args, **kwargs: P.kwargs
-    ) -> T:
+    async def run(self, method: Callable[Concatenate[Store, P], T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         call = partial(method, self._store, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def submit(self, submission: Submission) -> Accepted:
+        """Write a new job, committed before this returns; raises what `Store.submit` refuses it with."""
+        future: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
+        self._pending.append((submission, future))
+        if not self._committing:
+            self._commit_pending()
+        return await future
+
+    def _commit_pending(self) -> None:
+        batch, self._pending = self._pending, []
+        self._committing = True
+        done = asyncio.get_running_loop().run_in_executor(
+            self._executor, Store.submit, self._store, [submission for submission, _ in batch]
+        )
+        done.add_done_callback(partial(self._committed, batch))
+
+    def _committed(
+        self, batch: list[tuple[Submission, asyncio.Future[Accepted]]], done: asyncio.Future[list[Any]]
+    ) -> None:
+        self._committing = False
+        try:
+            results: list[Any] = done.result()
+        except BaseException as exc:  # the batch as a whole failed
+            results = [exc] * len(batch)
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.cancelled():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        if self._pending:
+            self._commit_pending()

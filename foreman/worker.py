@@ -145,10 +145,18 @@ class Worker:
         """The chunks a running job has streamed up to now."""
         return list(self._output.get(job_id, ()))
 
-    def drain_order(self, queues: list[ModelQueue]) -> list[tuple[str, Priority]]:
-        """The (model, class) queues in the order they will be served if nothing else arrives."""
-        state = replace(self._state, resident=self.resident)
-        return drain_order(self._policy, queues, state, self._clock(), self._costs.costs())
+    def drain_order_now(self) -> Callable[[list[ModelQueue]], list[tuple[str, Priority]]]:
+        """The order (model, class) queues will be served in if nothing else arrives, as things stand now.
+
+        A pure function of a snapshot, so the store's thread can run it.
+        """
+        policy, state = self._policy, replace(self._state, resident=self.resident)
+        now, costs = self._clock(), self._costs.costs()
+
+        def order(queues: list[ModelQueue]) -> list[tuple[str, Priority]]:
+            return drain_order(policy, queues, state, now, costs)
+
+        return order
 
     def wake(self) -> None:
         """New work is in the store."""
