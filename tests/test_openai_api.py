@@ -300,7 +300,7 @@ async def test_v1_job_survives_a_restart(
 ) -> None:
     """A waiting /v1 client gets an OpenAI-shaped 503 at shutdown; its job runs after the restart."""
     server = await make_stub()
-    first = await make_foreman(server.url)
+    first = await make_foreman(server.url, shutdown_grace=0)  # the held job cannot finish
     held = await hold_worker(http, first, server.stub, "llama3")
     waiting = await submit(http, first, v1_chat("mistral", "queued"), CHAT)
     await first.close()
