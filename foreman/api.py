@@ -58,7 +58,9 @@ async def _accept(request: web.Request, job: NewJob) -> web.Response:
     app = request.app
     fingerprint = request_hash(job) if job.idempotency_key is not None else None
     submission = Submission(job, fingerprint, app[WORKER].drain_order_now())
-    accepted = await asyncio.shield(app[STORE].submit(submission))
+    committed = app[STORE].submit(submission)
+    app[WORKER].wake()  # as in _serve: the claim queues up behind the commit
+    accepted = await asyncio.shield(committed)
     if accepted.new:
         app[WORKER].wake()
         log.info("job.queued", model=job.model_key, job_id=job.id, endpoint=job.endpoint, respond_async=True)
@@ -83,8 +85,12 @@ async def _serve(request: web.Request, job: NewJob) -> web.StreamResponse:
         try:
             # Shielded: once the insert started, it lands even if the client
             # leaves, and the cancel below then finds the job.
-            await asyncio.shield(app[STORE].submit(Submission(job)))
+            committed = app[STORE].submit(Submission(job))
+            # The worker's claim lines up on the store's thread right behind
+            # the commit, rather than after the commit's answer comes back.
             worker.wake()
+            await asyncio.shield(committed)
+            worker.wake()  # a claim that ran ahead of a grouped commit missed the job
             log.info(
                 "job.queued",
                 model=job.model_key,

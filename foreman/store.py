@@ -589,13 +589,17 @@ class AsyncStore:
         call = partial(method, self._store, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
-    async def submit(self, submission: Submission) -> Accepted:
-        """Write a new job, committed before this returns; raises what `Store.submit` refuses it with."""
+    def submit(self, submission: Submission) -> asyncio.Future[Accepted]:
+        """Write a new job: the future resolves once it is committed, or with what `Store.submit` refused.
+
+        The write is on its way to the store's thread when this returns, so a
+        store call made after it (the worker's claim) runs after the commit.
+        """
         future: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
         self._pending.append((submission, future))
         if not self._committing:
             self._commit_pending()
-        return await future
+        return future
 
     def _commit_pending(self) -> None:
         batch, self._pending = self._pending, []

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import structlog
 
@@ -121,6 +122,7 @@ class Worker:
         self._cancel_requested: set[str] = set()
         # What each running job has streamed so far, for late watchers and the store.
         self._output: dict[str, list[bytes]] = {}
+        self._records: set[asyncio.Future[None]] = set()  # results on their way to the store
         self._upstream_down = False
         self._stopping = False
         self._idle_since: float | None = None  # when the queue last ran dry
@@ -210,6 +212,7 @@ class Worker:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*self._records, return_exceptions=True)
             if self._warmer is not None:
                 await self._warmer.close()
 
@@ -464,6 +467,8 @@ class Worker:
         Where the endpoint takes no keep_alive (Ollama's /v1), the keep_alive
         comes back beside the body instead, for a load request to set first.
         """
+        if not job.respond_async and waiting_after == 0 and job.model_key not in self._pins:
+            return job.body, None  # nothing to pin, release or ask for: send it as it came
         dialect = dialect_for(job.endpoint)
         body = json.loads(job.body)
         if _is_unload(job.endpoint, body):
@@ -639,27 +644,47 @@ class Worker:
         error: str | None = None,
         attempt: int | None = None,
     ) -> None:
-        """Record how the job ended, with its output, then tell whoever waits for it."""
+        """Record how the job ended, with its output, and tell whoever waits for it.
+
+        A job that succeeded is answered first and recorded right after: the
+        record is already on its way to the store's thread, so any later store
+        call (GET /jobs/{id}, the next claim) sees it, and neither the client
+        nor the next job waits for the commit. If foreman dies in between,
+        the job runs again after the restart, as if it had died a moment earlier.
+        """
         if state is not JobState.DONE and error is None:
             error = _error_text(body)
         now = self._clock()
         if state is JobState.FAILED:
             self.last_error = (now, error or "")
         chunks = self._output.pop(job.id, ())
-        await self._store.run(
-            Store.finish,
-            job,
-            state,
-            now,
-            status=status,
-            result=result,
-            error=error,
-            attempt=attempt,
-            chunks=chunks,
+        record = asyncio.ensure_future(
+            self._store.run(
+                Store.finish,
+                job,
+                state,
+                now,
+                status=status,
+                result=result,
+                error=error,
+                attempt=attempt,
+                chunks=chunks,
+            )
         )
+        if state is JobState.DONE:
+            self._records.add(record)
+            record.add_done_callback(partial(self._recorded, job.id))
+        else:
+            await record
         self._events.publish(job.id, Ended(state, status, body, content_type))
         started = job.started_at if job.started_at is not None else now
         self._metrics.job_ended(job, state, wait=started - job.created_at, run=now - started)
+
+    def _recorded(self, job_id: str, record: asyncio.Future[None]) -> None:
+        self._records.discard(record)
+        if not record.cancelled() and (exc := record.exception()) is not None:
+            # The job stays "working" in the store, and runs again after a restart.
+            log.error("job.record_failed", job_id=job_id, error=str(exc))
 
     def _note_outage(self, exc: UpstreamUnreachable) -> None:
         if not self._upstream_down:

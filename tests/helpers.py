@@ -7,6 +7,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from foreman.config import Config
+from foreman.keys import STORE
 from stub_ollama import Stub, StubServer, normalise, reply_tokens
 
 
@@ -43,7 +45,16 @@ class Foreman:
         return str(self.client.make_url("")).rstrip("/")
 
     def jobs(self) -> list[dict[str, Any]]:
-        """Every job row, oldest first, read through a separate connection."""
+        """Every job row, oldest first, read through a separate connection.
+
+        First it lets the store's thread finish what it was handed: foreman
+        answers a finished job before its record commits (a few microseconds
+        later), and a test reading the file must not see the moment between.
+        """
+        store = self.app.get(STORE)
+        if store is not None:
+            with suppress(RuntimeError):  # the app has stopped and its thread is gone
+                store._executor.submit(lambda: None).result(timeout=5)
         db = sqlite3.connect(self.config.db_path)
         db.row_factory = sqlite3.Row
         try:
