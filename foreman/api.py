@@ -63,7 +63,7 @@ async def _accept(request: web.Request, job: NewJob) -> web.Response:
     accepted = await asyncio.shield(committed)
     if accepted.new:
         app[WORKER].wake()
-        log.info("job.queued", model=job.model_key, job_id=job.id, endpoint=job.endpoint, respond_async=True)
+        _log_queued(job)
     job_id = accepted.job_id
     return web.json_response(
         {"id": job_id, "state": accepted.state, "position": accepted.position},
@@ -91,19 +91,25 @@ async def _serve(request: web.Request, job: NewJob) -> web.StreamResponse:
             worker.wake()
             await asyncio.shield(committed)
             worker.wake()  # a claim that ran ahead of a grouped commit missed the job
-            log.info(
-                "job.queued",
-                model=job.model_key,
-                job_id=job.id,
-                endpoint=job.endpoint,
-                stream=job.stream,
-                priority=job.priority.value,
-            )
+            _log_queued(job)
             return await _respond(request, job, inbox, app[CONFIG].early_headers)
         except (asyncio.CancelledError, ConnectionResetError):
             # The client went away: like Ollama, stop working for it.
             await asyncio.shield(worker.cancel(job.id))
             raise
+
+
+def _log_queued(job: NewJob) -> None:
+    # Sizes, never content: prompts stay out of the log.
+    log.info(
+        "job.queued",
+        model=job.model_key,
+        job_id=job.id,
+        endpoint=job.endpoint,
+        priority=job.priority.value,
+        respond_async=job.respond_async,
+        body_bytes=len(job.body),
+    )
 
 
 async def _respond(
