@@ -270,9 +270,11 @@ class Store:
         position = None
         if order is not None:
             # The newest job of its group: everything in its group is ahead of it.
-            position = self._waiting_before(job.model_key, job.priority, order) + self._by_class[
-                job.model_key, job.priority
-            ] - 1
+            position = (
+                self._waiting_before(job.model_key, job.priority, order)
+                + self._by_class[job.model_key, job.priority]
+                - 1
+            )
         return Accepted(job_id, True, JobState.QUEUED, position)
 
     def _insert(self, job: NewJob, request_hash: str | None) -> str:
@@ -587,7 +589,9 @@ class AsyncStore:
         await self.run(Store.close)
         self._executor.shutdown(wait=True)
 
-    async def run(self, method: Callable[Concatenate[Store, P], T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    async def run(
+        self, method: Callable[Concatenate[Store, P], T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T:
         call = partial(method, self._store, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 

@@ -46,26 +46,58 @@ def _keep_alive(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     defaults = StubSettings()
-    parser = argparse.ArgumentParser(prog="python -m stub_ollama", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m stub_ollama",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=11434)
-    parser.add_argument("--models", type=_names, default=["llama3", "mistral", "qwen2"],
-                        help="comma-separated completion models (default: %(default)s)")
-    parser.add_argument("--embed-models", type=_names, default=["nomic-embed-text"],
-                        help="comma-separated embedding models (default: %(default)s)")
-    parser.add_argument("--capacity", type=int, default=defaults.capacity,
-                        help="models that fit at once (default: %(default)s)")
-    parser.add_argument("--load-delay", type=float, default=defaults.load_delay,
-                        help="seconds a load takes (default: %(default)s)")
-    parser.add_argument("--token-delay", type=float, default=defaults.token_delay,
-                        help="seconds between streamed tokens (default: %(default)s)")
-    parser.add_argument("--tokens", type=int, default=defaults.tokens,
-                        help="tokens per reply (default: %(default)s)")
-    parser.add_argument("--keep-alive", type=_keep_alive, default=defaults.default_keep_alive,
-                        help="default keep_alive, e.g. 5m or 300 (default: 300 s)")
-    parser.add_argument("--num-parallel", type=int, default=defaults.num_parallel,
-                        help="parallel requests per model (default: %(default)s)")
+    parser.add_argument(
+        "--models",
+        type=_names,
+        default=["llama3", "mistral", "qwen2"],
+        help="comma-separated completion models (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--embed-models",
+        type=_names,
+        default=["nomic-embed-text"],
+        help="comma-separated embedding models (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--capacity",
+        type=int,
+        default=defaults.capacity,
+        help="models that fit at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--load-delay",
+        type=float,
+        default=defaults.load_delay,
+        help="seconds a load takes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--token-delay",
+        type=float,
+        default=defaults.token_delay,
+        help="seconds between streamed tokens (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=defaults.tokens, help="tokens per reply (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--keep-alive",
+        type=_keep_alive,
+        default=defaults.default_keep_alive,
+        help="default keep_alive, e.g. 5m or 300 (default: 300 s)",
+    )
+    parser.add_argument(
+        "--num-parallel",
+        type=int,
+        default=defaults.num_parallel,
+        help="parallel requests per model (default: %(default)s)",
+    )
     return parser
 
 
@@ -106,8 +138,7 @@ async def _serve(settings: StubSettings, host: str, port: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         settings = settings_from_args(args)
     except ValueError as exc:

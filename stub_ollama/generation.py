@@ -55,9 +55,7 @@ def count_tokens(text: str) -> int:
 
 def token_ids(text: str) -> list[int]:
     """Made-up token ids for ``text`` (the ``context`` array of ``/api/generate``)."""
-    return [
-        int.from_bytes(_digest(word)[:2], "big") % 32000 + 1 for word in text.split()
-    ] or [1]
+    return [int.from_bytes(_digest(word)[:2], "big") % 32000 + 1 for word in text.split()] or [1]
 
 
 def embedding(model: str, text: str, dims: int) -> list[float]:

@@ -98,11 +98,7 @@ def guard_middleware(check_host: bool, extra_origins: tuple[str, ...]) -> Middle
         origin = request.headers.get("Origin", "")
         if origin and not origin_allowed(origin, request.host, extra_origins):
             return web.Response(status=403)
-        if (
-            check_host
-            and _arrived_on_loopback(request)
-            and not host_allowed(request.headers.get("Host", ""))
-        ):
+        if check_host and _arrived_on_loopback(request) and not host_allowed(request.headers.get("Host", "")):
             return web.Response(status=403)
         if request.method == "OPTIONS":
             return web.Response(status=204)

@@ -205,8 +205,7 @@ def _check_types(endpoint: Endpoint, body: dict[str, Any]) -> float | None:
             if isinstance(value, str) and value not in _THINK_LEVELS:
                 raise RequestError(
                     400,
-                    f'invalid think value: "{value}" (must be "high", "medium", "low", true, '
-                    "or false)",
+                    f'invalid think value: "{value}" (must be "high", "medium", "low", true, or false)',
                 )
             if not isinstance(value, bool | str):
                 raise RequestError(
@@ -332,9 +331,7 @@ async def _parse(
 # ------------------------------------------------------------------- replies
 
 
-def _metrics(
-    t_start: int, t_loaded: int, prompt_count: int, eval_count: int, eval_ns: int
-) -> dict[str, int]:
+def _metrics(t_start: int, t_loaded: int, prompt_count: int, eval_count: int, eval_ns: int) -> dict[str, int]:
     metrics = {
         "total_duration": max(now_ns() - t_start, 1),
         "load_duration": max(t_loaded - t_start, 1),

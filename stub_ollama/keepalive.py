@@ -83,9 +83,7 @@ def parse_go_duration(text: str) -> float:
         unit_text, s = s[:k], s[k:]
         unit = _UNITS.get(unit_text)
         if unit is None:
-            raise KeepAliveError(
-                f"time: unknown unit {_quote(unit_text)} in duration {_quote(orig)}"
-            )
+            raise KeepAliveError(f"time: unknown unit {_quote(unit_text)} in duration {_quote(orig)}")
         whole = int(whole_digits or "0")
         value = whole * unit
         if frac_digits:

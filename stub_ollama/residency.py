@@ -168,9 +168,7 @@ class Scheduler:
 
     # ------------------------------------------------------------ acquisition
 
-    async def acquire(
-        self, model: str, options: RunnerOptions, keep_alive: float | None
-    ) -> Runner:
+    async def acquire(self, model: str, options: RunnerOptions, keep_alive: float | None) -> Runner:
         """Get a loaded runner for ``model`` with a reference held; :meth:`release` it after.
 
         Raises :class:`QueueFull` or :class:`RunnerGone`; cancellation is safe at
@@ -343,9 +341,7 @@ class Scheduler:
         )
 
     def _start_load(self, request: _Pending, loop: asyncio.AbstractEventLoop) -> Runner:
-        keep_alive = (
-            request.keep_alive if request.keep_alive is not None else self.default_keep_alive
-        )
+        keep_alive = request.keep_alive if request.keep_alive is not None else self.default_keep_alive
         runner = Runner(
             model=request.model,
             options=request.options,

@@ -180,9 +180,7 @@ class Stub:
                 while not predicate(self):
                     await self._event.wait()
         except TimeoutError:
-            raise TimeoutError(
-                f"stub condition not met within {timeout}s: {self.summary()}"
-            ) from None
+            raise TimeoutError(f"stub condition not met within {timeout}s: {self.summary()}") from None
 
     def summary(self) -> str:
         """A one-line description of the state, for failure messages."""
@@ -254,7 +252,10 @@ class Stub:
         self.in_flight -= 1
         logger.info(
             "request %s model=%s outcome=%s status=%s",
-            record.path, record.model, record.outcome, record.status,
+            record.path,
+            record.model,
+            record.outcome,
+            record.status,
         )
         self._changed()
 

@@ -77,9 +77,7 @@ def now_ns() -> int:
 
 def json_response(obj: object, status: int = 200) -> web.Response:
     """A buffered JSON reply like gin's ``c.JSON`` (no trailing newline)."""
-    return web.Response(
-        status=status, body=dumps(obj).encode("ascii"), headers={"Content-Type": JSON_TYPE}
-    )
+    return web.Response(status=status, body=dumps(obj).encode("ascii"), headers={"Content-Type": JSON_TYPE})
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -140,15 +138,11 @@ async def read_json_object(request: web.Request, go_type: str) -> dict[str, Any]
     except json.JSONDecodeError as exc:
         raise RequestError(400, _go_json_error(exc)) from exc
     except ValueError as exc:
-        raise RequestError(
-            400, f"invalid character '{str(exc)[:1]}' looking for beginning of value"
-        ) from exc
+        raise RequestError(400, f"invalid character '{str(exc)[:1]}' looking for beginning of value") from exc
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise RequestError(
-            400, f"json: cannot unmarshal {json_kind(value)} into Go value of type {go_type}"
-        )
+        raise RequestError(400, f"json: cannot unmarshal {json_kind(value)} into Go value of type {go_type}")
     return value
 
 
