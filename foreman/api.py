@@ -59,10 +59,10 @@ async def _accept(request: web.Request, job: NewJob) -> web.Response:
     fingerprint = request_hash(job) if job.idempotency_key is not None else None
     submission = Submission(job, fingerprint, app[WORKER].drain_order_now())
     committed = app[STORE].submit(submission)
-    app[WORKER].wake()  # as in _serve: the claim queues up behind the commit
+    app[WORKER].wake(job.model_key)  # as in _serve: the claim queues up behind the commit
     accepted = await asyncio.shield(committed)
     if accepted.new:
-        app[WORKER].wake()
+        app[WORKER].wake(job.model_key)
         _log_queued(job)
     job_id = accepted.job_id
     return web.json_response(
@@ -88,9 +88,9 @@ async def _serve(request: web.Request, job: NewJob) -> web.StreamResponse:
             committed = app[STORE].submit(Submission(job))
             # The worker's claim lines up on the store's thread right behind
             # the commit, rather than after the commit's answer comes back.
-            worker.wake()
+            worker.wake(job.model_key)
             await asyncio.shield(committed)
-            worker.wake()  # a claim that ran ahead of a grouped commit missed the job
+            worker.wake(job.model_key)  # a claim that ran ahead of a grouped commit missed the job
             _log_queued(job)
             return await _respond(request, job, inbox, app[CONFIG].early_headers)
         except (asyncio.CancelledError, ConnectionResetError):

@@ -238,17 +238,19 @@ class Store:
         """
         counts = self._waiting.copy(), self._by_class.copy()
         results: list[Accepted | ForemanError] = []
+        # One INSERT is a transaction of its own; every statement saved is a
+        # GIL hand-over saved against the busy event loop.
+        grouped = len(submissions) > 1
         try:
-            self._db.execute("BEGIN IMMEDIATE")
+            if grouped:
+                self._db.execute("BEGIN IMMEDIATE")
             for submission in submissions:
-                self._db.execute("SAVEPOINT job")
                 try:
                     results.append(self._accept(submission))
                 except (IdempotencyConflict, QueueFull) as exc:
-                    self._db.execute("ROLLBACK TO job")
-                    results.append(exc)
-                self._db.execute("RELEASE job")
-            self._db.execute("COMMIT")
+                    results.append(exc)  # refused before anything of it was written
+            if grouped:
+                self._db.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
@@ -371,14 +373,12 @@ class Store:
         chunks: Sequence[bytes] = (),
     ) -> None:
         """End a running job for good, with its output; a job that already ended stays as it ended."""
+        if not chunks:
+            self._end(job, state, now, status, result, error, attempt)
+            return
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            ended = self._db.execute(
-                "UPDATE jobs SET state = ?, finished_at = ?, status = ?, result = ?, error = ?,"
-                " attempt = coalesce(?, attempt) WHERE id = ? AND state IN ('loading', 'working')",
-                (state, now, status, result, error, attempt, job.id),
-            ).rowcount
-            if ended and chunks:
+            if self._end(job, state, now, status, result, error, attempt):
                 self._db.executemany(
                     "INSERT OR REPLACE INTO chunks (job_id, seq, data) VALUES (?, ?, ?)",
                     ((job.id, seq, data) for seq, data in enumerate(chunks)),
@@ -387,6 +387,23 @@ class Store:
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+
+    def _end(
+        self,
+        job: Job,
+        state: JobState,
+        now: float,
+        status: int,
+        result: bytes | None,
+        error: str | None,
+        attempt: int | None,
+    ) -> bool:
+        ended = self._db.execute(
+            "UPDATE jobs SET state = ?, finished_at = ?, status = ?, result = ?, error = ?,"
+            " attempt = coalesce(?, attempt) WHERE id = ? AND state IN ('loading', 'working')",
+            (state, now, status, result, error, attempt, job.id),
+        ).rowcount
+        return bool(ended)
 
     def requeue(self, job: Job, *, attempt: int, error: str | None) -> None:
         """Put a running job back in line, keeping its place (its id)."""

@@ -105,6 +105,7 @@ class Worker:
         self._sleep = sleep
         self._work = asyncio.Event()
         self._arrived = asyncio.Event()  # a job was queued: a load for batch work may be given up
+        self._arrived_for: set[str] = set()  # model keys of the jobs queued since the last look
         # Model keys Ollama holds; None means "read /api/ps before the next pick".
         self._resident: frozenset[str] | None = None
         # What the policy remembers between picks (its resident set is refreshed from _resident).
@@ -160,10 +161,11 @@ class Worker:
 
         return order
 
-    def wake(self) -> None:
-        """New work is in the store."""
+    def wake(self, model_key: str) -> None:
+        """New work for `model_key` is in the store."""
         self._work.set()
         self._arrived.set()
+        self._arrived_for.add(model_key)
 
     def model_stats(self) -> list[ModelStats]:
         """Per model: residency, scheduling state and learned costs, for /status."""
@@ -292,12 +294,15 @@ class Worker:
             await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
             return
         self._work.clear()
+        self._arrived_for.clear()
         arrived = asyncio.ensure_future(self._work.wait())
         try:
             done, _ = await asyncio.wait({*self._tasks, arrived}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             arrived.cancel()
-        if arrived in done:
+        # More work for the model being served cannot change which model follows
+        # it, so only work for another model is worth a look at the queues.
+        if arrived in done and self._arrived_for - {self._state.serving}:
             # Until /api/ps is read again after a swap, the policy's own view stands in.
             state = replace(self._state, resident=self._resident or self._state.resident)
             queues = await self._store.run(Store.queues)
@@ -322,7 +327,8 @@ class Worker:
                 # Never two models at once: this one waits until the jobs in flight end.
                 return None
             if want_upcoming:
-                upcoming.append(policy.upcoming(queues, state, now, costs))
+                # The model after this one: the one this claim serves counts as loaded.
+                upcoming.append(policy.upcoming(queues, state.after(decision, now), now, costs))
             return decision
 
         return choose
