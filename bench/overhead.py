@@ -323,7 +323,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             token_delay=args.token_delay,
         )
         bare = procs.bare("bare", stub.url)
-        foreman = procs.foreman("foreman", stub.url)
+        foreman = procs.foreman("foreman", stub.url, env={"FOREMAN_PARALLEL": str(args.parallel)})
         slow_bare = procs.bare("slow-bare", slow.url)
         slow_foreman = procs.foreman("slow-foreman", slow.url)
         # Nothing listens upstream of the intake daemons: jobs wait, and the worker stays out of the way.
@@ -456,6 +456,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--intake-jobs", type=int, default=2000, help="async jobs per intake round (default %(default)s)")
     add("--intake-rounds", type=int, default=5, help="(default %(default)s)")
     add("--submitters", type=int, default=32, help="concurrent async submitters (default %(default)s)")
+    add(
+        "--parallel",
+        type=int,
+        default=1,
+        help="FOREMAN_PARALLEL of the foreman under test (default %(default)s)",
+    )
     return parser.parse_args(argv)
 
 
