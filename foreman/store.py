@@ -86,6 +86,10 @@ _COLUMNS = (
     " created_at, started_at, finished_at, status, error, result, respond_async, priority"
 )
 
+# The same columns for pages of jobs, which show neither the request nor the
+# result: a page of embeddings would otherwise copy megabytes it never shows.
+_SUMMARY_COLUMNS = _COLUMNS.replace(" body,", " x'' AS body,").replace(" result,", " NULL AS result,")
+
 _ENDED = "('done', 'failed', 'cancelled')"
 
 
@@ -442,7 +446,10 @@ class Store:
     def list_jobs(
         self, *, state: str | None, model_key: str | None, limit: int, before: str | None
     ) -> list[Job]:
-        """A page of jobs, newest first, each older than the cursor `before` (a job id)."""
+        """A page of jobs, newest first, each older than the cursor `before` (a job id).
+
+        They come without body and result (see `_SUMMARY_COLUMNS`).
+        """
         where, args = [], []
         if state is not None:
             where.append("state = ?")
@@ -456,7 +463,7 @@ class Store:
             args.append(before)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM jobs {clause} ORDER BY id DESC LIMIT ?", (*args, limit)
+            f"SELECT {_SUMMARY_COLUMNS} FROM jobs {clause} ORDER BY id DESC LIMIT ?", (*args, limit)
         ).fetchall()
         return [_job_from_row(row) for row in rows]
 
