@@ -11,6 +11,8 @@ from .app import create_app
 from .settings import StubSettings
 from .state import STUB, Stub
 
+_SHUTDOWN_TIMEOUT_S = 0.25  # how long close() lets a request in flight finish
+
 
 class StubServer:
     """A stub Ollama listening on a TCP port.
@@ -58,7 +60,11 @@ class StubServer:
         if self._runner is not None:
             raise RuntimeError("StubServer already started")
         # handler_cancellation: a client that goes away cancels its request, as in Ollama.
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        # shutdown_timeout: a connection accepted just as the listener closed gets
+        # its handler after close() dropped the others; aiohttp would wait 60 s for it.
+        self._runner = web.AppRunner(
+            self.app, handler_cancellation=True, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT_S
+        )
         await self._runner.setup()
         self._host = host
         self._port = port
