@@ -7,7 +7,7 @@ from types import TracebackType
 
 from aiohttp import web
 
-from .app import create_app
+from .app import Handler, create_app
 from .settings import StubSettings
 from .state import STUB, Stub
 
@@ -24,6 +24,7 @@ class StubServer:
 
     def __init__(self, settings: StubSettings | None = None) -> None:
         self.app = create_app(settings)
+        self.app.middlewares.insert(0, self._refuse_while_down)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._host = "127.0.0.1"
@@ -77,6 +78,17 @@ class StubServer:
         self._site = site
         if not self._port:
             self._port = int(self._runner.addresses[0][1])
+
+    @web.middleware
+    async def _refuse_while_down(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # A connection accepted in the instant the listener closed outlives the
+        # drop; a stopped Ollama would not answer it, so neither does the stub.
+        if self._site is None:
+            transport = request.transport
+            if transport is not None:
+                transport.abort()
+            raise web.HTTPServiceUnavailable()
+        return await handler(request)
 
     def _drop_connections(self) -> None:
         assert self._runner is not None
