@@ -24,12 +24,12 @@ PRIORITY_HEADER = "X-Foreman-Priority"
 async def queued(request: web.Request) -> web.StreamResponse:
     """Write the request as a job; answer 202 at once, or with what the worker produces for it."""
     respond_async = prefers_async(request)
+    config = request.app[CONFIG]
     try:
-        async with asyncio.timeout(request.app[CONFIG].read_timeout):
+        async with asyncio.timeout(config.read_timeout):
             raw = await request.read()
     except TimeoutError as exc:
         raise ForemanError("the request body did not arrive in time", 408) from exc
-    config = request.app[CONFIG]
     default_priority = config.async_priority if respond_async else config.sync_priority
     job = parse_job(
         request.path,

@@ -622,8 +622,10 @@ class AsyncStore:
     def submit(self, submission: Submission) -> asyncio.Future[Accepted]:
         """Write a new job: the future resolves once it is committed, or with what `Store.submit` refused.
 
-        The write is on its way to the store's thread when this returns, so a
-        store call made after it (the worker's claim) runs after the commit.
+        With no commit running, the write is on its way to the store's thread
+        when this returns, so a store call made after it (the worker's claim)
+        runs after the commit. Otherwise it waits for the running commit and
+        goes in the next batch, behind whatever store calls came meanwhile.
         """
         future: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
         self._pending.append((submission, future))

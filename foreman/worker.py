@@ -170,8 +170,7 @@ class Worker:
     def model_stats(self) -> list[ModelStats]:
         """Per model: residency, scheduling state and learned costs, for /status."""
         observed = self._costs.observed()
-        state = self._state
-        resident = self._resident if self._resident is not None else state.resident
+        state, resident = self._state, self.resident
         keys = set(observed) | resident | ({state.serving} if state.serving else set())
         stats = []
         for key in sorted(keys):
@@ -303,8 +302,7 @@ class Worker:
         # More work for the model being served cannot change which model follows
         # it, so only work for another model is worth a look at the queues.
         if arrived in done and self._arrived_for - {self._state.serving}:
-            # Until /api/ps is read again after a swap, the policy's own view stands in.
-            state = replace(self._state, resident=self._resident or self._state.resident)
+            state = replace(self._state, resident=self.resident)
             queues = await self._store.run(Store.queues)
             following = self._policy.upcoming(queues, state, self._clock(), self._costs.costs())
             if following is not None and following != state.serving:
