@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from foreman.models import JobState
+from foreman.models import JSON_TYPE, JobState
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +36,7 @@ class Ended:
     state: JobState
     status: int
     body: bytes
-    content_type: str = "application/json; charset=utf-8"
+    content_type: str = JSON_TYPE
 
 
 JobEvent = Chunk | StateChanged | Ended

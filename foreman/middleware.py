@@ -12,13 +12,14 @@ from aiohttp.typedefs import Handler
 
 from foreman.dialects import dialect_for
 from foreman.errors import ForemanError
+from foreman.models import JSON_TYPE
 
 log = structlog.get_logger("foreman.api")
 
 
 def error_response(request: web.Request, status: int, message: str) -> web.Response:
     body = dialect_for(request.path).error_body(status, message)
-    return web.Response(status=status, body=body, headers={"Content-Type": "application/json; charset=utf-8"})
+    return web.Response(status=status, body=body, headers={"Content-Type": JSON_TYPE})
 
 
 @web.middleware

@@ -42,6 +42,9 @@ QUEUED_ENDPOINTS = (
 # Those whose replies can stream; the others answer in one piece, whatever `stream` says.
 STREAMED_ENDPOINTS = frozenset({"/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions"})
 
+# The content type of Ollama's (and foreman's) JSON answers.
+JSON_TYPE = "application/json; charset=utf-8"
+
 
 @dataclass(frozen=True, slots=True)
 class NewJob:

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 
 from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable, error_message
+from foreman.models import JSON_TYPE
 from foreman.names import normalise_model
 
 NDJSON = "application/x-ndjson"
@@ -45,7 +46,7 @@ class Reply:
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
         self.status = response.status
-        self.content_type = response.headers.get("Content-Type", "application/json; charset=utf-8")
+        self.content_type = response.headers.get("Content-Type", JSON_TYPE)
         self.streamed = self.content_type.startswith((NDJSON, EVENT_STREAM))
 
     async def lines(self) -> AsyncIterator[bytes]:

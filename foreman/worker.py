@@ -22,7 +22,7 @@ from foreman.dialects import dialect_for
 from foreman.errors import TRANSIENT, UpstreamFailed, UpstreamRejected, UpstreamUnreachable, error_message
 from foreman.events import Chunk, Ended, JobEvents, StateChanged
 from foreman.metrics import Metrics
-from foreman.models import STREAMED_ENDPOINTS, Job, JobState, ModelStats, Priority
+from foreman.models import JSON_TYPE, STREAMED_ENDPOINTS, Job, JobState, ModelStats, Priority
 from foreman.names import key_load_options, key_model_name
 from foreman.retry import RetryPolicy, Sleep
 from foreman.scheduler import CostBook, Decision, ModelQueue, Policy, Reason, State, drain_order
@@ -42,7 +42,6 @@ _RELOAD_HINT_NS = 500_000_000
 # is not worth an extra round trip per request.
 _IDLE_RECHECK_S = 2.0
 _LOAD_DURATION = re.compile(rb'"load_duration":\s*(\d+)')
-_JSON = "application/json; charset=utf-8"
 
 
 class StreamBroken(Exception):
@@ -643,7 +642,7 @@ class Worker:
         status: int,
         body: bytes,
         *,
-        content_type: str = _JSON,
+        content_type: str = JSON_TYPE,
         result: bytes | None = None,
         error: str | None = None,
         attempt: int | None = None,
