@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from foreman.models import Job, JobState
-from foreman.scheduler import ModelQueue
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
@@ -52,9 +51,9 @@ class Metrics:
     def retried(self) -> None:
         self._retries.inc()
 
-    def render(self, queues: Iterable[ModelQueue]) -> bytes:
-        """The text exposition format, with the queue depth as it is now."""
+    def render(self, waiting: Mapping[str, int]) -> bytes:
+        """The text exposition format, with the queue depth (`waiting` jobs per model key) as it is now."""
         self._queue_depth.clear()
-        for queue in queues:
-            self._queue_depth.labels(queue.model_key).set(queue.waiting)
+        for model_key, count in waiting.items():
+            self._queue_depth.labels(model_key).set(count)
         return bytes(generate_latest(self.registry))

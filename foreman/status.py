@@ -79,9 +79,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    queues = await request.app[STORE].run(Store.queues)
+    waiting = await request.app[STORE].run(Store.waiting_by_model)
     return web.Response(
-        body=request.app[METRICS].render(queues), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        body=request.app[METRICS].render(waiting), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
 
 

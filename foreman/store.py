@@ -438,6 +438,10 @@ class Store:
     def waiting(self, model_key: str) -> int:
         return self._waiting[model_key]
 
+    def waiting_by_model(self) -> dict[str, int]:
+        """Queued jobs per model key, all classes together."""
+        return {key: count for key, count in self._waiting.items() if count > 0}
+
     def chunks(self, job_id: str) -> list[bytes]:
         """The output a finished job streamed, in order."""
         rows = self._db.execute("SELECT data FROM chunks WHERE job_id = ? ORDER BY seq", (job_id,))
