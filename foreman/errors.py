@@ -31,6 +31,14 @@ class Conflict(ForemanError):
     status = 409
 
 
+class Unauthorized(ForemanError):
+    status = 401
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.headers = {"WWW-Authenticate": 'Bearer realm="foreman"'}
+
+
 class Unavailable(ForemanError):
     """foreman cannot take the request now; nothing already accepted is affected."""
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
+from foreman.errors import Unauthorized
+
 # Ollama's default CORS origins (envconfig.AllowedOrigins), any port.
 DEFAULT_ORIGINS = (
     "http://localhost",
@@ -106,20 +108,21 @@ def cors(app: web.Application, extra_origins: Sequence[str]) -> None:
 
 
 def bearer_token(token: str) -> Middleware:
-    """Require `Authorization: Bearer <token>` everywhere but /healthz and CORS preflights."""
+    """Require `Authorization: Bearer <token>` everywhere but /healthz.
+
+    CORS preflights never get here: `cors` answers them first, as browsers
+    send them without credentials.
+    """
     expected = f"Bearer {token}".encode()
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in _OPEN_PATHS or request.method == hdrs.METH_OPTIONS:
+        if request.path in _OPEN_PATHS:
             return await handler(request)
         given = request.headers.get(hdrs.AUTHORIZATION, "").encode()
         if not hmac.compare_digest(given, expected):
-            return web.json_response(
-                {"error": "unauthorized: send Authorization: Bearer <FOREMAN_TOKEN>"},
-                status=401,
-                headers={hdrs.WWW_AUTHENTICATE: 'Bearer realm="foreman"'},
-            )
+            # Raised, so the answer takes the shape of the path's API (Ollama's or OpenAI's).
+            raise Unauthorized("unauthorized: send Authorization: Bearer <FOREMAN_TOKEN>")
         return await handler(request)
 
     return check

@@ -85,10 +85,20 @@ async def guarded(stub_server: StubServer, make_foreman: MakeForeman) -> Foreman
 
 async def test_token_is_required_everywhere_but_healthz(guarded: Foreman) -> None:
     """With FOREMAN_TOKEN set, every endpoint needs the bearer token; /healthz stays open."""
-    for method, path in [("POST", "/api/chat"), ("GET", "/api/tags"), ("GET", "/jobs"), ("GET", "/status")]:
+    for method, path in [
+        ("POST", "/api/chat"),
+        ("GET", "/api/tags"),
+        ("OPTIONS", "/api/tags"),  # not a CORS preflight (no Origin): no way around the token
+        ("GET", "/jobs"),
+        ("GET", "/status"),
+    ]:
         answer = await guarded.client.request(method, path, json=chat_body("llama3"))
         assert answer.status == 401, path
+        assert answer.headers["WWW-Authenticate"] == 'Bearer realm="foreman"'
         assert "FOREMAN_TOKEN" in (await answer.json())["error"]
+    openai = await guarded.client.post("/v1/chat/completions", json=chat_body("llama3"))
+    assert openai.status == 401
+    assert "FOREMAN_TOKEN" in (await openai.json())["error"]["message"]  # OpenAI's error shape
     wrong = await guarded.client.get("/status", headers={"Authorization": "Bearer nope"})
     assert wrong.status == 401
     assert (await guarded.client.get("/healthz")).status == 200
