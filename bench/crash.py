@@ -240,7 +240,7 @@ async def run_test(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "jobs": args.jobs,
             "kills_survived": len(run.kills),
             "kills_while_submitting": sum(k["acknowledged"] < args.jobs for k in run.kills),
-            "kills_with_a_job_running": recovered(foreman.log),
+            "jobs_requeued_at_restart": recovered(foreman.log),
             "outages_survived": len(run.outages),
             "kill_moments": run.kills,
             "outage_moments": run.outages,
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         f" {results['elapsed_s']} s\n"
         f"  kills survived:            {results['kills_survived']}/{args.kills}"
         f" ({results['kills_while_submitting']} while jobs were being submitted;"
-        f" {results['kills_with_a_job_running']} jobs found running at a restart and requeued)\n"
+        f" {results['jobs_requeued_at_restart']} jobs found running at a restart and requeued)\n"
         f"  upstream outages survived: {results['outages_survived']}/{args.outages}\n"
         f"  acknowledged:              {results['acknowledged']}"
         f" ({results['acked_after_retry']} after a retry, {results['acked_200_existing']} of them"

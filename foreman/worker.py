@@ -139,10 +139,6 @@ class Worker:
         """Model keys Ollama holds, as far as the worker knows (its own view while /api/ps is due)."""
         return self._resident if self._resident is not None else self._state.resident
 
-    @property
-    def upstream_down(self) -> bool:
-        return self._upstream_down
-
     def output_so_far(self, job_id: str) -> list[bytes]:
         """The chunks a running job has streamed up to now."""
         return list(self._output.get(job_id, ()))

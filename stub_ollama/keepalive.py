@@ -125,8 +125,3 @@ def parse_env_keep_alive(text: str) -> float:
     except ValueError:
         seconds = parse_go_duration(text)
     return FOREVER if seconds < 0 else seconds
-
-
-def is_forever(seconds: float) -> bool:
-    """Whether a keep-alive value means "never expire by time"."""
-    return math.isinf(seconds)

@@ -102,7 +102,6 @@ class Runner:
     # it is idle, whatever keep_alive later requests carry (see module docstring).
     evicting: bool = False
     last_used: float = field(default_factory=time.monotonic)
-    loaded_at: float | None = None
     expires_at: float | None = None  # wall-clock deadline while the idle timer runs
     timer: asyncio.TimerHandle | None = None
     load_task: asyncio.Task[None] | None = None
@@ -360,7 +359,6 @@ class Scheduler:
         if delay > 0:
             await asyncio.sleep(delay)
         runner.loading = False
-        runner.loaded_at = time.time()
         if not runner.ready.done():
             runner.ready.set_result(None)
         self._on_change()

@@ -102,7 +102,6 @@ class Stub:
         self.max_in_flight = 0
         self.generating = 0
         self.max_generating = 0
-        self.restarts = 0
         self.models: dict[str, Installed] = {}
         self._event = asyncio.Event()
         now = datetime.now().astimezone()
@@ -225,7 +224,6 @@ class Stub:
 
         Each resident model is recorded in :attr:`evictions`.
         """
-        self.restarts += 1
         logger.info("restart: forgetting %s", list(self.scheduler.runners))
         self.scheduler.reset()
 
