@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import structlog
 from aiohttp import web
@@ -169,8 +170,7 @@ async def _finish(
 
 
 # What handlers still waiting at shutdown tell their clients.
+_SHUTTING_DOWN = "foreman is shutting down; the job stays queued and runs after the restart"
 SHUTTING_DOWN = Ended(
-    JobState.QUEUED,
-    503,
-    b'{"error":"foreman is shutting down; the job stays queued and runs after the restart"}',
+    JobState.QUEUED, 503, json.dumps({"error": _SHUTTING_DOWN}).encode(), error=_SHUTTING_DOWN
 )

@@ -37,6 +37,7 @@ class Ended:
     status: int
     body: bytes
     content_type: str = JSON_TYPE
+    error: str | None = None  # what went wrong, as the job's record keeps it
 
 
 JobEvent = Chunk | StateChanged | Ended

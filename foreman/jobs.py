@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from foreman.api import job_position
-from foreman.errors import BadRequest, Conflict, NotFound, error_message
+from foreman.errors import BadRequest, Conflict, NotFound
 from foreman.events import Chunk, Ended, StateChanged
 from foreman.keys import EVENTS, STORE, WORKER
 from foreman.models import Job, JobState
@@ -105,8 +105,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             elif isinstance(event, StateChanged):
                 await _send_state(response, event.state, event.attempt, time.time())
             else:
-                error = None if event.state is JobState.DONE else _error_of(event.body)
-                await _send(response, "end", _end_view(event.state, event.status, error, time.time()))
+                await _send(response, "end", _end_view(event.state, event.status, event.error, time.time()))
                 return response
 
 
@@ -132,7 +131,3 @@ async def _send_chunk(response: web.StreamResponse, line: bytes) -> None:
 
 def _end_view(state: JobState, status: int | None, error: str | None, at: float | None) -> dict[str, Any]:
     return {"state": state, "status": status, "error": error, "at": _iso(at)}
-
-
-def _error_of(body: bytes) -> str | None:
-    return error_message(body) or body.decode("utf-8", "replace") or None

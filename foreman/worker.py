@@ -223,7 +223,8 @@ class Worker:
         self._cancel_requested.add(job_id)
         if await self._store.run(Store.cancel_queued, job_id, self._clock()):
             self._cancel_requested.discard(job_id)
-            self._events.publish(job_id, Ended(JobState.CANCELLED, 499, _error_body("request canceled")))
+            ended = Ended(JobState.CANCELLED, 499, _error_body("request canceled"), error="request canceled")
+            self._events.publish(job_id, ended)
             log.info("job.cancelled", job_id=job_id, before="start")
             return True
         if job_id in self._running:
@@ -675,7 +676,7 @@ class Worker:
             record.add_done_callback(partial(self._recorded, job.id))
         else:
             await record
-        self._events.publish(job.id, Ended(state, status, body, content_type))
+        self._events.publish(job.id, Ended(state, status, body, content_type, error))
         started = job.started_at if job.started_at is not None else now
         self._metrics.job_ended(job, state, wait=started - job.created_at, run=now - started)
 

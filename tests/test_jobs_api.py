@@ -133,6 +133,26 @@ async def test_events_follow_a_running_job_live(
     assert [e.data["state"] for e in events if e.event == "state"][-1] == "working"
 
 
+async def test_a_live_watcher_and_a_replay_see_the_same_end(
+    http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman
+) -> None:
+    """When Ollama fails mid-stream with its own error line, the live end event and the replay agree."""
+    server = await make_stub(token_delay=0.05, tokens=8)
+    foreman = await make_foreman(server.url)
+    server.stub.faults.fail_next(1, after_chunks=4, error="out of memory")
+    _, accepted = await submit_async(foreman, chat_body("llama3", "doomed"))
+    await server.stub.wait_for(lambda s: any(r.chunks_sent >= 2 for r in s.inference_requests()))
+    url = f"{foreman.url}/jobs/{accepted['id']}/events"
+    async with http.get(url) as response:
+        live = await read_events(response)
+    async with http.get(url) as response:
+        replay = await read_events(response)
+    assert [e.data["state"] for e in live if e.event == "state"][-1] == "working"  # it was live
+    assert live[-1].data["state"] == replay[-1].data["state"] == "failed"
+    assert live[-1].data["error"] == replay[-1].data["error"]
+    assert "out of memory" in live[-1].data["error"]
+
+
 async def test_delete_cancels_a_queued_job(http: aiohttp.ClientSession, foreman: Foreman, stub: Stub) -> None:
     """A queued job cancelled through the API never reaches Ollama."""
     first = await hold_worker(http, foreman, stub, "llama3")
