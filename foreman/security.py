@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import hmac
 import ipaddress
+import re
 from collections.abc import Sequence
 
 from aiohttp import hdrs, web
@@ -71,10 +72,12 @@ def host_guard(bind_host: str, extra_hosts: Sequence[str]) -> Middleware:
 def cors(app: web.Application, extra_origins: Sequence[str]) -> None:
     """Allow browsers from Ollama's default origins and FOREMAN_ORIGINS; refuse others with 403."""
     patterns = [*DEFAULT_ORIGINS, *(o.strip() for o in extra_origins if o.strip())]
+    # One compiled pattern, not a glob match per allowed origin on every request.
+    matches = re.compile("|".join(fnmatch.translate(p) for p in patterns)).match
 
     def allowed(origin: str, host: str) -> bool:
         same_host = origin.split("://", 1)[-1] == host
-        return same_host or any(fnmatch.fnmatchcase(origin, p) for p in patterns)
+        return same_host or matches(origin) is not None
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:

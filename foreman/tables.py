@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime
-from typing import Any
 
 from ulid import ULID
 
+from foreman.client import Json
 from foreman.models import JobState
-
-Json = dict[str, Any]
 
 _STATES = [state.value for state in JobState]  # lifecycle order
 _ERROR_WIDTH = 60
