@@ -28,8 +28,12 @@ async def test_mixed_queue_drains_by_model(http: aiohttp.ClientSession, foreman:
     assert served == ["llama3"] * 5 + ["mistral"] * 3 + ["qwen2"]
 
 
-async def test_jobs_run_one_at_a_time(http: aiohttp.ClientSession, foreman: Foreman, stub: Stub) -> None:
+async def test_jobs_run_one_at_a_time(make_stub: MakeStub, make_foreman: MakeForeman) -> None:
     """Concurrent clients never make Ollama serve two requests at once."""
+    # Replies that take a while, so that jobs run side by side would overlap at the stub.
+    server = await make_stub(token_delay=0.01, tokens=4)
+    foreman = await make_foreman(server.url)
+    stub = server.stub
     answers = await asyncio.gather(
         *(
             foreman.client.post("/api/chat", json=chat_body(m, str(i)))

@@ -65,7 +65,7 @@ def test_a_damaged_queue_is_refused(tmp_path: Path) -> None:
     page = 4096
     data[3 * page : 7 * page] = b"\xff" * (4 * page)  # scribble over four b-tree pages
     path.write_bytes(bytes(data))
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError, match="failed its integrity check"):
         Store(path)
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from typing import Any
 
 import aiohttp
+import pytest
 
+from foreman.store import Store
 from helpers import (
     ASYNC,
     Foreman,
@@ -127,6 +130,10 @@ async def test_events_follow_a_running_job_live(
     _, accepted = await submit_async(foreman, chat_body("llama3", "live"))
     await server.stub.wait_for(lambda s: any(r.chunks_sent >= 2 for r in s.inference_requests()))
     async with http.get(f"{foreman.url}/jobs/{accepted['id']}/events") as response:
+        queued = [await response.content.readline() for _ in range(3)]  # event, data, blank line
+        assert queued[0] == b"event: state\n" and b'"queued"' in queued[1]
+        [upstream] = server.stub.inference_requests()
+        assert not upstream.finished  # the first event came while the job still ran
         events = await read_events(response)
     assert chunk_text(events) == reply_text("llama3", "live")
     assert events[-1].data["state"] == "done"
@@ -222,6 +229,9 @@ async def test_jobs_list_newest_first_with_a_cursor(foreman: Foreman) -> None:
     assert rest["jobs"][0]["async"] is False
     by_model = await (await foreman.client.get("/jobs?model=llama3:latest&state=done")).json()
     assert len(by_model["jobs"]) == 1
+    by_state = await (await foreman.client.get("/jobs?state=done&model=mistral")).json()
+    assert len(by_state["jobs"]) == 3
+    assert (await (await foreman.client.get("/jobs?state=failed")).json())["jobs"] == []
     bad = await foreman.client.get("/jobs?state=sleeping")
     assert bad.status == 400 and "unknown state" in (await bad.json())["error"]
 
@@ -282,6 +292,20 @@ async def test_healthz_is_ok_while_ollama_is_down(make_stub: MakeStub, make_fore
     assert answer.status == 200
     status = await (await foreman.client.get("/status")).json()
     assert status["upstream"]["reachable"] is False
+
+
+async def test_healthz_fails_when_the_database_does(
+    foreman: Foreman, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/healthz asks the database, so a monitor learns when foreman can no longer keep jobs."""
+
+    def broken(store: Store) -> None:
+        raise sqlite3.DatabaseError("disk I/O error")
+
+    monkeypatch.setattr(Store, "ping", broken)
+    answer = await foreman.client.get("/healthz")
+    assert answer.status == 503
+    assert (await answer.json())["error"] == "database check failed: disk I/O error"
 
 
 async def test_old_finished_jobs_are_pruned_and_waiting_ones_kept(

@@ -223,7 +223,9 @@ def test_class_counts_follow_cancel_requeue_and_recovery(tmp_path: Path) -> None
     assert store.cancel_queued(jobs[2].id, now=1)
     claim = store.claim_next(resident("a:latest"), now=1)
     assert claim is not None
+    assert [(q.priority, q.waiting) for q in store.queues()] == [(Priority.BATCH, 1)]
     store.requeue(claim.job, attempt=1, error=None)
+    assert [(q.priority, q.waiting) for q in store.queues()] == [(Priority.BATCH, 2)]
     store.claim_next(resident("a:latest"), now=1)
     store.close()
     reopened = Store(tmp_path / "q.db")
