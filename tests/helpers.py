@@ -164,3 +164,13 @@ def chunk_text(events: list[ServerEvent]) -> str:
         if event.event == "chunk":
             parts.append(event.data.get("message", {}).get("content") or event.data.get("response") or "")
     return "".join(parts)
+
+
+class FakeClock:
+    """Time that moves only when a test moves it."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

@@ -12,6 +12,7 @@ import pytest
 from foreman.store import Store
 from helpers import (
     ASYNC,
+    FakeClock,
     Foreman,
     MakeForeman,
     MakeStub,
@@ -313,10 +314,12 @@ async def test_old_finished_jobs_are_pruned_and_waiting_ones_kept(
 ) -> None:
     """With a short retention, a finished job disappears; running and queued ones stay however old."""
     server = await make_stub()
-    foreman = await make_foreman(server.url, retention=0.3)
+    clock = FakeClock()
+    foreman = await make_foreman(server.url, clock=clock, retention=0.3)
     await foreman.client.post("/api/chat", json=chat_body("llama3", "finished"))
     first = await hold_worker(http, foreman, server.stub, "llama3")
     _, queued = await submit_async(foreman, chat_body("mistral", "queued"))
+    clock.now += 3600  # every job is now an hour old; only the finished one may go
     await eventually(lambda: "done" not in foreman.states(), what="the finished job to be pruned")
     assert foreman.states() == ["working", "queued"]
     server.stub.faults.release_hung()

@@ -11,18 +11,8 @@ from structlog.testing import capture_logs
 
 from foreman.keys import WORKER
 from foreman.models import Priority
-from helpers import MakeForeman, MakeStub, chat_body, eventually, hold_worker, submit
+from helpers import FakeClock, MakeForeman, MakeStub, chat_body, eventually, hold_worker, submit
 from stub_ollama import StubModel
-
-
-class FakeClock:
-    """Time that moves only when a test moves it."""
-
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def swaps(logs: list[dict[str, object]]) -> list[tuple[object, object]]:

@@ -175,17 +175,6 @@ def test_waiting_counts_survive_a_reopen(tmp_path: Path) -> None:
     reopened.close()
 
 
-def test_pick_query_uses_the_queued_index(store: Store, tmp_path: Path) -> None:
-    """The oldest-job lookup is an index search, not a table scan."""
-    db = sqlite3.connect(tmp_path / "q.db")
-    plan = db.execute(
-        "EXPLAIN QUERY PLAN SELECT id FROM jobs"
-        " WHERE state = 'queued' AND model_key = ? AND priority = ? ORDER BY id LIMIT 1",
-        ("a", "batch"),
-    ).fetchall()
-    assert any("jobs_queued_by_class" in row[-1] for row in plan), plan
-
-
 def test_decision_for_an_unknown_key_is_a_bug_not_a_silent_skip(store: Store) -> None:
     """A policy that names a model with no queued job is reported loudly."""
     store.insert(new_job("a:latest"))
@@ -264,17 +253,18 @@ def test_a_schema_1_database_is_migrated_with_its_jobs_interactive(tmp_path: Pat
 
 def test_hot_path_queries_search_the_index_and_never_scan(store: Store, tmp_path: Path) -> None:
     """The queue snapshot and the claim stay index searches, so a million queued rows cost nothing more."""
-    db = sqlite3.connect(tmp_path / "q.db")
-    statements = [
-        "SELECT id, created_at FROM jobs WHERE state = 'queued' AND model_key = ? AND priority = ?"
-        " ORDER BY id LIMIT 1",
-        "UPDATE jobs SET state = 'working' WHERE id = (SELECT id FROM jobs WHERE state = 'queued'"
-        " AND model_key = ? AND priority = ? ORDER BY id LIMIT 1)",
-    ]
-    for sql in statements:
-        plan = " | ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", ("a", "batch")))
-        assert "jobs_queued_by_class" in plan and "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
-    db.close()
+    store.insert(new_job("a:latest"))
+    store.insert(new_job("a:latest"))
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)  # the SQL the store really runs, values bound
+    assert store.claim_next(resident("a:latest"), now=1) is not None
+    store._db.set_trace_callback(None)
+    reads_and_claims = [sql for sql in statements if sql.lstrip().startswith(("SELECT", "UPDATE"))]
+    assert len(reads_and_claims) == 2, statements  # the snapshot of what waits, then the claim
+    with closing(sqlite3.connect(tmp_path / "q.db")) as db:
+        for sql in reads_and_claims:
+            plan = " | ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}"))
+            assert "jobs_queued_by_class" in plan and "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
 
 
 def test_insert_many_writes_all_or_nothing(store: Store, tmp_path: Path) -> None:
