@@ -8,12 +8,14 @@ import socket
 import sqlite3
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from foreman.cli import main
 from foreman.errors import StoreError
+from foreman.keys import STORE
 from foreman.store import APPLICATION_ID, SCHEMA_VERSION, Store
-from helpers import Foreman, MakeForeman, chat_body
+from helpers import Foreman, MakeForeman, chat_body, hold_worker, submit
 from stub_ollama import StubServer
 
 # The schema of the first foreman release, before the job API.
@@ -116,12 +118,13 @@ def test_serve_refuses_a_foreign_database_with_exit_78(
 
 
 async def test_a_full_disk_refuses_new_work_and_keeps_the_old(
-    stub_server: StubServer, make_foreman: MakeForeman
+    http: aiohttp.ClientSession, stub_server: StubServer, make_foreman: MakeForeman
 ) -> None:
     """When the database cannot grow, new requests get 503; the daemon and its accepted jobs carry on."""
     foreman = await make_foreman(stub_server.url)
-    assert (await foreman.client.post("/api/chat", json=chat_body("llama3", "before"))).status == 200
-    store = foreman.app[__import__("foreman.keys", fromlist=["STORE"]).STORE]
+    running = await hold_worker(http, foreman, stub_server.stub, "llama3")
+    waiting = await submit(http, foreman, chat_body("mistral", "accepted before"))
+    store = foreman.app[STORE]
 
     def fill_the_disk(s: Store) -> None:
         (pages,) = s._db.execute("PRAGMA page_count").fetchone()
@@ -133,7 +136,9 @@ async def test_a_full_disk_refuses_new_work_and_keeps_the_old(
     assert answer.status == 503
     assert "cannot write its queue" in (await answer.json())["error"]
     assert (await foreman.client.get("/healthz")).status == 200
-    assert [j["state"] for j in foreman.jobs()] == ["done"]
+    stub_server.stub.faults.release_hung()
+    assert [answer.status for answer in await asyncio.gather(running, waiting)] == [200, 200]
+    assert foreman.states() == ["done", "done"]
 
 
 async def test_a_database_locked_by_another_program_gets_503(
@@ -141,7 +146,7 @@ async def test_a_database_locked_by_another_program_gets_503(
 ) -> None:
     """Another process holding the write lock makes intake answer 503 instead of hanging or crashing."""
     foreman = await make_foreman(stub_server.url)
-    store = foreman.app[__import__("foreman.keys", fromlist=["STORE"]).STORE]
+    store = foreman.app[STORE]
     await store.run(lambda s: s._db.execute("PRAGMA busy_timeout = 50"))
     other = sqlite3.connect(foreman.config.db_path, isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")

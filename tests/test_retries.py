@@ -8,7 +8,7 @@ import json
 import aiohttp
 from structlog.testing import capture_logs
 
-from helpers import Foreman, MakeForeman, MakeStub, chat_body, post, reply_text, submit
+from helpers import Foreman, MakeForeman, MakeStub, chat_body, eventually, post, reply_text, submit
 from stub_ollama import Stub
 
 
@@ -116,7 +116,9 @@ async def test_jobs_wait_out_an_ollama_outage(
     with capture_logs() as logs:
         foreman = await make_foreman(server.url, backoff_initial=0.01, backoff_max=0.02)
         tasks = [await submit(http, foreman, chat_body(m, m)) for m in ("llama3", "mistral", "llama3")]
-        await foreman.wait_states(lambda states: states == ["queued"] * 3)
+        # Once foreman has found Ollama down, the jobs are held, not failed.
+        await eventually(lambda: any(e["event"] == "upstream.unreachable" for e in logs), what="the outage")
+        assert foreman.states() == ["queued"] * 3
         assert not any(task.done() for task in tasks)
         await server.resume_listening()
         answers = await asyncio.gather(*tasks)
