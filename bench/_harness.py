@@ -130,22 +130,20 @@ class Processes:
         self.workdir = workdir
         self._started: list[Proc] = []
 
-    def start(
-        self, name: str, args: Sequence[str], *, port: int | None = None, env: Mapping[str, str] = {}
-    ) -> Proc:
-        """Run `python args...` with `{port}` in args replaced by a free (or the given) port."""
-        port = free_port() if port is None else port
+    def start(self, name: str, args: Sequence[str], *, env: Mapping[str, str] = {}) -> Proc:
+        """Run `python args...` with `{port}` in args replaced by a free port."""
+        port = free_port()
         argv = [PYTHON, *(a.replace("{port}", str(port)) for a in args)]
         proc = Proc(name, argv, port, self.workdir / f"{name}.log", {**os.environ, **env})
         self._started.append(proc)
         return proc
 
-    def stub(self, name: str = "stub", *, port: int | None = None, **flags: object) -> Proc:
+    def stub(self, name: str = "stub", **flags: object) -> Proc:
         """`python -m stub_ollama`; keyword flags become `--flag value` (load_delay → --load-delay)."""
         args = ["-m", "stub_ollama", "--port", "{port}"]
         for flag, value in flags.items():
             args += [f"--{flag.replace('_', '-')}", str(value)]
-        return self.start(name, args, port=port)
+        return self.start(name, args)
 
     def foreman(self, name: str, upstream: str, *, env: Mapping[str, str] = {}) -> Proc:
         """`python -m foreman serve` with its database in the work directory; `env` adds FOREMAN_* settings."""

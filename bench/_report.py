@@ -33,6 +33,11 @@ def ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
+def spread(samples: Sequence[float]) -> dict[str, float]:
+    """Median and p99 in milliseconds, and how many samples they come from."""
+    return {"p50_ms": ms(percentile(samples, 50)), "p99_ms": ms(percentile(samples, 99)), "n": len(samples)}
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on; the load average tells whether the machine was shared."""
     model = "unknown"

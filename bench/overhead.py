@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 
 from _harness import Proc, Processes, all_listening, cpu_of, free_port, run_in_workdir
-from _report import Row, arg_parser, machine, median, ms, percentile, print_report, write_json
+from _report import Row, arg_parser, machine, median, ms, print_report, spread, write_json
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -53,10 +53,6 @@ def chat(content: str, *, stream: bool, num_predict: int | None = None) -> bytes
 def rotations(names: list[str]) -> itertools.cycle[list[str]]:
     """Each round starts with the next target, so none always follows another."""
     return itertools.cycle([names[i:] + names[:i] for i in range(len(names))])
-
-
-def spread(samples: list[float]) -> dict[str, float]:
-    return {"p50_ms": ms(percentile(samples, 50)), "p99_ms": ms(percentile(samples, 99)), "n": len(samples)}
 
 
 # --------------------------------------------------------------------- 1. latency

@@ -34,7 +34,7 @@ import aiohttp
 from ulid import ULID
 
 from _harness import Proc, Processes, free_port, run_in_workdir
-from _report import Row, arg_parser, machine, median, ms, percentile, print_report, write_json
+from _report import Row, arg_parser, machine, median, ms, print_report, spread, write_json
 from foreman import scheduler
 from foreman.models import NewJob, Priority
 from foreman.names import model_key
@@ -106,11 +106,7 @@ def time_store(path: Path, picks: int) -> dict[str, Any]:
                 samples.append(time.perf_counter() - start)
                 assert claim is not None
                 store.requeue(claim.job, attempt=claim.job.attempt, error=None)
-            figures[f"claim_{name}"] = {
-                "p50_ms": ms(median(samples)),
-                "p99_ms": ms(percentile(samples, 99)),
-                "n": picks,
-            }
+            figures[f"claim_{name}"] = spread(samples)
         # What an async submission and GET /jobs/{id} pay for `position`, and /status for its counts.
         [newest] = store.list_jobs(state="queued", model_key=None, limit=1, before=None)
 

@@ -23,16 +23,20 @@ import itertools
 import math
 import random
 import socket
+import sqlite3
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 import aiohttp
 
+from _harness import until
+from _report import machine
 from foreman.models import Priority
 from foreman.scheduler import CostBook, Decision, ModelQueue, Policy, Reason, State
 
@@ -474,8 +478,8 @@ def percentile(values: Sequence[float], q: float) -> float:
 # --------------------------------------------------------------------- report
 
 
-def policies(trace: Trace, min_residency: float = 0.0) -> list[Chooser]:
-    return [Fifo(), Drain(), Foreman(Policy(max_wait=trace.max_wait, min_residency=min_residency))]
+def policies(trace: Trace) -> list[Chooser]:
+    return [Fifo(), Drain(), Foreman(Policy(max_wait=trace.max_wait))]
 
 
 def run_all(traces: Iterable[Trace]) -> list[Result]:
@@ -762,36 +766,19 @@ async def _post(
 
 
 async def _until_queued(db_path: Path, count: int) -> None:
-    import sqlite3
+    def queued() -> bool:
+        with closing(sqlite3.connect(db_path)) as db:
+            return int(db.execute("SELECT count(*) FROM jobs").fetchone()[0]) >= count
 
-    for _ in range(20_000):
-        db = sqlite3.connect(db_path)
-        try:
-            (queued,) = db.execute("SELECT count(*) FROM jobs").fetchone()
-        finally:
-            db.close()
-        if queued >= count:
-            return
-        await asyncio.sleep(0.005)
-    raise RuntimeError("the jobs were not all queued")
+    await until(queued, within=100, every=0.005, what="the jobs to be queued")
 
 
 # ------------------------------------------------------------------------ main
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-    import platform
-
-    return f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}"
+def machine_line() -> str:
+    what = machine()
+    return f"{what['nproc']} CPUs ({what['cpu']}), Python {what['python']}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -806,7 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     traces = [make() for make in TRACES.values()]
     results = run_all(traces)
-    print(f"machine: {machine()}\n")
+    print(f"machine: {machine_line()}\n")
     print(table(results))
     print()
     checks = targets(results)
