@@ -55,26 +55,19 @@ def _seconds(value: str) -> float:
     return number
 
 
-def _sync(value: str) -> str:
-    if value not in ("normal", "full"):
-        raise ValueError("must be normal or full")
-    return value
+def _choice(*choices: str) -> Callable[[str], str]:
+    """A parser that takes one of `choices`, in any case."""
+
+    def parse(value: str) -> str:
+        if value.lower() not in choices:
+            raise ValueError(f"must be {', '.join(choices[:-1])} or {choices[-1]}")
+        return value.lower()
+
+    return parse
 
 
 def _names(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
-
-
-def _log_format(value: str) -> str:
-    if value not in ("console", "json"):
-        raise ValueError("must be console or json")
-    return value
-
-
-def _log_level(value: str) -> str:
-    if value.lower() not in ("debug", "info", "warning", "error"):
-        raise ValueError("must be debug, info, warning or error")
-    return value.lower()
 
 
 def _priority(value: str) -> Priority:
@@ -82,12 +75,6 @@ def _priority(value: str) -> Priority:
         return Priority(value.lower())
     except ValueError:
         raise ValueError(f"must be one of {', '.join(p.value for p in Priority)}") from None
-
-
-def _warm(value: str) -> str:
-    if value not in ("auto", "off"):
-        raise ValueError("must be auto or off")
-    return value
 
 
 def serve_settings(environ: Mapping[str, str], isatty: bool) -> list[Setting]:
@@ -113,10 +100,16 @@ def serve_settings(environ: Mapping[str, str], isatty: bool) -> list[Setting]:
             "--log-format",
             "FOREMAN_LOG_FORMAT",
             "console" if isatty else "json",
-            _log_format,
+            _choice("console", "json"),
             "console or json (default: console on a terminal, json otherwise)",
         ),
-        Setting("--log-level", "FOREMAN_LOG_LEVEL", "info", _log_level, "debug, info, warning or error"),
+        Setting(
+            "--log-level",
+            "FOREMAN_LOG_LEVEL",
+            "info",
+            _choice("debug", "info", "warning", "error"),
+            "debug, info, warning or error",
+        ),
         Setting(
             "--max-attempts",
             "FOREMAN_MAX_ATTEMPTS",
@@ -161,7 +154,11 @@ def serve_settings(environ: Mapping[str, str], isatty: bool) -> list[Setting]:
             "how long finished jobs and their output are kept (90s, 15m, 12h, 7d)",
         ),
         Setting(
-            "--sync", "FOREMAN_SYNC", "normal", _sync, "normal (survives a crash) or full (and power loss)"
+            "--sync",
+            "FOREMAN_SYNC",
+            "normal",
+            _choice("normal", "full"),
+            "normal (survives a crash) or full (and power loss)",
         ),
         Setting(
             "--max-queue", "FOREMAN_MAX_QUEUE", "100000", _positive_int, "most jobs that may wait at once"
@@ -241,7 +238,7 @@ def serve_settings(environ: Mapping[str, str], isatty: bool) -> list[Setting]:
             "--warm",
             "FOREMAN_WARM",
             "auto",
-            _warm,
+            _choice("auto", "off"),
             "read the next model's file into the page cache while the loaded one drains: auto or off",
         ),
     ]

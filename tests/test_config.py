@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from foreman.cli import build_parser, config_from, main, serve_settings
-from foreman.config import client_url, default_db_path, parse_keep_alive, parse_listen, parse_upstream
+from foreman.config import Config, client_url, default_db_path, parse_keep_alive, parse_listen, parse_upstream
 
 
 def config_for(argv: list[str], environ: dict[str, str]):
@@ -28,6 +28,12 @@ def test_defaults_match_the_documented_ones(tmp_path: Path) -> None:
     assert config.max_attempts == 8 and config.pin_keep_alive == -1 and config.release_keep_alive == "5m"
     assert (config.max_wait, config.min_residency, config.parallel) == (600, 0, 1)
     assert config.sync_priority == "interactive" and config.warm == "auto"
+
+
+def test_the_command_line_and_config_agree_on_every_default(tmp_path: Path) -> None:
+    """The flags' defaults and Config's own (which tests and the demo use) cannot drift apart."""
+    config = config_for([], {"XDG_STATE_HOME": str(tmp_path)})
+    assert config == Config(db_path=config.db_path, log_format=config.log_format)
 
 
 def test_scheduling_settings_come_from_flags_and_variables() -> None:
