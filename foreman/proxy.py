@@ -7,7 +7,6 @@ import structlog
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from foreman.errors import UpstreamUnreachable
 from foreman.keys import CONFIG, UPSTREAM
 
 log = structlog.get_logger("foreman.proxy")
@@ -42,17 +41,13 @@ def _forwarded_headers(request: web.Request) -> CIMultiDict[str]:
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
     """Forward any request to Ollama, streaming both ways (pull progress, blob uploads)."""
-    upstream = request.app[UPSTREAM]
-    try:
-        response = await upstream.session.request(
-            request.method,
-            upstream.url(request.path_qs),
-            headers=_forwarded_headers(request),
-            data=request.content if request.body_exists else None,
-            allow_redirects=False,
-        )
-    except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-        raise UpstreamUnreachable(f"cannot reach Ollama at {upstream.base_url}: {exc}") from exc
+    response = await request.app[UPSTREAM].send(
+        request.method,
+        request.path_qs,
+        headers=_forwarded_headers(request),
+        data=request.content if request.body_exists else None,
+        allow_redirects=False,
+    )
     async with response:
         out = web.StreamResponse(
             status=response.status, reason=response.reason, headers=_end_to_end(response.headers)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from typing import Any
 
@@ -13,8 +12,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from foreman import __version__
+from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable
 from foreman.keys import CONFIG, METRICS, STORE, UPSTREAM, WORKER
-from foreman.names import normalise_model
 from foreman.store import AsyncStore, Store
 from foreman.views import iso, job_view
 
@@ -86,10 +85,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def _probe_ollama(request: web.Request) -> tuple[bool, list[str]]:
-    upstream = request.app[UPSTREAM]
+    """Whether Ollama answers, and the models it holds."""
     try:
-        async with upstream.session.get(upstream.url("/api/ps"), timeout=_PROBE_TIMEOUT) as response:
-            body = json.loads(await response.read())
-        return True, sorted(normalise_model(m["name"]) for m in body.get("models") or [])
-    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError):
+        return True, sorted(await request.app[UPSTREAM].resident_models(timeout=_PROBE_TIMEOUT))
+    except (UpstreamFailed, UpstreamRejected):
+        return True, []  # it answered, but not with a model list
+    except UpstreamUnreachable:
         return False, []

@@ -86,9 +86,9 @@ class Upstream:
     def url(self, path_qs: str) -> str:
         return self.base_url + path_qs
 
-    async def resident_models(self) -> set[str]:
-        """Normalised names of the models Ollama holds now (`/api/ps`)."""
-        async with self._request("GET", "/api/ps") as reply:
+    async def resident_models(self, **kwargs: Any) -> set[str]:
+        """Normalised names of the models Ollama holds now (`/api/ps`); `kwargs` such as a timeout go to aiohttp."""
+        async with self._request("GET", "/api/ps", **kwargs) as reply:
             body = await reply.read()
         try:
             models = json.loads(body)["models"] or []
@@ -126,13 +126,22 @@ class Upstream:
         async with self._request("POST", endpoint, body) as reply:
             yield reply
 
-    @asynccontextmanager
-    async def _request(self, method: str, path: str, body: bytes | None = None) -> AsyncIterator[Reply]:
-        headers = {"Content-Type": "application/json"} if body is not None else None
+    async def send(self, method: str, path_qs: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        """Send any request to Ollama and return its response, whatever its status.
+
+        UpstreamUnreachable when Ollama cannot be reached (refused, reset, timed out).
+        """
         try:
-            response = await self.session.request(method, self.url(path), data=body, headers=headers)
+            return await self.session.request(method, self.url(path_qs), **kwargs)
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise UpstreamUnreachable(f"cannot reach Ollama at {self.base_url}: {exc}") from exc
+
+    @asynccontextmanager
+    async def _request(
+        self, method: str, path: str, body: bytes | None = None, **kwargs: Any
+    ) -> AsyncIterator[Reply]:
+        headers = {"Content-Type": "application/json"} if body is not None else None
+        response = await self.send(method, path, data=body, headers=headers, **kwargs)
         try:
             reply = Reply(response)
             if response.status >= 500:
