@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from aiohttp import web
@@ -11,7 +10,7 @@ from aiohttp import web
 from foreman.api import job_position
 from foreman.errors import BadRequest, Conflict, NotFound
 from foreman.events import Chunk, Ended, StateChanged
-from foreman.keys import EVENTS, STORE, WORKER
+from foreman.keys import CLOCK, EVENTS, STORE, WORKER
 from foreman.models import Job, JobState
 from foreman.names import normalise_model
 from foreman.store import Store
@@ -29,7 +28,7 @@ async def get_job(request: web.Request) -> web.Response:
         if job.state is JobState.QUEUED
         else None
     )
-    return web.json_response(job_view(job, position=position, with_result=True))
+    return web.json_response(job_view(job, request.app[CLOCK](), position=position, with_result=True))
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -52,9 +51,10 @@ async def list_jobs(request: web.Request) -> web.Response:
         limit=limit,
         before=query.get("after"),
     )
+    now = request.app[CLOCK]()
     return web.json_response(
         {
-            "jobs": [job_view(job) for job in jobs],
+            "jobs": [job_view(job, now) for job in jobs],
             "next": jobs[-1].id if len(jobs) == limit else None,
         }
     )
@@ -72,7 +72,7 @@ async def cancel_job(request: web.Request) -> web.Response:
         while not isinstance(await inbox.get(), Ended):
             pass
     ended = await _job_or_404(request)
-    return web.json_response(job_view(ended))
+    return web.json_response(job_view(ended, app[CLOCK]()))
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:
@@ -103,9 +103,9 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             if isinstance(event, Chunk):
                 await _send_chunk(response, event.data)
             elif isinstance(event, StateChanged):
-                await _send_state(response, event.state, event.attempt, time.time())
+                await _send_state(response, event.state, event.attempt, app[CLOCK]())
             else:
-                await _send(response, "end", _end_view(event.state, event.status, event.error, time.time()))
+                await _send(response, "end", _end_view(event.state, event.status, event.error, app[CLOCK]()))
                 return response
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 import aiohttp
@@ -13,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from foreman import __version__
 from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable
-from foreman.keys import CONFIG, METRICS, STORE, UPSTREAM, WORKER
+from foreman.keys import CLOCK, CONFIG, METRICS, STORE, UPSTREAM, WORKER
 from foreman.store import AsyncStore, Store
 from foreman.views import iso, job_view
 
@@ -30,7 +29,7 @@ async def status(request: web.Request) -> web.Response:
     reachable, ollama_models = await _probe_ollama(request)
     queues = await store.run(Store.queues)
     waiting = {(q.model_key, q.priority): q for q in queues}
-    now = time.time()
+    now = app[CLOCK]()
     queue = [
         {
             "model": key,
@@ -40,7 +39,9 @@ async def status(request: web.Request) -> web.Response:
         }
         for key, priority in worker.drain_order_now()(queues)
     ]
-    running = [view for job_id in worker.running_jobs if (view := await _view(store, job_id)) is not None]
+    running = [
+        view for job_id in worker.running_jobs if (view := await _view(store, job_id, now)) is not None
+    ]
     last_error = None
     if worker.last_error is not None:
         at, message = worker.last_error
@@ -62,9 +63,9 @@ async def status(request: web.Request) -> web.Response:
     )
 
 
-async def _view(store: AsyncStore, job_id: str) -> dict[str, Any] | None:
+async def _view(store: AsyncStore, job_id: str, now: float) -> dict[str, Any] | None:
     job = await store.run(Store.get, job_id)
-    return None if job is None else job_view(job)
+    return None if job is None else job_view(job, now)
 
 
 async def healthz(request: web.Request) -> web.Response:

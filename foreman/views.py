@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import time
 from datetime import UTC, datetime
 from typing import Any
 
 from foreman.models import Job, JobState
 
 
-def job_view(job: Job, *, position: int | None = None, with_result: bool = False) -> dict[str, Any]:
-    """A job as the API shows it."""
-    now = time.time()
+def job_view(
+    job: Job, now: float, *, position: int | None = None, with_result: bool = False
+) -> dict[str, Any]:
+    """A job as the API shows it at `now` (the app's clock, which stamped the job)."""
     view: dict[str, Any] = {
         "id": job.id,
         "state": job.state,

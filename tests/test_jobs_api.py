@@ -309,6 +309,25 @@ async def test_healthz_fails_when_the_database_does(
     assert (await answer.json())["error"] == "database check failed: disk I/O error"
 
 
+async def test_job_ages_are_told_by_the_clock_that_stamped_them(
+    http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman
+) -> None:
+    """A queued job's wait is measured on foreman's clock, the one its created_at came from."""
+    server = await make_stub()
+    clock = FakeClock()
+    foreman = await make_foreman(server.url, clock=clock)
+    first = await hold_worker(http, foreman, server.stub, "llama3")
+    _, queued = await submit_async(foreman, chat_body("mistral", "waits"))
+    clock.now += 42
+    assert (await job(foreman, queued["id"]))["queue_wait_s"] == 42
+    [listed] = [
+        j for j in (await (await foreman.client.get("/jobs")).json())["jobs"] if j["id"] == queued["id"]
+    ]
+    assert listed["queue_wait_s"] == 42
+    server.stub.faults.release_hung()
+    await first
+
+
 async def test_old_finished_jobs_are_pruned_and_waiting_ones_kept(
     http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman
 ) -> None:
