@@ -26,12 +26,12 @@ from .wire import (
     NDJSON_TYPE,
     RequestError,
     error_response,
-    json_kind,
     json_response,
     local_time,
     ndjson_line,
     not_found_page,
     read_json_object,
+    type_error,
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -107,12 +107,7 @@ async def _named_model(request: web.Request, go_type: str) -> tuple[dict[str, An
     for key in ("model", "name"):
         value = body.get(key)
         if value is not None and not isinstance(value, str):
-            struct = go_type.removeprefix("api.")
-            raise RequestError(
-                400,
-                f"json: cannot unmarshal {json_kind(value)} into Go struct field "
-                f"{struct}.{key} of type string",
-            )
+            raise type_error(go_type.removeprefix("api."), key, "string", value)
     name = body.get("model") or body.get("name") or ""
     return body, name
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeGuard
+from typing import Any, Literal, Protocol
 
 from aiohttp import web
 
@@ -30,12 +30,13 @@ from .wire import (
     NDJSON_TYPE,
     RequestError,
     error_response,
-    json_kind,
+    is_go_int,
     json_response,
     ndjson_line,
     now_ns,
     read_json_object,
     send,
+    type_error,
     utc_now,
 )
 
@@ -105,24 +106,18 @@ NATIVE: Dialect = _Native()
 # ------------------------------------------------------------------ validation
 
 
-def _is_int(value: object) -> TypeGuard[int | float]:
-    return not isinstance(value, bool) and (
-        isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-    )
-
-
 def _is_str_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _is_int_list(value: object) -> bool:
-    return isinstance(value, list) and all(_is_int(v) for v in value)
+    return isinstance(value, list) and all(is_go_int(v) for v in value)
 
 
 _CHECKS: dict[str, Callable[[object], bool]] = {
     "string": lambda v: isinstance(v, str),
     "bool": lambda v: isinstance(v, bool),
-    "int": _is_int,
+    "int": is_go_int,
     "[]api.Message": lambda v: isinstance(v, list),
     "api.Tools": lambda v: isinstance(v, list),
     "map[string]interface {}": lambda v: isinstance(v, dict),
@@ -179,15 +174,6 @@ _RUNNER_DEFAULTS: dict[str, object] = {
 }
 
 
-def _type_error(struct: str, path: str, go_type: str, value: object) -> RequestError:
-    kind = json_kind(value)
-    if kind == "number" and go_type == "int":
-        kind = f"number {value}"
-    return RequestError(
-        400, f"json: cannot unmarshal {kind} into Go struct field {struct}.{path} of type {go_type}"
-    )
-
-
 def _check_types(endpoint: Endpoint, body: dict[str, Any]) -> float | None:
     """Check field types in document order, as Go's decoder would; returns keep_alive."""
     struct, schema = _SCHEMAS[endpoint]
@@ -216,15 +202,15 @@ def _check_types(endpoint: Endpoint, body: dict[str, Any]) -> float | None:
         if go_type is None:
             continue
         if not _CHECKS[go_type](value):
-            raise _type_error(struct, key, go_type, value)
+            raise type_error(struct, key, go_type, value)
         if key == "messages":
             for message in value:
                 if not isinstance(message, dict):
-                    raise _type_error(struct, "messages", "api.Message", message)
+                    raise type_error(struct, "messages", "api.Message", message)
                 for mkey, mvalue in message.items():
                     mtype = _MESSAGE_FIELDS.get(mkey)
                     if mvalue is not None and mtype and not _CHECKS[mtype](mvalue):
-                        raise _type_error(struct, f"messages.{mkey}", mtype, mvalue)
+                        raise type_error(struct, f"messages.{mkey}", mtype, mvalue)
     return keep_alive
 
 
@@ -232,7 +218,7 @@ def _int_option(options: dict[str, Any], key: str, default: int | None) -> int |
     value = options.get(key)
     if value is None:
         return default
-    if not _is_int(value):
+    if not is_go_int(value):
         # Ollama's opts.FromMap error reaches the client through handleScheduleError: 500.
         raise RequestError(500, f'option "{key}" must be of type integer')
     return int(value)
@@ -461,7 +447,7 @@ async def _embed(
         record.outcome = "ok"
         return await send(request, call.writer.reply({"embedding": vector}))
     wanted = call.body.get("dimensions")
-    cut = int(wanted) if _is_int(wanted) else 0
+    cut = int(wanted) if is_go_int(wanted) else 0
     vectors = []
     for text in call.inputs:
         vector = embedding(call.model.name, text, dims)

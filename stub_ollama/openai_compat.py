@@ -30,10 +30,10 @@ from typing import Any
 
 from aiohttp import web
 
-from .inference import Writer, _is_int, _type_error, serve_inference
+from .inference import Writer, serve_inference
 from .names import normalise
 from .state import STUB
-from .wire import RequestError, dumps, read_json_object, send
+from .wire import RequestError, dumps, is_go_int, read_json_object, send, type_error
 
 SSE_TYPE = "text/event-stream"
 _JSON = "application/json"
@@ -69,7 +69,7 @@ def _event(obj: object) -> bytes:
 _TYPES: dict[str, Callable[[object], bool]] = {
     "string": lambda v: isinstance(v, str),
     "bool": lambda v: isinstance(v, bool),
-    "int": _is_int,
+    "int": is_go_int,
     "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
     "object": lambda v: isinstance(v, dict),
     "array": lambda v: isinstance(v, list),
@@ -140,7 +140,7 @@ def _check(struct_name: str, body: dict[str, Any]) -> None:
 
 
 def _bind_error(struct_name: str, path: str, go_type: str, value: object) -> MiddlewareError:
-    err = _type_error(struct_name, path, go_type, value)
+    err = type_error(struct_name, path, go_type, value)
     return MiddlewareError(err.status, err.message)
 
 

@@ -6,7 +6,7 @@ import json
 import math
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeGuard
 
 from aiohttp import web
 
@@ -159,3 +159,20 @@ def json_kind(value: object) -> str:
     if isinstance(value, dict):
         return "object"
     return "null"
+
+
+def is_go_int(value: object) -> TypeGuard[int | float]:
+    """Whether Go's decoder takes `value` for an int field (a JSON number with no fraction)."""
+    return not isinstance(value, bool) and (
+        isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    )
+
+
+def type_error(struct: str, path: str, go_type: str, value: object) -> RequestError:
+    """Go's error for a JSON value of the wrong type in field `struct.path`."""
+    kind = json_kind(value)
+    if kind == "number" and go_type == "int":
+        kind = f"number {value}"
+    return RequestError(
+        400, f"json: cannot unmarshal {kind} into Go struct field {struct}.{path} of type {go_type}"
+    )
