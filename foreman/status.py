@@ -36,6 +36,7 @@ async def status(request: web.Request) -> web.Response:
             "priority": priority,
             "waiting": waiting[key, priority].waiting,
             "oldest_job": waiting[key, priority].oldest_id,
+            "oldest_at": iso(waiting[key, priority].oldest_at),
         }
         for key, priority in worker.drain_order_now()(queues)
     ]

@@ -10,8 +10,6 @@ import json
 from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime
 
-from ulid import ULID
-
 from foreman.client import Json
 from foreman.models import JobState
 
@@ -113,7 +111,7 @@ def queue_table(queue: list[Json], now: float, bar_width: int = 40) -> list[str]
         [
             entry["model"],
             str(entry["waiting"]),
-            duration(now - ULID.from_str(entry["oldest_job"]).timestamp),
+            age(entry["oldest_at"], now),
             "#" * max(1, round(entry["waiting"] * min(1.0, bar_width / most))),
         ]
         for entry in queue

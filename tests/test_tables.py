@@ -86,9 +86,9 @@ STATUS: dict[str, Any] = {
     "resident": ["llama3:latest"],
     "running": job_view(state="working", finished_at=None, run_s=4.2, status=None, result=None),
     "queue": [
-        {"model": "llama3:latest", "waiting": 1, "oldest_job": ulid_at(12)},
-        {"model": "qwen2:latest", "waiting": 1, "oldest_job": ulid_at(30)},
-        {"model": "mistral:latest", "waiting": 2, "oldest_job": ulid_at(31)},
+        {"model": "llama3:latest", "waiting": 1, "oldest_job": ulid_at(12), "oldest_at": iso_at(12)},
+        {"model": "qwen2:latest", "waiting": 1, "oldest_job": ulid_at(30), "oldest_at": iso_at(30)},
+        {"model": "mistral:latest", "waiting": 2, "oldest_job": ulid_at(31), "oldest_at": iso_at(31)},
     ],
     "jobs": {"done": 12, "queued": 4, "working": 1, "failed": 1},
     "swaps": 3,
@@ -137,8 +137,8 @@ def test_status_of_an_idle_daemon_with_ollama_down() -> None:
 def test_queue_bars_are_scaled_to_the_longest_queue() -> None:
     """A bar per model, one mark per job until the longest would not fit."""
     queue = [
-        {"model": "a", "waiting": 500, "oldest_job": ulid_at(1)},
-        {"model": "b", "waiting": 5, "oldest_job": ulid_at(1)},
+        {"model": "a", "waiting": 500, "oldest_job": ulid_at(1), "oldest_at": iso_at(1)},
+        {"model": "b", "waiting": 5, "oldest_job": ulid_at(1), "oldest_at": iso_at(1)},
     ]
     rows = tables.queue_table(queue, NOW, bar_width=40)
     assert rows[1].endswith("#" * 40) and rows[2].endswith("  #")
