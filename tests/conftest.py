@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -18,6 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from foreman.app import create_app
 from foreman.config import Config
+import postgres
 from helpers import Foreman, MakeForeman, MakeStub
 from stub_ollama import Stub, StubServer, StubSettings
 
@@ -27,6 +29,31 @@ def _reset_structlog() -> Iterator[None]:
     """Tests that run the CLI configure structlog for the process; undo it after each."""
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[postgres.Server]:
+    """One PostgreSQL server for the whole run; each test gets its own database on it (`pg_url`)."""
+    bindir = postgres.server_bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server installed (initdb not found; .ci/run installs Debian's postgresql)")
+    server = postgres.start(bindir)
+    yield server
+    server.stop()
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture
+def pg_url(pg_server: postgres.Server) -> str:
+    """A libpq URL to a new, empty database of the test server."""
+    import psycopg
+
+    name = f"t{next(_databases)}"
+    with psycopg.connect(pg_server.url(), autocommit=True) as db:
+        db.execute(f"CREATE DATABASE {name}")
+    return pg_server.url(name)
 
 
 @pytest.fixture
