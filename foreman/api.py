@@ -14,7 +14,8 @@ from foreman.events import Chunk, Ended, JobEvent
 from foreman.intake import parse_job, parse_priority, request_hash
 from foreman.keys import CLOCK, CONFIG, EVENTS, STORE, WORKER
 from foreman.models import JobState, NewJob, Priority
-from foreman.store import Store, Submission
+from foreman.storage import Submission
+from foreman.store import Store
 
 log = structlog.get_logger("foreman.api")
 

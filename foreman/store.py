@@ -13,14 +13,14 @@ import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from foreman.errors import Conflict, ForemanError, QueueFull, StoreError, Unavailable
+from foreman.errors import ForemanError, QueueFull, StoreError, Unavailable
 from foreman.models import Job, JobState, NewJob, Priority
 from foreman.scheduler import Decision, ModelQueue
+from foreman.storage import Accepted, Claim, DrainOrder, IdempotencyConflict, Submission
 
 SCHEMA_VERSION = 3
 # Marks the file as foreman's (PRAGMA application_id): "FRMN".
@@ -93,44 +93,8 @@ _SUMMARY_COLUMNS = _COLUMNS.replace(" body,", " x'' AS body,").replace(" result,
 _ENDED = "('done', 'failed', 'cancelled')"
 
 
-class IdempotencyConflict(Conflict):
-    """The idempotency key is taken by a job with a different request."""
-
-    def __init__(self, key: str, job_id: str) -> None:
-        super().__init__(f"Idempotency-Key {key!r} was already used for a different request (job {job_id})")
-        self.job_id = job_id
-
-
 T = TypeVar("T")
 P = ParamSpec("P")
-# The (model, class) queues in the order they will be served.
-DrainOrder = Callable[[list[ModelQueue]], list[tuple[str, Priority]]]
-
-
-@dataclass(frozen=True, slots=True)
-class Submission:
-    """A job to write; with `drain_order`, its place in line comes back too."""
-
-    job: NewJob
-    request_hash: str | None = None
-    drain_order: DrainOrder | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    job_id: str
-    new: bool  # False: an earlier submission with the same idempotency key
-    state: JobState
-    position: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """A job the worker took, why, and what still waits for its model."""
-
-    job: Job
-    decision: Decision
-    waiting_after: int
 
 
 class Store:

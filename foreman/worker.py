@@ -26,7 +26,8 @@ from foreman.models import JSON_TYPE, STREAMED_ENDPOINTS, Job, JobState, ModelSt
 from foreman.names import key_load_options, key_model_name
 from foreman.retry import RetryPolicy, Sleep
 from foreman.scheduler import CostBook, Decision, ModelQueue, Policy, Reason, State, drain_order
-from foreman.store import AsyncStore, Claim, Store
+from foreman.storage import Claim
+from foreman.store import AsyncStore, Store
 from foreman.upstream import Upstream
 from foreman.warm import Warmer
 
