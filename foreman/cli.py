@@ -19,6 +19,7 @@ from foreman.config import (
     Config,
     client_url,
     default_db_path,
+    parse_db,
     parse_duration,
     parse_keep_alive,
     parse_listen,
@@ -93,8 +94,22 @@ def serve_settings(environ: Mapping[str, str], isatty: bool) -> list[Setting]:
             "--db",
             "FOREMAN_DB",
             str(default_db_path(environ)),
-            os.path.expanduser,
-            "SQLite database that holds the queue",
+            parse_db,
+            "the queue: a SQLite file, or a postgresql:// URL shared by several nodes",
+        ),
+        Setting(
+            "--node",
+            "FOREMAN_NODE",
+            "",
+            str,
+            "this node's name among the nodes sharing a PostgreSQL queue (default hostname:port)",
+        ),
+        Setting(
+            "--node-timeout",
+            "FOREMAN_NODE_TIMEOUT",
+            "15",
+            parse_duration,
+            "seconds without a heartbeat before a node's running jobs go back in line (PostgreSQL)",
         ),
         Setting(
             "--log-format",
@@ -273,8 +288,13 @@ def _parse_settings(
 
 def config_from(values: Mapping[str, Any]) -> Config:
     host, port = values["host"]
+    db = values["db"]
     return Config(
-        db_path=Path(values["db"]),
+        # With a URL no file is opened: db_path is a placeholder nothing reads.
+        db_path=db if isinstance(db, Path) else Path("foreman.db"),
+        db_url=db if isinstance(db, str) else None,
+        node=values["node"] or None,
+        node_timeout=values["node_timeout"],
         host=host,
         port=port,
         upstream=values["upstream"],

@@ -17,7 +17,11 @@ OLLAMA_PORT = 11434
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    db_path: Path
+    db_path: Path  # the SQLite queue, unless db_url names a PostgreSQL one
+    # A postgresql:// URL (libpq's form): the queue is shared with every node given the same URL.
+    db_url: str | None = None
+    node: str | None = None  # this node's name among those sharing a queue; None: hostname:port
+    node_timeout: float = 15.0  # seconds without a heartbeat before a node's jobs go back in line
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     upstream: str = f"http://127.0.0.1:{OLLAMA_PORT}"
@@ -122,6 +126,35 @@ def parse_duration(value: str) -> float:
     if seconds <= 0:
         raise ValueError(f"must be positive, got {value!r}")
     return seconds
+
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def parse_db(value: str) -> Path | str:
+    """FOREMAN_DB: a file path (SQLite) or a `postgresql://` URL, kept as given for libpq.
+
+    Anything else with a `scheme://` is refused rather than taken for a path
+    (it would make a folder named `mysql:` and a queue nobody else shares).
+    """
+    text = value.strip()
+    scheme, sep, _ = text.partition("://")
+    if sep and scheme.isascii() and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+        if scheme.lower() in POSTGRES_SCHEMES:
+            return text
+        raise ValueError(
+            f"{scheme}:// is not a database foreman can use: give a file path (SQLite) or a postgresql:// URL"
+        )
+    return Path(text).expanduser()
+
+
+def redact_url(url: str) -> str:
+    """`url` without its password, for logs and /status."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
 
 
 def default_db_path(environ: Mapping[str, str]) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -50,10 +50,17 @@ class Subscription:
 
 
 class JobEvents:
-    """Per-job queues of events; a handler subscribes before its job can start."""
+    """Per-job queues of events; a handler subscribes before its job can start.
+
+    With several nodes sharing a queue, the handler waiting for a job may be
+    on another node than the worker running it: `forward` sends what this
+    node's worker publishes to the others, and `deliver` hands what the others
+    sent to the handlers here.
+    """
 
     def __init__(self) -> None:
         self._subscribers: defaultdict[str, list[Subscription]] = defaultdict(list)
+        self.forward: Callable[[str, JobEvent], None] | None = None
 
     @contextmanager
     def subscribe(self, job_id: str, *, client: bool) -> Iterator[asyncio.Queue[JobEvent]]:
@@ -72,6 +79,13 @@ class JobEvents:
         return any(s.client for s in self._subscribers.get(job_id, ()))
 
     def publish(self, job_id: str, event: JobEvent) -> None:
+        """An event of a job this node runs (or cancelled): to the handlers here and on other nodes."""
+        self.deliver(job_id, event)
+        if self.forward is not None:
+            self.forward(job_id, event)
+
+    def deliver(self, job_id: str, event: JobEvent) -> None:
+        """An event for the handlers on this node only."""
         for subscription in self._subscribers.get(job_id, ()):
             subscription.queue.put_nowait(event)
 

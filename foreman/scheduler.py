@@ -19,6 +19,13 @@ The rules, in the order they apply (README, "Scheduling"):
    is given up when an interactive job arrives for another model (`abandons`).
 4. Within a class, residency first: the oldest job of a model Ollama holds;
    only when none is left, the oldest job of the class, which costs a swap.
+
+Several nodes sharing one queue (PostgreSQL) each run this policy for their
+own Ollama, and the queue says how many other nodes hold each model
+(`ModelQueue.held_elsewhere`). A model another node holds is left to it
+unless its waiting work outlasts one more load on every node that holds it
+(`worth_joining`), and a swap goes to a model no other node holds before one
+that another node serves.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ class ModelQueue:
     waiting: int
     oldest_id: str  # a ULID, so it sorts by arrival
     oldest_at: float  # when that job was queued, on the clock `now` comes from
+    held_elsewhere: int = 0  # other nodes sharing the queue that hold, load or run this model
 
 
 class Reason(StrEnum):
@@ -185,6 +193,10 @@ class _Work:
     def waiting(self) -> int:
         return sum(q.waiting for q in self.queues.values())
 
+    @property
+    def held_elsewhere(self) -> int:
+        return max(q.held_elsewhere for q in self.queues.values())
+
     def head(self, until: float = math.inf) -> ModelQueue | None:
         """The class to serve next for this model: interactive first, only jobs queued by `until`."""
         for priority in Priority:
@@ -207,8 +219,10 @@ class Policy:
     def pick(
         self, queues: Iterable[ModelQueue], state: State, now: float, costs: Costs = NO_COSTS
     ) -> Decision | None:
-        """The next job's model and class, or None when nothing waits."""
+        """The next job's model and class, or None when nothing waits (for this node)."""
         work = _by_model(queues)
+        # What other nodes hold stays theirs unless one more node is worth its load.
+        work = {k: w for k, w in work.items() if k in state.resident or worth_joining(w, costs)}
         if not work:
             return None
         if state.drain is not None:
@@ -236,7 +250,9 @@ class Policy:
             loaded = [q for q in candidates if q.model_key in state.resident]
             if loaded:
                 return self._decide(min(loaded, key=_age), Reason.RESIDENT, state, work, now, costs)
-            return self._decide(min(candidates, key=_age), _leaving(state, work), state, work, now, costs)
+            # A model no other node holds before one this node would only help with.
+            unheld = [q for q in candidates if not q.held_elsewhere] or candidates
+            return self._decide(min(unheld, key=_age), _leaving(state, work), state, work, now, costs)
         raise AssertionError("work without queues")  # _by_model keeps only non-empty queues
 
     @staticmethod
@@ -306,6 +322,16 @@ class Policy:
         return Decision(key, reason, queue.priority, swap, evict, drain, now - work[key].oldest_at)
 
 
+def worth_joining(work: _Work, costs: Costs) -> bool:
+    """Whether loading a model other nodes already hold pays: its waiting work outlasts a load on each.
+
+    With h nodes on it, the work left takes waiting x run / h; one more node
+    shortens that only if it is longer than the load it has to pay first.
+    """
+    held = work.held_elsewhere
+    return held == 0 or work.waiting * costs.run(work.model_key) > held * costs.load(work.model_key)
+
+
 def _by_model(queues: Iterable[ModelQueue]) -> dict[str, _Work]:
     grouped: dict[str, dict[Priority, ModelQueue]] = {}
     for queue in queues:
@@ -353,8 +379,11 @@ def _victim(resident: frozenset[str], work: Mapping[str, _Work], costs: Costs) -
 def drain_order(
     policy: Policy, queues: Iterable[ModelQueue], state: State, now: float, costs: Costs = NO_COSTS
 ) -> list[tuple[str, Priority]]:
-    """The (model, class) queues in the order `policy` serves them if nothing else arrives by `now`."""
-    remaining = [q for q in queues if q.waiting > 0]
+    """The (model, class) queues in the order `policy` serves them if nothing else arrives by `now`.
+
+    As if this node served them all: what other nodes hold is counted in, so every queue has a place.
+    """
+    remaining = [replace(q, held_elsewhere=0) for q in queues if q.waiting > 0]
     order = []
     while (decision := policy.pick(remaining, state, now, costs)) is not None:
         group = (decision.model_key, decision.priority)

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import aiohttp
 import ollama
 import openai
+import postgres
 import pytest
 import structlog
 from aiohttp import web
@@ -19,7 +20,6 @@ from aiohttp.test_utils import TestClient
 
 from foreman.app import create_app
 from foreman.config import Config
-import postgres
 from helpers import Foreman, MakeForeman, MakeStub
 from stub_ollama import Stub, StubServer, StubSettings
 

@@ -74,14 +74,34 @@ def start(bindir: Path) -> Server:
     server = Server(bindir, root, _free_port(), user)
     try:
         server._as_owner(
-            [str(bindir / "initdb"), "-D", str(server.data), "-U", user, "--auth=trust", "-E", "UTF8", "--no-sync"]
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(server.data),
+                "-U",
+                user,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]
         )
         options = (
             f"-p {server.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
             " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
         server._as_owner(
-            [str(bindir / "pg_ctl"), "-D", str(server.data), "-o", options, "-l", str(root / "log"), "-w", "start"]
+            [
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(server.data),
+                "-o",
+                options,
+                "-l",
+                str(root / "log"),
+                "-w",
+                "start",
+            ]
         )
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)

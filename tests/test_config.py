@@ -69,6 +69,35 @@ def test_environment_sets_and_flags_override() -> None:
     assert config.db_path == Path("/tmp/q.db")
 
 
+def test_foreman_db_takes_a_path_or_a_postgresql_url(tmp_path: Path) -> None:
+    """A path is a SQLite file, as before; a postgresql:// URL is kept whole for libpq."""
+    config = config_for([], {"FOREMAN_DB": "~/q.db"})
+    assert (config.db_path, config.db_url) == (Path.home() / "q.db", None)
+    for url in ("postgresql://foreman@db.lab:5432/foreman", "postgres://db.lab/foreman?sslmode=require"):
+        config = config_for(["--db", url], {"XDG_STATE_HOME": str(tmp_path)})
+        assert config.db_url == url
+        assert not (tmp_path / "foreman").exists() and not Path("postgresql:").exists()
+
+
+def test_node_settings_come_from_flags_and_variables() -> None:
+    """FOREMAN_NODE names the node (none: hostname:port at start); FOREMAN_NODE_TIMEOUT is a duration."""
+    assert (config_for([], {}).node, config_for([], {}).node_timeout) == (None, 15)
+    config = config_for(["--node-timeout", "1m"], {"FOREMAN_NODE": "gpu-2"})
+    assert (config.node, config.node_timeout) == ("gpu-2", 60)
+
+
+@pytest.mark.parametrize("url", ["mysql://db/foreman", "sqlite:///var/q.db", "redis://localhost:6379"])
+def test_another_database_url_is_refused_in_one_line(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """FOREMAN_DB with any other scheme stops start-up, instead of becoming a folder named after it."""
+    with pytest.raises(SystemExit) as exited:
+        config_for([], {"FOREMAN_DB": url})
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    scheme = url.split(":")[0]
+    assert f"FOREMAN_DB={url!r}: {scheme}:// is not a database foreman can use" in error
+    assert "postgresql:// URL" in error
+
+
 def test_bad_values_name_the_setting(capsys: pytest.CaptureFixture[str]) -> None:
     """A bad variable stops start-up with a message that names it."""
     with pytest.raises(SystemExit) as exited:

@@ -20,6 +20,7 @@ from foreman.scheduler import (
     Policy,
     Reason,
     State,
+    drain_order,
 )
 
 I, B = Priority.INTERACTIVE, Priority.BATCH  # noqa: E741 (short names keep the queues readable)
@@ -264,3 +265,44 @@ def test_a_load_for_batch_work_is_given_up_for_an_interactive_job_elsewhere() ->
     assert not POLICY.abandons(overdue_load, chat, before, now=10)
     chat_load = replace(batch_load, priority=I)
     assert not POLICY.abandons(chat_load, chat, before, now=10)
+
+
+# Several nodes sharing one queue: what other nodes hold (ModelQueue.held_elsewhere).
+
+
+def held(queue: ModelQueue, nodes: int = 1) -> ModelQueue:
+    return replace(queue, held_elsewhere=nodes)
+
+
+def test_a_model_another_node_holds_is_left_to_it() -> None:
+    """An idle node does not load a model another node serves when that node will finish its work first."""
+    # Unlearned costs: a load 10 s, a job 1 s; 5 jobs are done before a second load would be.
+    assert POLICY.pick([held(q("a", 5, 0))], loaded(), now=1) is None
+    assert POLICY.pick([held(q("a", 5, 0)), q("b", 1, 10)], loaded(), now=11) == Decision(
+        "b", Reason.COLD, B, swap=True, waited=1
+    )
+
+
+def test_a_swap_goes_to_a_model_no_other_node_holds_before_helping() -> None:
+    """Even when the held model's job is older and worth joining, an unheld model is loaded first."""
+    decision = POLICY.pick([held(q("a", 50, 0)), q("b", 1, 5)], loaded(), now=6)
+    assert decision is not None and decision.model_key == "b"
+
+
+def test_a_node_joins_a_held_model_whose_work_outlasts_one_more_load() -> None:
+    """Waiting work longer than a load on each node that holds it: one more node loads it."""
+    costs = Costs(load_s={"a": 2.0}, run_s={"a": 1.0})
+    assert POLICY.pick([held(q("a", 5, 0), nodes=2)], loaded(), now=1, costs=costs) is not None
+    assert POLICY.pick([held(q("a", 3, 0), nodes=2)], loaded(), now=1, costs=costs) is None
+
+
+def test_a_model_this_node_holds_is_served_whoever_else_holds_it() -> None:
+    """Residency first still holds when other nodes hold the same model."""
+    decision = POLICY.pick([held(q("a", 1, 0), nodes=3)], loaded("a"), now=1)
+    assert decision is not None and (decision.model_key, decision.reason) == ("a", Reason.RESIDENT)
+
+
+def test_the_drain_order_places_every_queue_whatever_other_nodes_hold() -> None:
+    """Positions count every waiting job, also those another node will run."""
+    order = drain_order(POLICY, [held(q("a", 2, 0)), q("b", 1, 5)], loaded(), now=6)
+    assert order == [("a", B), ("b", B)]
