@@ -6,7 +6,7 @@
 Queues `--jobs` async jobs across 8 models through foreman's store API (not
 HTTP), then measures:
 
-- the time to pick the next job: `Store.claim_next` with the real
+- the time to pick the next job: `Store.claim` with the real
   drain-by-model policy, with a model resident and cold (target < 1 ms);
 - the RSS of a `foreman serve` process on that database, idle (its upstream
   is a closed port, so the jobs wait) and draining into a stub Ollama
@@ -36,9 +36,9 @@ from ulid import ULID
 from _harness import Proc, Processes, free_port, run_in_workdir
 from _report import Row, arg_parser, machine, median, ms, print_report, spread, write_json
 from foreman import scheduler
-from foreman.models import NewJob, Priority
+from foreman.models import JobState, NewJob, Priority
 from foreman.names import model_key
-from foreman.store import Store
+from foreman.sqlite.store import Store
 from stub_ollama import Stub, StubModel, StubServer, StubSettings
 
 MODELS = [f"model{i}" for i in range(8)]
@@ -102,13 +102,13 @@ def time_store(path: Path, picks: int) -> dict[str, Any]:
             samples = []
             for _ in range(picks):
                 start = time.perf_counter()
-                claim = store.claim_next(choose, time.time())
+                claim = store.claim(choose, time.time())
                 samples.append(time.perf_counter() - start)
                 assert claim is not None
                 store.requeue(claim.job, attempt=claim.job.attempt, error=None)
             figures[f"claim_{name}"] = spread(samples)
         # What an async submission and GET /jobs/{id} pay for `position`, and /status for its counts.
-        [newest] = store.list_jobs(state="queued", model_key=None, limit=1, before=None)
+        [newest] = store.list_jobs(state=JobState.QUEUED, model_key=None, limit=1, before=None)
 
         def order(queues: list[scheduler.ModelQueue]) -> list[tuple[str, Priority]]:
             return scheduler.drain_order(POLICY, queues, scheduler.State(), time.time())

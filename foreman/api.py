@@ -15,7 +15,6 @@ from foreman.intake import parse_job, parse_priority, request_hash
 from foreman.keys import CLOCK, CONFIG, EVENTS, STORE, WORKER
 from foreman.models import JobState, NewJob, Priority
 from foreman.storage import Submission
-from foreman.store import Store
 
 log = structlog.get_logger("foreman.api")
 
@@ -77,7 +76,7 @@ async def _accept(request: web.Request, job: NewJob) -> web.Response:
 async def job_position(app: web.Application, job_id: str, model_key: str, priority: Priority) -> int:
     """How many queued jobs run before this one in the current drain order."""
     order = app[WORKER].drain_order_now()
-    return await app[STORE].run(Store.position, job_id, model_key, priority, order)
+    return await app[STORE].position(job_id, model_key, priority, order)
 
 
 async def _serve(request: web.Request, job: NewJob) -> web.StreamResponse:

@@ -21,7 +21,7 @@ from foreman.models import QUEUED_ENDPOINTS
 from foreman.retention import prune_forever
 from foreman.retry import RetryPolicy, Sleep
 from foreman.scheduler import Policy
-from foreman.store import AsyncStore, Store
+from foreman.sqlite.storage import SqliteStorage
 from foreman.upstream import Upstream
 from foreman.warm import Warmer
 from foreman.worker import Worker
@@ -49,8 +49,8 @@ def create_app(
     app[METRICS] = Metrics()
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        store = await AsyncStore.open(config.db_path, sync=config.sync, max_queue=config.max_queue)
-        requeued, failed = await store.run(Store.recover, clock(), config.max_attempts)
+        store = await SqliteStorage.open(config.db_path, sync=config.sync, max_queue=config.max_queue)
+        requeued, failed = await store.recover(clock(), config.max_attempts)
         if requeued or failed:
             log.info("queue.recovered", requeued=requeued, failed=failed, db=str(config.db_path))
         app[STORE] = store

@@ -13,7 +13,6 @@ from foreman.events import Chunk, Ended, StateChanged
 from foreman.keys import CLOCK, EVENTS, STORE, WORKER
 from foreman.models import Job, JobState
 from foreman.names import normalise_model
-from foreman.store import Store
 from foreman.views import iso as _iso
 from foreman.views import job_view
 
@@ -44,9 +43,8 @@ async def list_jobs(request: web.Request) -> web.Response:
     if not 1 <= limit <= MAX_PAGE:
         raise BadRequest(f"limit must be between 1 and {MAX_PAGE}")
     model = query.get("model")
-    jobs = await request.app[STORE].run(
-        Store.list_jobs,
-        state=state,
+    jobs = await request.app[STORE].list_jobs(
+        state=JobState(state) if state is not None else None,
         model_key=normalise_model(model) if model else None,
         limit=limit,
         before=query.get("after"),
@@ -90,7 +88,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             # Replay: the row's times stand for the state changes; the chunks were kept.
             if job.started_at is not None:
                 await _send_state(response, JobState.WORKING, job.attempt, job.started_at)
-            for data in await app[STORE].run(Store.chunks, job_id):
+            for data in await app[STORE].chunks(job_id):
                 await _send_chunk(response, data)
             await _send(response, "end", _end_view(job.state, job.status, job.error, job.finished_at))
             return response
@@ -111,7 +109,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 
 async def _job_or_404(request: web.Request) -> Job:
     job_id = request.match_info["id"]
-    job = await request.app[STORE].run(Store.get, job_id)
+    job = await request.app[STORE].get(job_id)
     if job is None:
         raise NotFound(f"job {job_id!r} not found")
     return job

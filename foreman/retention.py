@@ -7,7 +7,7 @@ from collections.abc import Callable
 import structlog
 
 from foreman.retry import Sleep
-from foreman.store import AsyncStore, Store
+from foreman.storage import Storage
 
 log = structlog.get_logger("foreman.retention")
 
@@ -16,19 +16,17 @@ log = structlog.get_logger("foreman.retention")
 BATCH = 1000
 
 
-async def prune_once(store: AsyncStore, now: float, retention: float) -> int:
+async def prune_once(store: Storage, now: float, retention: float) -> int:
     """Delete every job that ended more than `retention` seconds before `now`; returns how many."""
     total = 0
-    while (deleted := await store.run(Store.prune, now - retention, BATCH)) > 0:
+    while (deleted := await store.prune(now - retention, BATCH)) > 0:
         total += deleted
     if total:
         log.info("jobs.pruned", count=total, older_than_s=retention)
     return total
 
 
-async def prune_forever(
-    store: AsyncStore, retention: float, clock: Callable[[], float], sleep: Sleep
-) -> None:
+async def prune_forever(store: Storage, retention: float, clock: Callable[[], float], sleep: Sleep) -> None:
     """Prune now, then every tenth of the retention period (at least hourly)."""
     interval = min(retention / 10, 3600.0)
     while True:

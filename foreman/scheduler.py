@@ -393,5 +393,18 @@ def drain_order(
     return order
 
 
+def waiting_before(
+    queues: Iterable[ModelQueue], group: tuple[str, Priority], order: Iterable[tuple[str, Priority]]
+) -> int:
+    """The queued jobs of the groups that drain before `group` when the queue drains in `order`."""
+    waiting = {(q.model_key, q.priority): q.waiting for q in queues}
+    before = 0
+    for ahead in order:
+        if ahead == group:
+            break
+        before += waiting[ahead]
+    return before
+
+
 def _age(queue: ModelQueue) -> str:
     return queue.oldest_id

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from foreman import __version__
 from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable
 from foreman.keys import CLOCK, CONFIG, METRICS, STORE, UPSTREAM, WORKER
-from foreman.store import AsyncStore, Store
+from foreman.storage import Storage
 from foreman.views import iso, job_view
 
 log = structlog.get_logger("foreman.status")
@@ -27,7 +27,7 @@ async def status(request: web.Request) -> web.Response:
     app = request.app
     store, worker = app[STORE], app[WORKER]
     reachable, ollama_models = await _probe_ollama(request)
-    queues = await store.run(Store.queues)
+    queues = await store.queues()
     waiting = {(q.model_key, q.priority): q for q in queues}
     now = app[CLOCK]()
     queue = [
@@ -56,23 +56,23 @@ async def status(request: web.Request) -> web.Response:
             "in_flight": running,
             "models": [dataclasses.asdict(stats) for stats in worker.model_stats()],
             "queue": queue,
-            "jobs": await store.run(Store.counts_by_state),
+            "jobs": await store.counts_by_state(),
             "swaps": worker.swaps,
             "last_error": last_error,
-            "db": {"path": str(app[CONFIG].db_path), "size_bytes": await store.run(Store.size_bytes)},
+            "db": await store.describe(),
         }
     )
 
 
-async def _view(store: AsyncStore, job_id: str, now: float) -> dict[str, Any] | None:
-    job = await store.run(Store.get, job_id)
+async def _view(store: Storage, job_id: str, now: float) -> dict[str, Any] | None:
+    job = await store.get(job_id)
     return None if job is None else job_view(job, now)
 
 
 async def healthz(request: web.Request) -> web.Response:
     """200 while the daemon and its database work, whether or not Ollama answers."""
     try:
-        await request.app[STORE].run(Store.ping)
+        await request.app[STORE].ping()
     except Exception as exc:
         log.warning("health.failed", error=str(exc))
         return web.json_response({"error": f"database check failed: {exc}"}, status=503)
@@ -80,7 +80,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    waiting = await request.app[STORE].run(Store.waiting_by_model)
+    waiting = await request.app[STORE].waiting_by_model()
     return web.Response(
         body=request.app[METRICS].render(waiting), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )

@@ -26,8 +26,7 @@ from foreman.models import JSON_TYPE, STREAMED_ENDPOINTS, Job, JobState, ModelSt
 from foreman.names import key_load_options, key_model_name
 from foreman.retry import RetryPolicy, Sleep
 from foreman.scheduler import CostBook, Decision, ModelQueue, Policy, Reason, State, drain_order
-from foreman.storage import Claim
-from foreman.store import AsyncStore, Store
+from foreman.storage import Claim, Storage
 from foreman.upstream import Upstream
 from foreman.warm import Warmer
 
@@ -78,7 +77,7 @@ class Worker:
     def __init__(
         self,
         *,
-        store: AsyncStore,
+        store: Storage,
         upstream: Upstream,
         events: JobEvents,
         retry: RetryPolicy,
@@ -222,7 +221,7 @@ class Worker:
             return True
         # If the worker claims the job before the store sees this, the flag stops it.
         self._cancel_requested.add(job_id)
-        if await self._store.run(Store.cancel_queued, job_id, self._clock()):
+        if await self._store.cancel_queued(job_id, self._clock()):
             self._cancel_requested.discard(job_id)
             ended = Ended(JobState.CANCELLED, 499, _error_body("request canceled"), error="request canceled")
             self._events.publish(job_id, ended)
@@ -267,7 +266,7 @@ class Worker:
             now = self._clock()
             state = replace(self._state, resident=self._resident or frozenset())
             upcoming: list[str | None] = []
-            claim = await self._store.run(Store.claim_next, self._chooser(state, now, upcoming), now)
+            claim = await self._store.claim(self._chooser(state, now, upcoming), now)
             if claim is None:
                 if not self._tasks:
                     # Idle: other clients and keep_alive expiry may change what
@@ -300,7 +299,7 @@ class Worker:
         # it, so only work for another model is worth a look at the queues.
         if arrived in done and self._arrived_for - {self._state.serving}:
             state = replace(self._state, resident=self.resident)
-            queues = await self._store.run(Store.queues)
+            queues = await self._store.queues()
             following = self._policy.upcoming(queues, state, self._clock(), self._costs.costs())
             if following is not None and following != state.serving:
                 self._warmer.prepare(following)
@@ -378,7 +377,7 @@ class Worker:
                 log.info("job.cancelled", job_id=job.id, before="end")
                 return None
             # foreman is stopping: the job keeps its place and runs after the restart.
-            await asyncio.shield(self._store.run(Store.requeue, job, attempt=job.attempt, error=None))
+            await asyncio.shield(self._store.requeue(job, attempt=job.attempt, error=None))
             self._output.pop(job.id, None)
             log.info("job.requeued", job_id=job.id, reason="shutdown")
             raise
@@ -400,10 +399,10 @@ class Worker:
             if claim.decision.swap:
                 if not await self._swap(claim):
                     return None
-                await self._store.run(Store.set_state, job.id, JobState.WORKING)
+                await self._store.mark_working(job.id)
                 self._events.publish(job.id, StateChanged(JobState.WORKING, job.attempt))
                 # A load can take a minute; more work may have come for this model meanwhile.
-                waiting = await self._store.run(Store.waiting, job.model_key)
+                waiting = await self._store.waiting(job.model_key)
             bound.info("job.start", wait_s=wait_s, waiting_for_model=waiting)
             started = time.monotonic()
             result, load_ns = await self._call(job, waiting)
@@ -509,7 +508,7 @@ class Worker:
         decision = claim.decision
         key = job.model_key
         leaving = sorted(self._resident or ())
-        waiting_leaving = {k: await self._store.run(Store.waiting, k) for k in leaving}
+        waiting_leaving = {k: await self._store.waiting(k) for k in leaving}
         await self._make_room(keep=key, evict=decision.evict)
         options = key_load_options(key)
         expected = self._costs.costs().load_s.get(key)
@@ -518,7 +517,7 @@ class Worker:
         if not self._policy.may_abandon(decision):
             await load
         elif await self._abandoned(asyncio.create_task(load), decision):
-            await self._store.run(Store.requeue, job, attempt=job.attempt, error=None)
+            await self._store.requeue(job, attempt=job.attempt, error=None)
             self._events.publish(job.id, StateChanged(JobState.QUEUED, job.attempt))
             self._state, self._resident = self._picked_from, None
             log.info(
@@ -571,7 +570,7 @@ class Worker:
                 if load in done:
                     await load  # raises what the load raised
                     return False
-                queues = await self._store.run(Store.queues)
+                queues = await self._store.queues()
                 now = self._clock()
                 if self._policy.abandons(decision, queues, self._picked_from, now, self._costs.costs()):
                     return True
@@ -594,7 +593,7 @@ class Worker:
             if key == keep:
                 continue
             pinned = key in self._pins
-            waiting = await self._store.run(Store.waiting, key)
+            waiting = await self._store.waiting(key)
             if pinned and (key == evict or waiting == 0):
                 pin = self._pins.pop(key)
                 keep_alive = self._release_keep_alive
@@ -626,7 +625,7 @@ class Worker:
             await self._end(job, JobState.FAILED, status, body, error=message, attempt=attempt)
             bound.warning("job.failed", status=status, error=message)
         else:
-            await self._store.run(Store.requeue, job, attempt=attempt, error=message)
+            await self._store.requeue(job, attempt=attempt, error=message)
             self._output.pop(job.id, None)
             self._events.publish(job.id, StateChanged(JobState.QUEUED, attempt))
             self._metrics.retried()
@@ -660,8 +659,7 @@ class Worker:
             self.last_error = (now, error or "")
         chunks = self._output.pop(job.id, ())
         record = asyncio.ensure_future(
-            self._store.run(
-                Store.finish,
+            self._store.finish(
                 job,
                 state,
                 now,

@@ -14,7 +14,8 @@ import pytest
 from foreman.cli import main
 from foreman.errors import StoreError
 from foreman.keys import STORE
-from foreman.store import APPLICATION_ID, SCHEMA_VERSION, Store
+from foreman.sqlite.schema import APPLICATION_ID, SCHEMA_VERSION
+from foreman.sqlite.store import Store
 from helpers import Foreman, MakeForeman, chat_body, hold_worker, submit
 from stub_ollama import StubServer
 

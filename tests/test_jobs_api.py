@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from foreman.store import Store
+from foreman.sqlite.store import Store
 from helpers import (
     ASYNC,
     FakeClock,

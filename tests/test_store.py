@@ -1,43 +1,43 @@
-"""The SQLite queue on its own: claims, requeues, recovery, all on a real file with WAL."""
+"""The SQLite store: the storage contract, plus what is SQLite's own (the file, its pragmas, plans, counts)."""
 
 import sqlite3
+from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
-from ulid import ULID
+from storage_contract import MakeStorage, StorageContract, new_job, resident
 
-from foreman.models import JobState, NewJob, Priority
-from foreman.scheduler import Decision, ModelQueue, Policy, Reason, State
-from foreman.store import SCHEMA_VERSION, Store
+from foreman.models import Priority
+from foreman.sqlite.schema import SCHEMA_VERSION
+from foreman.sqlite.storage import SqliteStorage
+from foreman.sqlite.store import Store
+from foreman.storage import Storage
+
+
+class TestSqliteStorage(StorageContract):
+    """SQLite keeps the storage contract."""
+
+    @pytest.fixture
+    async def make_storage(self, tmp_path: Path) -> AsyncIterator[MakeStorage]:
+        opened: list[SqliteStorage] = []
+
+        async def make(**options: Any) -> Storage:
+            storage = await SqliteStorage.open(tmp_path / f"q{len(opened)}.db", **options)
+            opened.append(storage)
+            return storage
+
+        yield make
+        for storage in opened:
+            await storage.close()
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
+def store(tmp_path: Path) -> Iterator[Store]:
     s = Store(tmp_path / "q.db")
     yield s
     s.close()
-
-
-def new_job(key: str, created: float = 0.0, priority: Priority = Priority.INTERACTIVE) -> NewJob:
-    return NewJob(
-        id=str(ULID()),
-        endpoint="/api/chat",
-        model=key,
-        model_key=key,
-        stream=False,
-        body=b"{}",
-        created_at=created,
-        priority=priority,
-    )
-
-
-def pick(queues: list[ModelQueue], loaded: set[str]) -> Decision | None:
-    return Policy().pick(queues, State(resident=frozenset(loaded)), now=0)
-
-
-def resident(*keys: str):
-    return lambda queues: pick(queues, set(keys))
 
 
 def test_database_is_wal_and_versioned(store: Store, tmp_path: Path) -> None:
@@ -58,110 +58,21 @@ def test_insert_is_committed_at_once(store: Store, tmp_path: Path) -> None:
     )
 
 
-def test_claims_drain_the_resident_model_first(store: Store) -> None:
-    """With A loaded, every A job is claimed before the older B job."""
-    jobs = [new_job(k) for k in ("b:latest", "a:latest", "b:latest", "a:latest")]
-    for job in jobs:
-        store.insert(job)
-    order = []
-    loaded = {"a:latest"}
-    while (claim := store.claim_next(lambda qs: pick(qs, set(loaded)), now=1.0)) is not None:
-        order.append((claim.job.id, claim.decision.reason))
-        loaded.clear()
-        loaded.add(claim.job.model_key)
-        store.finish(claim.job, JobState.DONE, 2.0, status=200)
-    assert [job_id for job_id, _ in order] == [jobs[1].id, jobs[3].id, jobs[0].id, jobs[2].id]
-    assert [reason for _, reason in order] == [
-        Reason.RESIDENT,
-        Reason.RESIDENT,
-        Reason.DRAINED,
-        Reason.RESIDENT,
-    ]
-
-
-def test_claim_reports_what_still_waits_for_the_model(store: Store) -> None:
-    """The worker learns how many jobs remain for the model it serves, to decide the pin."""
-    for _ in range(3):
-        store.insert(new_job("a:latest"))
-    claim = store.claim_next(resident("a:latest"), now=0)
-    assert claim is not None and claim.waiting_after == 2
-    assert claim.job.state is JobState.WORKING
-
-
-def test_a_swap_claims_the_job_in_loading_state(store: Store) -> None:
-    """A job whose model must be loaded first goes through `loading`."""
-    store.insert(new_job("a:latest"))
-    claim = store.claim_next(resident("b:latest"), now=0)
-    assert claim is not None and claim.job.state is JobState.LOADING
-
-
-def test_requeue_keeps_the_jobs_place(store: Store) -> None:
-    """A retried job is still the oldest, so it goes again before younger ones."""
-    first, second = new_job("a:latest"), new_job("a:latest")
-    store.insert(first)
-    store.insert(second)
-    claim = store.claim_next(resident("a:latest"), now=0)
-    assert claim is not None
-    store.requeue(claim.job, attempt=1, error="refused")
-    again = store.claim_next(resident("a:latest"), now=0)
-    assert again is not None and again.job.id == first.id and again.job.attempt == 1
-    assert again.job.error == "refused"
-
-
-def test_cancel_only_touches_queued_jobs(store: Store) -> None:
-    """A queued job can be cancelled; one already claimed cannot, here."""
-    running, waiting = new_job("a:latest"), new_job("a:latest")
-    store.insert(running)
-    store.insert(waiting)
-    claim = store.claim_next(resident("a:latest"), now=0)
-    assert claim is not None and claim.job.id == running.id
-    assert store.cancel_queued(waiting.id, now=1)
-    assert not store.cancel_queued(running.id, now=1)
-    assert store.claim_next(resident("a:latest"), now=0) is None
-    cancelled = store.get(waiting.id)
-    assert cancelled is not None and cancelled.state is JobState.CANCELLED
-
-
-def test_finish_never_overwrites_an_ended_job(store: Store) -> None:
-    """Once done, a late requeue or second finish changes nothing."""
-    store.insert(new_job("a:latest"))
-    claim = store.claim_next(resident("a:latest"), now=0)
-    assert claim is not None
-    store.finish(claim.job, JobState.DONE, 1.0, status=200, result=b"ok")
-    store.requeue(claim.job, attempt=0, error=None)
-    store.finish(claim.job, JobState.CANCELLED, 2.0, status=499)
-    job = store.get(claim.job.id)
-    assert job is not None and job.state is JobState.DONE and job.result == b"ok"
-    assert store.queues() == []
-
-
-def test_recover_requeues_interrupted_jobs_and_charges_an_attempt(tmp_path: Path) -> None:
-    """After a crash, running jobs go back to the queue with attempt + 1, in their old order."""
+def test_a_reopened_file_recovers_the_jobs_a_dead_process_left_running(tmp_path: Path) -> None:
+    """After a crash, the next process finds the running jobs in the file and puts them back in line."""
     store = Store(tmp_path / "q.db")
     jobs = [new_job("a:latest") for _ in range(3)]
     for job in jobs:
         store.insert(job)
-    store.claim_next(resident("a:latest"), now=0)
+    store.claim(resident("a:latest"), now=0)
     store.close()  # the process dies here, with one job running
 
     reopened = Store(tmp_path / "q.db")
     assert reopened.recover(now=5, max_attempts=8) == (1, 0)
-    claim = reopened.claim_next(resident("a:latest"), now=6)
+    claim = reopened.claim(resident("a:latest"), now=6)
     assert claim is not None and claim.job.id == jobs[0].id and claim.job.attempt == 1
     assert claim.waiting_after == 2
     reopened.close()
-
-
-def test_recover_fails_a_job_that_keeps_killing_the_daemon(store: Store) -> None:
-    """A job interrupted on its last allowed attempt fails instead of looping forever."""
-    store.insert(new_job("a:latest"))
-    claim = store.claim_next(resident("a:latest"), now=0)
-    assert claim is not None
-    store.requeue(claim.job, attempt=7, error=None)
-    store.claim_next(resident("a:latest"), now=0)
-    assert store.recover(now=1, max_attempts=8) == (0, 1)
-    job = store.get(claim.job.id)
-    assert job is not None and job.state is JobState.FAILED and job.attempt == 8
 
 
 def test_waiting_counts_survive_a_reopen(tmp_path: Path) -> None:
@@ -175,34 +86,6 @@ def test_waiting_counts_survive_a_reopen(tmp_path: Path) -> None:
     reopened.close()
 
 
-def test_decision_for_an_unknown_key_is_a_bug_not_a_silent_skip(store: Store) -> None:
-    """A policy that names a model with no queued job is reported loudly."""
-    store.insert(new_job("a:latest"))
-
-    def wrong(_: list[ModelQueue]) -> Decision:
-        return Decision("nope:latest", Reason.COLD)
-
-    with pytest.raises(RuntimeError):
-        store.claim_next(wrong, now=0)
-
-
-def test_each_class_is_picked_from_its_own_queue(store: Store) -> None:
-    """An interactive job is claimed before older batch jobs of the same model, counts kept per class."""
-    old_batch = new_job("a:latest", 1.0, Priority.BATCH)
-    chat = new_job("a:latest", 2.0, Priority.INTERACTIVE)
-    store.insert(old_batch)
-    store.insert(chat)
-    assert sorted((q.priority, q.waiting, q.oldest_at) for q in store.queues()) == [
-        (Priority.BATCH, 1, 1.0),
-        (Priority.INTERACTIVE, 1, 2.0),
-    ]
-    first = store.claim_next(resident("a:latest"), now=3)
-    assert first is not None and first.job.id == chat.id and first.job.priority is Priority.INTERACTIVE
-    assert first.waiting_after == 1
-    second = store.claim_next(resident("a:latest"), now=3)
-    assert second is not None and second.job.id == old_batch.id and second.job.priority is Priority.BATCH
-
-
 def test_class_counts_follow_cancel_requeue_and_recovery(tmp_path: Path) -> None:
     """Per-class counts stay right through cancel, requeue and a reopen with recovery."""
     store = Store(tmp_path / "q.db")
@@ -210,12 +93,12 @@ def test_class_counts_follow_cancel_requeue_and_recovery(tmp_path: Path) -> None
     for job in jobs:
         store.insert(job)
     assert store.cancel_queued(jobs[2].id, now=1)
-    claim = store.claim_next(resident("a:latest"), now=1)
+    claim = store.claim(resident("a:latest"), now=1)
     assert claim is not None
     assert [(q.priority, q.waiting) for q in store.queues()] == [(Priority.BATCH, 1)]
     store.requeue(claim.job, attempt=1, error=None)
     assert [(q.priority, q.waiting) for q in store.queues()] == [(Priority.BATCH, 2)]
-    store.claim_next(resident("a:latest"), now=1)
+    store.claim(resident("a:latest"), now=1)
     store.close()
     reopened = Store(tmp_path / "q.db")
     reopened.recover(now=2, max_attempts=8)
@@ -241,7 +124,7 @@ def test_a_schema_1_database_is_migrated_with_its_jobs_interactive(tmp_path: Pat
     )
     db.close()
     store = Store(path)
-    claim = store.claim_next(resident("a:latest"), now=6)
+    claim = store.claim(resident("a:latest"), now=6)
     assert claim is not None and claim.job.id == "01OLD" and claim.job.priority is Priority.INTERACTIVE
     store.close()
     db = sqlite3.connect(path)
@@ -257,7 +140,7 @@ def test_hot_path_queries_search_the_index_and_never_scan(store: Store, tmp_path
     store.insert(new_job("a:latest"))
     statements: list[str] = []
     store._db.set_trace_callback(statements.append)  # the SQL the store really runs, values bound
-    assert store.claim_next(resident("a:latest"), now=1) is not None
+    assert store.claim(resident("a:latest"), now=1) is not None
     store._db.set_trace_callback(None)
     reads_and_claims = [sql for sql in statements if sql.lstrip().startswith(("SELECT", "UPDATE"))]
     assert len(reads_and_claims) == 2, statements  # the snapshot of what waits, then the claim

@@ -1,0 +1,284 @@
+"""The queue in one SQLite file as plain synchronous code: intake, claims and transitions.
+
+`Store` is not thread-safe: one thread owns it (`SqliteStorage` runs it on
+its own). The file's vetting and schema live in `schema`, the read models in
+`reads`, the waiting counts in `counts`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from foreman.errors import ForemanError, QueueFull, Unavailable
+from foreman.models import Job, JobState, NewJob, Priority
+from foreman.scheduler import ModelQueue, waiting_before
+from foreman.sqlite import reads
+from foreman.sqlite.counts import WaitingCounts
+from foreman.sqlite.schema import ENDED, JOB, job_from_row, open_database, wal_path
+from foreman.storage import Accepted, Chooser, Claim, DrainOrder, IdempotencyConflict, Recovered, Submission
+
+
+class Store:
+    """Jobs in one SQLite database. Not thread-safe: one thread owns it."""
+
+    def __init__(self, path: Path, *, sync: str = "normal", max_queue: int = 0) -> None:
+        """Open or create the queue at `path` (see `schema.open_database`); `max_queue` > 0 caps the waiting jobs."""
+        self._db = open_database(path, sync)
+        self.path = path
+        self.max_queue = max_queue
+        self._waiting = WaitingCounts()
+        for row in self._db.execute(
+            "SELECT model_key, priority, count(*) FROM jobs INDEXED BY jobs_queued_by_class"
+            " WHERE state = 'queued' GROUP BY model_key, priority"
+        ):
+            self._waiting.add(row[0], Priority(row[1]), row[2])
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _transaction(self, begin: bool = True) -> Iterator[None]:
+        """One write transaction (or, with `begin=False`, autocommit statements), rolled back on failure."""
+        if begin:
+            self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            if begin:
+                self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
+    # Intake
+
+    def insert(self, job: NewJob, request_hash: str | None = None) -> str:
+        """Write a new job and return its id (see `submit` for idempotency keys and errors)."""
+        [accepted] = self.submit([Submission(job, request_hash)])
+        if isinstance(accepted, Exception):
+            raise accepted
+        return accepted.job_id
+
+    def submit(self, submissions: Sequence[Submission]) -> list[Accepted | ForemanError]:
+        """Write new jobs in one transaction: one commit (and one fsync) for the lot.
+
+        Each comes back accepted or refused on its own, as `Storage.submit`
+        describes. If the database cannot be written at all (disk full, or
+        locked by another program), every one is refused with Unavailable and
+        nothing of them is kept.
+        """
+        results: list[Accepted | ForemanError] = []
+        # One INSERT is a transaction of its own; every statement saved is a
+        # GIL hand-over saved against the busy event loop.
+        try:
+            with self._waiting.transaction(), self._transaction(begin=len(submissions) > 1):
+                for submission in submissions:
+                    try:
+                        results.append(self._accept(submission))
+                    except (IdempotencyConflict, QueueFull) as exc:
+                        results.append(exc)  # refused before anything of it was written
+        except sqlite3.OperationalError as exc:
+            refused = Unavailable(f"foreman cannot write its queue: {exc}")
+            return [refused] * len(submissions)
+        return results
+
+    def _accept(self, submission: Submission) -> Accepted:
+        job, order = submission.job, submission.drain_order
+        job_id = self._insert(job, submission.request_hash)
+        if job_id != job.id:
+            existing = self.get(job_id)
+            assert existing is not None
+            position = None
+            if existing.state is JobState.QUEUED and order is not None:
+                position = self.position(job_id, existing.model_key, existing.priority, order)
+            return Accepted(job_id, False, existing.state, position)
+        position = None
+        if order is not None:
+            # The newest job of its group: everything in its group is ahead of it.
+            group = (job.model_key, job.priority)
+            queues = self.queues()
+            position = waiting_before(queues, group, order(queues)) + self._waiting.of_class(*group) - 1
+        return Accepted(job_id, True, JobState.QUEUED, position)
+
+    def _insert(self, job: NewJob, request_hash: str | None) -> str:
+        if job.idempotency_key is not None:
+            row = self._db.execute(
+                "SELECT id, request_hash FROM jobs WHERE idempotency_key = ?", (job.idempotency_key,)
+            ).fetchone()
+            if row is not None:
+                if row["request_hash"] != request_hash:
+                    raise IdempotencyConflict(job.idempotency_key, row["id"])
+                return str(row["id"])
+        if self.max_queue and self._waiting.total >= self.max_queue:
+            raise QueueFull(self.max_queue)
+        self._db.execute(
+            "INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at,"
+            " respond_async, idempotency_key, request_hash, priority)"
+            " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job.id,
+                job.endpoint,
+                job.model,
+                job.model_key,
+                job.stream,
+                job.body,
+                job.created_at,
+                job.respond_async,
+                job.idempotency_key,
+                request_hash,
+                job.priority,
+            ),
+        )
+        self._waiting.add(job.model_key, job.priority, 1)
+        return job.id
+
+    def insert_many(self, jobs: Iterable[NewJob]) -> int:
+        """Write many new jobs in one transaction (bulk loads, benchmarks); returns how many."""
+        with self._waiting.transaction(), self._transaction():
+            return sum(1 for job in jobs if self._insert(job, None))
+
+    # The worker
+
+    def recover(self, now: float, max_attempts: int) -> Recovered:
+        """After a crash or restart, requeue jobs that were running (see `Storage.recover`)."""
+        with self._transaction():
+            failed = self._db.execute(
+                "UPDATE jobs SET state = 'failed', finished_at = ?, status = 500, attempt = attempt + 1,"
+                " error = 'interrupted by a foreman restart on every attempt'"
+                " WHERE state IN ('loading', 'working') AND attempt + 1 >= ?",
+                (now, max_attempts),
+            ).rowcount
+            requeued = self._db.execute(
+                "UPDATE jobs SET state = 'queued', attempt = attempt + 1"
+                " WHERE state IN ('loading', 'working') RETURNING model_key, priority"
+            ).fetchall()
+        for key, priority in requeued:
+            self._waiting.add(key, Priority(priority), 1)
+        return Recovered(len(requeued), failed)
+
+    def queues(self) -> list[ModelQueue]:
+        """What waits, per model key and class: one index lookup each for the oldest job."""
+        queues = []
+        for (key, priority), waiting in self._waiting.by_class().items():
+            oldest_id, oldest_at = reads.oldest_queued(self._db, key, priority)
+            queues.append(ModelQueue(key, priority, waiting, oldest_id, oldest_at))
+        return queues
+
+    def claim(self, choose: Chooser, now: float) -> Claim | None:
+        """Let `choose` pick a model from what waits, and take that model's oldest job."""
+        decision = choose(self.queues())
+        if decision is None:
+            return None
+        state = JobState.LOADING if decision.swap else JobState.WORKING
+        row = self._db.execute(
+            f"UPDATE jobs SET state = ?, started_at = ?"
+            f" WHERE id = (SELECT id FROM jobs WHERE state = 'queued' AND model_key = ? AND priority = ?"
+            f" ORDER BY id LIMIT 1) RETURNING {JOB}",
+            (state, now, decision.model_key, decision.priority),
+        ).fetchone()
+        if row is None:
+            raise RuntimeError(
+                f"no queued {decision.priority} job for {decision.model_key!r} although one was counted"
+            )
+        self._waiting.add(decision.model_key, decision.priority, -1)
+        return Claim(job_from_row(row), decision, self._waiting.of_model(decision.model_key))
+
+    def waiting(self, model_key: str) -> int:
+        return self._waiting.of_model(model_key)
+
+    def waiting_by_model(self) -> dict[str, int]:
+        """Queued jobs per model key, all classes together."""
+        return self._waiting.by_model()
+
+    def mark_working(self, job_id: str) -> None:
+        self._db.execute("UPDATE jobs SET state = 'working' WHERE id = ?", (job_id,))
+
+    def requeue(self, job: Job, *, attempt: int, error: str | None) -> None:
+        """Put a running job back in line, keeping its place (its id)."""
+        changed = self._db.execute(
+            "UPDATE jobs SET state = 'queued', attempt = ?, error = ?"
+            " WHERE id = ? AND state IN ('loading', 'working')",
+            (attempt, error, job.id),
+        ).rowcount
+        self._waiting.add(job.model_key, job.priority, changed)
+
+    def finish(
+        self,
+        job: Job,
+        state: JobState,
+        now: float,
+        *,
+        status: int,
+        result: bytes | None = None,
+        error: str | None = None,
+        attempt: int | None = None,
+        chunks: Sequence[bytes] = (),
+    ) -> None:
+        """End a running job for good, with its output; a job that already ended stays as it ended."""
+        with self._transaction(begin=bool(chunks)):
+            ended = self._db.execute(
+                "UPDATE jobs SET state = ?, finished_at = ?, status = ?, result = ?, error = ?,"
+                " attempt = coalesce(?, attempt) WHERE id = ? AND state IN ('loading', 'working')",
+                (state, now, status, result, error, attempt, job.id),
+            ).rowcount
+            if ended and chunks:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO chunks (job_id, seq, data) VALUES (?, ?, ?)",
+                    ((job.id, seq, data) for seq, data in enumerate(chunks)),
+                )
+
+    def cancel_queued(self, job_id: str, now: float) -> bool:
+        """Cancel a job that has not started; False if it is no longer queued."""
+        row = self._db.execute(
+            "UPDATE jobs SET state = 'cancelled', finished_at = ?, status = 499,"
+            " error = 'cancelled before it ran' WHERE id = ? AND state = 'queued'"
+            " RETURNING model_key, priority",
+            (now, job_id),
+        ).fetchone()
+        if row is None:
+            return False
+        self._waiting.add(row["model_key"], Priority(row["priority"]), -1)
+        return True
+
+    # Reads
+
+    def get(self, job_id: str) -> Job | None:
+        return reads.get(self._db, job_id)
+
+    def list_jobs(
+        self, *, state: JobState | None, model_key: str | None, limit: int, before: str | None
+    ) -> list[Job]:
+        return reads.list_jobs(self._db, state=state, model_key=model_key, limit=limit, before=before)
+
+    def chunks(self, job_id: str) -> list[bytes]:
+        return reads.chunks(self._db, job_id)
+
+    def position(self, job_id: str, model_key: str, priority: Priority, drain_order: DrainOrder) -> int:
+        """How many queued jobs run before this one if the queue drains in `drain_order`."""
+        queues = self.queues()
+        before = waiting_before(queues, (model_key, priority), drain_order(queues))
+        return before + reads.ahead_in_group(self._db, job_id, model_key, priority)
+
+    def counts_by_state(self) -> dict[str, int]:
+        return reads.counts_by_state(self._db)
+
+    # Upkeep
+
+    def prune(self, cutoff: float, batch: int = 1000) -> int:
+        """Delete up to `batch` jobs that ended before `cutoff`, with their chunks; returns how many."""
+        return self._db.execute(
+            f"DELETE FROM jobs WHERE id IN"
+            f" (SELECT id FROM jobs WHERE state IN {ENDED} AND finished_at < ? LIMIT ?)",
+            (cutoff, batch),
+        ).rowcount
+
+    def size_bytes(self) -> int:
+        """The database's size on disk, write-ahead log included."""
+        return sum(p.stat().st_size for p in (self.path, wal_path(self.path)) if p.exists())
+
+    def ping(self) -> None:
+        """Fail unless the database answers a query."""
+        self._db.execute("SELECT count(*) FROM jobs WHERE rowid = 0").fetchone()
