@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
@@ -13,7 +14,8 @@ import structlog
 from aiohttp import web
 
 from foreman import api, jobs, middleware, proxy, security, status
-from foreman.config import Config
+from foreman.config import Config, redact_url
+from foreman.errors import StoreError
 from foreman.events import JobEvents
 from foreman.keys import CLOCK, CONFIG, EVENTS, METRICS, STORE, UPSTREAM, WORKER
 from foreman.metrics import Metrics
@@ -22,6 +24,7 @@ from foreman.retention import prune_forever
 from foreman.retry import RetryPolicy, Sleep
 from foreman.scheduler import Policy
 from foreman.sqlite.storage import SqliteStorage
+from foreman.storage import Storage
 from foreman.upstream import Upstream
 from foreman.warm import Warmer
 from foreman.worker import Worker
@@ -49,10 +52,14 @@ def create_app(
     app[METRICS] = Metrics()
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        store = await SqliteStorage.open(config.db_path, sync=config.sync, max_queue=config.max_queue)
+        store: Storage
+        if config.db_url is not None:
+            store = await open_shared(config)
+        else:
+            store = await SqliteStorage.open(config.db_path, sync=config.sync, max_queue=config.max_queue)
         requeued, failed = await store.recover(clock(), config.max_attempts)
         if requeued or failed:
-            log.info("queue.recovered", requeued=requeued, failed=failed, db=str(config.db_path))
+            log.info("queue.recovered", requeued=requeued, failed=failed, db=_where(config))
         app[STORE] = store
         yield
         await store.close()
@@ -84,8 +91,8 @@ def create_app(
             sleep=sleep,
         )
         app[WORKER] = worker
-        async with _running(worker.run(), "foreman-worker"):
-            log.info("foreman.ready", upstream=config.upstream, db=str(config.db_path))
+        async with _running(worker.run(), "foreman-worker"), _member(app, worker, config, clock):
+            log.info("foreman.ready", upstream=config.upstream, db=_where(config))
             yield
 
     async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -116,6 +123,65 @@ def create_app(
     app.router.add_get("/metrics", status.metrics)
     app.router.add_route("*", "/{tail:.*}", proxy.passthrough)
     return app
+
+
+async def open_shared(config: Config) -> Storage:
+    """The PostgreSQL queue named by FOREMAN_DB, for this node; StoreError if it cannot be used."""
+    try:
+        from foreman.postgres.storage import PostgresStorage
+    except ImportError as exc:
+        raise StoreError(
+            f"FOREMAN_DB is a PostgreSQL URL, but its driver is missing ({exc}): pip install 'foreman[postgres]'"
+        ) from exc
+    return await PostgresStorage.open(
+        config.db_url or "",
+        node=node_name(config),
+        node_timeout=config.node_timeout,
+        max_queue=config.max_queue,
+    )
+
+
+def node_name(config: Config) -> str:
+    """FOREMAN_NODE, or this host's name and foreman's port."""
+    return config.node or f"{socket.gethostname()}:{config.port}"
+
+
+def _where(config: Config) -> str:
+    return redact_url(config.db_url) if config.db_url is not None else str(config.db_path)
+
+
+@asynccontextmanager
+async def _member(
+    app: web.Application, worker: Worker, config: Config, clock: Callable[[], float]
+) -> AsyncIterator[None]:
+    """With a shared queue: this node's heartbeat, leases and notifications while the worker runs."""
+    if config.db_url is None:
+        yield
+        return
+    from foreman.postgres.node import Node
+    from foreman.postgres.storage import PostgresStorage
+
+    store = app[STORE]
+    assert isinstance(store, PostgresStorage)  # store_ctx opened it from db_url
+    node = Node(
+        store,
+        app[EVENTS],
+        worker,
+        upstream=config.upstream,
+        max_attempts=config.max_attempts,
+        clock=clock,
+        reachable=lambda: worker.upstream_up,
+    )
+    await node.register()
+    app[EVENTS].forward = node.forward
+    async with _running(node.run(), "foreman-node"):
+        await node.listening()
+        log.info("node.joined", node=node.name, timeout_s=config.node_timeout)
+        try:
+            yield
+        finally:
+            await node.leave()
+    app[EVENTS].forward = None
 
 
 @asynccontextmanager

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import structlog
 
+from foreman.errors import Unavailable
 from foreman.retry import Sleep
 from foreman.storage import Storage
 
@@ -27,8 +28,15 @@ async def prune_once(store: Storage, now: float, retention: float) -> int:
 
 
 async def prune_forever(store: Storage, retention: float, clock: Callable[[], float], sleep: Sleep) -> None:
-    """Prune now, then every tenth of the retention period (at least hourly)."""
+    """Prune now, then every tenth of the retention period (at least hourly).
+
+    A database that fails meanwhile (a shared one gone for a while) costs one
+    round, not the pruning: the next round tries again.
+    """
     interval = min(retention / 10, 3600.0)
     while True:
-        await prune_once(store, clock(), retention)
+        try:
+            await prune_once(store, clock(), retention)
+        except Unavailable as exc:
+            log.warning("jobs.prune_failed", error=exc.message)
         await sleep(interval)

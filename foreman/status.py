@@ -60,6 +60,7 @@ async def status(request: web.Request) -> web.Response:
             "swaps": worker.swaps,
             "last_error": last_error,
             "db": await store.describe(),
+            "nodes": await store.nodes(),
         }
     )
 

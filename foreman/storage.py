@@ -155,6 +155,14 @@ class Storage(Protocol):
         """Cancel a job that has not started (status 499); False if it is not queued."""
         ...
 
+    async def cancel_elsewhere(self, job_id: str) -> bool:
+        """Ask another node that runs `job_id` (a backend shared by several nodes) to abort it.
+
+        False when no other node runs it: it ended, or it runs here, or the
+        backend has no other nodes. The job's end reaches the caller as events.
+        """
+        ...
+
     # Reads for the job API and /status
 
     async def get(self, job_id: str) -> Job | None:
@@ -192,6 +200,10 @@ class Storage(Protocol):
 
     async def ping(self) -> None:
         """Return once the store answers a query; raise if it does not (for /healthz)."""
+        ...
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """The foreman nodes sharing this store, each with its Ollama and heartbeat; [] if only one can."""
         ...
 
     async def describe(self) -> dict[str, Any]:

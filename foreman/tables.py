@@ -83,9 +83,10 @@ def format_status(status: Json, now: float) -> str:
     """`foreman status`: the daemon, the running job, then the queue by model in drain order."""
     upstream, db = status["upstream"], status["db"]
     reachable = "reachable" if upstream["reachable"] else "NOT REACHABLE"
+    where = db["path"] if "path" in db else f"{db['url']}, node {db['node']}"
     lines = fields(
         [
-            ("foreman", f"{status['version']}, database {db['path']} ({size(db['size_bytes'])})"),
+            ("foreman", f"{status['version']}, database {where} ({size(db['size_bytes'])})"),
             ("ollama", f"{upstream['url']} ({reachable})"),
             ("resident", ", ".join(status["resident"]) or "none"),
             ("running", _running(status["running"])),
@@ -94,7 +95,25 @@ def format_status(status: Json, now: float) -> str:
             ("last error", _last_error(status["last_error"], now)),
         ]
     )
-    return "\n".join([*lines, "", *queue_table(status["queue"], now)])
+    nodes = status.get("nodes") or []
+    return "\n".join([*lines, "", *queue_table(status["queue"], now), *nodes_table(nodes)])
+
+
+def nodes_table(nodes: list[Json]) -> list[str]:
+    """The nodes sharing a PostgreSQL queue: their Ollama, what it holds, what runs, the last heartbeat."""
+    if not nodes:
+        return []
+    rows = [
+        [
+            node["name"] + ("" if node["alive"] else " (gone)"),
+            node["upstream"] + ("" if node["reachable"] is not False else " (down)"),
+            ", ".join(node["resident"]) or "none",
+            ", ".join(node["running"]) or "nothing",
+            f"{duration(node['heartbeat_age_s'])} ago",
+        ]
+        for node in nodes
+    ]
+    return ["", *table(["NODE", "OLLAMA", "HOLDS", "RUNNING", "HEARTBEAT"], rows)]
 
 
 def counts(by_state: dict[str, int]) -> str:

@@ -130,6 +130,11 @@ class Worker:
         self.last_error: tuple[float, str] | None = None  # (when, what)
 
     @property
+    def upstream_up(self) -> bool:
+        """Whether Ollama answered the worker's latest request (False from an outage until it answers)."""
+        return not self._upstream_down
+
+    @property
     def running_jobs(self) -> list[str]:
         """The ids of the jobs in flight now, oldest first."""
         return sorted(self._running)
@@ -230,7 +235,8 @@ class Worker:
         if job_id in self._running:
             return True  # claimed meanwhile: the flag cancels it before it reaches Ollama
         self._cancel_requested.discard(job_id)
-        return False
+        # Another node sharing the queue may run it; its end comes back as events.
+        return await self._store.cancel_elsewhere(job_id)
 
     def stop(self) -> None:
         """Take no new jobs (foreman is shutting down)."""
@@ -279,7 +285,7 @@ class Worker:
             task = asyncio.create_task(self._job(claim), name=f"foreman-job {claim.job.id}")
             self._tasks.add(task)
             task.add_done_callback(self._job_ended)
-            following = upcoming[0] if upcoming else None
+            following = upcoming[-1] if upcoming else None  # a backend may ask the chooser twice
             if self._warmer is not None and following not in (None, claim.job.model_key):
                 self._warmer.prepare(following)
 

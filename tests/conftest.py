@@ -45,15 +45,20 @@ def pg_server() -> Iterator[postgres.Server]:
 _databases = itertools.count()
 
 
-@pytest.fixture
-def pg_url(pg_server: postgres.Server) -> str:
-    """A libpq URL to a new, empty database of the test server."""
+def new_database(server: postgres.Server) -> str:
+    """A libpq URL to a new, empty database of `server`."""
     import psycopg
 
     name = f"t{next(_databases)}"
-    with psycopg.connect(pg_server.url(), autocommit=True) as db:
+    with psycopg.connect(server.url(), autocommit=True) as db:
         db.execute(f"CREATE DATABASE {name}")
-    return pg_server.url(name)
+    return server.url(name)
+
+
+@pytest.fixture
+def pg_url(pg_server: postgres.Server) -> str:
+    """A libpq URL to a new, empty database of the test server."""
+    return new_database(pg_server)
 
 
 @pytest.fixture

@@ -6,9 +6,13 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from typing import Any
 
+import postgres
 import psycopg
 import pytest
+from conftest import new_database
+from storage_contract import MakeStorage, StorageContract
 from ulid import ULID
 
 from foreman.errors import StoreError
@@ -16,9 +20,26 @@ from foreman.models import JobState, NewJob, Priority
 from foreman.postgres.schema import LOCK_PRUNE, SCHEMA_VERSION
 from foreman.postgres.storage import PostgresStorage
 from foreman.scheduler import Decision, ModelQueue, Policy, State
-from foreman.storage import IdempotencyConflict, Submission
+from foreman.storage import IdempotencyConflict, Storage, Submission
 
 OpenNode = Callable[..., Awaitable[PostgresStorage]]
+
+
+class TestPostgresStorage(StorageContract):
+    """PostgreSQL keeps the storage contract."""
+
+    @pytest.fixture
+    async def make_storage(self, pg_server: postgres.Server) -> AsyncIterator[MakeStorage]:
+        opened: list[PostgresStorage] = []
+
+        async def make(**options: Any) -> Storage:
+            storage = await PostgresStorage.open(new_database(pg_server), node="n1", **options)
+            opened.append(storage)
+            return storage
+
+        yield make
+        for storage in opened:
+            await storage.close()
 
 
 @pytest.fixture

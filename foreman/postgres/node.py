@@ -94,7 +94,7 @@ class Node:
         async with self._store.connection() as conn:
             await conn.execute(
                 "INSERT INTO nodes (name, upstream) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE"
-                " SET upstream = excluded.upstream, started_at = now(), heartbeat_at = now(),"
+                " SET upstream = excluded.upstream, started_at = now(), heartbeat_at = now(), left_at = NULL,"
                 " resident = '{}', serving = NULL, running = '{}'",
                 (self.name, self._upstream),
             )
@@ -118,7 +118,7 @@ class Node:
         with suppress(psycopg.Error):
             async with self._store.connection() as conn:
                 await conn.execute(
-                    "UPDATE nodes SET heartbeat_at = '-infinity', running = '{}' WHERE name = %s",
+                    "UPDATE nodes SET left_at = now(), running = '{}' WHERE name = %s",
                     (self.name,),
                 )
 
@@ -134,11 +134,26 @@ class Node:
 
     async def _heartbeats(self) -> None:
         while True:
+            pause = self.interval
             try:
                 await self.beat()
+                # Wake when the next lease of another node runs out, not up to a beat later.
+                pause = min(pause, await self._next_expiry())
             except (psycopg.Error, OSError) as exc:
                 log.warning("node.heartbeat_failed", error=str(exc).strip())
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(pause)
+
+    async def _next_expiry(self) -> float:
+        async with self._store.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT extract(epoch FROM min(lease_until) - now()) FROM jobs"
+                " WHERE state IN ('loading', 'working') AND node <> %s",
+                (self.name,),
+            )
+            row = await cursor.fetchone()
+        if row is None or row[0] is None:
+            return self.interval
+        return max(float(row[0]) + 0.01, 0.01)
 
     async def beat(self) -> None:
         """Write this node's row and renew its leases; put back the jobs of dead nodes."""
@@ -146,7 +161,7 @@ class Node:
         async with self._store.connection() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO nodes (name, upstream, reachable, resident, running) VALUES (%s, %s, %s, %s, %s)"
-                " ON CONFLICT (name) DO UPDATE SET heartbeat_at = now(), upstream = excluded.upstream,"
+                " ON CONFLICT (name) DO UPDATE SET heartbeat_at = now(), left_at = NULL, upstream = excluded.upstream,"
                 " reachable = excluded.reachable, resident = excluded.resident, running = excluded.running",
                 (self.name, self._upstream, self._reachable(), sorted(self._worker.resident), running),
             )
@@ -156,7 +171,7 @@ class Node:
                 (self._store.node_timeout, self.name),
             )
             cursor = await conn.execute(
-                "SELECT name FROM nodes WHERE heartbeat_at > now() - make_interval(secs => %s)",
+                "SELECT name FROM nodes WHERE left_at IS NULL AND heartbeat_at > now() - make_interval(secs => %s)",
                 (self._store.node_timeout,),
             )
             alive = frozenset(str(name) for (name,) in await cursor.fetchall())

@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     serving      text,                            -- the model of the latest job it claimed
     running      text[] NOT NULL DEFAULT '{}',   -- job ids in flight
     started_at   timestamptz NOT NULL DEFAULT now(),
-    heartbeat_at timestamptz NOT NULL DEFAULT now()
+    heartbeat_at timestamptz NOT NULL DEFAULT now(),
+    left_at      timestamptz                      -- a clean stop: gone without waiting for the timeout
 );
 
 -- Job events too big for a NOTIFY payload (8000 bytes) travel through here.

@@ -83,6 +83,7 @@ class PostgresStorage:
         self.node = node
         self.node_timeout = node_timeout
         self.max_queue = 0
+        self._submitting: set[asyncio.Future[Accepted]] = set()
 
     @classmethod
     async def open(
@@ -105,7 +106,8 @@ class PostgresStorage:
             kwargs={"autocommit": True},
             open=False,
             name="foreman",
-            timeout=10.0,
+            # A request waits this long for a connection before it gets its 503.
+            timeout=3.0,
         )
         try:
             await pool.open(wait=True, timeout=10.0)
@@ -128,7 +130,11 @@ class PostgresStorage:
     # Intake
 
     def submit(self, submission: Submission) -> Awaitable[Accepted]:
-        return asyncio.ensure_future(self._submit(submission))
+        """Write a new job; a claim asked for after this call waits for the write (see `claim`)."""
+        future = asyncio.ensure_future(self._submit(submission))
+        self._submitting.add(future)
+        future.add_done_callback(self._submitting.discard)
+        return future
 
     @_unavailable
     async def _submit(self, submission: Submission) -> Accepted:
@@ -280,7 +286,8 @@ class PostgresStorage:
         cursor = await conn.execute(
             "SELECT key, count(DISTINCT name) FROM ("
             "  SELECT name, unnest(resident || serving) AS key FROM nodes"
-            "   WHERE name <> %(me)s AND heartbeat_at > now() - make_interval(secs => %(timeout)s)"
+            "   WHERE name <> %(me)s AND left_at IS NULL"
+            "   AND heartbeat_at > now() - make_interval(secs => %(timeout)s)"
             f"  UNION ALL SELECT node, model_key FROM jobs WHERE {_RUNNING} AND node <> %(me)s"
             "   AND lease_until > now()"
             ") AS held WHERE key IS NOT NULL GROUP BY key",
@@ -290,18 +297,29 @@ class PostgresStorage:
 
     @_unavailable
     async def claim(self, choose: Chooser, now: float) -> Claim | None:
+        if self._submitting:
+            # As the interface promises: the submissions made before this claim are in the queue it sees.
+            await asyncio.wait(set(self._submitting))
         async with self._pool.connection() as conn:
             for _ in range(_CLAIM_TRIES):
                 async with conn.transaction():
-                    decision = choose(await self._queues(conn))
+                    queues = await self._queues(conn)
+                    decision = choose(queues)
                     if decision is None:
                         return None
                     if decision.swap:
                         # Decide again in turn with the other nodes' swaps, seeing theirs.
                         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_SWAP,))
-                        decision = choose(await self._queues(conn))
+                        queues = await self._queues(conn)
+                        decision = choose(queues)
                         if decision is None:
                             return None
+                    if not any(
+                        (q.model_key, q.priority) == (decision.model_key, decision.priority) for q in queues
+                    ):
+                        raise RuntimeError(
+                            f"no queued {decision.priority} job for {decision.model_key!r} although the policy chose it"
+                        )
                     state = JobState.LOADING if decision.swap else JobState.WORKING
                     cursor = await conn.execute(
                         f"UPDATE jobs SET state = %(state)s, started_at = %(now)s, node = %(me)s,"
@@ -529,7 +547,7 @@ class PostgresStorage:
             cursor = await conn.execute(
                 "SELECT name, upstream, reachable, resident, serving, running, heartbeat_at,"
                 " extract(epoch FROM now() - heartbeat_at),"
-                " heartbeat_at > now() - make_interval(secs => %s) FROM nodes ORDER BY name",
+                " left_at IS NULL AND heartbeat_at > now() - make_interval(secs => %s) FROM nodes ORDER BY name",
                 (self.node_timeout,),
             )
             rows = await cursor.fetchall()

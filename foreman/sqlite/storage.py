@@ -151,6 +151,9 @@ class SqliteStorage:
     async def cancel_queued(self, job_id: str, now: float) -> bool:
         return await self._call(self._store.cancel_queued, job_id, now)
 
+    async def cancel_elsewhere(self, job_id: str) -> bool:
+        return False  # one file, one node: a job runs here or nowhere
+
     # Reads
 
     async def get(self, job_id: str) -> Job | None:
@@ -179,6 +182,9 @@ class SqliteStorage:
 
     async def ping(self) -> None:
         await self._call(self._store.ping)
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        return []  # one file, one node
 
     async def describe(self) -> dict[str, Any]:
         return {
