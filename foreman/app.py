@@ -173,7 +173,7 @@ async def _member(
         reachable=lambda: worker.upstream_up,
     )
     await node.register()
-    app[EVENTS].forward = node.forward
+    app[EVENTS].forward, app[EVENTS].on_watch = node.forward, node.watch
     async with _running(node.run(), "foreman-node"):
         await node.listening()
         log.info("node.joined", node=node.name, timeout_s=config.node_timeout)
@@ -181,7 +181,7 @@ async def _member(
             yield
         finally:
             await node.leave()
-    app[EVENTS].forward = None
+    app[EVENTS].forward = app[EVENTS].on_watch = None
 
 
 @asynccontextmanager

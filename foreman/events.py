@@ -61,11 +61,15 @@ class JobEvents:
     def __init__(self) -> None:
         self._subscribers: defaultdict[str, list[Subscription]] = defaultdict(list)
         self.forward: Callable[[str, JobEvent], None] | None = None
+        # Someone here follows a job's events (GET /jobs/{id}/events, a cancel): the node running it must know.
+        self.on_watch: Callable[[str], None] | None = None
 
     @contextmanager
     def subscribe(self, job_id: str, *, client: bool) -> Iterator[asyncio.Queue[JobEvent]]:
         subscription = Subscription(asyncio.Queue(), client)
         self._subscribers[job_id].append(subscription)
+        if not client and self.on_watch is not None:
+            self.on_watch(job_id)
         try:
             yield subscription.queue
         finally:

@@ -25,7 +25,8 @@ own Ollama, and the queue says how many other nodes hold each model
 (`ModelQueue.held_elsewhere`). A model another node holds is left to it
 unless its waiting work outlasts one more load on every node that holds it
 (`worth_joining`), and a swap goes to a model no other node holds before one
-that another node serves.
+that another node serves. Jobs put back because the node running them died
+(`ModelQueue.orphaned`) count as overdue: they had their turn already.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class ModelQueue:
     oldest_id: str  # a ULID, so it sorts by arrival
     oldest_at: float  # when that job was queued, on the clock `now` comes from
     held_elsewhere: int = 0  # other nodes sharing the queue that hold, load or run this model
+    orphaned: int = 0  # jobs put back after the node running them died
 
 
 class Reason(StrEnum):
@@ -62,6 +64,7 @@ class Reason(StrEnum):
     DRAINED = "drained"  # loaded models have no work left
     MAX_WAIT = "max_wait"  # a job waited longer than the bound
     PRIORITY = "priority"  # an interactive job waits for a model that is not loaded
+    ORPHANED = "orphaned"  # jobs whose node died wait (several nodes sharing a queue)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +200,10 @@ class _Work:
     def held_elsewhere(self) -> int:
         return max(q.held_elsewhere for q in self.queues.values())
 
+    @property
+    def orphaned(self) -> int:
+        return sum(q.orphaned for q in self.queues.values())
+
     def head(self, until: float = math.inf) -> ModelQueue | None:
         """The class to serve next for this model: interactive first, only jobs queued by `until`."""
         for priority in Priority:
@@ -222,7 +229,7 @@ class Policy:
         """The next job's model and class, or None when nothing waits (for this node)."""
         work = _by_model(queues)
         # What other nodes hold stays theirs unless one more node is worth its load.
-        work = {k: w for k, w in work.items() if k in state.resident or worth_joining(w, costs)}
+        work = {k: w for k, w in work.items() if k in state.resident or w.orphaned or worth_joining(w, costs)}
         if not work:
             return None
         if state.drain is not None:
@@ -230,7 +237,8 @@ class Policy:
             queue = draining.head(until=state.drain.since) if draining else None
             if queue is not None:
                 return self._decide(queue, Reason.MAX_WAIT, state, work, now, costs, state.drain)
-        overdue = [w for w in work.values() if now - w.oldest_at > self.max_wait]
+        # Work whose node died had its turn already: it goes next, as if overdue.
+        overdue = [w for w in work.values() if now - w.oldest_at > self.max_wait or w.orphaned]
         if overdue:
             serving = work.get(state.serving or "")
             if serving is not None and serving not in overdue and self._settling(state, now):
@@ -242,7 +250,9 @@ class Policy:
                 key=lambda w: self._urgency(w, state, now, costs),
             )
             drain = Drain(chosen.model_key, now)
-            return self._decide(_head(chosen), Reason.MAX_WAIT, state, work, now, costs, drain)
+            late = now - chosen.oldest_at > self.max_wait
+            reason = Reason.MAX_WAIT if late or not chosen.orphaned else Reason.ORPHANED
+            return self._decide(_head(chosen), reason, state, work, now, costs, drain)
         for priority in Priority:
             candidates = [w.queues[priority] for w in work.values() if priority in w.queues]
             if not candidates:

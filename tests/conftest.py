@@ -12,12 +12,12 @@ from typing import Any, TypeVar
 import aiohttp
 import ollama
 import openai
-import postgres
 import pytest
 import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+import _postgres as postgres
 from foreman.app import create_app
 from foreman.config import Config
 from helpers import Foreman, MakeForeman, MakeStub

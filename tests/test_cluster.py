@@ -128,6 +128,24 @@ async def test_async_jobs_and_their_events_work_on_any_node(
         assert job["state"] == "done" and job["result"]["message"]["content"] == reply_text("llama3", "async")
 
 
+async def test_a_watcher_on_another_node_gets_the_live_tail_of_a_running_job(
+    http: aiohttp.ClientSession, make_foreman: MakeForeman, make_stub: MakeStub, pg_url: str
+) -> None:
+    """GET /jobs/{id}/events on one node while another runs the job: its chunks and its end arrive."""
+    stub = await make_stub(token_delay=0.02)
+    a = await node(make_foreman, down_url(), pg_url, "a")
+    await node(make_foreman, stub, pg_url, "b")
+    stub.stub.faults.hang_next(1)
+    accepted = await post(http, a.url + "/api/chat", chat_body("llama3", "watched"), ASYNC)
+    job_id = accepted.json()["id"]
+    await stub.stub.wait_for(lambda s: s.faults.hung == 1)
+    async with http.get(f"{a.url}/jobs/{job_id}/events") as events:
+        await eventually(lambda: query(pg_url, "SELECT watchers FROM jobs") == [(["a"],)], what="the watch")
+        stub.stub.faults.release_hung()
+        text = await events.text()
+    assert "event: chunk" in text and '"state": "done"' in text
+
+
 async def test_status_lists_every_node_with_its_ollama(
     http: aiohttp.ClientSession, make_foreman: MakeForeman, make_stub: MakeStub, pg_url: str
 ) -> None:

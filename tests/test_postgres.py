@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-import postgres
 import psycopg
 import pytest
 from conftest import new_database
 from storage_contract import MakeStorage, StorageContract
 from ulid import ULID
 
+import _postgres as postgres
 from foreman.errors import StoreError
 from foreman.models import JobState, NewJob, Priority
 from foreman.postgres.schema import LOCK_PRUNE, SCHEMA_VERSION

@@ -306,3 +306,14 @@ def test_the_drain_order_places_every_queue_whatever_other_nodes_hold() -> None:
     """Positions count every waiting job, also those another node will run."""
     order = drain_order(POLICY, [held(q("a", 2, 0)), q("b", 1, 5)], loaded(), now=6)
     assert order == [("a", B), ("b", B)]
+
+
+def test_jobs_whose_node_died_go_next_even_on_a_busy_node() -> None:
+    """Orphaned work is served before the resident model's drain goes on, and even if another node holds it."""
+    queues = [q("a", 10, 0), held(replace(q("b", 2, 5), orphaned=1))]
+    decision = POLICY.pick(queues, loaded("a"), now=6)
+    assert decision is not None and (decision.model_key, decision.reason, decision.swap) == (
+        "b",
+        Reason.ORPHANED,
+        True,
+    )

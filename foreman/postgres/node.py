@@ -7,12 +7,14 @@
   dead to the others: they no longer leave its models to it.
 - **Wake-ups.** A job written, put back or claimed for a swap sends a NOTIFY
   at commit; every other node's worker then looks at the queue.
-- **Replies cross over.** The node that runs a job sends each of its events
-  (state, chunk, end) as a NOTIFY, in order; the node that holds the client's
-  connection hands them to the waiting handler as if its own worker had run
-  the job. An event too big for a payload (8000 bytes) goes through the
-  `relay` table. A client that leaves cancels its job where it runs: the
-  cancel travels the same way.
+- **Replies cross over.** A job records the nodes where a client waits for
+  it (`jobs.watchers`: the node a synchronous request came to, and any node
+  where someone follows its events later). The node that runs it sends each
+  of its events (state, chunk, end) to them as a NOTIFY, in order, and they
+  hand them to the waiting handlers as if their own worker had run the job;
+  the end of every job goes to every node. An event too big for a payload
+  (8000 bytes) goes through the `relay` table. A client that leaves cancels
+  its job where it runs: the cancel travels the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import base64
 import json
 from collections.abc import Callable, Coroutine
 from contextlib import suppress
+from dataclasses import replace
 from typing import Any, Protocol
 
 import psycopg
@@ -73,7 +76,8 @@ class Node:
         self._max_attempts = max_attempts
         self._clock = clock
         self._reachable = reachable
-        self._outbox: asyncio.Queue[tuple[str, JobEvent]] = asyncio.Queue()
+        # What to send, in order: an event of a job run here, or a watch of a job run elsewhere.
+        self._outbox: asyncio.Queue[tuple[str, JobEvent | None]] = asyncio.Queue()
         self._listening = asyncio.Event()
         self._alive: frozenset[str] = frozenset()
         self.name = store.node
@@ -83,8 +87,21 @@ class Node:
         return self._store.node_timeout / 3
 
     def forward(self, job_id: str, event: JobEvent) -> None:
-        """Send an event of a job this node runs to the other nodes (in order, in the background)."""
-        self._outbox.put_nowait((job_id, event))
+        """Send an event of a job this node runs to the nodes that wait for it (in order, in the background).
+
+        The end of a job goes to every node, so that one that began to follow
+        it a moment ago does not wait for ever; its reply only where it is awaited.
+        """
+        watched = self._store.watchers.get(job_id)
+        if isinstance(event, Ended):
+            self._store.watchers.pop(job_id, None)
+            self._outbox.put_nowait((job_id, event if watched else replace(event, body=b"")))
+        elif watched:
+            self._outbox.put_nowait((job_id, event))
+
+    def watch(self, job_id: str) -> None:
+        """Someone here follows a job: have the node that runs it send its events here too."""
+        self._outbox.put_nowait((job_id, None))
 
     async def listening(self) -> None:
         """Return once the node hears the others' notifications."""
@@ -200,6 +217,9 @@ class Node:
             return  # our own: the worker and the local handlers know already
         if "wake" in message:
             self._worker.wake(message["wake"])
+        elif "watch" in message:
+            if message["watch"] in self._store.watchers:
+                self._store.watchers[message["watch"]].add(message["n"])
         elif "cancel" in message:
             if message.get("to") == self.name:
                 await self._worker.cancel(message["cancel"])
@@ -221,6 +241,15 @@ class Node:
                 batch.append(self._outbox.get_nowait())
             async with self._store.connection() as conn, conn.transaction():
                 for job_id, event in batch:
+                    if event is None:
+                        await conn.execute(
+                            "UPDATE jobs SET watchers = array_append(watchers, %s)"
+                            " WHERE id = %s AND NOT %s = ANY(watchers)",
+                            (self.name, job_id, self.name),
+                        )
+                        payload = json.dumps({"n": self.name, "watch": job_id})
+                        await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+                        continue
                     payload = json.dumps({"n": self.name, "j": job_id, "e": _encode(event)})
                     if len(payload) > _PAYLOAD_LIMIT:
                         cursor = await conn.execute(

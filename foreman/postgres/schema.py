@@ -42,7 +42,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     request_hash    text,
     priority    text NOT NULL DEFAULT 'interactive',
     node        text,                    -- the node running it (loading, working)
-    lease_until timestamptz              -- the database's time after which another node puts it back
+    lease_until timestamptz,             -- the database's time after which another node puts it back
+    orphaned    boolean NOT NULL DEFAULT false,  -- put back after its node died: it goes next
+    watchers    text[] NOT NULL DEFAULT '{}'     -- nodes with a client waiting for its events
 );
 -- The pick: the oldest queued job of a model in a class is the first entry under (key, class).
 CREATE INDEX IF NOT EXISTS jobs_queued_by_class ON jobs (model_key, priority, id) WHERE state = 'queued';

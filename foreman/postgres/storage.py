@@ -84,6 +84,8 @@ class PostgresStorage:
         self.node_timeout = node_timeout
         self.max_queue = 0
         self._submitting: set[asyncio.Future[Accepted]] = set()
+        # Per job this node claimed: the other nodes where a client waits for its events.
+        self.watchers: dict[str, set[str]] = {}
 
     @classmethod
     async def open(
@@ -155,8 +157,8 @@ class PostgresStorage:
                     raise QueueFull(self.max_queue)
             cursor = await conn.execute(
                 "INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at,"
-                " respond_async, idempotency_key, request_hash, priority)"
-                " VALUES (%s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " respond_async, idempotency_key, request_hash, priority, watchers)"
+                " VALUES (%s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
                 (
                     job.id,
@@ -170,6 +172,8 @@ class PostgresStorage:
                     job.idempotency_key,
                     submission.request_hash,
                     job.priority.value,
+                    # A synchronous client waits here for the events, whichever node runs the job.
+                    [] if job.respond_async else [self.node],
                 ),
             )
             if await cursor.fetchone() is None:
@@ -259,6 +263,7 @@ class PostgresStorage:
                     "id = ANY(%s)",
                     ([job_id for job_id, _ in lost],),
                     "nodes that stopped answering",
+                    orphaned=True,
                 )
             return lost
 
@@ -269,16 +274,16 @@ class PostgresStorage:
 
     async def _queues(self, conn: Connection) -> list[ModelQueue]:
         cursor = await conn.execute(
-            "SELECT model_key, priority, count(*), min(id), (array_agg(created_at ORDER BY id))[1]"
-            " FROM jobs WHERE state = 'queued' GROUP BY model_key, priority"
+            "SELECT model_key, priority, count(*), min(id), (array_agg(created_at ORDER BY id))[1],"
+            " count(*) FILTER (WHERE orphaned) FROM jobs WHERE state = 'queued' GROUP BY model_key, priority"
         )
         rows = await cursor.fetchall()
         if not rows:
             return []
         held = await self._held_elsewhere(conn)
         return [
-            ModelQueue(key, Priority(priority), int(count), oldest, oldest_at, held.get(key, 0))
-            for key, priority, count, oldest, oldest_at in rows
+            ModelQueue(key, Priority(priority), int(count), oldest, oldest_at, held.get(key, 0), int(orphans))
+            for key, priority, count, oldest, oldest_at, orphans in rows
         ]
 
     async def _held_elsewhere(self, conn: Connection) -> dict[str, int]:
@@ -323,10 +328,10 @@ class PostgresStorage:
                     state = JobState.LOADING if decision.swap else JobState.WORKING
                     cursor = await conn.execute(
                         f"UPDATE jobs SET state = %(state)s, started_at = %(now)s, node = %(me)s,"
-                        f" lease_until = now() + make_interval(secs => %(timeout)s)"
+                        f" lease_until = now() + make_interval(secs => %(timeout)s), orphaned = false"
                         f" WHERE id = (SELECT id FROM jobs WHERE state = 'queued' AND model_key = %(key)s"
                         f" AND priority = %(priority)s ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)"
-                        f" RETURNING {_COLUMNS}",
+                        f" RETURNING {_COLUMNS}, watchers",
                         {
                             "state": state.value,
                             "now": now,
@@ -350,7 +355,9 @@ class PostgresStorage:
                         (decision.model_key,),
                     )
                     (waiting,) = await _one(cursor)
-                    return Claim(_job_from_row(row), decision, int(waiting))
+                    job = _job_from_row(row[:-1])
+                    self.watchers[job.id] = set(row[-1]) - {self.node}
+                    return Claim(job, decision, int(waiting))
         return None
 
     @_unavailable
@@ -380,6 +387,7 @@ class PostgresStorage:
 
     @_unavailable
     async def requeue(self, job: Job, *, attempt: int, error: str | None) -> None:
+        self.watchers.pop(job.id, None)
         async with self._pool.connection() as conn, conn.transaction():
             cursor = await conn.execute(
                 f"UPDATE jobs SET state = 'queued', attempt = %s, error = %s, node = NULL, lease_until = NULL"
@@ -568,9 +576,19 @@ class PostgresStorage:
 
 
 async def _requeue_running(
-    conn: Connection, now: float, max_attempts: int, which: str, args: tuple[Any, ...], cause: str
+    conn: Connection,
+    now: float,
+    max_attempts: int,
+    which: str,
+    args: tuple[Any, ...],
+    cause: str,
+    *,
+    orphaned: bool = False,
 ) -> Recovered:
-    """Put running jobs back, charging an attempt; those out of attempts fail. Wakes every node."""
+    """Put running jobs back, charging an attempt; those out of attempts fail. Wakes every node.
+
+    `orphaned`: their node died, so they go next wherever they run (`ModelQueue.orphaned`).
+    """
     cursor = await conn.execute(
         f"UPDATE jobs SET state = 'failed', finished_at = %s, status = 500, attempt = attempt + 1,"
         f" error = %s, node = NULL, lease_until = NULL"
@@ -579,9 +597,9 @@ async def _requeue_running(
     )
     failed = cursor.rowcount
     cursor = await conn.execute(
-        f"UPDATE jobs SET state = 'queued', attempt = attempt + 1, node = NULL, lease_until = NULL"
-        f" WHERE {_RUNNING} AND {which}",
-        args,
+        f"UPDATE jobs SET state = 'queued', attempt = attempt + 1, node = NULL, lease_until = NULL,"
+        f" orphaned = %s WHERE {_RUNNING} AND {which}",
+        (orphaned, *args),
     )
     requeued = cursor.rowcount
     if requeued:

@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL server for the tests: initdb in a temporary directory, stopped at the end.
+"""A throwaway PostgreSQL server for the tests and benchmarks: initdb in a temporary directory, stopped at the end.
 
 The server refuses to run as root, and CI runs as root, so as root it runs as
 the `postgres` user that Debian's package creates. It listens on a unix
