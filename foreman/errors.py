@@ -58,6 +58,10 @@ class StoreError(Exception):
     """The database cannot be used; foreman stops rather than risk it."""
 
 
+class StoreUnreachable(StoreError):
+    """The database server did not answer at start: a restart may well find it."""
+
+
 class UpstreamUnreachable(ForemanError):
     """Ollama could not be reached: refused, reset, or gone before it answered."""
 

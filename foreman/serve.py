@@ -7,8 +7,8 @@ from aiohttp import web
 
 from foreman import log as logging_setup
 from foreman.app import create_app
-from foreman.config import Config
-from foreman.errors import StoreError
+from foreman.config import Config, redact_url
+from foreman.errors import StoreError, StoreUnreachable
 from foreman.security import is_loopback
 
 log = structlog.get_logger("foreman")
@@ -26,7 +26,7 @@ def serve(config: Config) -> int:
         "foreman.start",
         listen=f"{config.host}:{config.port}",
         upstream=config.upstream,
-        db=str(config.db_path),
+        db=redact_url(config.db_url) if config.db_url is not None else str(config.db_path),
     )
     if not is_loopback(config.host) and not config.token:
         log.warning(
@@ -47,6 +47,10 @@ def serve(config: Config) -> int:
             print=None,
             access_log=None,
         )
+    except StoreUnreachable as exc:
+        # Not a bad setting: the server may be starting too. systemd tries again (Restart=on-failure).
+        log.error("foreman.db_unreachable", error=str(exc))
+        return 1
     except StoreError as exc:
         log.error("foreman.db_refused", error=str(exc))
         return EXIT_CONFIG

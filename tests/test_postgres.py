@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -15,6 +16,7 @@ from storage_contract import MakeStorage, StorageContract
 from ulid import ULID
 
 import _postgres as postgres
+from foreman.cli import main
 from foreman.errors import StoreError
 from foreman.models import JobState, NewJob, Priority
 from foreman.postgres.schema import LOCK_PRUNE, SCHEMA_VERSION
@@ -236,3 +238,34 @@ async def test_idempotency_keys_hold_across_nodes(open_node: OpenNode) -> None:
     assert first.new and not again.new and again.job_id == first.job_id
     with pytest.raises(IdempotencyConflict):
         await b.submit(Submission(replace(keyed, id=str(ULID())), "h2"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def test_serve_with_no_database_server_exits_1_for_systemd_to_retry(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An unreachable server is not a bad setting: one line, exit 1 (restarted), the password not shown."""
+    url = f"postgresql://foreman:secret@127.0.0.1:{free_port()}/foreman"
+    argv = ["serve", "--host", f"127.0.0.1:{free_port()}", "--db", url, "--log-format", "json"]
+    assert main(argv, environ={}) == 1
+    out = capsys.readouterr().out
+    assert "foreman.db_unreachable" in out and "Connection refused" in out
+    assert "secret" not in out and "Traceback" not in out
+
+
+def test_serve_on_a_database_of_something_else_exits_78(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A database that holds other tables stops `foreman serve` with EX_CONFIG, so systemd stops retrying."""
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute("CREATE TABLE invoices (id int)")
+    argv = ["serve", "--host", f"127.0.0.1:{free_port()}", "--db", pg_url, "--log-format", "json"]
+    assert main(argv, environ={}) == 78
+    out = capsys.readouterr().out
+    assert "foreman.db_refused" in out and "not a foreman queue" in out

@@ -27,7 +27,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from foreman.config import redact_url
-from foreman.errors import QueueFull, StoreError, Unavailable
+from foreman.errors import QueueFull, StoreError, StoreUnreachable, Unavailable
 from foreman.models import Job, JobState, NewJob, Priority
 from foreman.postgres.schema import CHANNEL, LOCK_PRUNE, LOCK_REAP, LOCK_SWAP, prepare
 from foreman.scheduler import ModelQueue
@@ -98,7 +98,7 @@ class PostgresStorage:
             first = await psycopg.AsyncConnection.connect(url, autocommit=True)
         except psycopg.Error as exc:
             detail = " ".join(line.strip() for line in str(exc).splitlines()) or type(exc).__name__
-            raise StoreError(f"cannot connect to {where}: {detail}") from exc
+            raise StoreUnreachable(f"cannot connect to {where}: {detail}") from exc
         async with first:
             await prepare(first, where)
         pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
@@ -115,7 +115,7 @@ class PostgresStorage:
             await pool.open(wait=True, timeout=10.0)
         except PoolTimeout as exc:
             await pool.close()
-            raise StoreError(f"cannot connect to {where}") from exc
+            raise StoreUnreachable(f"cannot connect to {where}") from exc
         store = cls(pool, url, node, node_timeout)
         store.max_queue = max_queue
         return store
