@@ -5,7 +5,8 @@
 
 The simulated worker is foreman's: one job at a time, a swap is a load that
 takes the model's load time, and the pick is `foreman.scheduler.Policy.pick`
-with the same `State` and `CostBook` bookkeeping the daemon's worker does.
+driven by the daemon worker's own `foreman.driver.PolicyDriver` (its `State`
+and `CostBook` bookkeeping).
 The clock is simulated, so a two-hour trace takes well under a second.
 
 Baselines, beside it:
