@@ -5,7 +5,8 @@
 
 The simulated worker is foreman's: one job at a time, a swap is a load that
 takes the model's load time, and the pick is `foreman.scheduler.Policy.pick`
-with the same `State` and `CostBook` bookkeeping the daemon's worker does.
+driven by the daemon worker's own `foreman.driver.PolicyDriver` (its `State`
+and `CostBook` bookkeeping).
 The clock is simulated, so a two-hour trace takes well under a second.
 
 Baselines, beside it:
@@ -37,8 +38,9 @@ import aiohttp
 
 from _harness import until
 from _report import machine
+from foreman.driver import PolicyDriver
 from foreman.models import Priority
-from foreman.scheduler import CostBook, Decision, ModelQueue, Policy, Reason, State
+from foreman.scheduler import Decision, ModelQueue, Policy, Reason
 
 HERE = Path(__file__).resolve().parent
 
@@ -201,35 +203,12 @@ class Chooser(Protocol):
     def abandoned(self) -> None: ...
 
 
-class Foreman:
-    """foreman's policy with the bookkeeping its worker does: State.after, State.loaded, CostBook."""
+class Foreman(PolicyDriver):
+    """foreman's policy, driven exactly as the daemon's worker drives it (`foreman.driver.PolicyDriver`)."""
 
     def __init__(self, policy: Policy, name: str = "foreman") -> None:
+        super().__init__(policy)
         self.name = name
-        self.policy = policy
-        self.state = State()
-        self.before = self.state  # the state the latest claim was decided in
-        self.book = CostBook()
-
-    def choose(self, queues: list[ModelQueue], resident: frozenset[str], now: float) -> Decision | None:
-        self.state = replace(self.state, resident=resident)
-        return self.policy.pick(queues, self.state, now, self.book.costs())
-
-    def claimed(self, decision: Decision, now: float) -> None:
-        self.before, self.state = self.state, self.state.after(decision, now)
-
-    def abandons(self, loading: Decision, queues: list[ModelQueue], now: float) -> bool:
-        return self.policy.abandons(loading, queues, self.before, now, self.book.costs())
-
-    def abandoned(self) -> None:
-        self.state = self.before
-
-    def loaded(self, model: str, seconds: float, now: float) -> None:
-        self.book.record_load(model, seconds)
-        self.state = self.state.loaded(model, now)
-
-    def ran(self, model: str, seconds: float) -> None:
-        self.book.record_run(model, seconds)
 
 
 class _Baseline:

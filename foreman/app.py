@@ -15,17 +15,22 @@ from aiohttp import web
 
 from foreman import api, jobs, middleware, proxy, security, status
 from foreman.config import Config, redact_url
+from foreman.driver import PolicyDriver
 from foreman.errors import StoreError
 from foreman.events import JobEvents
 from foreman.keys import CLOCK, CONFIG, EVENTS, METRICS, STORE, UPSTREAM, WORKER
 from foreman.metrics import Metrics
 from foreman.models import QUEUED_ENDPOINTS
+from foreman.outages import Outages
+from foreman.residency import Residency
 from foreman.retention import prune_forever
 from foreman.retry import RetryPolicy, Sleep
+from foreman.runner import JobRunner
 from foreman.scheduler import Policy
 from foreman.sqlite.storage import SqliteStorage
 from foreman.storage import Storage
 from foreman.upstream import Upstream
+from foreman.wakeups import WakeUps
 from foreman.warm import Warmer
 from foreman.worker import Worker
 
@@ -36,9 +41,14 @@ def create_app(
     config: Config,
     *,
     clock: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
     sleep: Sleep = asyncio.sleep,
 ) -> web.Application:
-    """foreman as an aiohttp application; nothing starts until the app does."""
+    """foreman as an aiohttp application; nothing starts until the app does.
+
+    `clock` stamps and schedules jobs, `monotonic` times loads, runs and idle
+    spells, `sleep` waits out backoffs: tests hand in fakes.
+    """
     app = web.Application(client_max_size=config.max_body, middlewares=[middleware.errors])
     if security.is_loopback(config.host):
         # DNS rebinding only threatens a server that trusts "local" callers.
@@ -76,22 +86,47 @@ def create_app(
         await session.close()
 
     async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
-        worker = Worker(
-            store=app[STORE],
-            upstream=app[UPSTREAM],
-            events=app[EVENTS],
-            retry=RetryPolicy(config.max_attempts, config.backoff_initial, config.backoff_max),
+        store, upstream, events = app[STORE], app[UPSTREAM], app[EVENTS]
+        retry = RetryPolicy(config.max_attempts, config.backoff_initial, config.backoff_max)
+        driver = PolicyDriver(Policy(max_wait=config.max_wait, min_residency=config.min_residency))
+        outages = Outages(upstream.base_url)
+        residency = Residency(
+            upstream,
+            outages,
             pin_keep_alive=config.pin_keep_alive,
             release_keep_alive=config.release_keep_alive,
+        )
+        wakeups = WakeUps()
+        runner = JobRunner(
+            store=store,
+            upstream=upstream,
+            events=events,
             metrics=app[METRICS],
-            policy=Policy(max_wait=config.max_wait, min_residency=config.min_residency),
-            parallel=config.parallel,
-            warmer=Warmer(app[UPSTREAM]) if config.warm == "auto" else None,
+            retry=retry,
+            driver=driver,
+            residency=residency,
+            outages=outages,
+            wakeups=wakeups,
             clock=clock,
+            monotonic=monotonic,
+            sleep=sleep,
+        )
+        worker = Worker(
+            store=store,
+            events=events,
+            driver=driver,
+            residency=residency,
+            runner=runner,
+            retry=retry,
+            wakeups=wakeups,
+            parallel=config.parallel,
+            warmer=Warmer(upstream) if config.warm == "auto" else None,
+            clock=clock,
+            monotonic=monotonic,
             sleep=sleep,
         )
         app[WORKER] = worker
-        async with _running(worker.run(), "foreman-worker"), _member(app, worker, config, clock):
+        async with _running(worker.run(), "foreman-worker"), _member(app, worker, outages, config, clock):
             log.info("foreman.ready", upstream=config.upstream, db=_where(config))
             yield
 
@@ -152,7 +187,7 @@ def _where(config: Config) -> str:
 
 @asynccontextmanager
 async def _member(
-    app: web.Application, worker: Worker, config: Config, clock: Callable[[], float]
+    app: web.Application, worker: Worker, outages: Outages, config: Config, clock: Callable[[], float]
 ) -> AsyncIterator[None]:
     """With a shared queue: this node's heartbeat, leases and notifications while the worker runs."""
     if config.db_url is None:
@@ -170,7 +205,7 @@ async def _member(
         upstream=config.upstream,
         max_attempts=config.max_attempts,
         clock=clock,
-        reachable=lambda: worker.upstream_up,
+        reachable=lambda: outages.reachable,
     )
     await node.register()
     app[EVENTS].forward, app[EVENTS].on_watch = node.forward, node.watch

@@ -1,200 +1,138 @@
-"""The one worker: takes jobs in the order `scheduler.Policy` decides and runs them against Ollama.
+"""The one worker: takes jobs in the order `scheduler.Policy` decides and hands each to the job runner.
 
 Up to `parallel` jobs run at once, all for the model Ollama already holds;
 a job for any other model waits until they are done, so Ollama never serves
-two models for foreman at the same time.
+two models for foreman at the same time. The worker is the loop, its
+wake-ups, cancellation and stopping; the policy's memory is the
+`PolicyDriver`'s, what Ollama holds the `Residency`'s, and the run of one job
+the `JobRunner`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import re
-import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field, replace
-from functools import partial
+from typing import Protocol
 
 import structlog
 
-from foreman.dialects import dialect_for
-from foreman.errors import TRANSIENT, UpstreamFailed, UpstreamRejected, UpstreamUnreachable, error_message
-from foreman.events import Chunk, Ended, JobEvents, StateChanged
-from foreman.metrics import Metrics
-from foreman.models import JSON_TYPE, STREAMED_ENDPOINTS, Job, JobState, ModelStats, Priority
-from foreman.names import key_load_options, key_model_name
+from foreman.driver import Choice, PolicyDriver
+from foreman.errors import UpstreamUnreachable
+from foreman.events import Ended, JobEvents
+from foreman.models import JobState, ModelStats, Priority
+from foreman.residency import Residency
 from foreman.retry import RetryPolicy, Sleep
-from foreman.scheduler import CostBook, Decision, ModelQueue, Policy, Reason, State, drain_order
+from foreman.runner import error_body
+from foreman.scheduler import Decision, ModelQueue
 from foreman.storage import Claim, Storage
-from foreman.upstream import Upstream
+from foreman.wakeups import WakeUps
 from foreman.warm import Warmer
 
 log = structlog.get_logger("foreman.worker")
 
-# Ollama's load_duration counts from when it received the request until the
-# model was ready, queueing included. Above this, a model we thought resident
-# was (re)loaded behind our back, so /api/ps is read again.
-_RELOAD_HINT_NS = 500_000_000
 # After the queue ran dry for longer than this, /api/ps is read again before
 # the next job: other programs or keep_alive expiry may have changed what
 # Ollama holds. A shorter gap (a client sending requests one after another)
 # is not worth an extra round trip per request.
 _IDLE_RECHECK_S = 2.0
-_LOAD_DURATION = re.compile(rb'"load_duration":\s*(\d+)')
 
 
-class StreamBroken(Exception):
-    """Ollama failed after output already reached a client: the job cannot be retried.
+class Runner(Protocol):
+    """What the worker needs of whoever runs its claims (`runner.JobRunner`)."""
 
-    `tail` is what still has to reach the client: an error line, or nothing
-    when Ollama's own error line already went out with the chunks.
-    """
+    swaps: int
+    last_error: tuple[float, str] | None
+    cancel_requested: set[str]
 
-    def __init__(self, error: str, tail: bytes) -> None:
-        super().__init__(error)
-        self.error = error
-        self.tail = tail
-
-
-@dataclass(slots=True)
-class _Running:
-    job_id: str
-    task: asyncio.Task[Exception | None]
-    aborted: bool = False
-
-
-@dataclass(slots=True)
-class _Pin:
-    endpoint: str
-    model: str
-    options: dict[str, object] = field(default_factory=dict)
+    async def run(self, claim: Claim) -> None: ...
+    def is_running(self, job_id: str) -> bool: ...
+    def running_jobs(self) -> list[str]: ...
+    def abort(self, job_id: str) -> bool: ...
+    def output_so_far(self, job_id: str) -> list[bytes]: ...
+    async def recorded(self) -> None: ...
 
 
 class Worker:
-    """Runs queued jobs in the policy's order, serving loaded models before paying for a swap."""
+    """Claims queued jobs in the policy's order, serving loaded models before paying for a swap."""
 
     def __init__(
         self,
         *,
         store: Storage,
-        upstream: Upstream,
         events: JobEvents,
+        driver: PolicyDriver,
+        residency: Residency,
+        runner: Runner,
         retry: RetryPolicy,
-        pin_keep_alive: object,
-        release_keep_alive: object,
-        metrics: Metrics,
-        policy: Policy | None = None,
+        wakeups: WakeUps,
         parallel: int = 1,
         warmer: Warmer | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float],
+        monotonic: Callable[[], float],
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._store = store
-        self._metrics = metrics
-        self._upstream = upstream
         self._events = events
+        self._driver = driver
+        self._residency = residency
+        self._runner = runner
         self._retry = retry
-        self._pin_keep_alive = pin_keep_alive
-        self._release_keep_alive = release_keep_alive
-        self._policy = policy or Policy()
         self._parallel = parallel
         self._warmer = warmer
         self._clock = clock
+        self._monotonic = monotonic
         self._sleep = sleep
-        self._work = asyncio.Event()
-        self._arrived = asyncio.Event()  # a job was queued: a load for batch work may be given up
-        self._arrived_for: set[str] = set()  # model keys of the jobs queued since the last look
-        # Model keys Ollama holds; None means "read /api/ps before the next pick".
-        self._resident: frozenset[str] | None = None
-        # What the policy remembers between picks (its resident set is refreshed from _resident).
-        self._state = State()
-        self._picked_from = self._state  # the state the latest claim was decided in
-        self._costs = CostBook()
-        # /api/ps names models, not load options: remember which key we loaded each name as.
-        self._loaded_as: dict[str, str] = {}
-        self._pins: dict[str, _Pin] = {}
-        # How to load each model key foreman has loaded, to pin or unpin it later.
-        self._known: dict[str, _Pin] = {}
-        self._running: dict[str, _Running] = {}
+        self._wakeups = wakeups
+        self._work = wakeups.work
         self._tasks: set[asyncio.Task[None]] = set()
         self._crashed: list[BaseException] = []
-        self._cancel_requested: set[str] = set()
-        # What each running job has streamed so far, for late watchers and the store.
-        self._output: dict[str, list[bytes]] = {}
-        self._records: set[asyncio.Future[None]] = set()  # results on their way to the store
-        self._upstream_down = False
         self._stopping = False
         self._idle_since: float | None = None  # when the queue last ran dry
-        self.swaps = 0
-        self.last_error: tuple[float, str] | None = None  # (when, what)
-
-    @property
-    def upstream_up(self) -> bool:
-        """Whether Ollama answered the worker's latest request (False from an outage until it answers)."""
-        return not self._upstream_down
 
     @property
     def running_jobs(self) -> list[str]:
         """The ids of the jobs in flight now, oldest first."""
-        return sorted(self._running)
+        return self._runner.running_jobs()
 
     @property
     def resident(self) -> frozenset[str]:
         """Model keys Ollama holds, as far as the worker knows (its own view while /api/ps is due)."""
-        return self._resident if self._resident is not None else self._state.resident
+        read = self._residency.as_read()
+        return read if read is not None else self._driver.state.resident
+
+    @property
+    def swaps(self) -> int:
+        return self._runner.swaps
+
+    @property
+    def last_error(self) -> tuple[float, str] | None:
+        return self._runner.last_error
 
     def output_so_far(self, job_id: str) -> list[bytes]:
         """The chunks a running job has streamed up to now."""
-        return list(self._output.get(job_id, ()))
+        return self._runner.output_so_far(job_id)
 
     def drain_order_now(self) -> Callable[[list[ModelQueue]], list[tuple[str, Priority]]]:
         """The order (model, class) queues will be served in if nothing else arrives, as things stand now.
 
         A pure function of a snapshot, so the store's thread can run it.
         """
-        policy, state = self._policy, replace(self._state, resident=self.resident)
-        now, costs = self._clock(), self._costs.costs()
-
-        def order(queues: list[ModelQueue]) -> list[tuple[str, Priority]]:
-            return drain_order(policy, queues, state, now, costs)
-
-        return order
+        return self._driver.frozen(self.resident, self._clock()).drain_order
 
     def wake(self, model_key: str) -> None:
         """New work for `model_key` is in the store."""
-        self._work.set()
-        self._arrived.set()
-        self._arrived_for.add(model_key)
+        self._wakeups.job_queued(model_key)
 
     def model_stats(self) -> list[ModelStats]:
         """Per model: residency, scheduling state and learned costs, for /status."""
-        observed = self._costs.observed()
-        state, resident = self._state, self.resident
-        keys = set(observed) | resident | ({state.serving} if state.serving else set())
-        stats = []
-        for key in sorted(keys):
-            seen = observed.get(key)
-            stats.append(
-                ModelStats(
-                    model_key=key,
-                    resident=key in resident,
-                    serving=key == state.serving,
-                    draining=state.drain is not None and state.drain.model_key == key,
-                    loads=seen.loads if seen else 0,
-                    mean_load_s=seen.mean_load_s if seen and seen.loads else None,
-                    last_load_s=seen.last_load_s if seen and seen.loads else None,
-                    runs=seen.runs if seen else 0,
-                    mean_run_s=seen.mean_run_s if seen and seen.runs else None,
-                )
-            )
-        return stats
+        return self._driver.stats(self.resident)
 
     async def run(self) -> None:
         """Work until cancelled; each wake-up drains everything that waits."""
         try:
             with suppress(UpstreamUnreachable):
-                await self._read_residency()
+                await self._residency.read()
             self._work.set()  # jobs may be waiting from before a restart
             while True:
                 await self._work.wait()
@@ -205,36 +143,34 @@ class Worker:
                     # A bug or a broken disk must not stop the only worker: log it,
                     # pause, and look at the queue again.
                     log.exception("worker.error")
-                    self._resident = None
+                    self._residency.recheck()
                     self._work.set()
                     await self._sleep(self._retry.maximum)
         finally:
-            # Stopping: jobs in flight go back to the queue (see _run).
+            # Stopping: jobs in flight go back to the queue (see JobRunner.run).
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            await asyncio.gather(*self._records, return_exceptions=True)
+            await self._runner.recorded()
             if self._warmer is not None:
                 await self._warmer.close()
 
     async def cancel(self, job_id: str) -> bool:
         """Drop a job that waits, or abort one that runs; False if it had already ended."""
-        running = self._running.get(job_id)
-        if running is not None:
-            running.aborted = True
-            running.task.cancel()
+        if self._runner.abort(job_id):
             return True
         # If the worker claims the job before the store sees this, the flag stops it.
-        self._cancel_requested.add(job_id)
+        requested = self._runner.cancel_requested
+        requested.add(job_id)
         if await self._store.cancel_queued(job_id, self._clock()):
-            self._cancel_requested.discard(job_id)
-            ended = Ended(JobState.CANCELLED, 499, _error_body("request canceled"), error="request canceled")
+            requested.discard(job_id)
+            ended = Ended(JobState.CANCELLED, 499, error_body("request canceled"), error="request canceled")
             self._events.publish(job_id, ended)
             log.info("job.cancelled", job_id=job_id, before="start")
             return True
-        if job_id in self._running:
+        if self._runner.is_running(job_id):
             return True  # claimed meanwhile: the flag cancels it before it reaches Ollama
-        self._cancel_requested.discard(job_id)
+        requested.discard(job_id)
         # Another node sharing the queue may run it; its end comes back as events.
         return await self._store.cancel_elsewhere(job_id)
 
@@ -263,31 +199,34 @@ class Worker:
             if len(self._tasks) >= self._parallel:
                 await self._wait_for_a_slot()
                 continue
-            if self._idle_since is not None and time.monotonic() - self._idle_since > _IDLE_RECHECK_S:
-                self._resident = None
+            if self._idle_since is not None and self._monotonic() - self._idle_since > _IDLE_RECHECK_S:
+                self._residency.recheck()
             self._idle_since = None
-            if self._resident is None:
-                await self._await_residency()
+            if self._residency.due:
+                await self._residency.read_until_answered(self._retry, self._sleep)
             self._work.clear()  # from here on, a new job or a finished one wakes the loop again
             now = self._clock()
-            state = replace(self._state, resident=self._resident or frozenset())
+            choice = self._driver.choice(self._residency.models, now)
             upcoming: list[str | None] = []
-            claim = await self._store.claim(self._chooser(state, now, upcoming), now)
+            claim = await self._store.claim(self._chooser(choice, upcoming), now)
             if claim is None:
                 if not self._tasks:
                     # Idle: other clients and keep_alive expiry may change what
                     # Ollama holds before the next job comes.
-                    self._idle_since = time.monotonic()
+                    self._idle_since = self._monotonic()
                     return
                 await self._work.wait()
                 continue
-            self._picked_from, self._state = state, state.after(claim.decision, now)
-            task = asyncio.create_task(self._job(claim), name=f"foreman-job {claim.job.id}")
+            self._driver.claimed(claim.decision, now)
+            job = claim.job
+            # Every line logged while the job runs, here or in the store, upstream or warmer, names it.
+            with structlog.contextvars.bound_contextvars(job_id=job.id, model=job.model_key):
+                task = asyncio.create_task(self._runner.run(claim), name=f"foreman-job {job.id}")
+                following = upcoming[-1] if upcoming else None  # a backend may ask the chooser twice
+                if self._warmer is not None and following not in (None, job.model_key):
+                    self._warmer.prepare(following)
             self._tasks.add(task)
             task.add_done_callback(self._job_ended)
-            following = upcoming[-1] if upcoming else None  # a backend may ask the chooser twice
-            if self._warmer is not None and following not in (None, claim.job.model_key):
-                self._warmer.prepare(following)
 
     async def _wait_for_a_slot(self) -> None:
         """Wait until a job in flight ends; meanwhile, new work may change the model to warm."""
@@ -295,7 +234,7 @@ class Worker:
             await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
             return
         self._work.clear()
-        self._arrived_for.clear()
+        self._wakeups.arrived_for.clear()
         arrived = asyncio.ensure_future(self._work.wait())
         try:
             done, _ = await asyncio.wait({*self._tasks, arrived}, return_when=asyncio.FIRST_COMPLETED)
@@ -303,40 +242,34 @@ class Worker:
             arrived.cancel()
         # More work for the model being served cannot change which model follows
         # it, so only work for another model is worth a look at the queues.
-        if arrived in done and self._arrived_for - {self._state.serving}:
-            state = replace(self._state, resident=self.resident)
+        serving = self._driver.state.serving
+        if arrived in done and self._wakeups.arrived_for - {serving}:
             queues = await self._store.queues()
-            following = self._policy.upcoming(queues, state, self._clock(), self._costs.costs())
-            if following is not None and following != state.serving:
+            following = self._driver.upcoming(queues, self.resident, self._clock())
+            if following is not None and following != serving:
                 self._warmer.prepare(following)
 
     def _chooser(
-        self, state: State, now: float, upcoming: list[str | None]
+        self, choice: Choice, upcoming: list[str | None]
     ) -> Callable[[list[ModelQueue]], Decision | None]:
         """The pick the store runs (on its own thread) against what waits."""
         busy = bool(self._tasks)
-        costs = self._costs.costs()
-        policy = self._policy
+        serving = choice.state.serving
         want_upcoming = self._warmer is not None
 
         def choose(queues: list[ModelQueue]) -> Decision | None:
-            decision = policy.pick(queues, state, now, costs)
+            decision = choice.pick(queues)
             if decision is None:
                 return None
-            if busy and (decision.swap or decision.model_key != state.serving):
+            if busy and (decision.swap or decision.model_key != serving):
                 # Never two models at once: this one waits until the jobs in flight end.
                 return None
             if want_upcoming:
                 # The model after this one: the one this claim serves counts as loaded.
-                upcoming.append(policy.upcoming(queues, state.after(decision, now), now, costs))
+                upcoming.append(choice.upcoming_after(queues, decision))
             return decision
 
         return choose
-
-    async def _job(self, claim: Claim) -> None:
-        failure = await self._run(claim)
-        if failure is not None:
-            await self._back_off(claim.job, failure)
 
     def _job_ended(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -344,390 +277,3 @@ class Worker:
         if error is not None:
             self._crashed.append(error)
         self._work.set()
-
-    async def _await_residency(self) -> None:
-        async for attempt in self._retry.until_answered(self._sleep):
-            with attempt:
-                await self._read_residency()
-
-    async def _read_residency(self) -> None:
-        try:
-            names = await self._upstream.resident_models()
-        except UpstreamUnreachable as exc:
-            self._note_outage(exc)
-            raise
-        except (UpstreamFailed, UpstreamRejected) as exc:
-            # Ollama answers but not with a model list: assume nothing is
-            # loaded, which at worst costs a swap that was not needed.
-            log.warning("upstream.ps_failed", error=exc.message)
-            names = set()
-        self._note_upstream_ok()
-        self._resident = frozenset(self._loaded_as.get(name, name) for name in names)
-
-    async def _run(self, claim: Claim) -> Exception | None:
-        """Run one claimed job; returns the transient failure to back off from, if any."""
-        job = claim.job
-        if job.id in self._cancel_requested:
-            self._cancel_requested.discard(job.id)
-            await self._end(job, JobState.CANCELLED, 499, _error_body("request canceled"))
-            log.info("job.cancelled", job_id=job.id, before="start")
-            return None
-        self._events.publish(job.id, StateChanged(job.state, job.attempt))
-        task = asyncio.create_task(self._execute(claim))
-        self._running[job.id] = running = _Running(job.id, task)
-        try:
-            return await task
-        except asyncio.CancelledError:
-            if running.aborted:
-                await self._end(job, JobState.CANCELLED, 499, _error_body("request canceled"))
-                log.info("job.cancelled", job_id=job.id, before="end")
-                return None
-            # foreman is stopping: the job keeps its place and runs after the restart.
-            await asyncio.shield(self._store.requeue(job, attempt=job.attempt, error=None))
-            self._output.pop(job.id, None)
-            log.info("job.requeued", job_id=job.id, reason="shutdown")
-            raise
-        finally:
-            del self._running[job.id]
-
-    async def _execute(self, claim: Claim) -> Exception | None:
-        job = claim.job
-        bound = log.bind(
-            model=job.model_key,
-            job_id=job.id,
-            endpoint=job.endpoint,
-            attempt=job.attempt,
-            priority=job.priority.value,
-        )
-        wait_s = round(self._clock() - job.created_at, 3)
-        waiting = claim.waiting_after
-        try:
-            if claim.decision.swap:
-                if not await self._swap(claim):
-                    return None
-                await self._store.mark_working(job.id)
-                self._events.publish(job.id, StateChanged(JobState.WORKING, job.attempt))
-                # A load can take a minute; more work may have come for this model meanwhile.
-                waiting = await self._store.waiting(job.model_key)
-            bound.info("job.start", wait_s=wait_s, waiting_for_model=waiting)
-            started = time.monotonic()
-            result, load_ns = await self._call(job, waiting)
-        except UpstreamRejected as exc:
-            await self._end(job, JobState.FAILED, exc.status, exc.body)
-            bound.info("job.failed", status=exc.status, error=exc.message)
-            return None
-        except StreamBroken as exc:
-            # Output already went out: an error line ends the stream (none if Ollama sent its own).
-            await self._end(job, JobState.FAILED, 200, exc.tail, error=exc.error)
-            bound.warning("job.failed", status=200, error=exc.error, after="output")
-            return None
-        except TRANSIENT as exc:
-            return exc
-        self._note_upstream_ok()
-        if not claim.decision.swap and load_ns > _RELOAD_HINT_NS:
-            self._resident = None
-        run_s = time.monotonic() - started
-        self._costs.record_run(job.model_key, run_s)
-        await self._end(
-            job, JobState.DONE, 200, result.body, content_type=result.content_type, result=result.result
-        )
-        bound.info("job.done", wait_s=wait_s, run_s=round(run_s, 3))
-        return None
-
-    async def _call(self, job: Job, waiting_after: int) -> tuple[_Result, int]:
-        """Send the job to Ollama; stream chunks to its waiters as they arrive."""
-        body, keep_alive = self._dispatch_body(job, waiting_after)
-        if keep_alive is not None:
-            # The endpoint takes no keep_alive (Ollama's /v1): a load request sets it first.
-            await self._upstream.load(job.endpoint, job.model, key_load_options(job.model_key), keep_alive)
-        async with self._upstream.post(job.endpoint, body) as reply:
-            if not reply.streamed:
-                data = await reply.read()
-                return _Result(data, reply.content_type, data), _load_ns(data)
-            dialect = dialect_for(job.endpoint)
-            reader = dialect.reader()
-            output = self._output[job.id] = []
-            delivered = False
-            try:
-                async for line in reply.lines():
-                    chunk = reader.chunk(line)
-                    if chunk is None:
-                        continue  # framing, such as /v1's [DONE]
-                    output.append(chunk)
-                    self._events.publish(job.id, Chunk(chunk))
-                    delivered = delivered or self._events.has_client(job.id)
-            except UpstreamFailed as exc:
-                if delivered:
-                    raise StreamBroken(exc.message, _error_body(exc.message)) from exc
-                del self._output[job.id]  # the retry starts the output afresh
-                raise
-        broken = reader.failure(output)
-        if broken is not None:
-            raise StreamBroken(*broken)
-        last = output[-1] if output else b""
-        return _Result(b"", reply.content_type, dialect.merge(job.endpoint, output)), _load_ns(last)
-
-    def _dispatch_body(self, job: Job, waiting_after: int) -> tuple[bytes, object | None]:
-        """The job's body with the keep_alive that pins or releases its model.
-
-        Where the endpoint takes no keep_alive (Ollama's /v1), the keep_alive
-        comes back beside the body instead, for a load request to set first.
-        """
-        if not job.respond_async and waiting_after == 0 and job.model_key not in self._pins:
-            return job.body, None  # nothing to pin, release or ask for: send it as it came
-        dialect = dialect_for(job.endpoint)
-        body = json.loads(job.body)
-        if _is_unload(job.endpoint, body):
-            return job.body, None  # the client asked Ollama to unload: do exactly that
-        changed = False
-        if job.respond_async and not job.stream and job.endpoint in STREAMED_ENDPOINTS:
-            # Nobody holds a connection for the reply: stream it anyway, so the
-            # job's events show its output as it is made.
-            dialect.ask_stream(body)
-            changed = True
-        key = job.model_key
-        keep_alive: object | None = None
-        if waiting_after > 0:
-            if dialect.carries_keep_alive:
-                body["keep_alive"] = self._pin_keep_alive
-                changed = True
-            elif key not in self._pins:
-                keep_alive = self._pin_keep_alive  # once: the requests that follow leave it alone
-            self._pins[key] = _Pin(job.endpoint, job.model, key_load_options(key))
-        elif self._pins.pop(key, None) is not None:
-            # The last job of this drain hands Ollama back its own expiry.
-            if dialect.carries_keep_alive:
-                body.setdefault("keep_alive", self._release_keep_alive)
-                changed = True
-            else:
-                keep_alive = self._release_keep_alive
-        return json.dumps(body, separators=(",", ":")).encode() if changed else job.body, keep_alive
-
-    async def _swap(self, claim: Claim) -> bool:
-        """Load the claimed job's model, pinned, and log why and what the swap cost.
-
-        Returns False when the load was given up for an interactive job that
-        arrived meanwhile (`Policy.abandons`); the job is back in the queue,
-        in its place and without an attempt charged.
-        """
-        job = claim.job
-        decision = claim.decision
-        key = job.model_key
-        leaving = sorted(self._resident or ())
-        waiting_leaving = {k: await self._store.waiting(k) for k in leaving}
-        await self._make_room(keep=key, evict=decision.evict)
-        options = key_load_options(key)
-        expected = self._costs.costs().load_s.get(key)
-        started = time.monotonic()
-        load = self._upstream.load(job.endpoint, job.model, options, self._pin_keep_alive)
-        if not self._policy.may_abandon(decision):
-            await load
-        elif await self._abandoned(asyncio.create_task(load), decision):
-            await self._store.requeue(job, attempt=job.attempt, error=None)
-            self._events.publish(job.id, StateChanged(JobState.QUEUED, job.attempt))
-            self._state, self._resident = self._picked_from, None
-            log.info(
-                "model.load_abandoned",
-                model=key,
-                reason=Reason.PRIORITY.value,
-                after_s=round(time.monotonic() - started, 3),
-                job_id=job.id,
-            )
-            self._work.set()
-            return False
-        load_s = time.monotonic() - started
-        self._costs.record_load(key, load_s)
-        self._state = self._state.loaded(key, self._clock())
-        self._pins[key] = self._known[key] = _Pin(job.endpoint, job.model, options)
-        self._loaded_as[key_model_name(key)] = key
-        self._resident = None  # read /api/ps again before the next pick
-        self._work.set()  # with FOREMAN_PARALLEL > 1, more jobs for this model may start now
-        self.swaps += 1
-        self._metrics.swapped(load_s)
-        log.info(
-            "model.swap",
-            reason=decision.reason.value,
-            priority=decision.priority.value,
-            from_models=leaving,
-            to_model=key,
-            waiting_from=sum(waiting_leaving.values()),
-            waiting_to=claim.waiting_after + 1,
-            oldest_wait_s=round(decision.waited, 3),
-            evict=decision.evict,
-            load_s=round(load_s, 3),
-            learned_load_s=None if expected is None else round(expected, 3),
-        )
-        return True
-
-    async def _abandoned(self, load: asyncio.Task[None], decision: Decision) -> bool:
-        """Wait for `load`; True if it was cancelled because the policy gives it up.
-
-        Cancelling the request makes Ollama abort the load, as it does for
-        any client that leaves while its model loads.
-        """
-        try:
-            while True:
-                self._arrived.clear()
-                arrived = asyncio.ensure_future(self._arrived.wait())
-                try:
-                    done, _ = await asyncio.wait({load, arrived}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    arrived.cancel()
-                if load in done:
-                    await load  # raises what the load raised
-                    return False
-                queues = await self._store.queues()
-                now = self._clock()
-                if self._policy.abandons(decision, queues, self._picked_from, now, self._costs.costs()):
-                    return True
-        finally:
-            if not load.done():
-                load.cancel()
-                with suppress(asyncio.CancelledError):
-                    await load
-
-    async def _make_room(self, keep: str, evict: str | None) -> None:
-        """Before a load: leave only the policy's victim and idle models without a pin.
-
-        Ollama makes room by evicting an idle model with the shortest
-        keep_alive. A released pin (FOREMAN_RELEASE_KEEP_ALIVE) is shorter than
-        a pin, so foreman unpins models with no work left and the victim (the
-        loaded model with the least waiting work), and pins again any other
-        loaded model that still has work but whose last drain had released it.
-        """
-        for key in sorted((self._resident or frozenset()) | set(self._pins)):
-            if key == keep:
-                continue
-            pinned = key in self._pins
-            waiting = await self._store.waiting(key)
-            if pinned and (key == evict or waiting == 0):
-                pin = self._pins.pop(key)
-                keep_alive = self._release_keep_alive
-                event, why = "model.unpinned", "make_room" if key == evict else "idle"
-            elif not pinned and key != evict and waiting > 0 and key in self._known:
-                pin = self._pins[key] = self._known[key]
-                keep_alive = self._pin_keep_alive
-                event, why = "model.pinned", "make_room"
-            else:
-                continue
-            await self._upstream.load(pin.endpoint, pin.model, pin.options, keep_alive)
-            log.info(event, model=key, keep_alive=keep_alive, reason=why)
-
-    async def _back_off(self, job: Job, failure: Exception) -> None:
-        """Requeue (or finally fail) a job after a transient failure, then wait."""
-        attempt = job.attempt + 1
-        bound = log.bind(model=job.model_key, job_id=job.id, endpoint=job.endpoint, attempt=attempt)
-        if isinstance(failure, UpstreamUnreachable):
-            self._note_outage(failure)
-            self._resident = None  # Ollama may come back with nothing loaded
-        message = getattr(failure, "message", str(failure))
-        self._metrics.upstream_error("unreachable" if isinstance(failure, UpstreamUnreachable) else "failed")
-        self.last_error = (self._clock(), message)
-        if attempt >= self._retry.max_attempts:
-            if isinstance(failure, UpstreamFailed) and failure.body:
-                status, body = failure.status, failure.body
-            else:
-                status, body = 502, _error_body(f"{message} (gave up after {attempt} attempts)")
-            await self._end(job, JobState.FAILED, status, body, error=message, attempt=attempt)
-            bound.warning("job.failed", status=status, error=message)
-        else:
-            await self._store.requeue(job, attempt=attempt, error=message)
-            self._output.pop(job.id, None)
-            self._events.publish(job.id, StateChanged(JobState.QUEUED, attempt))
-            self._metrics.retried()
-            bound.info("job.retry", error=message)
-        await self._sleep(self._retry.delay(attempt))
-
-    async def _end(
-        self,
-        job: Job,
-        state: JobState,
-        status: int,
-        body: bytes,
-        *,
-        content_type: str = JSON_TYPE,
-        result: bytes | None = None,
-        error: str | None = None,
-        attempt: int | None = None,
-    ) -> None:
-        """Record how the job ended, with its output, and tell whoever waits for it.
-
-        A job that succeeded is answered first and recorded right after: the
-        record is already on its way to the store's thread, so any later store
-        call (GET /jobs/{id}, the next claim) sees it, and neither the client
-        nor the next job waits for the commit. If foreman dies in between,
-        the job runs again after the restart, as if it had died a moment earlier.
-        """
-        if state is not JobState.DONE and error is None:
-            error = _error_text(body)
-        now = self._clock()
-        if state is JobState.FAILED:
-            self.last_error = (now, error or "")
-        chunks = self._output.pop(job.id, ())
-        record = asyncio.ensure_future(
-            self._store.finish(
-                job,
-                state,
-                now,
-                status=status,
-                result=result,
-                error=error,
-                attempt=attempt,
-                chunks=chunks,
-            )
-        )
-        if state is JobState.DONE:
-            self._records.add(record)
-            record.add_done_callback(partial(self._recorded, job.id))
-        else:
-            await record
-        self._events.publish(job.id, Ended(state, status, body, content_type, error))
-        started = job.started_at if job.started_at is not None else now
-        self._metrics.job_ended(job, state, wait=started - job.created_at, run=now - started)
-
-    def _recorded(self, job_id: str, record: asyncio.Future[None]) -> None:
-        self._records.discard(record)
-        if not record.cancelled() and (exc := record.exception()) is not None:
-            # The job stays "working" in the store, and runs again after a restart.
-            log.error("job.record_failed", job_id=job_id, error=str(exc))
-
-    def _note_outage(self, exc: UpstreamUnreachable) -> None:
-        if not self._upstream_down:
-            self._upstream_down = True
-            log.warning(
-                "upstream.unreachable",
-                url=self._upstream.base_url,
-                error=exc.message,
-                hint="is Ollama running? foreman keeps accepting jobs and runs them when it answers",
-            )
-
-    def _note_upstream_ok(self) -> None:
-        if self._upstream_down:
-            self._upstream_down = False
-            log.info("upstream.back", url=self._upstream.base_url)
-
-
-@dataclass(frozen=True, slots=True)
-class _Result:
-    body: bytes  # what a waiting client still needs: the whole reply, or b"" after a stream
-    content_type: str
-    result: bytes  # what the store keeps: the reply, or the stream merged as `stream: false` would give it
-
-
-def _load_ns(data: bytes) -> int:
-    match = _LOAD_DURATION.search(data)
-    return int(match.group(1)) if match else 0
-
-
-def _is_unload(endpoint: str, body: dict[str, object]) -> bool:
-    empty = not body.get("messages") if endpoint == "/api/chat" else not body.get("prompt")
-    return endpoint in ("/api/chat", "/api/generate") and empty and body.get("keep_alive") in (0, "0")
-
-
-def _error_body(message: str) -> bytes:
-    return json.dumps({"error": message}).encode()
-
-
-def _error_text(body: bytes) -> str:
-    message = error_message(body)
-    return message if message is not None else body[:500].decode("utf-8", "replace")

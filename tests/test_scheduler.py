@@ -238,19 +238,21 @@ def test_bound_holds_for_every_job_of_a_mixed_overloaded_trace() -> None:
 
 
 def test_policy_is_pure() -> None:
-    """scheduler.py imports no asyncio, sqlite3 or aiohttp, so the simulator runs the same code."""
+    """scheduler.py and driver.py import no asyncio, sqlite3 or aiohttp, so the simulator runs the same code."""
     import ast
     from pathlib import Path
 
-    import foreman.scheduler as module
+    import foreman.driver
+    import foreman.scheduler
 
-    imported = set()
-    for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert imported.isdisjoint({"asyncio", "sqlite3", "aiohttp", "time"}), imported
+    for module in (foreman.scheduler, foreman.driver):
+        imported = set()
+        for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module.split(".")[0])
+        assert imported.isdisjoint({"asyncio", "sqlite3", "aiohttp", "time"}), (module.__name__, imported)
 
 
 def test_a_load_for_batch_work_is_given_up_for_an_interactive_job_elsewhere() -> None:

@@ -10,6 +10,7 @@ its fsync.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -52,7 +53,9 @@ class SqliteStorage:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call, self._store)
 
     async def _call(self, method: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        call = partial(method, *args, **kwargs)
+        # In the caller's context, as asyncio.to_thread does: a line logged
+        # on the store's thread names the job whose call it is.
+        call = partial(contextvars.copy_context().run, method, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     async def close(self) -> None:

@@ -1,0 +1,37 @@
+"""Ollama's outages in the log: one line when it stops answering, one when it is back."""
+
+from __future__ import annotations
+
+import structlog
+
+from foreman.errors import UpstreamUnreachable
+
+log = structlog.get_logger("foreman.worker")
+
+
+class Outages:
+    """Tracks whether Ollama answers, so an outage is logged once, not once per failed call."""
+
+    def __init__(self, base_url: str) -> None:
+        self._base_url = base_url
+        self._down = False
+
+    @property
+    def reachable(self) -> bool:
+        """False from the first failure of an outage until Ollama answers again."""
+        return not self._down
+
+    def down(self, exc: UpstreamUnreachable) -> None:
+        if not self._down:
+            self._down = True
+            log.warning(
+                "upstream.unreachable",
+                url=self._base_url,
+                error=exc.message,
+                hint="is Ollama running? foreman keeps accepting jobs and runs them when it answers",
+            )
+
+    def up(self) -> None:
+        if self._down:
+            self._down = False
+            log.info("upstream.back", url=self._base_url)

@@ -1,0 +1,455 @@
+"""The run of one claimed job: load its model if the claim was a swap, call Ollama, stream, finish or back off.
+
+`JobRunner` is what the worker hands each claim to. It tells the job's
+waiters (`JobEvents`) what happens, records the outcome in the store, feeds
+observed load and run times to the policy driver, and keeps the output of
+running jobs for watchers who come late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from functools import partial
+
+import structlog
+
+from foreman.dialects import dialect_for
+from foreman.driver import PolicyDriver
+from foreman.errors import TRANSIENT, UpstreamFailed, UpstreamRejected, UpstreamUnreachable, error_message
+from foreman.events import Chunk, Ended, JobEvents, StateChanged
+from foreman.metrics import Metrics
+from foreman.models import JSON_TYPE, STREAMED_ENDPOINTS, Job, JobState
+from foreman.names import key_load_options
+from foreman.outages import Outages
+from foreman.residency import Residency
+from foreman.retry import RetryPolicy, Sleep
+from foreman.scheduler import Decision, Reason
+from foreman.storage import Claim, Storage
+from foreman.upstream import Upstream
+from foreman.wakeups import WakeUps
+
+log = structlog.get_logger("foreman.worker")
+
+# Ollama's load_duration counts from when it received the request until the
+# model was ready, queueing included. Above this, a model we thought resident
+# was (re)loaded behind our back, so /api/ps is read again.
+_RELOAD_HINT_NS = 500_000_000
+_LOAD_DURATION = re.compile(rb'"load_duration":\s*(\d+)')
+
+
+class StreamBroken(Exception):
+    """Ollama failed after output already reached a client: the job cannot be retried.
+
+    `tail` is what still has to reach the client: an error line, or nothing
+    when Ollama's own error line already went out with the chunks.
+    """
+
+    def __init__(self, error: str, tail: bytes) -> None:
+        super().__init__(error)
+        self.error = error
+        self.tail = tail
+
+
+@dataclass(slots=True)
+class _Running:
+    job_id: str
+    task: asyncio.Task[Exception | None]
+    aborted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Result:
+    body: bytes  # what a waiting client still needs: the whole reply, or b"" after a stream
+    content_type: str
+    result: bytes  # what the store keeps: the reply, or the stream merged as `stream: false` would give it
+
+
+class JobRunner:
+    """Runs claimed jobs against Ollama, one call of `run` per claim."""
+
+    def __init__(
+        self,
+        *,
+        store: Storage,
+        upstream: Upstream,
+        events: JobEvents,
+        metrics: Metrics,
+        retry: RetryPolicy,
+        driver: PolicyDriver,
+        residency: Residency,
+        outages: Outages,
+        wakeups: WakeUps,
+        clock: Callable[[], float],
+        monotonic: Callable[[], float],
+        sleep: Sleep,
+    ) -> None:
+        self._store = store
+        self._upstream = upstream
+        self._events = events
+        self._metrics = metrics
+        self._retry = retry
+        self._driver = driver
+        self._residency = residency
+        self._outages = outages
+        self._wakeups = wakeups
+        self._clock = clock
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._running: dict[str, _Running] = {}
+        # Jobs cancelled while the worker may be claiming them: stopped before they reach Ollama.
+        self.cancel_requested: set[str] = set()
+        # What each running job has streamed so far, for late watchers and the store.
+        self._output: dict[str, list[bytes]] = {}
+        self._records: set[asyncio.Future[None]] = set()  # results on their way to the store
+        self.swaps = 0
+        self.last_error: tuple[float, str] | None = None  # (when, what)
+
+    def is_running(self, job_id: str) -> bool:
+        return job_id in self._running
+
+    def running_jobs(self) -> list[str]:
+        """The ids of the jobs in flight now, oldest first."""
+        return sorted(self._running)
+
+    def output_so_far(self, job_id: str) -> list[bytes]:
+        """The chunks a running job has streamed up to now."""
+        return list(self._output.get(job_id, ()))
+
+    def abort(self, job_id: str) -> bool:
+        """Abort a running job (it ends cancelled); False if it is not running."""
+        running = self._running.get(job_id)
+        if running is None:
+            return False
+        running.aborted = True
+        running.task.cancel()
+        return True
+
+    async def recorded(self) -> None:
+        """Wait until the outcomes on their way to the store are written."""
+        await asyncio.gather(*self._records, return_exceptions=True)
+
+    async def run(self, claim: Claim) -> None:
+        """Run the claimed job to its end, or back in line after a transient failure and a backoff."""
+        failure = await self._run(claim)
+        if failure is not None:
+            await self._back_off(claim.job, failure)
+
+    async def _run(self, claim: Claim) -> Exception | None:
+        """Run one claimed job; returns the transient failure to back off from, if any."""
+        job = claim.job
+        if job.id in self.cancel_requested:
+            self.cancel_requested.discard(job.id)
+            await self._end(job, JobState.CANCELLED, 499, error_body("request canceled"))
+            log.info("job.cancelled", job_id=job.id, before="start")
+            return None
+        self._events.publish(job.id, StateChanged(job.state, job.attempt))
+        task = asyncio.create_task(self._execute(claim))
+        self._running[job.id] = running = _Running(job.id, task)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if running.aborted:
+                await self._end(job, JobState.CANCELLED, 499, error_body("request canceled"))
+                log.info("job.cancelled", job_id=job.id, before="end")
+                return None
+            # foreman is stopping: the job keeps its place and runs after the restart.
+            await asyncio.shield(self._store.requeue(job, attempt=job.attempt, error=None))
+            self._output.pop(job.id, None)
+            log.info("job.requeued", job_id=job.id, reason="shutdown")
+            raise
+        finally:
+            del self._running[job.id]
+
+    async def _execute(self, claim: Claim) -> Exception | None:
+        job = claim.job
+        bound = log.bind(
+            model=job.model_key,
+            job_id=job.id,
+            endpoint=job.endpoint,
+            attempt=job.attempt,
+            priority=job.priority.value,
+        )
+        wait_s = round(self._clock() - job.created_at, 3)
+        waiting = claim.waiting_after
+        try:
+            if claim.decision.swap:
+                if not await self._swap(claim):
+                    return None
+                await self._store.mark_working(job.id)
+                self._events.publish(job.id, StateChanged(JobState.WORKING, job.attempt))
+                # A load can take a minute; more work may have come for this model meanwhile.
+                waiting = await self._store.waiting(job.model_key)
+            bound.info("job.start", wait_s=wait_s, waiting_for_model=waiting)
+            started = self._monotonic()
+            result, load_ns = await self._call(job, waiting)
+        except UpstreamRejected as exc:
+            await self._end(job, JobState.FAILED, exc.status, exc.body)
+            bound.info("job.failed", status=exc.status, error=exc.message)
+            return None
+        except StreamBroken as exc:
+            # Output already went out: an error line ends the stream (none if Ollama sent its own).
+            await self._end(job, JobState.FAILED, 200, exc.tail, error=exc.error)
+            bound.warning("job.failed", status=200, error=exc.error, after="output")
+            return None
+        except TRANSIENT as exc:
+            return exc
+        self._outages.up()
+        if not claim.decision.swap and load_ns > _RELOAD_HINT_NS:
+            self._residency.recheck()
+        run_s = self._monotonic() - started
+        self._driver.ran(job.model_key, run_s)
+        await self._end(
+            job, JobState.DONE, 200, result.body, content_type=result.content_type, result=result.result
+        )
+        bound.info("job.done", wait_s=wait_s, run_s=round(run_s, 3))
+        return None
+
+    async def _call(self, job: Job, waiting_after: int) -> tuple[_Result, int]:
+        """Send the job to Ollama; stream chunks to its waiters as they arrive."""
+        body, keep_alive = self._dispatch_body(job, waiting_after)
+        if keep_alive is not None:
+            # The endpoint takes no keep_alive (Ollama's /v1): a load request sets it first.
+            await self._upstream.load(job.endpoint, job.model, key_load_options(job.model_key), keep_alive)
+        async with self._upstream.post(job.endpoint, body) as reply:
+            if not reply.streamed:
+                data = await reply.read()
+                return _Result(data, reply.content_type, data), _load_ns(data)
+            dialect = dialect_for(job.endpoint)
+            reader = dialect.reader()
+            output = self._output[job.id] = []
+            delivered = False
+            try:
+                async for line in reply.lines():
+                    chunk = reader.chunk(line)
+                    if chunk is None:
+                        continue  # framing, such as /v1's [DONE]
+                    output.append(chunk)
+                    self._events.publish(job.id, Chunk(chunk))
+                    delivered = delivered or self._events.has_client(job.id)
+            except UpstreamFailed as exc:
+                if delivered:
+                    raise StreamBroken(exc.message, error_body(exc.message)) from exc
+                del self._output[job.id]  # the retry starts the output afresh
+                raise
+        broken = reader.failure(output)
+        if broken is not None:
+            raise StreamBroken(*broken)
+        last = output[-1] if output else b""
+        return _Result(b"", reply.content_type, dialect.merge(job.endpoint, output)), _load_ns(last)
+
+    def _dispatch_body(self, job: Job, waiting_after: int) -> tuple[bytes, object | None]:
+        """The job's body with the keep_alive that pins or releases its model.
+
+        Where the endpoint takes no keep_alive (Ollama's /v1), the keep_alive
+        comes back beside the body instead, for a load request to set first.
+        """
+        residency = self._residency
+        if not job.respond_async and waiting_after == 0 and not residency.pinned(job.model_key):
+            return job.body, None  # nothing to pin, release or ask for: send it as it came
+        dialect = dialect_for(job.endpoint)
+        body = json.loads(job.body)
+        if _is_unload(job.endpoint, body):
+            return job.body, None  # the client asked Ollama to unload: do exactly that
+        changed = False
+        if job.respond_async and not job.stream and job.endpoint in STREAMED_ENDPOINTS:
+            # Nobody holds a connection for the reply: stream it anyway, so the
+            # job's events show its output as it is made.
+            dialect.ask_stream(body)
+            changed = True
+        keep_alive: object | None = None
+        if waiting_after > 0:
+            if dialect.carries_keep_alive:
+                body["keep_alive"] = residency.pin_keep_alive
+                changed = True
+            elif not residency.pinned(job.model_key):
+                keep_alive = residency.pin_keep_alive  # once: the requests that follow leave it alone
+            residency.pin(job)
+        elif residency.release(job.model_key):
+            # The last job of this drain hands Ollama back its own expiry.
+            if dialect.carries_keep_alive:
+                body.setdefault("keep_alive", residency.release_keep_alive)
+                changed = True
+            else:
+                keep_alive = residency.release_keep_alive
+        return json.dumps(body, separators=(",", ":")).encode() if changed else job.body, keep_alive
+
+    async def _swap(self, claim: Claim) -> bool:
+        """Load the claimed job's model, pinned, and log why and what the swap cost.
+
+        Returns False when the load was given up for an interactive job that
+        arrived meanwhile (`Policy.abandons`); the job is back in the queue,
+        in its place and without an attempt charged.
+        """
+        job = claim.job
+        decision = claim.decision
+        key = job.model_key
+        leaving = sorted(self._residency.models)
+        waiting_leaving = {k: await self._store.waiting(k) for k in leaving}
+        await self._residency.make_room(keep=key, evict=decision.evict, waiting=self._store.waiting)
+        expected = self._driver.book.costs().load_s.get(key)
+        started = self._monotonic()
+        load = self._residency.load(job)
+        if not self._driver.policy.may_abandon(decision):
+            await load
+        elif await self._abandoned(asyncio.create_task(load), decision):
+            await self._store.requeue(job, attempt=job.attempt, error=None)
+            self._events.publish(job.id, StateChanged(JobState.QUEUED, job.attempt))
+            self._driver.abandoned()
+            self._residency.recheck()
+            log.info(
+                "model.load_abandoned",
+                model=key,
+                reason=Reason.PRIORITY.value,
+                after_s=round(self._monotonic() - started, 3),
+                job_id=job.id,
+            )
+            self._wakeups.look_again()
+            return False
+        load_s = self._monotonic() - started
+        self._driver.loaded(key, load_s, self._clock())
+        self._residency.loaded(job)  # and read /api/ps again before the next pick
+        self._wakeups.look_again()  # with FOREMAN_PARALLEL > 1, more jobs for this model may start now
+        self.swaps += 1
+        self._metrics.swapped(load_s)
+        log.info(
+            "model.swap",
+            reason=decision.reason.value,
+            priority=decision.priority.value,
+            from_models=leaving,
+            to_model=key,
+            waiting_from=sum(waiting_leaving.values()),
+            waiting_to=claim.waiting_after + 1,
+            oldest_wait_s=round(decision.waited, 3),
+            evict=decision.evict,
+            load_s=round(load_s, 3),
+            learned_load_s=None if expected is None else round(expected, 3),
+        )
+        return True
+
+    async def _abandoned(self, load: asyncio.Task[None], decision: Decision) -> bool:
+        """Wait for `load`; True if it was cancelled because the policy gives it up.
+
+        Cancelling the request makes Ollama abort the load, as it does for
+        any client that leaves while its model loads.
+        """
+        try:
+            while True:
+                self._wakeups.arrived.clear()
+                arrived = asyncio.ensure_future(self._wakeups.arrived.wait())
+                try:
+                    done, _ = await asyncio.wait({load, arrived}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    arrived.cancel()
+                if load in done:
+                    await load  # raises what the load raised
+                    return False
+                queues = await self._store.queues()
+                if self._driver.abandons(decision, queues, self._clock()):
+                    return True
+        finally:
+            if not load.done():
+                load.cancel()
+                with suppress(asyncio.CancelledError):
+                    await load
+
+    async def _back_off(self, job: Job, failure: Exception) -> None:
+        """Requeue (or finally fail) a job after a transient failure, then wait."""
+        attempt = job.attempt + 1
+        bound = log.bind(model=job.model_key, job_id=job.id, endpoint=job.endpoint, attempt=attempt)
+        if isinstance(failure, UpstreamUnreachable):
+            self._outages.down(failure)
+            self._residency.recheck()  # Ollama may come back with nothing loaded
+        message = getattr(failure, "message", str(failure))
+        self._metrics.upstream_error("unreachable" if isinstance(failure, UpstreamUnreachable) else "failed")
+        self.last_error = (self._clock(), message)
+        if attempt >= self._retry.max_attempts:
+            if isinstance(failure, UpstreamFailed) and failure.body:
+                status, body = failure.status, failure.body
+            else:
+                status, body = 502, error_body(f"{message} (gave up after {attempt} attempts)")
+            await self._end(job, JobState.FAILED, status, body, error=message, attempt=attempt)
+            bound.warning("job.failed", status=status, error=message)
+        else:
+            await self._store.requeue(job, attempt=attempt, error=message)
+            self._output.pop(job.id, None)
+            self._events.publish(job.id, StateChanged(JobState.QUEUED, attempt))
+            self._metrics.retried()
+            bound.info("job.retry", error=message)
+        await self._sleep(self._retry.delay(attempt))
+
+    async def _end(
+        self,
+        job: Job,
+        state: JobState,
+        status: int,
+        body: bytes,
+        *,
+        content_type: str = JSON_TYPE,
+        result: bytes | None = None,
+        error: str | None = None,
+        attempt: int | None = None,
+    ) -> None:
+        """Record how the job ended, with its output, and tell whoever waits for it.
+
+        A job that succeeded is answered first and recorded right after: the
+        record is already on its way to the store's thread, so any later store
+        call (GET /jobs/{id}, the next claim) sees it, and neither the client
+        nor the next job waits for the commit. If foreman dies in between,
+        the job runs again after the restart, as if it had died a moment earlier.
+        """
+        if state is not JobState.DONE and error is None:
+            error = _error_text(body)
+        now = self._clock()
+        if state is JobState.FAILED:
+            self.last_error = (now, error or "")
+        chunks = self._output.pop(job.id, ())
+        record = asyncio.ensure_future(
+            self._store.finish(
+                job,
+                state,
+                now,
+                status=status,
+                result=result,
+                error=error,
+                attempt=attempt,
+                chunks=chunks,
+            )
+        )
+        if state is JobState.DONE:
+            self._records.add(record)
+            record.add_done_callback(partial(self._recorded, job.id))
+        else:
+            await record
+        self._events.publish(job.id, Ended(state, status, body, content_type, error))
+        started = job.started_at if job.started_at is not None else now
+        self._metrics.job_ended(job, state, wait=started - job.created_at, run=now - started)
+
+    def _recorded(self, job_id: str, record: asyncio.Future[None]) -> None:
+        self._records.discard(record)
+        if not record.cancelled() and (exc := record.exception()) is not None:
+            # The job stays "working" in the store, and runs again after a restart.
+            log.error("job.record_failed", job_id=job_id, error=str(exc))
+
+
+def error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+def _load_ns(data: bytes) -> int:
+    match = _LOAD_DURATION.search(data)
+    return int(match.group(1)) if match else 0
+
+
+def _is_unload(endpoint: str, body: dict[str, object]) -> bool:
+    empty = not body.get("messages") if endpoint == "/api/chat" else not body.get("prompt")
+    return endpoint in ("/api/chat", "/api/generate") and empty and body.get("keep_alive") in (0, "0")
+
+
+def _error_text(body: bytes) -> str:
+    message = error_message(body)
+    return message if message is not None else body[:500].decode("utf-8", "replace")
