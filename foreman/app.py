@@ -208,7 +208,8 @@ async def _member(
         reachable=lambda: outages.reachable,
     )
     await node.register()
-    app[EVENTS].forward, app[EVENTS].on_watch = node.forward, node.watch
+    events = app[EVENTS]
+    events.forward, events.on_watch, events.waits_elsewhere = node.forward, node.watch, node.waits_elsewhere
     async with _running(node.run(), "foreman-node"):
         await node.listening()
         log.info("node.joined", node=node.name, timeout_s=config.node_timeout)
@@ -216,7 +217,7 @@ async def _member(
             yield
         finally:
             await node.leave()
-    app[EVENTS].forward = app[EVENTS].on_watch = None
+    events.forward = events.on_watch = events.waits_elsewhere = None
 
 
 @asynccontextmanager

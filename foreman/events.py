@@ -63,6 +63,8 @@ class JobEvents:
         self.forward: Callable[[str, JobEvent], None] | None = None
         # Someone here follows a job's events (GET /jobs/{id}/events, a cancel): the node running it must know.
         self.on_watch: Callable[[str], None] | None = None
+        # Whether a client waits for a job this node runs on another node (its output must not be replayed).
+        self.waits_elsewhere: Callable[[str], bool] | None = None
 
     @contextmanager
     def subscribe(self, job_id: str, *, client: bool) -> Iterator[asyncio.Queue[JobEvent]]:
@@ -79,7 +81,9 @@ class JobEvents:
                 del self._subscribers[job_id]
 
     def has_client(self, job_id: str) -> bool:
-        """Whether the client that submitted the job is still waiting for it."""
+        """Whether the client that submitted the job is still waiting for it, here or on another node."""
+        if self.waits_elsewhere is not None and self.waits_elsewhere(job_id):
+            return True
         return any(s.client for s in self._subscribers.get(job_id, ()))
 
     def publish(self, job_id: str, event: JobEvent) -> None:

@@ -93,6 +93,26 @@ async def test_a_node_whose_ollama_is_down_streams_replies_from_another_node(
     assert [r.prompt for r in stub.stub.requests if r.prompt] == ["far"]
 
 
+async def test_a_stream_broken_after_output_reached_a_client_on_another_node_is_not_replayed(
+    http: aiohttp.ClientSession, make_foreman: MakeForeman, make_stub: MakeStub, pg_url: str
+) -> None:
+    """The node running a job knows its client waits elsewhere: a broken stream fails, as for a local client."""
+    stub = await make_stub()
+    a = await node(make_foreman, down_url(), pg_url, "a")
+    await node(make_foreman, stub, pg_url, "b")
+    stub.stub.faults.drop_next(1, after_chunks=2)
+    body = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
+    answer = await post(http, a.url + "/api/chat", body)
+    lines = answer.lines()
+    assert answer.status == 200 and len(lines) == 3
+    assert [line["message"]["content"] for line in lines[:2]] == ["Hello", " from"]
+    assert "error" in lines[2] and "done" not in lines[2]
+    await eventually(
+        lambda: query(pg_url, "SELECT state, attempt FROM jobs") == [("failed", 0)], what="the failure"
+    )
+    assert len(stub.stub.inference_requests()) == 1
+
+
 async def test_a_client_that_leaves_cancels_its_job_on_the_node_that_runs_it(
     http: aiohttp.ClientSession, make_foreman: MakeForeman, make_stub: MakeStub, pg_url: str
 ) -> None:
@@ -217,17 +237,18 @@ async def test_a_killed_nodes_job_resumes_on_another_node_after_its_lease(
         job_id = accepted.json()["id"]
         await doomed_stub.stub.wait_for(lambda s: s.faults.hung == 1)
         assert query(pg_url, "SELECT state, node FROM jobs") == [("working", "doomed")]
+        await node(make_foreman, stub, pg_url, "heir", node_timeout=1.0)
         doomed.send_signal(signal.SIGKILL)
         doomed.wait()
         killed_at = time.monotonic()
-        await node(make_foreman, stub, pg_url, "heir", node_timeout=1.0)
         await eventually(
             lambda: job_states(pg_url) == ["done"], within=10, what="the job to finish elsewhere"
         )
         resumed = [r for r in stub.stub.requests if r.prompt == "survivor"]
         assert len(resumed) == 1
-        # Its lease (1 s, renewed a third of that before the kill) ran out first, then it ran once more.
-        assert resumed[0].arrived_at - killed_at <= 1.0 + 0.5
+        # Not before its lease ran out (1 s, renewed at most a third of that before the kill).
+        # How soon after is bench/cluster.py's figure.
+        assert resumed[0].arrived_at - killed_at >= 1.0 * 2 / 3 - 0.05
         await doomed_stub.stub.wait_for(lambda s: s.in_flight == 0)
         assert doomed_stub.stub.requests[-1].finished_at <= resumed[0].arrived_at
         assert query(pg_url, "SELECT attempt FROM jobs") == [(1,)]  # the lost run counts as an attempt

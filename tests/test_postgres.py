@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -153,12 +156,43 @@ async def test_a_node_joins_a_held_model_when_its_work_outlasts_a_load(open_node
     assert joined is not None and joined.job.model_key == "m1" and joined.decision.swap
 
 
-async def test_swap_decisions_take_turns(open_node: OpenNode) -> None:
-    """Many idle nodes deciding at once on one cold model with little work: exactly one loads it."""
-    nodes = [await open_node(f"n{i}") for i in range(5)]
-    await nodes[0].insert_many([new_job("m1") for _ in range(3)])
-    claims = await asyncio.gather(*(node.claim(holding(), 1.0) for node in nodes))
-    assert sum(claim is not None for claim in claims) == 1
+def test_swap_decisions_take_turns(pg_url: str) -> None:
+    """Idle nodes that all decided to load one cold model at the same moment: exactly one loads it.
+
+    Each node runs in its own thread and event loop, and every node's first
+    decision waits until all have made theirs, so they really overlap.
+    """
+    count = 4
+    decided = threading.Barrier(count, timeout=20)
+
+    def first_decision_waits_for_all() -> Callable[[list[ModelQueue]], Decision | None]:
+        calls = itertools.count()
+
+        def choose(queues: list[ModelQueue]) -> Decision | None:
+            decision = holding()(queues)
+            if next(calls) == 0:
+                decided.wait()
+            return decision
+
+        return choose
+
+    async def enqueue() -> None:
+        store = await PostgresStorage.open(pg_url, node="intake")
+        await store.insert_many([new_job("m1") for _ in range(3)])
+        await store.close()
+
+    async def one_node(name: str) -> bool:
+        store = await PostgresStorage.open(pg_url, node=name)
+        try:
+            return await store.claim(first_decision_waits_for_all(), 1.0) is not None
+        finally:
+            await store.close()
+
+    asyncio.run(enqueue())
+    with ThreadPoolExecutor(count) as pool:
+        claimed = list(pool.map(lambda i: asyncio.run(one_node(f"n{i}")), range(count)))
+    # 3 jobs of a second each are not worth a second load of 10 s: the others leave them to the first.
+    assert sorted(claimed) == [False] * (count - 1) + [True]
 
 
 async def test_an_expired_lease_puts_the_job_back_and_its_old_node_cannot_end_it(open_node: OpenNode) -> None:

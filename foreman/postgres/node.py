@@ -99,6 +99,10 @@ class Node:
         elif watched:
             self._outbox.put_nowait((job_id, event))
 
+    def waits_elsewhere(self, job_id: str) -> bool:
+        """Whether a client on another node waits for this job, which this node runs."""
+        return bool(self._store.watchers.get(job_id))
+
     def watch(self, job_id: str) -> None:
         """Someone here follows a job: have the node that runs it send its events here too."""
         self._outbox.put_nowait((job_id, None))
