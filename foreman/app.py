@@ -12,14 +12,15 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from foreman import api, jobs, middleware, proxy, security, status
+from foreman import api, jobs, listing, middleware, proxy, security, status
 from foreman.config import Config
 from foreman.events import JobEvents
-from foreman.keys import CLOCK, CONFIG, EVENTS, METRICS, STORE, UPSTREAM, WORKER
+from foreman.keys import CLOCK, CONFIG, EVENTS, METRICS, ROUTES, STORE, UPSTREAM, WORKER
 from foreman.metrics import Metrics
 from foreman.models import QUEUED_ENDPOINTS
 from foreman.retention import prune_forever
 from foreman.retry import RetryPolicy, Sleep
+from foreman.route_table import RouteTable
 from foreman.scheduler import Policy
 from foreman.store import AsyncStore, Store
 from foreman.upstream import Upstream
@@ -47,6 +48,7 @@ def create_app(
     app[CLOCK] = clock
     app[EVENTS] = JobEvents()
     app[METRICS] = Metrics()
+    app[ROUTES] = RouteTable(config.routes)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         store = await AsyncStore.open(config.db_path, sync=config.sync, max_queue=config.max_queue)
@@ -67,6 +69,11 @@ def create_app(
         app[UPSTREAM] = Upstream(session, config.upstream)
         yield
         await session.close()
+
+    async def routes_ctx(app: web.Application) -> AsyncIterator[None]:
+        # A routes file that is wrong stops foreman here (RoutesError), before it takes a job.
+        async with app[ROUTES].running(app[UPSTREAM]):
+            yield
 
     async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
         worker = Worker(
@@ -103,7 +110,7 @@ def create_app(
         app[EVENTS].end_all(api.SHUTTING_DOWN)
 
     # Torn down in reverse: the worker stops before the session and the store close.
-    app.cleanup_ctx.extend([store_ctx, upstream_ctx, worker_ctx, retention_ctx])
+    app.cleanup_ctx.extend([store_ctx, upstream_ctx, routes_ctx, worker_ctx, retention_ctx])
     app.on_shutdown.append(stop_gracefully)
     for endpoint in QUEUED_ENDPOINTS:
         app.router.add_post(endpoint, api.queued)
@@ -114,6 +121,10 @@ def create_app(
     app.router.add_get("/status", status.status)
     app.router.add_get("/healthz", status.healthz)
     app.router.add_get("/metrics", status.metrics)
+    app.router.add_get("/api/tags", listing.tags)
+    app.router.add_post("/api/show", listing.show)
+    app.router.add_get("/v1/models", listing.openai_models, allow_head=False)
+    app.router.add_get("/v1/models/{model}", listing.openai_model, allow_head=False)
     app.router.add_route("*", "/{tail:.*}", proxy.passthrough)
     return app
 

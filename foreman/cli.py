@@ -241,6 +241,13 @@ def serve_settings(environ: Mapping[str, str], isatty: bool) -> list[Setting]:
             _choice("auto", "off"),
             "read the next model's file into the page cache while the loaded one drains: auto or off",
         ),
+        Setting(
+            "--routes",
+            "FOREMAN_ROUTES",
+            "",
+            os.path.expanduser,
+            "TOML file of model aliases and intent routes; SIGHUP reloads it (off when empty)",
+        ),
     ]
 
 
@@ -301,6 +308,7 @@ def config_from(values: Mapping[str, Any]) -> Config:
         sync_priority=values["sync_priority"],
         async_priority=values["async_priority"],
         warm=values["warm"],
+        routes=Path(values["routes"]) if values["routes"] else None,
     )
 
 

@@ -52,6 +52,7 @@ class Config:
     sync_priority: Priority = Priority.INTERACTIVE  # class of a request without X-Foreman-Priority
     async_priority: Priority = Priority.BATCH  # class of an async submission without X-Foreman-Priority
     warm: str = "auto"  # read the next model's blob into the page cache: auto (when readable) or off
+    routes: Path | None = None  # the TOML file of aliases and routes (routes.py); None: none
 
 
 def parse_listen(value: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:

@@ -118,7 +118,7 @@ def _json_object(raw: bytes) -> dict[str, Any]:
 def _check_native_fields(body: dict[str, Any]) -> None:
     options = _expect(body, "options", dict)
     if options:
-        _check_options(options)
+        check_options(options)
     keep_alive = body.get("keep_alive")
     if keep_alive is not None and not is_keep_alive(keep_alive):
         raise BadRequest(
@@ -139,7 +139,8 @@ _NUMBER_OPTIONS = frozenset(
 _BOOL_OPTIONS = frozenset({"use_mmap", "numa", "low_vram", "use_mlock"})
 
 
-def _check_options(options: dict[str, Any]) -> None:
+def check_options(options: dict[str, Any]) -> None:
+    """The typed fields of Ollama's Options; BadRequest for a wrong type."""
     for key, value in options.items():
         if value is None:
             continue

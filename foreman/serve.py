@@ -9,6 +9,7 @@ from foreman import log as logging_setup
 from foreman.app import create_app
 from foreman.config import Config
 from foreman.errors import StoreError
+from foreman.routes import RoutesError
 from foreman.security import is_loopback
 
 log = structlog.get_logger("foreman")
@@ -49,6 +50,9 @@ def serve(config: Config) -> int:
         )
     except StoreError as exc:
         log.error("foreman.db_refused", error=str(exc))
+        return EXIT_CONFIG
+    except RoutesError as exc:
+        log.error("foreman.routes_refused", error=str(exc))
         return EXIT_CONFIG
     except OSError as exc:
         log.error("foreman.listen_failed", listen=f"{config.host}:{config.port}", error=str(exc))

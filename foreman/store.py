@@ -22,7 +22,7 @@ from foreman.errors import Conflict, ForemanError, QueueFull, StoreError, Unavai
 from foreman.models import Job, JobState, NewJob, Priority
 from foreman.scheduler import Decision, ModelQueue
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Marks the file as foreman's (PRAGMA application_id): "FRMN".
 APPLICATION_ID = 0x46524D4E
 
@@ -45,7 +45,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     respond_async   INTEGER NOT NULL DEFAULT 0,
     idempotency_key TEXT,
     request_hash    TEXT,           -- tells a retried submission from a different one
-    priority        TEXT NOT NULL DEFAULT 'interactive'  -- interactive or batch
+    priority        TEXT NOT NULL DEFAULT 'interactive',  -- interactive or batch
+    routing         TEXT,           -- alias jobs: JSON {alias, route, rule}
+    served_model    TEXT            -- alias jobs: the model picked to serve it
 );
 -- The pick: the oldest queued job of a model in a class is the first entry under (key, class).
 CREATE INDEX IF NOT EXISTS jobs_queued_by_class ON jobs (model_key, priority, id) WHERE state = 'queued';
@@ -78,12 +80,17 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE jobs ADD COLUMN priority TEXT NOT NULL DEFAULT 'interactive';
     DROP INDEX IF EXISTS jobs_queued;
     """,
+    # Aliases and routes (routes.py): what the client asked for, and which model served it.
+    4: """
+    ALTER TABLE jobs ADD COLUMN routing TEXT;
+    ALTER TABLE jobs ADD COLUMN served_model TEXT;
+    """,
 }
 _OUR_TABLES = frozenset({"jobs", "chunks"})
 
 _COLUMNS = (
     "id, state, endpoint, model, model_key, stream, body, attempt,"
-    " created_at, started_at, finished_at, status, error, result, respond_async, priority"
+    " created_at, started_at, finished_at, status, error, result, respond_async, priority, routing, served_model"
 )
 
 # The same columns for pages of jobs, which show neither the request nor the
@@ -296,8 +303,8 @@ class Store:
             raise QueueFull(self.max_queue)
         self._db.execute(
             "INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at,"
-            " respond_async, idempotency_key, request_hash, priority)"
-            " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " respond_async, idempotency_key, request_hash, priority, routing)"
+            " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 job.id,
                 job.endpoint,
@@ -310,6 +317,7 @@ class Store:
                 job.idempotency_key,
                 request_hash,
                 job.priority,
+                job.routing,
             ),
         )
         self._count(job.model_key, job.priority, 1)
@@ -410,13 +418,22 @@ class Store:
         return bool(ended)
 
     def requeue(self, job: Job, *, attempt: int, error: str | None) -> None:
-        """Put a running job back in line, keeping its place (its id)."""
-        changed = self._db.execute(
-            "UPDATE jobs SET state = 'queued', attempt = ?, error = ?"
-            " WHERE id = ? AND state IN ('loading', 'working')",
+        """Put a running job back in line, keeping its place (its id).
+
+        It is counted under the key it is stored with: an alias job's, not
+        that of the model it was about to run on.
+        """
+        row = self._db.execute(
+            "UPDATE jobs SET state = 'queued', attempt = ?, error = ?, served_model = NULL"
+            " WHERE id = ? AND state IN ('loading', 'working') RETURNING model_key",
             (attempt, error, job.id),
-        ).rowcount
-        self._count(job.model_key, job.priority, changed)
+        ).fetchone()
+        if row is not None:
+            self._count(row[0], job.priority, 1)
+
+    def set_served(self, job_id: str, model: str) -> None:
+        """Record which model serves an alias job."""
+        self._db.execute("UPDATE jobs SET served_model = ? WHERE id = ?", (model, job_id))
 
     def cancel_queued(self, job_id: str, now: float) -> bool:
         """Cancel a job that has not started; False if it is no longer queued."""
@@ -565,6 +582,8 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
         result,
         bg,
         priority,
+        routing,
+        served_model,
     ) = row
     return Job(
         id=id_,
@@ -583,6 +602,8 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
         result=None if result is None else bytes(result),
         respond_async=bool(bg),
         priority=Priority(priority),
+        routing=routing,
+        served_model=served_model,
     )
 
 

@@ -18,6 +18,7 @@ from functools import partial
 
 import structlog
 
+from foreman.aliases import Why, alias_of, fold, is_alias_key, waiting_for
 from foreman.dialects import dialect_for
 from foreman.errors import TRANSIENT, UpstreamFailed, UpstreamRejected, UpstreamUnreachable, error_message
 from foreman.events import Chunk, Ended, JobEvents, StateChanged
@@ -152,7 +153,8 @@ class Worker:
         now, costs = self._clock(), self._costs.costs()
 
         def order(queues: list[ModelQueue]) -> list[tuple[str, Priority]]:
-            return drain_order(policy, queues, state, now, costs)
+            folded = fold(queues, state.resident)
+            return folded.stored_order(drain_order(policy, folded.queues, state, now, costs))
 
         return order
 
@@ -266,7 +268,8 @@ class Worker:
             now = self._clock()
             state = replace(self._state, resident=self._resident or frozenset())
             upcoming: list[str | None] = []
-            claim = await self._store.run(Store.claim_next, self._chooser(state, now, upcoming), now)
+            picked: list[_Picked] = []
+            claim = await self._store.run(Store.claim_next, self._chooser(state, now, upcoming, picked), now)
             if claim is None:
                 if not self._tasks:
                     # Idle: other clients and keep_alive expiry may change what
@@ -275,6 +278,7 @@ class Worker:
                     return
                 await self._work.wait()
                 continue
+            claim = await self._resolved(claim, picked[0])
             self._picked_from, self._state = state, state.after(claim.decision, now)
             task = asyncio.create_task(self._job(claim), name=f"foreman-job {claim.job.id}")
             self._tasks.add(task)
@@ -299,22 +303,28 @@ class Worker:
         # it, so only work for another model is worth a look at the queues.
         if arrived in done and self._arrived_for - {self._state.serving}:
             state = replace(self._state, resident=self.resident)
-            queues = await self._store.run(Store.queues)
+            queues = fold(await self._store.run(Store.queues), state.resident).queues
             following = self._policy.upcoming(queues, state, self._clock(), self._costs.costs())
             if following is not None and following != state.serving:
                 self._warmer.prepare(following)
 
     def _chooser(
-        self, state: State, now: float, upcoming: list[str | None]
+        self, state: State, now: float, upcoming: list[str | None], picked: list[_Picked]
     ) -> Callable[[list[ModelQueue]], Decision | None]:
-        """The pick the store runs (on its own thread) against what waits."""
+        """The pick the store runs (on its own thread) against what waits.
+
+        Alias jobs count with the model that would serve them now (see
+        `foreman.aliases`). The policy's decision, which names that model, goes
+        to `picked`; the store gets one that names the stored key to claim from.
+        """
         busy = bool(self._tasks)
         costs = self._costs.costs()
         policy = self._policy
         want_upcoming = self._warmer is not None
 
         def choose(queues: list[ModelQueue]) -> Decision | None:
-            decision = policy.pick(queues, state, now, costs)
+            folded = fold(queues, state.resident)
+            decision = policy.pick(folded.queues, state, now, costs)
             if decision is None:
                 return None
             if busy and (decision.swap or decision.model_key != state.serving):
@@ -322,10 +332,44 @@ class Worker:
                 return None
             if want_upcoming:
                 # The model after this one: the one this claim serves counts as loaded.
-                upcoming.append(policy.upcoming(queues, state.after(decision, now), now, costs))
-            return decision
+                upcoming.append(policy.upcoming(folded.queues, state.after(decision, now), now, costs))
+            source = folded.source(decision.model_key, decision.priority)
+            why = folded.resolved[source][1] if is_alias_key(source) else None
+            picked.append(_Picked(decision, folded.waiting(decision.model_key) - 1, why))
+            return replace(decision, model_key=source)
 
         return choose
+
+    async def _resolved(self, claim: Claim, picked: _Picked) -> Claim:
+        """The claim as the worker runs it: an alias job becomes a job for the model picked for it."""
+        job, decision = claim.job, picked.decision
+        if is_alias_key(job.model_key):
+            name = key_model_name(decision.model_key)
+            body = json.loads(job.body)
+            body["model"] = name  # Ollama names the model that served it in the reply
+            routing = json.loads(job.routing) if job.routing else {"alias": alias_of(job.model_key)}
+            log.info(
+                "job.routed",
+                job_id=job.id,
+                alias=routing.get("alias"),
+                route=routing.get("route"),
+                rule=routing.get("rule"),
+                model=decision.model_key,
+                why=(picked.why or Why.PREFERRED).value,
+            )
+            await self._store.run(Store.set_served, job.id, name)
+            job = replace(
+                job,
+                model=name,
+                model_key=decision.model_key,
+                body=json.dumps(body, separators=(",", ":")).encode(),
+                served_model=name,
+            )
+        return Claim(job, decision, picked.waiting_after)
+
+    async def _waiting_by_model(self) -> dict[str, int]:
+        """Queued jobs per model key, alias jobs counted with the model that would serve them now."""
+        return waiting_for(await self._store.run(Store.waiting_by_model), self.resident)
 
     async def _job(self, claim: Claim) -> None:
         failure = await self._run(claim)
@@ -366,7 +410,7 @@ class Worker:
             await self._end(job, JobState.CANCELLED, 499, _error_body("request canceled"))
             log.info("job.cancelled", job_id=job.id, before="start")
             return None
-        self._events.publish(job.id, StateChanged(job.state, job.attempt))
+        self._events.publish(job.id, StateChanged(job.state, job.attempt, model=job.model))
         task = asyncio.create_task(self._execute(claim))
         self._running[job.id] = running = _Running(job.id, task)
         try:
@@ -402,7 +446,7 @@ class Worker:
                 await self._store.run(Store.set_state, job.id, JobState.WORKING)
                 self._events.publish(job.id, StateChanged(JobState.WORKING, job.attempt))
                 # A load can take a minute; more work may have come for this model meanwhile.
-                waiting = await self._store.run(Store.waiting, job.model_key)
+                waiting = (await self._waiting_by_model()).get(job.model_key, 0)
             bound.info("job.start", wait_s=wait_s, waiting_for_model=waiting)
             started = time.monotonic()
             result, load_ns = await self._call(job, waiting)
@@ -508,7 +552,8 @@ class Worker:
         decision = claim.decision
         key = job.model_key
         leaving = sorted(self._resident or ())
-        waiting_leaving = {k: await self._store.run(Store.waiting, k) for k in leaving}
+        waiting_now = await self._waiting_by_model()
+        waiting_leaving = {k: waiting_now.get(k, 0) for k in leaving}
         await self._make_room(keep=key, evict=decision.evict)
         options = key_load_options(key)
         expected = self._costs.costs().load_s.get(key)
@@ -570,7 +615,7 @@ class Worker:
                 if load in done:
                     await load  # raises what the load raised
                     return False
-                queues = await self._store.run(Store.queues)
+                queues = fold(await self._store.run(Store.queues), self._picked_from.resident).queues
                 now = self._clock()
                 if self._policy.abandons(decision, queues, self._picked_from, now, self._costs.costs()):
                     return True
@@ -589,11 +634,12 @@ class Worker:
         loaded model with the least waiting work), and pins again any other
         loaded model that still has work but whose last drain had released it.
         """
+        waiting_now = await self._waiting_by_model()
         for key in sorted((self._resident or frozenset()) | set(self._pins)):
             if key == keep:
                 continue
             pinned = key in self._pins
-            waiting = await self._store.run(Store.waiting, key)
+            waiting = waiting_now.get(key, 0)
             if pinned and (key == evict or waiting == 0):
                 pin = self._pins.pop(key)
                 keep_alive = self._release_keep_alive
@@ -700,6 +746,15 @@ class Worker:
         if self._upstream_down:
             self._upstream_down = False
             log.info("upstream.back", url=self._upstream.base_url)
+
+
+@dataclass(frozen=True, slots=True)
+class _Picked:
+    """The policy's decision for a claim, before the store saw it."""
+
+    decision: Decision  # names the model that serves the job, also for an alias job
+    waiting_after: int  # jobs still waiting for that model, its aliases' included
+    why: Why | None  # for an alias job: why that model
 
 
 @dataclass(frozen=True, slots=True)
