@@ -71,8 +71,8 @@ def create_app(
         await session.close()
 
     async def routes_ctx(app: web.Application) -> AsyncIterator[None]:
-        # A routes file that is wrong stops foreman here (RoutesError), before it takes a job.
-        async with app[ROUTES].running(app[UPSTREAM]):
+        # A routes file that is wrong stops foreman here (RoutesError), before anything started.
+        async with app[ROUTES].running(config.upstream, lambda: app[UPSTREAM]):
             yield
 
     async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -110,7 +110,7 @@ def create_app(
         app[EVENTS].end_all(api.SHUTTING_DOWN)
 
     # Torn down in reverse: the worker stops before the session and the store close.
-    app.cleanup_ctx.extend([store_ctx, upstream_ctx, routes_ctx, worker_ctx, retention_ctx])
+    app.cleanup_ctx.extend([routes_ctx, store_ctx, upstream_ctx, worker_ctx, retention_ctx])
     app.on_shutdown.append(stop_gracefully)
     for endpoint in QUEUED_ENDPOINTS:
         app.router.add_post(endpoint, api.queued)

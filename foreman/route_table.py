@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
@@ -53,13 +53,19 @@ class RouteTable:
         return True
 
     @asynccontextmanager
-    async def running(self, upstream: Upstream) -> AsyncIterator[None]:
-        """Load at start, and reload on SIGHUP until the block ends."""
-        await self.start(upstream)
+    async def running(self, base_url: str, upstream: Callable[[], Upstream]) -> AsyncIterator[None]:
+        """Load at start, and reload on SIGHUP (through `upstream()`) until the block ends.
+
+        The start comes before anything else of the app's, so a wrong file
+        stops foreman with nothing to clean up: its check of Ollama's model
+        names uses a session of its own.
+        """
+        async with aiohttp.ClientSession() as session:
+            await self.start(Upstream(session, base_url))
         reloads: set[asyncio.Task[bool]] = set()
 
         def on_hangup() -> None:
-            task = asyncio.ensure_future(self.reload(upstream))
+            task = asyncio.ensure_future(self.reload(upstream()))
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
