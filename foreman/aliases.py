@@ -22,7 +22,6 @@ from enum import StrEnum
 from typing import Any
 
 from foreman.models import Priority
-from foreman.names import key_load_options, model_key
 from foreman.scheduler import ModelQueue
 
 ALIAS_MARK = "@"
@@ -54,11 +53,14 @@ def alias_of(key: str) -> str:
 
 
 def candidates(key: str) -> list[str]:
-    """The model keys that may serve jobs of alias key `key`, in order of preference."""
-    head = key.split(" ", 1)[0]
+    """The model keys that may serve jobs of alias key `key`, in order of preference.
+
+    The names in the key are used as they are (routes.py normalised them), with
+    the key's load options, exactly as `names.model_key` would write them.
+    """
+    head, _, options = key.partition(" ")
     models = head[head.index("(") + 1 : head.rindex(")")].split("|")
-    options = key_load_options(key)
-    return [model_key(model, options) for model in models]
+    return [f"{model} {options}" if options else model for model in models]
 
 
 def resolve(key: str, resident: frozenset[str], wanted: Iterable[str] = ()) -> tuple[str, Why]:

@@ -41,6 +41,7 @@ class RouteTable:
     async def reload(self, upstream: Upstream) -> bool:
         """Read the file again; if it is wrong, keep the routes in force and log why."""
         if self.path is None:
+            log.info("routes.reload_skipped", reason="no routes file (FOREMAN_ROUTES)")
             return False
         try:
             routes = await asyncio.to_thread(load, self.path)
@@ -71,11 +72,11 @@ class RouteTable:
 
         loop = asyncio.get_running_loop()
         handled = False
-        if self.path is not None:
-            # Only the main thread may handle signals (tests run apps elsewhere too).
-            with suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(signal.SIGHUP, on_hangup)
-                handled = True
+        # Handled even without a file: SIGHUP's default action would end foreman.
+        # Only the main thread may handle signals (tests run apps elsewhere too).
+        with suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, on_hangup)
+            handled = True
         try:
             yield
         finally:

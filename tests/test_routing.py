@@ -332,3 +332,15 @@ async def test_sighup_reloads_the_routes_and_a_bad_reload_keeps_them(
         "routes.reloaded",
         "routes.reload_failed",
     ]
+
+
+async def test_without_a_routes_file_sighup_is_harmless(
+    http: aiohttp.ClientSession, foreman: Foreman
+) -> None:
+    """SIGHUP with no FOREMAN_ROUTES is logged and ignored instead of ending the daemon."""
+    assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+    with capture_logs() as logs:
+        os.kill(os.getpid(), signal.SIGHUP)
+        await eventually(lambda: any(e["event"] == "routes.reload_skipped" for e in logs), what="the skip")
+    answer = await post(http, foreman.url + "/api/chat", chat_body("llama3"))
+    assert answer.status == 200
