@@ -344,3 +344,24 @@ async def test_without_a_routes_file_sighup_is_harmless(
         await eventually(lambda: any(e["event"] == "routes.reload_skipped" for e in logs), what="the skip")
     answer = await post(http, foreman.url + "/api/chat", chat_body("llama3"))
     assert answer.status == 200
+
+
+async def test_queued_alias_jobs_keep_their_models_across_a_restart_without_the_alias(
+    http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman, routes_file: Path
+) -> None:
+    """An alias job accepted before a restart runs on its alias's models even if the new file drops the alias."""
+    server = await make_stub()
+    stub = server.stub
+    first = await make_foreman(server.url, routes=routes_file, shutdown_grace=0)
+    stub.faults.hang_next(1)
+    held = await submit(http, first, chat_body("llama3", "running"))
+    await stub.wait_for(lambda s: s.faults.hung == 1)
+    queued = await submit(http, first, chat_body("fast", "queued"))
+    await first.close()
+    assert {(await held).status, (await queued).status} == {503}
+    await asyncio.to_thread(routes_file.write_text, '[alias.other]\nmodels = ["llama3"]\n')
+    second = await make_foreman(server.url, routes=routes_file)
+    await second.wait_states(lambda states: states == ["done", "done"], "both jobs to finish")
+    rows = second.jobs()
+    assert rows[1]["served_model"] in ("qwen2:latest", "mistral:latest")
+    assert [r.model for r in stub.inference_requests() if r.outcome == "ok"][-1] == rows[1]["served_model"]
