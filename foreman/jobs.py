@@ -7,10 +7,11 @@ from typing import Any
 
 from aiohttp import web
 
+from foreman.aliases import ALIAS_MARK
 from foreman.api import job_position
 from foreman.errors import BadRequest, Conflict, NotFound
 from foreman.events import Chunk, Ended, StateChanged
-from foreman.keys import CLOCK, EVENTS, STORE, WORKER
+from foreman.keys import CLOCK, EVENTS, ROUTES, STORE, WORKER
 from foreman.models import Job, JobState
 from foreman.names import normalise_model
 from foreman.store import Store
@@ -31,6 +32,12 @@ async def get_job(request: web.Request) -> web.Response:
     return web.json_response(job_view(job, request.app[CLOCK](), position=position, with_result=True))
 
 
+def _filter_key(request: web.Request, model: str) -> str:
+    """What `?model=` matches: a model's groups, or every job of an alias."""
+    alias = request.app[ROUTES].current.aliases.get(normalise_model(model))
+    return f"{ALIAS_MARK}{alias.name}" if alias is not None else normalise_model(model)
+
+
 async def list_jobs(request: web.Request) -> web.Response:
     """A page of jobs, newest first; `next` is the cursor for the following page."""
     query = request.query
@@ -47,7 +54,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     jobs = await request.app[STORE].run(
         Store.list_jobs,
         state=state,
-        model_key=normalise_model(model) if model else None,
+        model_key=_filter_key(request, model) if model else None,
         limit=limit,
         before=query.get("after"),
     )

@@ -149,6 +149,8 @@ async def test_a_route_chooses_the_alias_by_what_the_user_asked(
         ("auto", "auto", "fast", "qwen2:latest"),
         ("auto", "auto", "coder", "llama3:latest"),
     ]
+    coder_jobs = (await (await routed.client.get("/jobs?model=coder")).json())["jobs"]
+    assert [j["alias"] for j in coder_jobs] == ["coder"]
 
 
 async def test_aliases_work_for_generate_embed_and_the_official_ollama_client(
