@@ -418,6 +418,6 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return demo(requests=args.requests, load_delay=args.load_delay)
     if args.command == "submit":
         _check_submit(parser, args)
-    from foreman.ctl import run
+    from foreman.client.commands import run
 
     return run(args, sys.stdout, sys.stderr)

@@ -18,8 +18,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from foreman.cli import build_parser, main
-from foreman.client import Daemon
-from foreman.ctl import run_command
+from foreman.client.commands import run_command
+from foreman.client.daemon import Daemon
 from helpers import ASYNC, Foreman, chat_body, hold_worker, reply_text
 from stub_ollama import Stub, StubServer
 

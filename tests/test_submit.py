@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from foreman.submissions import BadInput, Submission, from_jsonl, from_prompt, idempotency_key
+from foreman.client.submit import BadInput, Submission, from_jsonl, from_prompt, idempotency_key
 
 
 def test_a_prompt_is_one_chat_message_or_a_generate_prompt() -> None:
