@@ -3,7 +3,7 @@
 The handlers, the worker and the error middleware ask `dialect_for(path)` how a
 stream is framed, how an error looks and whether a request can carry
 `keep_alive`, instead of testing paths themselves. The /v1 side lives in
-`foreman.openai_wire`.
+`foreman.openai_compat.replies`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from contextlib import suppress
 from typing import Any, Protocol
 
-from foreman.openai_wire import OpenAI
-from foreman.results import merge_stream
+from foreman.native.replies import merge_stream
+from foreman.openai_compat.replies import OpenAI
 from foreman.upstream import NDJSON
 
 

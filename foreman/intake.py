@@ -4,7 +4,7 @@ foreman checks what it relies on (the model, `stream`, `keep_alive`, `options`)
 and the shape of the fields Ollama would reject anyway, so a bad request fails
 at once instead of after it has waited its turn in the queue. Anything subtler
 is Ollama's to judge; its 4xx then reaches the client unchanged. The rules for
-Ollama's OpenAI-compatible endpoints are in `foreman.openai_intake`.
+Ollama's OpenAI-compatible endpoints are in `foreman.openai_compat.intake`.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from typing import Any
 
 from ulid import ULID
 
-from foreman import openai_intake
 from foreman.errors import BadRequest
 from foreman.fields import expect as _expect
 from foreman.fields import json_name as _json_name
 from foreman.models import STREAMED_ENDPOINTS, NewJob, Priority
 from foreman.names import model_key
+from foreman.openai_compat import intake as openai_intake
 
 # Go's time.ParseDuration grammar, which Ollama uses for string keep_alive values.
 _GO_DURATION = re.compile(r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")

@@ -9,7 +9,7 @@ import pytest
 
 from foreman.errors import BadRequest
 from foreman.intake import parse_job
-from foreman.openai_wire import SSEReader, as_openai_error, merge_stream
+from foreman.openai_compat.replies import SSEReader, as_openai_error, merge_stream
 
 USER = [{"role": "user", "content": "hi"}]
 
