@@ -106,7 +106,7 @@ def create_app(
     app.cleanup_ctx.extend([store_ctx, upstream_ctx, worker_ctx, retention_ctx])
     app.on_shutdown.append(stop_gracefully)
     for endpoint in QUEUED_ENDPOINTS:
-        app.router.add_post(endpoint, queued.queued)
+        app.router.add_post(endpoint, queued.handle)
     app.router.add_get("/jobs", jobs.list_jobs)
     app.router.add_get("/jobs/{id}", jobs.get_job)
     app.router.add_delete("/jobs/{id}", jobs.cancel_job)

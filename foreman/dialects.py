@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from contextlib import suppress
 from typing import Any, Protocol
 
-from foreman.native.replies import merge_stream
+from foreman.native.replies import merge_native_stream
 from foreman.openai_compat.replies import OpenAI
 from foreman.upstream import NDJSON
 
@@ -92,7 +92,7 @@ class Native:
         return _NDJSONReader()
 
     def merge(self, endpoint: str, chunks: Sequence[bytes]) -> bytes:
-        return merge_stream(endpoint, chunks)
+        return merge_native_stream(endpoint, chunks)
 
     def ask_stream(self, body: dict[str, Any]) -> None:
         body["stream"] = True

@@ -17,7 +17,7 @@ from typing import TextIO
 
 from foreman.client import layout
 from foreman.client.daemon import Daemon, DaemonError, Json, Rejected
-from foreman.client.submit import BadInput, Submission, from_jsonl, from_prompt
+from foreman.client.submit import BadInput, SubmitRequest, from_jsonl, from_prompt
 from foreman.models import JobState
 
 Command = Callable[[Daemon, argparse.Namespace, TextIO, TextIO], Awaitable[int]]
@@ -77,7 +77,7 @@ async def cancel(daemon: Daemon, args: argparse.Namespace, out: TextIO, err: Tex
 async def submit(daemon: Daemon, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Queue async jobs in order and print their ids; with --wait, follow them and print the results."""
     submissions = _submissions(args)
-    accepted: list[tuple[Submission, Json]] = []
+    accepted: list[tuple[SubmitRequest, Json]] = []
     for submission in submissions:
         try:
             answer = await daemon.submit(submission.endpoint, submission.body, submission.key)
@@ -204,7 +204,7 @@ def _show(out: TextIO, data: Json, as_json: bool, render: Callable[[Json, float]
     out.write((json.dumps(data, indent=2) if as_json else render(data, time.time())) + "\n")
 
 
-def _submissions(args: argparse.Namespace) -> list[Submission]:
+def _submissions(args: argparse.Namespace) -> list[SubmitRequest]:
     if args.file is None:
         return [from_prompt(args.model, args.prompt, generate=args.generate)]
     path = Path(args.file)

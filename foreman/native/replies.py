@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def merge_stream(endpoint: str, lines: Sequence[bytes]) -> bytes:
+def merge_native_stream(endpoint: str, lines: Sequence[bytes]) -> bytes:
     """The `stream: false` reply for `endpoint` from its NDJSON `lines`."""
     chunks: list[dict[str, Any]] = [json.loads(line) for line in lines]
     if not chunks:
