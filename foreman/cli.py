@@ -24,8 +24,7 @@ from foreman.config import (
     parse_listen,
     parse_upstream,
 )
-from foreman.jobs import MAX_PAGE
-from foreman.models import JobState, Priority
+from foreman.models import MAX_PAGE, JobState, Priority
 
 DEFAULT_HOST = f"127.0.0.1:{DEFAULT_PORT}"
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from foreman.intake import is_keep_alive
+from foreman.durations import is_keep_alive
 from foreman.models import Priority
 
 DEFAULT_PORT = 11435
