@@ -42,7 +42,7 @@ async def ctl(
     host: str, command: str, *argv: str, out: io.StringIO | None = None, environ: dict[str, str] | None = None
 ) -> Ran:
     """Run `foreman COMMAND ... --host HOST` on the test's own loop and capture what it prints."""
-    parser, _ = build_parser(environ or {}, isatty=False)
+    parser = build_parser(environ or {}, isatty=False)
     args = parser.parse_args([command, *argv, "--host", host])
     out = out if out is not None else io.StringIO()
     err = io.StringIO()
