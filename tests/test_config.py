@@ -270,3 +270,12 @@ def test_serve_reports_a_port_in_use(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 1
     out = capsys.readouterr().out
     assert "foreman.listen_failed" in out and "Traceback" not in out
+
+
+def test_client_and_demo_times_take_durations_too() -> None:
+    """`foreman watch --interval 2s` and `foreman demo --load-delay 500ms` read like the settings."""
+    parser = build_parser({}, isatty=False)
+    assert parser.parse_args(["watch", "--interval", "2s"]).interval == 2
+    assert parser.parse_args(["submit", "--prompt", "hi", "--model", "m", "--interval", "1m"]).interval == 60
+    assert parser.parse_args(["demo", "--load-delay", "500ms"]).load_delay == pytest.approx(0.5)
+    assert parser.parse_args(["demo"]).load_delay == 1
