@@ -291,9 +291,10 @@ async def test_ctrl_c_ends_watch_cleanly(foreman: Foreman) -> None:
         stderr=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None
-    async with asyncio.timeout(10):
-        while not (await process.stdout.readline()).startswith(b"queue is empty"):
-            pass
+    # A generous deadline: a cold interpreter on a loaded CI machine took more than 10 s to draw.
+    async with asyncio.timeout(60):
+        while not (line := await process.stdout.readline()).startswith(b"queue is empty"):
+            assert line, f"watch ended before drawing the queue: {await process.communicate()}"
         process.send_signal(signal.SIGINT)
         _, err = await process.communicate()
     assert (process.returncode, err) == (0, b"")
