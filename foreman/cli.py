@@ -18,9 +18,9 @@ from foreman.config import (
     Config,
     client_url,
     config_from,
-    duration,
     positive_int,
 )
+from foreman.durations import duration
 from foreman.models import MAX_PAGE, JobState
 
 DEFAULT_HOST = f"127.0.0.1:{DEFAULT_PORT}"

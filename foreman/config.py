@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from foreman.durations import is_keep_alive
+from foreman.durations import duration, is_keep_alive, positive_duration
 from foreman.models import Priority
 
 DEFAULT_PORT = 11435
@@ -92,45 +91,6 @@ def parse_keep_alive(value: str) -> float | str:
     if not is_keep_alive(value):
         raise ValueError(f"not a keep_alive: {value!r} (use seconds like -1 or 300, or a duration like 24h)")
     return value
-
-
-_UNIT_SECONDS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1,
-    "m": 60,
-    "h": 3600,
-    "d": 86400,
-}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h|d)")
-_DURATION = re.compile(rf"(?:{_DURATION_PART.pattern})+")
-
-
-def duration(value: str) -> float:
-    """Seconds from `90`, `0.5`, `90s`, `15m`, `12h`, `7d`, or Go's `1h30m` (Ollama's keep_alive form)."""
-    text = value.strip().lower()
-    try:
-        seconds = float(text)
-    except ValueError:
-        if not _DURATION.fullmatch(text):
-            raise ValueError(
-                f"not a duration: {value!r} (use seconds, or a number with a unit: 90s, 15m, 12h, 7d, 1h30m)"
-            ) from None
-        seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in _DURATION_PART.findall(text))
-    if not seconds >= 0:  # also refuses nan
-        raise ValueError(f"must not be negative, got {value!r}")
-    return seconds
-
-
-def positive_duration(value: str) -> float:
-    """A `duration` that must be more than zero."""
-    seconds = duration(value)
-    if seconds <= 0:
-        raise ValueError(f"must be more than zero, got {value!r}")
-    return seconds
 
 
 def positive_int(value: str) -> int:

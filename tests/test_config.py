@@ -12,12 +12,12 @@ from foreman.config import (
     Config,
     client_url,
     default_db_path,
-    duration,
     markdown_table,
     parse_keep_alive,
     parse_listen,
     parse_upstream,
 )
+from foreman.durations import duration
 from foreman.retry import RetryPolicy
 from foreman.scheduler import Policy
 
