@@ -12,7 +12,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from foreman import api, jobs, listing, middleware, proxy, security, status
+from foreman import error_middleware, jobs, listing, proxy, queued, security, status
 from foreman.config import Config
 from foreman.events import JobEvents
 from foreman.keys import CLOCK, CONFIG, EVENTS, METRICS, ROUTES, STORE, UPSTREAM, WORKER
@@ -37,7 +37,7 @@ def create_app(
     sleep: Sleep = asyncio.sleep,
 ) -> web.Application:
     """foreman as an aiohttp application; nothing starts until the app does."""
-    app = web.Application(client_max_size=config.max_body, middlewares=[middleware.errors])
+    app = web.Application(client_max_size=config.max_body, middlewares=[error_middleware.errors])
     if security.is_loopback(config.host):
         # DNS rebinding only threatens a server that trusts "local" callers.
         app.middlewares.append(security.host_guard(config.host, config.allowed_hosts))
@@ -105,15 +105,15 @@ def create_app(
         # time to finish for the clients waiting on them.
         worker = app[WORKER]
         worker.stop()
-        app[EVENTS].end_all(api.SHUTTING_DOWN, sparing=worker.running_jobs)
+        app[EVENTS].end_all(queued.SHUTTING_DOWN, sparing=worker.running_jobs)
         await worker.wait_for_running(config.shutdown_grace)
-        app[EVENTS].end_all(api.SHUTTING_DOWN)
+        app[EVENTS].end_all(queued.SHUTTING_DOWN)
 
     # Torn down in reverse: the worker stops before the session and the store close.
     app.cleanup_ctx.extend([routes_ctx, store_ctx, upstream_ctx, worker_ctx, retention_ctx])
     app.on_shutdown.append(stop_gracefully)
     for endpoint in QUEUED_ENDPOINTS:
-        app.router.add_post(endpoint, api.queued)
+        app.router.add_post(endpoint, queued.handle)
     app.router.add_get("/jobs", jobs.list_jobs)
     app.router.add_get("/jobs/{id}", jobs.get_job)
     app.router.add_delete("/jobs/{id}", jobs.cancel_job)

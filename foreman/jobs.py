@@ -8,17 +8,16 @@ from typing import Any
 from aiohttp import web
 
 from foreman.aliases import ALIAS_MARK
-from foreman.api import job_position
 from foreman.errors import BadRequest, Conflict, NotFound
 from foreman.events import Chunk, Ended, StateChanged
 from foreman.keys import CLOCK, EVENTS, ROUTES, STORE, WORKER
-from foreman.models import Job, JobState
+from foreman.models import MAX_PAGE, Job, JobState
 from foreman.names import normalise_model
+from foreman.presenters import iso as _iso
+from foreman.presenters import job_view
+from foreman.queued import job_position
 from foreman.store import Store
-from foreman.views import iso as _iso
-from foreman.views import job_view
 
-MAX_PAGE = 1000
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 

@@ -29,6 +29,9 @@ class Priority(StrEnum):
     BATCH = "batch"
 
 
+# The most jobs one page of GET /jobs returns; `foreman jobs --limit` is held to it too.
+MAX_PAGE = 1000
+
 # The endpoints whose requests become jobs; every other path is passed through.
 QUEUED_ENDPOINTS = (
     "/api/chat",

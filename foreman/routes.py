@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from foreman.aliases import alias_key
+from foreman.durations import is_keep_alive
 from foreman.errors import BadRequest
-from foreman.intake import check_options, is_keep_alive
+from foreman.intake import check_options
 from foreman.models import NewJob
 from foreman.names import load_options, normalise_model
 

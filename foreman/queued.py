@@ -23,7 +23,7 @@ MODEL_HEADER = "X-Foreman-Model"  # the model that served the job (for an alias:
 PRIORITY_HEADER = "X-Foreman-Priority"
 
 
-async def queued(request: web.Request) -> web.StreamResponse:
+async def handle(request: web.Request) -> web.StreamResponse:
     """Write the request as a job; answer 202 at once, or with what the worker produces for it."""
     respond_async = prefers_async(request)
     config = request.app[CONFIG]
