@@ -36,7 +36,7 @@ async def node(
     make_foreman: MakeForeman, stub: StubServer | str, pg_url: str, name: str, **settings: Any
 ) -> Foreman:
     upstream = stub if isinstance(stub, str) else stub.url
-    return await make_foreman(upstream, db_url=pg_url, node=name, **settings)
+    return await make_foreman(upstream, db_path=pg_url, node=name, **settings)
 
 
 def down_url() -> str:
@@ -52,10 +52,11 @@ async def test_two_nodes_drain_one_queue_each_on_its_own_ollama(
     http: aiohttp.ClientSession, make_foreman: MakeForeman, make_stub: MakeStub, pg_url: str
 ) -> None:
     """Requests sent to one node run on both; each node loads one model, and every job runs once."""
-    stubs = [await make_stub(load_delay=0.3, token_delay=0.005) for _ in range(2)]
+    # A load (1 s) costs more than all the work of a model (4 short jobs): no node joins the other's model.
+    stubs = [await make_stub(load_delay=1.0, token_delay=0.005) for _ in range(2)]
     a = await node(make_foreman, stubs[0], pg_url, "a")
     await node(make_foreman, stubs[1], pg_url, "b")
-    prompts = [(model, f"{model}-{i}") for i in range(6) for model in ("llama3", "mistral")]
+    prompts = [(model, f"{model}-{i}") for i in range(4) for model in ("llama3", "mistral")]
     answers = await asyncio.gather(
         *(post(http, a.url + "/api/chat", chat_body(model, prompt)) for model, prompt in prompts)
     )
@@ -64,7 +65,9 @@ async def test_two_nodes_drain_one_queue_each_on_its_own_ollama(
     served = [r.prompt for s in stubs for r in s.stub.requests if r.prompt]
     assert sorted(served) == sorted(prompt for _, prompt in prompts)
     assert all(s.stub.requests for s in stubs), "both nodes ran jobs"
-    assert sorted(load for s in stubs for load in s.stub.loads) == ["llama3:latest", "mistral:latest"]
+    assert sorted(load for s in stubs for load in s.stub.loads) == ["llama3:latest", "mistral:latest"], [
+        s.stub.loads for s in stubs
+    ]
     # A job is answered first and recorded a moment later.
     await eventually(lambda: set(job_states(pg_url)) == {"done"}, what="every job recorded done")
 

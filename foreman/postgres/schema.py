@@ -41,6 +41,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     idempotency_key text,
     request_hash    text,
     priority    text NOT NULL DEFAULT 'interactive',
+    routing     text,                    -- alias jobs: JSON {alias, route, rule}
+    served_model text,                   -- alias jobs: the model picked to serve it
     node        text,                    -- the node running it (loading, working)
     lease_until timestamptz,             -- the database's time after which another node puts it back
     orphaned    boolean NOT NULL DEFAULT false,  -- put back after its node died: it goes next

@@ -39,12 +39,13 @@ Connection = psycopg.AsyncConnection[TupleRow]
 
 _COLUMNS = (
     "id, state, endpoint, model, model_key, stream, body, attempt,"
-    " created_at, started_at, finished_at, status, error, result, respond_async, priority"
+    " created_at, started_at, finished_at, status, error, result, respond_async, priority, routing, served_model"
 )
 # Pages of jobs show neither the request nor the result.
 _SUMMARY_COLUMNS = (
     "id, state, endpoint, model, model_key, stream, ''::bytea, attempt,"
-    " created_at, started_at, finished_at, status, error, NULL::bytea, respond_async, priority"
+    " created_at, started_at, finished_at, status, error, NULL::bytea, respond_async, priority, routing,"
+    " served_model"
 )
 _RUNNING = "state IN ('loading', 'working')"
 _ENDED = "state IN ('done', 'failed', 'cancelled')"
@@ -157,8 +158,8 @@ class PostgresStorage:
                     raise QueueFull(self.max_queue)
             cursor = await conn.execute(
                 "INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at,"
-                " respond_async, idempotency_key, request_hash, priority, watchers)"
-                " VALUES (%s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " respond_async, idempotency_key, request_hash, priority, routing, watchers)"
+                " VALUES (%s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
                 (
                     job.id,
@@ -172,6 +173,7 @@ class PostgresStorage:
                     job.idempotency_key,
                     submission.request_hash,
                     job.priority.value,
+                    job.routing,
                     # A synchronous client waits here for the events, whichever node runs the job.
                     [] if job.respond_async else [self.node],
                 ),
@@ -210,8 +212,8 @@ class PostgresStorage:
             async with conn.cursor() as cursor:
                 await cursor.executemany(
                     "INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at,"
-                    " respond_async, idempotency_key, priority)"
-                    " VALUES (%s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    " respond_async, idempotency_key, priority, routing)"
+                    " VALUES (%s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                     [
                         (
                             j.id,
@@ -224,6 +226,7 @@ class PostgresStorage:
                             j.respond_async,
                             j.idempotency_key,
                             j.priority.value,
+                            j.routing,
                         )
                         for j in jobs
                     ],
@@ -390,12 +393,17 @@ class PostgresStorage:
         self.watchers.pop(job.id, None)
         async with self._pool.connection() as conn, conn.transaction():
             cursor = await conn.execute(
-                f"UPDATE jobs SET state = 'queued', attempt = %s, error = %s, node = NULL, lease_until = NULL"
-                f" WHERE id = %s AND {_RUNNING} AND node = %s",
+                f"UPDATE jobs SET state = 'queued', attempt = %s, error = %s, node = NULL, lease_until = NULL,"
+                f" served_model = NULL WHERE id = %s AND {_RUNNING} AND node = %s",
                 (attempt, error, job.id, self.node),
             )
             if cursor.rowcount:
                 await _wake(conn, self.node, job.model_key)
+
+    @_unavailable
+    async def set_served(self, job_id: str, model: str) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute("UPDATE jobs SET served_model = %s WHERE id = %s", (model, job_id))
 
     @_unavailable
     async def finish(
@@ -467,9 +475,10 @@ class PostgresStorage:
             where.append("state = %s")
             args.append(str(state))
         if model_key is not None:
-            # A model name matches its groups with and without load options.
-            where.append("(model_key = %s OR starts_with(model_key, %s))")
-            args += [model_key, model_key + " "]
+            # A model name matches its groups with and without load options;
+            # an alias key's head (`@fast`) matches the alias's jobs, whatever their models.
+            where.append("(model_key = %s OR starts_with(model_key, %s) OR starts_with(model_key, %s))")
+            args += [model_key, model_key + " ", model_key + "("]
         if before is not None:
             where.append("id < %s")
             args.append(before)
@@ -598,7 +607,7 @@ async def _requeue_running(
     failed = cursor.rowcount
     cursor = await conn.execute(
         f"UPDATE jobs SET state = 'queued', attempt = attempt + 1, node = NULL, lease_until = NULL,"
-        f" orphaned = %s WHERE {_RUNNING} AND {which}",
+        f" served_model = NULL, orphaned = %s WHERE {_RUNNING} AND {which}",
         (orphaned, *args),
     )
     requeued = cursor.rowcount
@@ -638,6 +647,8 @@ def _job_from_row(row: Sequence[Any]) -> Job:
         result,
         bg,
         priority,
+        routing,
+        served_model,
     ) = row
     return Job(
         id=id_,
@@ -656,4 +667,6 @@ def _job_from_row(row: Sequence[Any]) -> Job:
         result=None if result is None else bytes(result),
         respond_async=bool(bg),
         priority=Priority(priority),
+        routing=routing,
+        served_model=served_model,
     )

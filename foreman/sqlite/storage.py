@@ -151,6 +151,9 @@ class SqliteStorage:
             chunks=chunks,
         )
 
+    async def set_served(self, job_id: str, model: str) -> None:
+        await self._call(self._store.set_served, job_id, model)
+
     async def cancel_queued(self, job_id: str, now: float) -> bool:
         return await self._call(self._store.cancel_queued, job_id, now)
 
