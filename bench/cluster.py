@@ -201,6 +201,9 @@ async def run_kill(procs: Processes, db: Database, args: Args) -> dict[str, Any]
     jobs = new_jobs(trace(args))
     await enqueue(url, jobs)
     await until(lambda: ended(url) >= len(jobs) // 3, within=600, every=0.02, what="a third of the jobs")
+    # Kill it in the middle of a job, not in the moment between two.
+    running = "SELECT 1 FROM jobs WHERE node = 'n1' AND state = 'working'"
+    await until(lambda: bool(query(url, running)), within=60, every=0.005, what="n1 to run a job")
     victim = nodes[1]
     victim.process.send_signal(signal.SIGKILL)
     killed_at = time.time()
@@ -263,6 +266,33 @@ async def main_async(workdir: Path, argv: Any) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any], argv: Any) -> list[Row]:
+    rows = _trace_rows(results, argv) if results["runs"] else []
+    kill = results.get("kill")
+    if kill is not None:
+        # One attempt: the job in flight on the node that takes over (the longest run), then a load.
+        attempt = argv.run_s * 1.4 + argv.load_s
+        late = [s for s in kill["resumed_after_s"] if s is None or s > argv.timeout + attempt]
+        rows += [
+            Row("kill -9", "jobs lost", str(kill["lost"]), "0", kill["lost"] == 0),
+            Row(
+                "kill -9",
+                "jobs run twice at once",
+                str(kill["run_twice_at_once"]),
+                "0",
+                kill["run_twice_at_once"] == 0,
+            ),
+            Row(
+                "kill -9",
+                "dead node's jobs started again after the kill",
+                f"{kill['orphans']} job(s): {kill['resumed_after_s']} s (done {kill['done_after_s']} s)",
+                f"<= {argv.timeout:g} s timeout + {attempt:.2f} s attempt",
+                bool(kill["orphans"]) and not late,
+            ),
+        ]
+    return rows
+
+
+def _trace_rows(results: dict[str, Any], argv: Any) -> list[Row]:
     by = {n: [r for r in results["runs"] if r["nodes"] == n] for n in (1, 2, 3)}
     span = {n: median([r["makespan_s"] for r in runs]) for n, runs in by.items()}
     swaps = {n: median([r["swaps"] for r in runs]) for n, runs in by.items()}
@@ -287,28 +317,6 @@ def report(results: dict[str, Any], argv: Any) -> list[Row]:
                 worst <= swaps[1] + argv.models,
             )
         )
-    kill = results.get("kill")
-    if kill is not None:
-        # One attempt: the job in flight on the node that takes over (the longest run), then a load.
-        attempt = argv.run_s * 1.4 + argv.load_s
-        late = [s for s in kill["resumed_after_s"] if s is None or s > argv.timeout + attempt]
-        rows += [
-            Row("kill -9", "jobs lost", str(kill["lost"]), "0", kill["lost"] == 0),
-            Row(
-                "kill -9",
-                "jobs run twice at once",
-                str(kill["run_twice_at_once"]),
-                "0",
-                kill["run_twice_at_once"] == 0,
-            ),
-            Row(
-                "kill -9",
-                "dead node's jobs started again after the kill",
-                f"{kill['orphans']} job(s): {kill['resumed_after_s']} s (done {kill['done_after_s']} s)",
-                f"<= {argv.timeout:g} s timeout + {attempt:.2f} s attempt",
-                bool(kill["orphans"]) and not late,
-            ),
-        ]
     return rows
 
 

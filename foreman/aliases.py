@@ -125,7 +125,10 @@ def fold(queues: Iterable[ModelQueue], resident: frozenset[str]) -> Folded:
     for (key, priority), group in members.items():
         oldest = min(group, key=lambda q: q.oldest_id)
         waiting = sum(q.waiting for q in group)
-        folded.append(ModelQueue(key, priority, waiting, oldest.oldest_id, oldest.oldest_at))
+        # What other nodes hold and what a dead node left are about the model, whichever key it waits under.
+        held = max(q.held_elsewhere for q in group)
+        orphaned = sum(q.orphaned for q in group)
+        folded.append(ModelQueue(key, priority, waiting, oldest.oldest_id, oldest.oldest_at, held, orphaned))
     return Folded(folded, members, resolved)
 
 

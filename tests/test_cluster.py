@@ -72,6 +72,26 @@ async def test_two_nodes_drain_one_queue_each_on_its_own_ollama(
     await eventually(lambda: set(job_states(pg_url)) == {"done"}, what="every job recorded done")
 
 
+async def test_an_idle_node_leaves_a_model_another_node_holds_and_takes_other_work(
+    http: aiohttp.ClientSession, make_foreman: MakeForeman, make_stub: MakeStub, pg_url: str
+) -> None:
+    """Older work for the model a busy node holds stays with it; the idle node loads the next model instead."""
+    # Loads of 1 s: the two short jobs left behind the busy one are not worth a second load of llama3.
+    busy_stub, idle_stub = await make_stub(load_delay=1.0), await make_stub(load_delay=1.0)
+    busy = await node(make_foreman, busy_stub, pg_url, "busy")
+    busy_stub.stub.faults.hang_next(1)
+    for i in range(3):
+        assert (await post(http, busy.url + "/api/chat", chat_body("llama3", f"l{i}"), ASYNC)).status == 202
+    await busy_stub.stub.wait_for(lambda s: s.faults.hung == 1)
+    await node(make_foreman, idle_stub, pg_url, "idle")
+    assert (await post(http, busy.url + "/api/chat", chat_body("mistral", "m"), ASYNC)).status == 202
+    await idle_stub.stub.wait_for(lambda s: any(r.prompt == "m" and r.finished for r in s.requests))
+    busy_stub.stub.faults.release_hung()
+    await eventually(lambda: set(job_states(pg_url)) == {"done"}, what="every job done")
+    assert idle_stub.stub.loads == ["mistral:latest"]
+    assert sorted(r.prompt for r in busy_stub.stub.requests if r.prompt) == ["l0", "l1", "l2"]
+
+
 async def test_a_node_whose_ollama_is_down_streams_replies_from_another_node(
     make_foreman: MakeForeman,
     make_stub: MakeStub,
