@@ -48,7 +48,10 @@ from foreman.models import NewJob, Priority
 from foreman.postgres.storage import PostgresStorage
 
 MODELS = ["phi3", "llama3", "qwen2", "mixtral", "gemma2", "codellama", "mistral", "tinyllama"]
-TOKEN_S = 0.002  # the stubs' delay between tokens: a job's run time is its tokens times this
+# The stubs' delay between tokens: a job's run time is its tokens times this. Ten chunks a job
+# keeps the stubs' and nodes' CPU small next to the run, as a GPU's run costs the host little;
+# `--token-s 0.002` streams five times as many chunks (see README, "Several hosts").
+TOKEN_S = 0.01
 _names = itertools.count()
 
 
@@ -59,6 +62,7 @@ class Args:
     load_s: float
     run_s: float
     timeout: float
+    token_s: float
 
 
 def trace(args: Args, seed: int = 1) -> list[tuple[str, int]]:
@@ -67,7 +71,7 @@ def trace(args: Args, seed: int = 1) -> list[tuple[str, int]]:
     models = MODELS[: args.models]
     names = [models[i % len(models)] for i in range(args.jobs)]
     rng.shuffle(names)
-    return [(m, max(2, round(args.run_s * rng.uniform(0.6, 1.4) / TOKEN_S) + 1)) for m in names]
+    return [(m, max(2, round(args.run_s * rng.uniform(0.6, 1.4) / args.token_s) + 1)) for m in names]
 
 
 def new_jobs(jobs: Sequence[tuple[str, int]]) -> list[NewJob]:
@@ -123,7 +127,7 @@ async def start_nodes(procs: Processes, url: str, count: int, args: Args, tag: s
             models=",".join(MODELS[: args.models]),
             capacity=1,
             load_delay=args.load_s,
-            token_delay=TOKEN_S,
+            token_delay=args.token_s,
             tokens=10_000,  # num_predict sets each reply's length
         )
         await all_listening(stub)
@@ -233,9 +237,13 @@ async def run_kill(procs: Processes, db: Database, args: Args) -> dict[str, Any]
         spans = [(s, e) for name, s, e in runs.get(job_id, []) if name != victim.name]
         resumed.append(round(min(s for s, _ in spans) - killed_at, 3) if spans else None)
         finished.append(round(min(e for _, e in spans) - killed_at, 3) if spans else None)
+    # One attempt as this run saw it: the longest load and the longest run of any node.
+    longest_load = max((r["load_s"] for n in nodes for r in log_events(n, "model.swap")), default=0.0)
+    longest_run = max((r["run_s"] for n in nodes for r in log_events(n, "job.done")), default=0.0)
     for node in nodes:
         node.stop()
     return {
+        "attempt_s": round(longest_load + longest_run, 3),
         "states": states,
         "lost": len(jobs) - states.get("done", 0),
         "run_twice_at_once": len(overlapping),
@@ -246,7 +254,7 @@ async def run_kill(procs: Processes, db: Database, args: Args) -> dict[str, Any]
 
 
 async def main_async(workdir: Path, argv: Any) -> dict[str, Any]:
-    args = Args(argv.jobs, argv.models, argv.load_s, argv.run_s, argv.timeout)
+    args = Args(argv.jobs, argv.models, argv.load_s, argv.run_s, argv.timeout, argv.token_s)
     db = Database(argv.db_url)
     results: dict[str, Any] = {"machine": machine(), "runs": []}
     try:
@@ -269,8 +277,8 @@ def report(results: dict[str, Any], argv: Any) -> list[Row]:
     rows = _trace_rows(results, argv) if results["runs"] else []
     kill = results.get("kill")
     if kill is not None:
-        # One attempt: the job in flight on the node that takes over (the longest run), then a load.
-        attempt = argv.run_s * 1.4 + argv.load_s
+        # One attempt: the job in flight on the node that takes over, then the load (the longest seen).
+        attempt = kill["attempt_s"]
         late = [s for s in kill["resumed_after_s"] if s is None or s > argv.timeout + attempt]
         rows += [
             Row("kill -9", "jobs lost", str(kill["lost"]), "0", kill["lost"] == 0),
@@ -328,6 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--load-s", type=float, default=0.2, help="seconds a stub takes to load a model")
     parser.add_argument("--run-s", type=float, default=0.1, help="mean seconds of one job")
     parser.add_argument("--timeout", type=float, default=3.0, help="FOREMAN_NODE_TIMEOUT of the nodes")
+    parser.add_argument("--token-s", type=float, default=TOKEN_S, help="the stubs' delay between tokens")
     parser.add_argument("--db-url", help="a PostgreSQL server to create the runs' databases on")
     parser.add_argument("--no-kill", action="store_true", help="skip the kill -9 run")
     args = parser.parse_args(argv)
