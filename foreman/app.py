@@ -12,10 +12,11 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from foreman import error_middleware, jobs, listing, proxy, queued, security, status
+from foreman import error_middleware, jobs, listing, proxy, queued, security, status, ui
 from foreman.config import Config
 from foreman.events import JobEvents
-from foreman.keys import CLOCK, CONFIG, EVENTS, METRICS, ROUTES, STORE, UPSTREAM, WORKER
+from foreman.feed import QueueFeed
+from foreman.keys import CLOCK, CONFIG, EVENTS, FEED, METRICS, ROUTES, STORE, UPSTREAM, WORKER
 from foreman.metrics import Metrics
 from foreman.models import QUEUED_ENDPOINTS
 from foreman.retention import prune_forever
@@ -43,10 +44,11 @@ def create_app(
         app.middlewares.append(security.host_guard(config.host, config.allowed_hosts))
     security.cors(app, config.origins)
     if config.token:
-        app.middlewares.append(security.bearer_token(config.token))
+        app.middlewares.append(security.bearer_token(config.token, public=ui.PUBLIC_PATHS))
     app[CONFIG] = config
     app[CLOCK] = clock
     app[EVENTS] = JobEvents()
+    app[FEED] = QueueFeed()
     app[METRICS] = Metrics()
     app[ROUTES] = RouteTable(config.routes)
 
@@ -87,6 +89,7 @@ def create_app(
             policy=Policy(max_wait=config.max_wait, min_residency=config.min_residency),
             parallel=config.parallel,
             warmer=Warmer(app[UPSTREAM]) if config.warm == "auto" else None,
+            feed=app[FEED],
             clock=clock,
             sleep=sleep,
         )
@@ -105,6 +108,7 @@ def create_app(
         # time to finish for the clients waiting on them.
         worker = app[WORKER]
         worker.stop()
+        app[FEED].close()
         app[EVENTS].end_all(queued.SHUTTING_DOWN, sparing=worker.running_jobs)
         await worker.wait_for_running(config.shutdown_grace)
         app[EVENTS].end_all(queued.SHUTTING_DOWN)
@@ -125,6 +129,7 @@ def create_app(
     app.router.add_post("/api/show", listing.show)
     app.router.add_get("/v1/models", listing.openai_models, allow_head=False)
     app.router.add_get("/v1/models/{model}", listing.openai_model, allow_head=False)
+    ui.setup(app)
     app.router.add_route("*", "/{tail:.*}", proxy.passthrough)
     return app
 

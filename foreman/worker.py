@@ -22,6 +22,7 @@ from foreman.aliases import Why, alias_of, fold, is_alias_key, waiting_for
 from foreman.dialects import dialect_for
 from foreman.errors import TRANSIENT, UpstreamFailed, UpstreamRejected, UpstreamUnreachable, error_message
 from foreman.events import Chunk, Ended, JobEvents, StateChanged
+from foreman.feed import QueueFeed
 from foreman.metrics import Metrics
 from foreman.models import JSON_TYPE, STREAMED_ENDPOINTS, Job, JobState, ModelStats, Priority
 from foreman.names import key_load_options, key_model_name
@@ -88,6 +89,7 @@ class Worker:
         policy: Policy | None = None,
         parallel: int = 1,
         warmer: Warmer | None = None,
+        feed: QueueFeed | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
@@ -101,6 +103,7 @@ class Worker:
         self._policy = policy or Policy()
         self._parallel = parallel
         self._warmer = warmer
+        self._feed = feed if feed is not None else QueueFeed()
         self._clock = clock
         self._sleep = sleep
         self._work = asyncio.Event()
@@ -178,6 +181,7 @@ class Worker:
                     resident=key in resident,
                     serving=key == state.serving,
                     draining=state.drain is not None and state.drain.model_key == key,
+                    pinned=key in self._pins,
                     loads=seen.loads if seen else 0,
                     mean_load_s=seen.mean_load_s if seen and seen.loads else None,
                     last_load_s=seen.last_load_s if seen and seen.loads else None,
@@ -227,6 +231,7 @@ class Worker:
             self._cancel_requested.discard(job_id)
             ended = Ended(JobState.CANCELLED, 499, _error_body("request canceled"), error="request canceled")
             self._events.publish(job_id, ended)
+            self._feed.job(job_id, JobState.CANCELLED, self._clock())
             log.info("job.cancelled", job_id=job_id, before="start")
             return True
         if job_id in self._running:
@@ -410,7 +415,7 @@ class Worker:
             await self._end(job, JobState.CANCELLED, 499, _error_body("request canceled"))
             log.info("job.cancelled", job_id=job.id, before="start")
             return None
-        self._events.publish(job.id, StateChanged(job.state, job.attempt, model=job.model))
+        self._publish(job, StateChanged(job.state, job.attempt, model=job.model))
         task = asyncio.create_task(self._execute(claim))
         self._running[job.id] = running = _Running(job.id, task)
         try:
@@ -444,7 +449,7 @@ class Worker:
                 if not await self._swap(claim):
                     return None
                 await self._store.run(Store.set_state, job.id, JobState.WORKING)
-                self._events.publish(job.id, StateChanged(JobState.WORKING, job.attempt))
+                self._publish(job, StateChanged(JobState.WORKING, job.attempt))
                 # A load can take a minute; more work may have come for this model meanwhile.
                 waiting = (await self._waiting_by_model()).get(job.model_key, 0)
             bound.info("job.start", wait_s=wait_s, waiting_for_model=waiting)
@@ -563,7 +568,7 @@ class Worker:
             await load
         elif await self._abandoned(asyncio.create_task(load), decision):
             await self._store.run(Store.requeue, job, attempt=job.attempt, error=None)
-            self._events.publish(job.id, StateChanged(JobState.QUEUED, job.attempt))
+            self._publish(job, StateChanged(JobState.QUEUED, job.attempt))
             self._state, self._resident = self._picked_from, None
             log.info(
                 "model.load_abandoned",
@@ -583,6 +588,9 @@ class Worker:
         self._work.set()  # with FOREMAN_PARALLEL > 1, more jobs for this model may start now
         self.swaps += 1
         self._metrics.swapped(load_s)
+        self._feed.swap(
+            model=key, reason=decision.reason.value, from_models=leaving, load_s=load_s, at=self._clock()
+        )
         log.info(
             "model.swap",
             reason=decision.reason.value,
@@ -673,7 +681,7 @@ class Worker:
         else:
             await self._store.run(Store.requeue, job, attempt=attempt, error=message)
             self._output.pop(job.id, None)
-            self._events.publish(job.id, StateChanged(JobState.QUEUED, attempt))
+            self._publish(job, StateChanged(JobState.QUEUED, attempt))
             self._metrics.retried()
             bound.info("job.retry", error=message)
         await self._sleep(self._retry.delay(attempt))
@@ -722,9 +730,17 @@ class Worker:
             record.add_done_callback(partial(self._recorded, job.id))
         else:
             await record
-        self._events.publish(job.id, Ended(state, status, body, content_type, error))
+        self._publish(job, Ended(state, status, body, content_type, error))
         started = job.started_at if job.started_at is not None else now
         self._metrics.job_ended(job, state, wait=started - job.created_at, run=now - started)
+
+    def _publish(self, job: Job, event: StateChanged | Ended) -> None:
+        """Tell the job's waiters, and the queue's watchers, that it moved."""
+        self._events.publish(job.id, event)
+        attempt = event.attempt if isinstance(event, StateChanged) else job.attempt
+        self._feed.job(
+            job.id, event.state, self._clock(), model=job.model_key, priority=job.priority, attempt=attempt
+        )
 
     def _recorded(self, job_id: str, record: asyncio.Future[None]) -> None:
         self._records.discard(record)
