@@ -533,14 +533,14 @@
     );
   }
 
-  // The chosen window, or one that fits what happened (a minute at least, the kept history at most).
+  // The chosen window, or one that fits what happened (half a minute at least, the kept history at most).
   function windowMs(end) {
     const chosen = $('window').value;
     if (chosen !== 'auto') return Number(chosen) * 1000;
     const starts = [...timeline.runs.map((r) => r.start), ...timeline.loads.map((l) => l.start)];
     if (timeline.pending) starts.push(timeline.pending.start);
     const first = starts.length ? Math.min(...starts) : end;
-    return Math.min(KEEP_MS, Math.max(60000, (end - first) * 1.1));
+    return Math.min(KEEP_MS, Math.max(30000, (end - first) * 1.1));
   }
 
   function renderSwaps() {
