@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -169,6 +171,29 @@ async def test_events_stream_the_queues_transitions_and_replay_the_last_minutes(
         (item["event"], item["data"].get("state") or item["data"]["reason"]) for item in hello["history"]
     ]
     assert history == seen[1:]  # arrivals draw nothing on the timeline, so they are not kept
+
+
+async def test_status_says_which_model_foreman_pins_while_work_waits_for_it(
+    make_stub: MakeStub, make_foreman: MakeForeman, http: aiohttp.ClientSession
+) -> None:
+    """/status marks a model pinned while jobs wait for it, and not once its last job released it."""
+    server = await make_stub(token_delay=0.01, tokens=40)
+    foreman = await make_foreman(server.url)
+    first = await submit_async(http, foreman, "llama3")
+    await submit_async(http, foreman, "llama3")
+
+    async def status() -> dict[str, Any]:
+        async with http.get(foreman.url + "/status") as response:
+            answer: dict[str, Any] = await response.json()
+            return answer
+
+    deadline = time.monotonic() + 5
+    while ((now := await status())["running"] or {}).get("id") != first:
+        assert time.monotonic() < deadline, "the first job never ran"
+        await asyncio.sleep(0.005)
+    assert [(m["model_key"], m["pinned"]) for m in now["models"]] == [("llama3:latest", True)]
+    await eventually(lambda: foreman.states() == ["done", "done"], what="both jobs to finish")
+    assert [(m["model_key"], m["pinned"]) for m in (await status())["models"]] == [("llama3:latest", False)]
 
 
 def test_a_watcher_that_falls_behind_is_cut_off_and_the_history_keeps_the_last_minutes(
