@@ -177,7 +177,8 @@ async def test_status_says_which_model_foreman_pins_while_work_waits_for_it(
     make_stub: MakeStub, make_foreman: MakeForeman, http: aiohttp.ClientSession
 ) -> None:
     """/status marks a model pinned while jobs wait for it, and not once its last job released it."""
-    server = await make_stub(token_delay=0.01, tokens=40)
+    # The load gives the second job time to arrive before the first one is sent.
+    server = await make_stub(load_delay=0.5, token_delay=0.01, tokens=40)
     foreman = await make_foreman(server.url)
     first = await submit_async(http, foreman, "llama3")
     await submit_async(http, foreman, "llama3")
@@ -188,9 +189,10 @@ async def test_status_says_which_model_foreman_pins_while_work_waits_for_it(
             return answer
 
     deadline = time.monotonic() + 5
-    while ((now := await status())["running"] or {}).get("id") != first:
+    while ((now := await status())["running"] or {}).get("state") != "working":
         assert time.monotonic() < deadline, "the first job never ran"
         await asyncio.sleep(0.005)
+    assert now["running"]["id"] == first
     assert [(m["model_key"], m["pinned"]) for m in now["models"]] == [("llama3:latest", True)]
     await eventually(lambda: foreman.states() == ["done", "done"], what="both jobs to finish")
     assert [(m["model_key"], m["pinned"]) for m in (await status())["models"]] == [("llama3:latest", False)]
@@ -285,13 +287,12 @@ async def test_a_batch_over_three_models_drains_model_by_model_on_the_page(
     for model in MODELS[1:]:
         row = page.locator(f'#queue tr[data-model="{model}"] td')
         await expect(row.nth(1)).to_have_text("3", timeout=WAIT_MS)
-    await expect(page.locator("#timeline rect.load")).to_have_count(1, timeout=WAIT_MS)
     await expect(runs).to_have_count(9, timeout=WAIT_MS)
     await expect(page.locator('#overview [data-stat="done"] dd')).to_have_text("9", timeout=WAIT_MS)
-    placed = []
-    for i in range(await runs.count()):
-        bar = runs.nth(i)
-        placed.append((float(await bar.get_attribute("x") or 0), await bar.get_attribute("data-model")))
+    # Read in one go: the timeline is redrawn every second, to a new scale.
+    placed = await runs.evaluate_all(
+        "bars => bars.map((b) => [Number(b.getAttribute('x')), b.dataset.model])"
+    )
     served = [model for _, model in sorted(placed)]
     assert served == [MODELS[0]] * 3 + [MODELS[1]] * 3 + [MODELS[2]] * 3
     swaps = page.locator("#swaps li")

@@ -417,8 +417,7 @@
     } else {
       apply(name, data);
     }
-    drawTimeline();
-    renderSwaps();
+    drawSoon();
     refreshSoon();
     if (name === 'job') {
       if (!jobsPaged) refreshJobsSoon();
@@ -454,6 +453,18 @@
         timeline.open.delete(data.id);
       }
     }
+  }
+
+  // A burst of transitions (a batch arriving) redraws once per frame, not once per job.
+  let drawPending = false;
+  function drawSoon() {
+    if (drawPending) return;
+    drawPending = true;
+    requestAnimationFrame(() => {
+      drawPending = false;
+      drawTimeline();
+      renderSwaps();
+    });
   }
 
   function connection(up) {
