@@ -26,6 +26,10 @@ HISTORY_S = 15 * 60.0
 HISTORY_MAX = 3000
 # A watcher this far behind is cut off; its page reconnects and starts afresh.
 BACKLOG_MAX = 10_000
+# The worker may claim a job before the handler that committed it hears back
+# from the store; the arrival it then reports is stale. The ids of the jobs the
+# worker moved last tell it so (the gap is one hand-off, so a few suffice).
+_RECENTLY_MOVED = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +54,12 @@ class QueueFeed:
         self._history: deque[FeedEvent] = deque(maxlen=history_max)
         self._history_s = history_s
         self._watchers: list[_Watcher] = []
+        self._moved: deque[str] = deque(maxlen=_RECENTLY_MOVED)
 
     def arrived(self, job_id: str, model: str, priority: Priority, at: float) -> None:
-        """A new job was committed to the queue."""
+        """A new job was committed to the queue (said once, and never after the worker moved it)."""
+        if job_id in self._moved:
+            return
         # Arrivals are many and draw nothing on the timeline: watchers get them, the history does not.
         self._emit(
             FeedEvent("job", at, _job_data(job_id, JobState.QUEUED, at, model, priority, 0)), keep=False
@@ -69,6 +76,7 @@ class QueueFeed:
         attempt: int | None = None,
     ) -> None:
         """The worker moved a job to `state` at `at`; `model` is None where the caller does not know it."""
+        self._moved.append(job_id)
         self._emit(FeedEvent("job", at, _job_data(job_id, state, at, model, priority, attempt)), keep=True)
 
     def swap(self, *, model: str, reason: str, from_models: list[str], load_s: float, at: float) -> None:

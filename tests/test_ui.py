@@ -158,19 +158,15 @@ async def test_events_stream_the_queues_transitions_and_replay_the_last_minutes(
                 assert data["model"] == "llama3:latest" and data["from"] == []
             if data.get("state") == "done":
                 break
-    assert seen == [
-        ("job", "queued"),
-        ("job", "loading"),
-        ("swap", "cold"),
-        ("job", "working"),
-        ("job", "done"),
-    ]
+    moves = [("job", "loading"), ("swap", "cold"), ("job", "working"), ("job", "done")]
+    # The worker may claim the job before its handler hears the commit back: then no stale arrival.
+    assert seen in ([("job", "queued"), *moves], moves)
     async with http.get(foreman.url + "/events") as late:
         _, hello = await anext(_sse(late))
     history = [
         (item["event"], item["data"].get("state") or item["data"]["reason"]) for item in hello["history"]
     ]
-    assert history == seen[1:]  # arrivals draw nothing on the timeline, so they are not kept
+    assert history == moves  # arrivals draw nothing on the timeline, so they are not kept
 
 
 async def test_status_says_which_model_foreman_pins_while_work_waits_for_it(
@@ -210,9 +206,10 @@ def test_a_watcher_that_falls_behind_is_cut_off_and_the_history_keeps_the_last_m
             while not quick.empty():
                 quick.get_nowait()
         hub.arrived("j9", "llama3:latest", Priority.BATCH, 106.0)
+        hub.arrived("j5", "llama3:latest", Priority.BATCH, 106.0)  # stale: the worker has moved it
+        assert [e.data["id"] for e in [quick.get_nowait() for _ in range(quick.qsize())] if e] == ["j9"]
         got = [slow.get_nowait() for _ in range(slow.qsize())]
         assert [e.data["id"] if e else None for e in got] == ["j0", "j1", "j2", "j3", None]
-        assert quick.get_nowait() is not None  # the watcher that kept up still gets everything
     assert [e.data["id"] for e in hub.history(now=106.0)] == ["j3", "j4", "j5"]  # arrivals are not kept
     assert [e.data["id"] for e in hub.history(now=164.5)] == ["j5"]
 
