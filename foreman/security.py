@@ -114,8 +114,8 @@ def bearer_token(token: str, public: Collection[str] = ()) -> Middleware:
     """Require `Authorization: Bearer <token>` everywhere but /healthz and the `public` paths.
 
     `public` is for files that hold no data, such as the live page's, which
-    asks for the token itself. CORS preflights never get here: `cors` answers them first, as browsers
-    send them without credentials.
+    asks for the token itself. CORS preflights never get here: `cors` answers
+    them first, as browsers send them without credentials.
     """
     expected = f"Bearer {token}".encode()
     open_paths = _OPEN_PATHS | frozenset(public)
