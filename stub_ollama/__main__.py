@@ -98,6 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.num_parallel,
         help="parallel requests per model (default: %(default)s)",
     )
+    parser.add_argument(
+        "--embedding-dims",
+        type=int,
+        default=defaults.embedding_dims,
+        help="floats per embedding vector (default: %(default)s; nomic-embed-text has 768)",
+    )
+    parser.add_argument(
+        "--embed-call-delay",
+        type=float,
+        default=defaults.embed_call_delay,
+        help="seconds every embed call costs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--embed-input-delay",
+        type=float,
+        default=defaults.embed_input_delay,
+        help="seconds each input of an embed call adds (default: %(default)s)",
+    )
     return parser
 
 
@@ -113,6 +131,9 @@ def settings_from_args(args: argparse.Namespace) -> StubSettings:
         tokens=args.tokens,
         default_keep_alive=args.keep_alive,
         num_parallel=args.num_parallel,
+        embedding_dims=args.embedding_dims,
+        embed_call_delay=args.embed_call_delay,
+        embed_input_delay=args.embed_input_delay,
     )
 
 
