@@ -14,10 +14,25 @@ from aiohttp import web
 
 from foreman import error_middleware, jobs, listing, proxy, queued, security, status, ui
 from foreman.config import Config
+from foreman.embed_batch import EmbedBatcher
+from foreman.embed_cache import EmbedCache
 from foreman.events import JobEvents
 from foreman.feed import QueueFeed
-from foreman.keys import CLOCK, CONFIG, EVENTS, FEED, METRICS, ROUTES, STORE, UPSTREAM, WORKER
+from foreman.keys import (
+    CLOCK,
+    CONFIG,
+    EMBED_CACHE,
+    EVENTS,
+    FEED,
+    METRICS,
+    MODEL_TAGS,
+    ROUTES,
+    STORE,
+    UPSTREAM,
+    WORKER,
+)
 from foreman.metrics import Metrics
+from foreman.model_tags import ModelTags
 from foreman.models import QUEUED_ENDPOINTS
 from foreman.retention import prune_forever
 from foreman.retry import RetryPolicy, Sleep
@@ -77,6 +92,22 @@ def create_app(
         async with app[ROUTES].running(config.upstream, lambda: app[UPSTREAM]):
             yield
 
+    async def embed_cache_ctx(app: web.Application) -> AsyncIterator[None]:
+        cache = None
+        tags = ModelTags(app[UPSTREAM])
+        if config.embed_cache > 0:
+            cache = EmbedCache(app[STORE], tags, config.embed_cache, app[METRICS])
+            tags.on_change = cache.invalidate
+            # FOREMAN_EMBED_CACHE may have shrunk since the last run.
+            await app[STORE].run(Store.cache_evict, config.embed_cache)
+        app[MODEL_TAGS], app[EMBED_CACHE] = tags, cache
+        if cache is None:
+            yield
+            return
+        async with _running(tags.refresh_forever(config.cache_refresh, sleep), "foreman-model-tags"):
+            yield
+        await cache.close()
+
     async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
         worker = Worker(
             store=app[STORE],
@@ -90,6 +121,13 @@ def create_app(
             parallel=config.parallel,
             warmer=Warmer(app[UPSTREAM]) if config.warm == "auto" else None,
             feed=app[FEED],
+            embeds=EmbedBatcher(
+                store=app[STORE],
+                upstream=app[UPSTREAM],
+                metrics=app[METRICS],
+                max_inputs=config.embed_batch,
+                cache=app[EMBED_CACHE],
+            ),
             clock=clock,
             sleep=sleep,
         )
@@ -114,7 +152,7 @@ def create_app(
         app[EVENTS].end_all(queued.SHUTTING_DOWN)
 
     # Torn down in reverse: the worker stops before the session and the store close.
-    app.cleanup_ctx.extend([routes_ctx, store_ctx, upstream_ctx, worker_ctx, retention_ctx])
+    app.cleanup_ctx.extend([routes_ctx, store_ctx, upstream_ctx, embed_cache_ctx, worker_ctx, retention_ctx])
     app.on_shutdown.append(stop_gracefully)
     for endpoint in QUEUED_ENDPOINTS:
         app.router.add_post(endpoint, queued.handle)

@@ -32,6 +32,10 @@ def job_view(
         "status": job.status,
         "error": job.error,
     }
+    if job.cache is not None:
+        view["cache"] = (
+            job.cache
+        )  # embeddings: "hit", "partial" (served from the cache) or "no-cache" (asked)
     if with_result:
         view["result"] = json.loads(job.result) if job.state is JobState.DONE and job.result else None
     return view

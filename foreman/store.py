@@ -18,11 +18,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from foreman import embed_store
+from foreman.embed_store import CachedVector, CacheEntry, CacheStats, EmbedCacheTable
 from foreman.errors import Conflict, ForemanError, QueueFull, StoreError, Unavailable
 from foreman.models import Job, JobState, NewJob, Priority
 from foreman.scheduler import Decision, ModelQueue
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Marks the file as foreman's (PRAGMA application_id): "FRMN".
 APPLICATION_ID = 0x46524D4E
 
@@ -47,7 +49,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     request_hash    TEXT,           -- tells a retried submission from a different one
     priority        TEXT NOT NULL DEFAULT 'interactive',  -- interactive or batch
     routing         TEXT,           -- alias jobs: JSON {alias, route, rule}
-    served_model    TEXT            -- alias jobs: the model picked to serve it
+    served_model    TEXT,           -- alias jobs: the model picked to serve it
+    cache           TEXT            -- embeddings: 'no-cache' (asked), 'hit' or 'partial' (served from the cache)
 );
 -- The pick: the oldest queued job of a model in a class is the first entry under (key, class).
 CREATE INDEX IF NOT EXISTS jobs_queued_by_class ON jobs (model_key, priority, id) WHERE state = 'queued';
@@ -85,12 +88,16 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE jobs ADD COLUMN routing TEXT;
     ALTER TABLE jobs ADD COLUMN served_model TEXT;
     """,
+    # The embedding cache: its table comes with the schema; jobs say how the cache served them.
+    5: """
+    ALTER TABLE jobs ADD COLUMN cache TEXT;
+    """,
 }
-_OUR_TABLES = frozenset({"jobs", "chunks"})
+_OUR_TABLES = frozenset({"jobs", "chunks", "embed_cache"})
 
 _COLUMNS = (
     "id, state, endpoint, model, model_key, stream, body, attempt,"
-    " created_at, started_at, finished_at, status, error, result, respond_async, priority, routing, served_model"
+    " created_at, started_at, finished_at, status, error, result, respond_async, priority, routing, served_model, cache"
 )
 
 # The same columns for pages of jobs, which show neither the request nor the
@@ -121,6 +128,10 @@ class Submission:
     job: NewJob
     request_hash: str | None = None
     drain_order: DrainOrder | None = None
+    # A reply the store can give at once (the embedding cache, which lives
+    # beside the jobs): when it gives one, the job is written as done with it,
+    # in the same transaction, and never queues.
+    answer: Callable[[Store], bytes | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +140,7 @@ class Accepted:
     new: bool  # False: an earlier submission with the same idempotency key
     state: JobState
     position: int | None
+    result: bytes | None = None  # the reply, when `Submission.answer` gave it
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +182,7 @@ class Store:
             " WHERE state = 'queued' GROUP BY model_key, priority"
         ):
             self._count(key, Priority(priority), count)
+        self._cache = EmbedCacheTable(self._db)
         self.path = path
 
     def _prepare(self, path: Path, sync: str) -> None:
@@ -187,7 +200,7 @@ class Store:
         migrations = "".join(_MIGRATIONS[v] for v in pending)
         try:
             self._db.executescript(
-                f"BEGIN IMMEDIATE; {migrations} {_SCHEMA}"
+                f"BEGIN IMMEDIATE; {migrations} {_SCHEMA} {embed_store.SCHEMA}"
                 f" PRAGMA user_version = {SCHEMA_VERSION}; PRAGMA application_id = {APPLICATION_ID}; COMMIT;"
             )
         except BaseException:
@@ -251,7 +264,8 @@ class Store:
         results: list[Accepted | ForemanError] = []
         # One INSERT is a transaction of its own; every statement saved is a
         # GIL hand-over saved against the busy event loop.
-        grouped = len(submissions) > 1
+        # A job answered at once is inserted and ended in one transaction.
+        grouped = len(submissions) > 1 or any(s.answer is not None for s in submissions)
         try:
             if grouped:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -280,6 +294,15 @@ class Store:
             if existing.state is JobState.QUEUED and order is not None:
                 position = self.position(job_id, existing.model_key, existing.priority, order)
             return Accepted(job_id, False, existing.state, position)
+        if submission.answer is not None and (result := submission.answer(self)) is not None:
+            now = job.created_at
+            self._db.execute(
+                "UPDATE jobs SET state = 'done', started_at = ?, finished_at = ?, status = 200,"
+                " result = ?, cache = 'hit' WHERE id = ?",
+                (now, now, result, job.id),
+            )
+            self._count(job.model_key, job.priority, -1)
+            return Accepted(job_id, True, JobState.DONE, None, result)
         position = None
         if order is not None:
             # The newest job of its group: everything in its group is ahead of it.
@@ -303,8 +326,8 @@ class Store:
             raise QueueFull(self.max_queue)
         self._db.execute(
             "INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at,"
-            " respond_async, idempotency_key, request_hash, priority, routing)"
-            " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " respond_async, idempotency_key, request_hash, priority, routing, cache)"
+            " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 job.id,
                 job.endpoint,
@@ -318,6 +341,7 @@ class Store:
                 request_hash,
                 job.priority,
                 job.routing,
+                job.cache,
             ),
         )
         self._count(job.model_key, job.priority, 1)
@@ -383,14 +407,18 @@ class Store:
         error: str | None = None,
         attempt: int | None = None,
         chunks: Sequence[bytes] = (),
+        cache: str | None = None,
     ) -> None:
-        """End a running job for good, with its output; a job that already ended stays as it ended."""
+        """End a running job for good, with its output; a job that already ended stays as it ended.
+
+        `cache` says how the embedding cache served it ('hit', 'partial'), if it did.
+        """
         if not chunks:
-            self._end(job, state, now, status, result, error, attempt)
+            self._end(job, state, now, status, result, error, attempt, cache)
             return
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            if self._end(job, state, now, status, result, error, attempt):
+            if self._end(job, state, now, status, result, error, attempt, cache):
                 self._db.executemany(
                     "INSERT OR REPLACE INTO chunks (job_id, seq, data) VALUES (?, ?, ?)",
                     ((job.id, seq, data) for seq, data in enumerate(chunks)),
@@ -409,11 +437,13 @@ class Store:
         result: bytes | None,
         error: str | None,
         attempt: int | None,
+        cache: str | None = None,
     ) -> bool:
         ended = self._db.execute(
             "UPDATE jobs SET state = ?, finished_at = ?, status = ?, result = ?, error = ?,"
-            " attempt = coalesce(?, attempt) WHERE id = ? AND state IN ('loading', 'working')",
-            (state, now, status, result, error, attempt, job.id),
+            " attempt = coalesce(?, attempt), cache = coalesce(?, cache)"
+            " WHERE id = ? AND state IN ('loading', 'working')",
+            (state, now, status, result, error, attempt, cache, job.id),
         ).rowcount
         return bool(ended)
 
@@ -528,6 +558,59 @@ class Store:
         """Fail unless the database answers a query."""
         self._db.execute("SELECT count(*) FROM jobs WHERE rowid = 0").fetchone()
 
+    def claim_companions(
+        self,
+        model_key: str,
+        endpoints: Sequence[str],
+        pick: Callable[[list[Job]], list[str]],
+        now: float,
+        scan: int,
+    ) -> list[Job]:
+        """Take queued jobs of `model_key` to run beside a running one: `pick` chooses among the oldest `scan`.
+
+        Interactive jobs come before batch ones, each class oldest first, as the policy would serve them.
+        """
+        marks = ",".join("?" * len(endpoints))
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' AND model_key = ? AND endpoint IN ({marks})"
+            f" ORDER BY priority = 'batch', id LIMIT ?",
+            (model_key, *endpoints, scan),
+        ).fetchall()
+        chosen = set(pick([_job_from_row(row) for row in rows]))
+        if not chosen:
+            return []
+        ids = sorted(chosen)
+        taken = self._db.execute(
+            f"UPDATE jobs SET state = 'working', started_at = ? WHERE state = 'queued'"
+            f" AND id IN ({','.join('?' * len(ids))}) RETURNING {_COLUMNS}",
+            (now, *ids),
+        ).fetchall()
+        jobs = sorted((_job_from_row(row) for row in taken), key=lambda job: job.id)
+        for job in jobs:
+            self._count(job.model_key, job.priority, -1)
+        return jobs
+
+    # The embedding cache (see foreman/embed_store.py).
+
+    def cache_get(self, keys: Sequence[bytes]) -> dict[bytes, CachedVector]:
+        """The cached vectors found under `keys`, each marked as just used."""
+        return self._cache.get(keys)
+
+    def cache_put(self, entries: Sequence[CacheEntry], limit: int) -> int:
+        """Store vectors, then evict the least recently used down to `limit` bytes; returns how many went."""
+        return self._cache.put(entries, limit)
+
+    def cache_evict(self, limit: int) -> int:
+        """Evict the least recently used vectors down to `limit` bytes (a smaller FOREMAN_EMBED_CACHE)."""
+        return self._cache.evict(limit)
+
+    def cache_invalidate(self, digests: Sequence[str]) -> int:
+        """Drop every vector of the models with these digests."""
+        return self._cache.invalidate(digests)
+
+    def cache_stats(self) -> CacheStats:
+        return self._cache.stats()
+
     def recover(self, now: float, max_attempts: int) -> tuple[int, int]:
         """After a crash or restart, requeue jobs that were running; returns (requeued, failed).
 
@@ -585,6 +668,7 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
         priority,
         routing,
         served_model,
+        cache,
     ) = row
     return Job(
         id=id_,
@@ -605,6 +689,7 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
         priority=Priority(priority),
         routing=routing,
         served_model=served_model,
+        cache=cache,
     )
 
 

@@ -20,6 +20,8 @@ import structlog
 
 from foreman.aliases import Why, alias_of, fold, is_alias_key, waiting_for
 from foreman.dialects import dialect_for
+from foreman.embed_batch import Batch, EmbedBatcher
+from foreman.embeddings import EmbedRequest
 from foreman.errors import TRANSIENT, UpstreamFailed, UpstreamRejected, UpstreamUnreachable, error_message
 from foreman.events import Chunk, Ended, JobEvents, StateChanged
 from foreman.feed import QueueFeed
@@ -90,10 +92,12 @@ class Worker:
         parallel: int = 1,
         warmer: Warmer | None = None,
         feed: QueueFeed | None = None,
+        embeds: EmbedBatcher | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._store = store
+        self._embeds = embeds
         self._metrics = metrics
         self._upstream = upstream
         self._events = events
@@ -376,10 +380,65 @@ class Worker:
         """Queued jobs per model key, alias jobs counted with the model that would serve them now."""
         return waiting_for(await self._store.run(Store.waiting_by_model), self.resident)
 
-    async def _job(self, claim: Claim) -> None:
-        failure = await self._run(claim)
+    async def _job(self, claim: Claim, batch: Batch | None = None) -> None:
+        try:
+            failure = await self._run(claim, batch)
+        finally:
+            if batch is not None:
+                batch.leave(claim.job.id)  # a member that ended without the call must not hold it up
         if failure is not None:
             await self._back_off(claim.job, failure)
+
+    async def _lead(self, claim: Claim, request: EmbedRequest, waiting: int) -> Batch:
+        """Gather the batch `claim`'s job leads, and start its companions.
+
+        The companions are taken from the store in one step that runs to its
+        end even if the leader is cancelled meanwhile: once taken, they run,
+        and the leader leaves the batch instead of holding them up.
+        """
+        assert self._embeds is not None
+        job = claim.job
+        gathering = asyncio.ensure_future(self._gather(claim, request, waiting))
+        try:
+            return await asyncio.shield(gathering)
+        except asyncio.CancelledError:
+            gathering.add_done_callback(
+                lambda task: None if task.cancelled() or task.exception() else task.result().leave(job.id)
+            )
+            raise
+
+    async def _gather(self, claim: Claim, request: EmbedRequest, waiting: int) -> Batch:
+        assert self._embeds is not None
+        job = claim.job
+        batch = await self._embeds.gather(job, request, self._clock())
+        batch.keep_alive = self._batch_keep_alive(job, request, max(waiting - len(batch.companions), 0))
+        if self._stopping:
+            # foreman is stopping: the companions go back to their places, uncharged.
+            for companion in batch.companions:
+                await self._store.run(Store.requeue, companion, attempt=companion.attempt, error=None)
+                batch.leave(companion.id)
+            return batch
+        self._start_companions(claim, batch)
+        return batch
+
+    def _start_companions(self, claim: Claim, batch: Batch) -> None:
+        """Run the jobs gathered beside `claim`'s as jobs of their own, meeting in `batch`'s call."""
+        decision = replace(claim.decision, swap=False)
+        for job in batch.companions:
+            companion = Claim(job, decision, claim.waiting_after)
+            task = asyncio.create_task(self._job(companion, batch), name=f"foreman-job {job.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._job_ended)
+
+    def _batch_keep_alive(self, job: Job, request: EmbedRequest, waiting_after: int) -> object | None:
+        """The keep_alive of a batch's call: the pin while work waits, else the release (see _dispatch_body)."""
+        key = job.model_key
+        if waiting_after > 0:
+            self._pins[key] = _Pin("/api/embed", job.model, key_load_options(key))
+            return self._pin_keep_alive
+        if self._pins.pop(key, None) is not None:
+            return request.keep_alive if request.keep_alive is not None else self._release_keep_alive
+        return request.keep_alive
 
     def _job_ended(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -407,7 +466,7 @@ class Worker:
         self._note_upstream_ok()
         self._resident = frozenset(self._loaded_as.get(name, name) for name in names)
 
-    async def _run(self, claim: Claim) -> Exception | None:
+    async def _run(self, claim: Claim, batch: Batch | None = None) -> Exception | None:
         """Run one claimed job; returns the transient failure to back off from, if any."""
         job = claim.job
         if job.id in self._cancel_requested:
@@ -416,7 +475,7 @@ class Worker:
             log.info("job.cancelled", job_id=job.id, before="start")
             return None
         self._publish(job, StateChanged(job.state, job.attempt, model=job.model))
-        task = asyncio.create_task(self._execute(claim))
+        task = asyncio.create_task(self._execute(claim, batch))
         self._running[job.id] = running = _Running(job.id, task)
         try:
             return await task
@@ -433,7 +492,7 @@ class Worker:
         finally:
             del self._running[job.id]
 
-    async def _execute(self, claim: Claim) -> Exception | None:
+    async def _execute(self, claim: Claim, batch: Batch | None = None) -> Exception | None:
         job = claim.job
         bound = log.bind(
             model=job.model_key,
@@ -452,9 +511,19 @@ class Worker:
                 self._publish(job, StateChanged(JobState.WORKING, job.attempt))
                 # A load can take a minute; more work may have come for this model meanwhile.
                 waiting = (await self._waiting_by_model()).get(job.model_key, 0)
+            request = self._embeds.takes(job) if self._embeds is not None and batch is None else None
+            if request is not None:
+                # The leader of a batch: the queued jobs that may share its call come along.
+                batch = await self._lead(claim, request, waiting)
+                waiting = max(waiting - len(batch.companions), 0)
             bound.info("job.start", wait_s=wait_s, waiting_for_model=waiting)
             started = time.monotonic()
-            result, load_ns = await self._call(job, waiting)
+            cache = None
+            if batch is not None:
+                done = await batch.run(job)
+                result, load_ns, cache = _Result(done.body, JSON_TYPE, done.body), done.load_ns, done.cache
+            else:
+                result, load_ns = await self._call(job, waiting)
         except UpstreamRejected as exc:
             await self._end(job, JobState.FAILED, exc.status, exc.body)
             bound.info("job.failed", status=exc.status, error=exc.message)
@@ -470,11 +539,18 @@ class Worker:
         if not claim.decision.swap and load_ns > _RELOAD_HINT_NS:
             self._resident = None
         run_s = time.monotonic() - started
-        self._costs.record_run(job.model_key, run_s)
+        # A job that shared a call costs its share of it.
+        self._costs.record_run(job.model_key, run_s / (batch.size if batch is not None else 1))
         await self._end(
-            job, JobState.DONE, 200, result.body, content_type=result.content_type, result=result.result
+            job,
+            JobState.DONE,
+            200,
+            result.body,
+            content_type=result.content_type,
+            result=result.result,
+            cache=cache,
         )
-        bound.info("job.done", wait_s=wait_s, run_s=round(run_s, 3))
+        bound.info("job.done", wait_s=wait_s, run_s=round(run_s, 3), **({"cache": cache} if cache else {}))
         return None
 
     async def _call(self, job: Job, waiting_after: int) -> tuple[_Result, int]:
@@ -697,6 +773,7 @@ class Worker:
         result: bytes | None = None,
         error: str | None = None,
         attempt: int | None = None,
+        cache: str | None = None,
     ) -> None:
         """Record how the job ended, with its output, and tell whoever waits for it.
 
@@ -723,6 +800,7 @@ class Worker:
                 error=error,
                 attempt=attempt,
                 chunks=chunks,
+                cache=cache,
             )
         )
         if state is JobState.DONE:
