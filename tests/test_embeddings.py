@@ -444,3 +444,19 @@ def test_a_native_reply_leaves_zero_counts_out_as_ollama_does() -> None:
     assert request is not None
     reply = json.loads(job_reply(request, [b"[0.5,0.25]"], 1, 7, 0))
     assert reply == {"model": "m", "embeddings": [[0.5, 0.25]], "total_duration": 7, "prompt_eval_count": 1}
+
+
+async def test_an_alias_embed_job_reads_the_cache_once_its_model_is_picked(
+    stub_server: StubServer, make_foreman: MakeForeman, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """An alias names no model at intake; once the worker picks one, the cache of that model answers it."""
+    routes = tmp_path / "routes.toml"
+    routes.write_text('[alias.emb]\nmodels = ["nomic-embed-text"]\n')
+    foreman = await make_foreman(stub_server.url, routes=routes)
+    stub = stub_server.stub
+    direct = await post(http, foreman.url + "/api/embed", {"model": MODEL, "input": "x"})
+    via_alias = await post(http, foreman.url + "/api/embed", {"model": "emb", "input": "x"})
+    assert via_alias.status == 200
+    assert via_alias.json()["embeddings"] == direct.json()["embeddings"]
+    assert embed_calls(stub) == [["x"]]
+    assert foreman.jobs()[-1]["cache"] == "hit" and foreman.jobs()[-1]["served_model"] == CANONICAL
