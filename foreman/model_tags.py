@@ -11,8 +11,10 @@ an older list can tell (a vector computed while a pull ran is not cached).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
+import aiohttp
 import structlog
 
 from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable
@@ -24,6 +26,11 @@ log = structlog.get_logger("foreman.models")
 
 # Paths that change what a model name stands for when they pass through foreman.
 MODEL_CHANGES = frozenset({"/api/pull", "/api/create", "/api/copy", "/api/delete"})
+# Requests wait for a read of the list: it must be short, and after one
+# failed, the next waits a while, so that an Ollama that does not answer
+# slows no request down (the cache is simply not used meanwhile).
+_READ_TIMEOUT = aiohttp.ClientTimeout(total=2)
+_RETRY_AFTER_S = 5.0
 
 
 class ModelTags:
@@ -36,6 +43,7 @@ class ModelTags:
         self._digests: dict[str, str] = {}
         self._fresh = False  # False: read /api/tags before the next digest is used
         self._reading: asyncio.Future[None] | None = None
+        self._failed_at: float | None = None  # time.monotonic() of the latest failed read
         self.epoch = 0
 
     def stale(self) -> None:
@@ -46,6 +54,8 @@ class ModelTags:
     async def digest(self, model_key: str) -> str | None:
         """The digest of the model in `model_key` now; None if Ollama cannot say (unreachable, not installed)."""
         if not self._fresh:
+            if self._failed_at is not None and time.monotonic() - self._failed_at < _RETRY_AFTER_S:
+                return None
             try:
                 await self.refresh()
             except (UpstreamUnreachable, UpstreamFailed, UpstreamRejected) as exc:
@@ -67,7 +77,12 @@ class ModelTags:
 
     async def _read(self) -> None:
         epoch = self.epoch
-        digests = await self._upstream.installed_models()
+        try:
+            digests = await self._upstream.installed_models(timeout=_READ_TIMEOUT)
+        except BaseException:
+            self._failed_at = time.monotonic()
+            raise
+        self._failed_at = None
         previous, self._digests = self._digests, digests
         # A change that passed through during the read may not show in it yet.
         self._fresh = self.epoch == epoch

@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from foreman.embed_store import CacheEntry
@@ -460,3 +461,31 @@ async def test_an_alias_embed_job_reads_the_cache_once_its_model_is_picked(
     assert via_alias.json()["embeddings"] == direct.json()["embeddings"]
     assert embed_calls(stub) == [["x"]]
     assert foreman.jobs()[-1]["cache"] == "hit" and foreman.jobs()[-1]["served_model"] == CANONICAL
+
+
+async def test_an_ollama_that_does_not_answer_its_model_list_holds_up_no_request(
+    aiohttp_server: Any, make_foreman: MakeForeman, http: aiohttp.ClientSession
+) -> None:
+    """Without digests the cache stands aside: one short read of /api/tags, then jobs queue without waiting for it."""
+    tag_reads = 0
+    never = asyncio.Event()
+
+    async def tags(request: web.Request) -> web.Response:
+        nonlocal tag_reads
+        tag_reads += 1
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    async def ps(request: web.Request) -> web.Response:
+        return web.json_response({"models": []})
+
+    app = web.Application()
+    app.router.add_get("/api/tags", tags)
+    app.router.add_get("/api/ps", ps)
+    server = await aiohttp_server(app)
+    foreman = await make_foreman(str(server.make_url("")).rstrip("/"))
+    for text in ("a", "b", "c"):
+        accepted = await post(http, foreman.url + "/api/embed", {"model": MODEL, "input": text}, ASYNC)
+        assert accepted.status == 202 and accepted.json()["state"] == "queued"
+    assert tag_reads == 1
+    never.set()
