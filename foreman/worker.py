@@ -371,7 +371,7 @@ class Worker:
             if want_upcoming:
                 # The model after this one: the one this claim serves counts as loaded.
                 upcoming.append(policy.upcoming(folded.queues, state.after(decision, now), now, costs))
-            source = folded.source(decision.model_key, decision.priority)
+            source = folded.source(decision.model_key, decision.priority, decision.job_id)
             why = folded.resolved[source][1] if is_alias_key(source) else None
             picked.append(_Picked(decision, folded.waiting(decision.model_key) - 1, why))
             return replace(decision, model_key=source)

@@ -291,9 +291,9 @@ def test_a_schema_1_database_is_migrated_with_its_jobs_interactive(tmp_path: Pat
     db.close()
 
 
-def test_a_schema_3_database_gains_not_before_times(tmp_path: Path) -> None:
-    """The migration to schema 4 adds the column and its index; queued jobs stay free to run."""
-    path = tmp_path / "v3.db"
+def test_a_schema_4_database_gains_not_before_times(tmp_path: Path) -> None:
+    """The migration to schema 5 adds the column and its index; queued jobs stay free to run."""
+    path = tmp_path / "v4.db"
     Store(path).close()
     db = sqlite3.connect(path)
     db.executescript(
@@ -302,7 +302,7 @@ def test_a_schema_3_database_gains_not_before_times(tmp_path: Path) -> None:
         ALTER TABLE jobs DROP COLUMN not_before;
         INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at, priority)
             VALUES ('01OLD', 'queued', '/api/chat', 'a', 'a:latest', 0, X'7B7D', 5.0, 'batch');
-        PRAGMA user_version = 3;
+        PRAGMA user_version = 4;
         """
     )
     db.close()
@@ -314,7 +314,7 @@ def test_a_schema_3_database_gains_not_before_times(tmp_path: Path) -> None:
         columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
         indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "not_before" in columns and "jobs_held" in indexes
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
 
 
 def test_hot_path_queries_search_the_index_and_never_scan(store: Store, tmp_path: Path) -> None:
