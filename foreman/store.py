@@ -617,23 +617,25 @@ class Store:
         Interactive jobs come before batch ones, each class oldest first, as the policy would serve them.
         """
         marks = ",".join("?" * len(endpoints))
+        # A job held back after a failure joins only once its time has come.
         rows = self._db.execute(
             f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' AND model_key = ? AND endpoint IN ({marks})"
-            f" ORDER BY priority = 'batch', id LIMIT ?",
-            (model_key, *endpoints, scan),
+            f" AND (not_before IS NULL OR not_before <= ?) ORDER BY priority = 'batch', id LIMIT ?",
+            (model_key, *endpoints, now, scan),
         ).fetchall()
         chosen = set(pick([_job_from_row(row) for row in rows]))
         if not chosen:
             return []
         ids = sorted(chosen)
         taken = self._db.execute(
-            f"UPDATE jobs SET state = 'working', started_at = ? WHERE state = 'queued'"
+            f"UPDATE jobs SET state = 'working', started_at = ?, not_before = NULL WHERE state = 'queued'"
             f" AND id IN ({','.join('?' * len(ids))}) RETURNING {_COLUMNS}",
             (now, *ids),
         ).fetchall()
         jobs = sorted((_job_from_row(row) for row in taken), key=lambda job: job.id)
         for job in jobs:
             self._count(job.model_key, job.priority, -1)
+            self._release(job.model_key, job.priority, job.id)
         return jobs
 
     # The embedding cache (see foreman/embed_store.py).

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from ulid import ULID
 
-from foreman.models import JobState, NewJob, Priority
+from foreman.models import Job, JobState, NewJob, Priority
 from foreman.scheduler import Decision, ModelQueue, Policy, Reason, State
 from foreman.store import SCHEMA_VERSION, Store
 
@@ -291,18 +291,25 @@ def test_a_schema_1_database_is_migrated_with_its_jobs_interactive(tmp_path: Pat
     db.close()
 
 
-def test_a_schema_4_database_gains_not_before_times(tmp_path: Path) -> None:
-    """The migration to schema 5 adds the column and its index; queued jobs stay free to run."""
-    path = tmp_path / "v4.db"
-    Store(path).close()
+def test_a_schema_5_database_gains_not_before_times(tmp_path: Path) -> None:
+    """The migration to schema 6 adds the column and its index; queued jobs stay free to run."""
+    from foreman import embed_store, store
+
+    # Schema 5 is today's schema without the column and its index.
+    lines = store._SCHEMA.splitlines()
+    kept = [line for line in lines if "not_before" not in line]
+    schema_5 = "\n".join(kept).replace("cache           TEXT,", "cache           TEXT")
+    assert len(kept) == len(lines) - 2
+    path = tmp_path / "v5.db"
     db = sqlite3.connect(path)
     db.executescript(
-        """
-        DROP INDEX jobs_held;
-        ALTER TABLE jobs DROP COLUMN not_before;
+        schema_5
+        + embed_store.SCHEMA
+        + f"""
         INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at, priority)
             VALUES ('01OLD', 'queued', '/api/chat', 'a', 'a:latest', 0, X'7B7D', 5.0, 'batch');
-        PRAGMA user_version = 4;
+        PRAGMA user_version = 5;
+        PRAGMA application_id = {store.APPLICATION_ID};
         """
     )
     db.close()
@@ -314,7 +321,7 @@ def test_a_schema_4_database_gains_not_before_times(tmp_path: Path) -> None:
         columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
         indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "not_before" in columns and "jobs_held" in indexes
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
 
 
 def test_hot_path_queries_search_the_index_and_never_scan(store: Store, tmp_path: Path) -> None:
@@ -349,3 +356,25 @@ def test_insert_many_writes_all_or_nothing(store: Store, tmp_path: Path) -> None
     assert store.waiting("c:latest") == 1
     with closing(sqlite3.connect(tmp_path / "q.db")) as other:
         assert other.execute("SELECT count(*) FROM jobs").fetchone()[0] == 4
+
+
+def test_an_embed_job_held_after_a_failure_joins_a_batch_only_when_its_time_comes(store: Store) -> None:
+    """Companions for a batched embed call skip held jobs until their not-before time."""
+    from dataclasses import replace
+
+    held, other = (replace(new_job("e:latest", created=t), endpoint="/api/embed") for t in (1.0, 2.0))
+    store.insert(held)
+    store.insert(other)
+    claim = store.claim_next(resident("e:latest"), now=3)
+    assert claim is not None and claim.job.id == held.id
+    store.requeue(claim.job, attempt=1, error="boom", not_before=20.0)
+
+    def every(jobs: list[Job]) -> list[str]:
+        return [job.id for job in jobs]
+
+    early = store.claim_companions("e:latest", ["/api/embed"], every, now=10, scan=10)
+    assert [job.id for job in early] == [other.id]
+    assert store.queues()[0].held != ()
+    late = store.claim_companions("e:latest", ["/api/embed"], every, now=20, scan=10)
+    assert [job.id for job in late] == [held.id] and late[0].not_before is None
+    assert store.queues() == []
