@@ -137,6 +137,23 @@ def optional_path(value: str) -> Path | None:
     return path(value) if value else None
 
 
+_BYTE_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_bytes(value: str) -> int:
+    """A size in bytes from `1048576`, `512M`, `512MiB`, `2G` or `0`."""
+    text = value.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = _BYTE_UNITS.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in _BYTE_UNITS else text
+    try:
+        size = float(number) * scale
+    except ValueError as exc:
+        raise ValueError(f"not a size: {value!r} (use bytes, or a number with K, M or G)") from exc
+    if size < 0:
+        raise ValueError(f"must not be negative, got {value!r}")
+    return int(size)
+
+
 def default_db_path(environ: Mapping[str, str]) -> Path:
     """systemd's StateDirectory when it set one, else the XDG state directory."""
     state_directory = environ.get("STATE_DIRECTORY")
@@ -316,6 +333,22 @@ class Config:
         "",
         optional_path,
         "TOML file of model aliases and intent routes; SIGHUP reloads it (see [Model routing](#model-routing))",
+    )
+    # Embeddings (README, "Embeddings").
+    embed_batch: int = setting(
+        "64",
+        positive_int,
+        "most inputs one coalesced `/api/embed` call carries; `1` turns coalescing off (see [Embeddings](#embeddings))",
+    )
+    embed_cache: int = setting(
+        "512M",
+        parse_bytes,
+        "bytes of embeddings cached in the database, least recently used out (`K`, `M`, `G`); `0` turns the cache off",
+    )
+    cache_refresh: float = setting(
+        "60s",
+        positive_duration,
+        "how often Ollama's model list is read for digests changed behind foreman (`90s`, `15m`)",
     )
 
     @property

@@ -64,6 +64,7 @@ class NewJob:
     idempotency_key: str | None = None
     priority: Priority = Priority.INTERACTIVE
     routing: str | None = None  # for an alias job: JSON {"alias", and "route", "rule" if a route chose it}
+    cache: str | None = None  # "no-cache": the client asked that the embedding cache not answer it
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,8 @@ class Job:
     priority: Priority = Priority.INTERACTIVE
     routing: str | None = None  # as NewJob.routing
     served_model: str | None = None  # for an alias job: the model picked to serve it
+    cache: str | None = None  # "no-cache" as asked, or how the embedding cache served it: "hit", "partial"
+    not_before: float | None = None  # held back after a failure until then (while queued)
 
     @property
     def queue_wait(self) -> float | None:

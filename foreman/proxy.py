@@ -7,7 +7,8 @@ import structlog
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from foreman.keys import CONFIG, UPSTREAM
+from foreman.keys import CONFIG, MODEL_TAGS, UPSTREAM
+from foreman.model_tags import MODEL_CHANGES
 
 log = structlog.get_logger("foreman.proxy")
 
@@ -41,6 +42,17 @@ def forwarded_headers(request: web.Request) -> CIMultiDict[str]:
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
     """Forward any request to Ollama, streaming both ways (pull progress, blob uploads)."""
+    if request.path in MODEL_CHANGES:
+        # From now until the list is read again after it, no digest is trusted.
+        request.app[MODEL_TAGS].stale()
+        try:
+            return await _forward(request)
+        finally:
+            request.app[MODEL_TAGS].stale()
+    return await _forward(request)
+
+
+async def _forward(request: web.Request) -> web.StreamResponse:
     response = await request.app[UPSTREAM].send(
         request.method,
         request.path_qs,

@@ -110,9 +110,10 @@ class Residency:
         """The model keys foreman keeps loaded with FOREMAN_PIN_KEEP_ALIVE now."""
         return frozenset(self._pins)
 
-    def pin(self, job: Job) -> None:
-        """The job's requests carry the pin: more work waits for its model."""
-        self._pins[job.model_key] = _Pin(job.endpoint, job.model, key_load_options(job.model_key))
+    def pin(self, job: Job, endpoint: str | None = None) -> None:
+        """The job's requests carry the pin: more work waits for its model (loaded through `endpoint`, else the job's)."""
+        key = job.model_key
+        self._pins[key] = _Pin(endpoint or job.endpoint, job.model, key_load_options(key))
 
     def release(self, model_key: str) -> bool:
         """The last job of a drain hands Ollama back its expiry; False if the model was not pinned."""
@@ -144,3 +145,29 @@ class Residency:
                 continue
             await self._upstream.load(pin.endpoint, pin.model, pin.options, keep_alive)
             log.info(event, model=key, keep_alive=keep_alive, reason=why)
+
+    async def free_memory(self, keep: str, busy: set[str]) -> None:
+        """Ollama ran out of memory for `keep`: unload every other model foreman loaded that has no job running.
+
+        `busy` are the model keys with a job running. Ollama frees memory
+        only by evicting idle models, and a model pinned by foreman, or
+        released with a long keep_alive, may stay; unloading them (keep_alive
+        0) gives the retry room. /api/ps is read again before the next pick.
+        """
+        try:
+            names = await self._upstream.resident_models()
+        except (UpstreamUnreachable, UpstreamFailed, UpstreamRejected) as exc:
+            log.warning("model.unpin_failed", reason="memory", error=exc.message)
+            return
+        held = {self._loaded_as.get(name, name) for name in names} | set(self._pins)
+        for key in sorted(held - busy - {keep}):
+            pin = self._pins.pop(key, None) or self._known.get(key)
+            if pin is None:
+                continue  # loaded by another program: not foreman's to unload
+            try:
+                await self._upstream.load(pin.endpoint, pin.model, pin.options, 0)
+            except (UpstreamUnreachable, UpstreamFailed, UpstreamRejected) as exc:
+                log.warning("model.unpin_failed", model=key, reason="memory", error=exc.message)
+                continue
+            log.info("model.unpinned", model=key, keep_alive=0, reason="memory", for_model=keep)
+        self._due = True

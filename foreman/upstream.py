@@ -96,6 +96,16 @@ class Upstream:
         except (ValueError, KeyError, TypeError) as exc:
             raise UpstreamFailed(f"Ollama's /api/ps answer is not what foreman expects: {exc}") from exc
 
+    async def installed_models(self, **kwargs: Any) -> dict[str, str]:
+        """Normalised name → digest of every model Ollama has installed (`/api/tags`)."""
+        async with self._request("GET", "/api/tags", **kwargs) as reply:
+            body = await reply.read()
+        try:
+            models = json.loads(body)["models"] or []
+            return {normalise_model(m["name"]): str(m["digest"]) for m in models}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UpstreamFailed(f"Ollama's /api/tags answer is not what foreman expects: {exc}") from exc
+
     async def blob_path(self, model: str) -> str | None:
         """The weights file `/api/show` names after FROM in the modelfile, if it names one."""
         async with self.post("/api/show", json.dumps({"model": model}).encode()) as reply:

@@ -62,6 +62,23 @@ def test_scheduling_settings_come_from_flags_and_variables() -> None:
         config_for([], {"FOREMAN_SYNC_PRIORITY": "urgent"})
 
 
+def test_embedding_settings_come_from_flags_and_variables() -> None:
+    """FOREMAN_EMBED_BATCH, _EMBED_CACHE (bytes, with K/M/G) and _CACHE_REFRESH reach the Config; bad ones are refused."""
+    defaults = config_for([], {})
+    assert (defaults.embed_batch, defaults.embed_cache, defaults.cache_refresh) == (64, 512 * 2**20, 60)
+    environ = {"FOREMAN_EMBED_BATCH": "1", "FOREMAN_EMBED_CACHE": "2G", "FOREMAN_CACHE_REFRESH": "5m"}
+    config = config_for(["--embed-cache", "0"], environ)
+    assert (config.embed_batch, config.embed_cache, config.cache_refresh) == (1, 0, 300)
+    assert config_for([], {"FOREMAN_EMBED_CACHE": "1048576"}).embed_cache == 2**20
+    for name, value in (
+        ("FOREMAN_EMBED_BATCH", "0"),
+        ("FOREMAN_EMBED_CACHE", "lots"),
+        ("FOREMAN_CACHE_REFRESH", "0"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            config_for([], {name: value})
+
+
 def test_environment_sets_and_flags_override() -> None:
     """FOREMAN_* variables set values; a flag beats its variable."""
     environ = {

@@ -14,6 +14,7 @@ import pytest
 
 from helpers import reply_text
 from stub_ollama import FOREVER, Stub, StubServer, embedding
+from stub_ollama.catalog import first_digest
 
 OpenAIClient = Callable[[str], openai.AsyncOpenAI]
 USER = [{"role": "user", "content": "hi"}]
@@ -65,7 +66,9 @@ async def test_completions_embeddings_and_models(
 
     floats = await client.embeddings.create(model="nomic-embed-text", input=["a", "b"])
     assert [e.index for e in floats.data] == [0, 1] and floats.model == "nomic-embed-text"
-    assert floats.data[0].embedding == pytest.approx(embedding("nomic-embed-text:latest", "a", 8))
+    assert floats.data[0].embedding == pytest.approx(
+        embedding(first_digest("nomic-embed-text:latest"), "a", 8)
+    )
     packed = await client.embeddings.with_raw_response.create(
         model="nomic-embed-text", input="a", encoding_format="base64"
     )
