@@ -410,6 +410,10 @@ class StorageContract:
         assert await storage.cancel_queued(job.id, now=49)
         assert await storage.queues() == []
         assert await storage.waiting_by_model() == {}
+        later = new_job("a:latest", created=60.0)
+        await self.submit(storage, later)
+        [queue] = await storage.queues()
+        assert (queue.waiting, queue.oldest_id, queue.held) == (1, later.id, ())
 
     async def test_a_claim_takes_the_job_the_decision_names(self, storage: Storage) -> None:
         """`Decision.job_id` claims that job by its id, not its group's oldest."""
