@@ -93,6 +93,33 @@ def parse_keep_alive(value: str) -> float | str:
     return value
 
 
+# The schemes an origin without a wildcard may have (gin-contrib/cors with
+# AllowBrowserExtensions, as Ollama sets it). It only decides which
+# OLLAMA_ORIGINS entries Ollama starts with: a browser extension is still
+# refused until its origin is listed (Ollama's FAQ, "allow additional web origins").
+_ORIGIN_SCHEMES = (
+    "http://",
+    "https://",
+    "chrome-extension://",
+    "safari-extension://",
+    "moz-extension://",
+    "ms-browser-extension://",
+)
+
+
+def origin_list(value: str) -> tuple[str, ...]:
+    """Comma-separated CORS origins, refused where Ollama would refuse to start with them (gin-contrib/cors)."""
+    listed = names(value)
+    for origin in listed:
+        if origin.count("*") > 1:
+            raise ValueError(f"{origin!r}: only one * is allowed")
+        if "*" not in origin and not origin.startswith(_ORIGIN_SCHEMES):
+            raise ValueError(
+                f"{origin!r}: an origin must contain '*' or start with {', '.join(_ORIGIN_SCHEMES)}"
+            )
+    return listed
+
+
 def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -319,12 +346,13 @@ class Config:
     allowed_hosts: tuple[str, ...] = setting(
         "",
         names,
-        "comma-separated `Host` names accepted beside the bind address, `localhost` and the loopback addresses",
+        "comma-separated `Host` names accepted beside those Ollama accepts (see [Who gets in](#who-gets-in))",
     )
     origins: tuple[str, ...] = setting(
         "",
-        names,
-        "comma-separated browser origins allowed beside Ollama's defaults, wildcards allowed, like `OLLAMA_ORIGINS`",
+        origin_list,
+        "comma-separated browser origins allowed beside Ollama's defaults and `OLLAMA_ORIGINS`,"
+        " one `*` each, like `OLLAMA_ORIGINS`",
     )
     read_timeout: float = setting(
         "1m", duration, "how long a client may take to send its request body (then 408)"

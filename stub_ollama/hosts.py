@@ -7,9 +7,11 @@
   loopback, private or unspecified IP. Anything else: 403 with an empty body.
 * Origin: a request with an ``Origin`` header that is neither same-host nor on
   the allow-list (localhost, 127.0.0.1, 0.0.0.0 on http/https with any port,
-  app/file/tauri/vscode schemes, browser extensions, plus
-  ``StubSettings.allowed_origins``) gets 403 with an empty body.
-* An allowed ``OPTIONS`` request gets 204.
+  app/file/tauri/vscode schemes, plus ``StubSettings.allowed_origins``) gets
+  403 with an empty body. Browser extensions are not on the default list: as
+  Ollama's FAQ says, they need ``OLLAMA_ORIGINS``.
+* An ``OPTIONS`` request from an allowed cross origin (a preflight), or for a
+  Host that is a name rather than an address, gets 204.
 """
 
 from __future__ import annotations
@@ -35,11 +37,9 @@ _DEFAULT_ORIGINS: tuple[str, ...] = (
     "vscode-file://*",
 )
 
-_EXTENSION_SCHEMES = (
-    "chrome-extension://",
-    "safari-extension://",
-    "moz-extension://",
-    "ms-browser-extension://",
+# Go's netip IsPrivate: narrower than Python's is_private.
+_PRIVATE = tuple(
+    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -63,17 +63,24 @@ def host_allowed(header: str) -> bool:
     except ValueError:
         address = None
     if address is not None:
-        return address.is_loopback or address.is_private or address.is_unspecified
+        private = any(address in net for net in _PRIVATE if net.version == address.version)
+        return address.is_loopback or private or address.is_unspecified
     if host in ("", "localhost", socket.gethostname().lower()):
         return True
     return host.endswith((".localhost", ".local", ".internal"))
 
 
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def origin_allowed(origin: str, host: str, extra: tuple[str, ...]) -> bool:
     """Whether the CORS check lets a request with this ``Origin`` through."""
     if origin in (f"http://{host}", f"https://{host}"):
-        return True
-    if origin.startswith(_EXTENSION_SCHEMES):
         return True
     patterns = _DEFAULT_ORIGINS + extra
     return any(p == "*" or fnmatch.fnmatchcase(origin, p) for p in patterns)
@@ -96,12 +103,17 @@ def guard_middleware(check_host: bool, extra_origins: tuple[str, ...]) -> Middle
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin", "")
-        if origin and not origin_allowed(origin, request.host, extra_origins):
+        cross = origin not in ("", f"http://{request.host}", f"https://{request.host}")
+        if cross and not origin_allowed(origin, request.host, extra_origins):
             return web.Response(status=403)
-        if check_host and _arrived_on_loopback(request) and not host_allowed(request.headers.get("Host", "")):
-            return web.Response(status=403)
-        if request.method == "OPTIONS":
-            return web.Response(status=204)
+        if cross and request.method == "OPTIONS":
+            return web.Response(status=204)  # a preflight
+        if check_host and _arrived_on_loopback(request):
+            host = request.headers.get("Host", "")
+            if not host_allowed(host):
+                return web.Response(status=403)
+            if request.method == "OPTIONS" and not _is_address(_split_host(host)):
+                return web.Response(status=204)
         return await handler(request)
 
     return guard

@@ -26,7 +26,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 def config_for(argv: list[str], environ: dict[str, str]) -> Config:
     args = build_parser(environ, isatty=False).parse_args(["serve", *argv])
-    return serve_config(args)
+    return serve_config(args, environ)
 
 
 def test_defaults_match_the_documented_ones(tmp_path: Path) -> None:
