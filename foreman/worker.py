@@ -236,7 +236,9 @@ class Worker:
             ended = Ended(JobState.CANCELLED, 499, _error_body("request canceled"), error="request canceled")
             self._events.publish(job_id, ended)
             self._feed.job(job_id, JobState.CANCELLED, self._clock())
-            log.info("job.cancelled", job_id=job_id, before="start")
+            job = await self._store.run(Store.get, job_id)
+            model, endpoint = (job.model_key, job.endpoint) if job is not None else (None, None)
+            log.info("job.cancelled", job_id=job_id, model=model, endpoint=endpoint, before="start")
             return True
         if job_id in self._running:
             return True  # claimed meanwhile: the flag cancels it before it reaches Ollama
@@ -472,7 +474,9 @@ class Worker:
         if job.id in self._cancel_requested:
             self._cancel_requested.discard(job.id)
             await self._end(job, JobState.CANCELLED, 499, _error_body("request canceled"))
-            log.info("job.cancelled", job_id=job.id, before="start")
+            log.info(
+                "job.cancelled", job_id=job.id, model=job.model_key, endpoint=job.endpoint, before="start"
+            )
             return None
         self._publish(job, StateChanged(job.state, job.attempt, model=job.model))
         task = asyncio.create_task(self._execute(claim, batch))
@@ -482,7 +486,9 @@ class Worker:
         except asyncio.CancelledError:
             if running.aborted:
                 await self._end(job, JobState.CANCELLED, 499, _error_body("request canceled"))
-                log.info("job.cancelled", job_id=job.id, before="end")
+                log.info(
+                    "job.cancelled", job_id=job.id, model=job.model_key, endpoint=job.endpoint, before="end"
+                )
                 return None
             # foreman is stopping: the job keeps its place and runs after the restart.
             await asyncio.shield(self._store.run(Store.requeue, job, attempt=job.attempt, error=None))

@@ -79,7 +79,7 @@ async def test_status_shows_the_queue_by_model_in_drain_order(
     assert (ran.code, ran.err) == (0, "")
     assert field(ran.out, "ollama") == f"{foreman.config.upstream} (reachable)"
     assert field(ran.out, "resident") == "llama3:latest"
-    assert field(ran.out, "running").startswith(f"{foreman.jobs()[0]['id']}  llama3 chat  working for")
+    assert field(ran.out, "running").startswith(f"{foreman.jobs()[0]['id']}  llama3 /api/chat  working for")
     assert field(ran.out, "jobs") == "4 queued, 1 working"
     assert field(ran.out, "swaps") == "1" and field(ran.out, "last error") == "none"
     queue = ran.out.split("QUEUE (drain order)")[1].splitlines()[1:]
