@@ -270,13 +270,15 @@ async def test_metrics_count_jobs_swaps_and_queue_depth(
 ) -> None:
     """/metrics is Prometheus text with jobs by final state, swaps, and the queue depth now."""
     await foreman.client.post("/api/chat", json=chat_body("llama3"))
-    await foreman.client.post("/api/chat", json=chat_body("nope"))
+    await foreman.client.post("/api/chat", json=chat_body("nomic-embed-text"))  # cannot chat: fails
     first = await hold_worker(http, foreman, stub, "mistral")
     await submit_async(foreman, chat_body("qwen2"))
     await submit_async(foreman, chat_body("qwen2"), **{"X-Foreman-Priority": "interactive"})
     text = await (await foreman.client.get("/metrics")).text()
     assert 'foreman_jobs_total{endpoint="/api/chat",model="llama3:latest",state="done"} 1.0' in text
-    assert 'foreman_jobs_total{endpoint="/api/chat",model="nope:latest",state="failed"} 1.0' in text
+    assert (
+        'foreman_jobs_total{endpoint="/api/chat",model="nomic-embed-text:latest",state="failed"} 1.0' in text
+    )
     assert 'foreman_queue_depth{model="qwen2:latest"} 2.0' in text  # both classes
     assert "foreman_swaps_total 2.0" in text
     assert "foreman_model_load_seconds_count 2.0" in text

@@ -166,7 +166,7 @@ def test_native_and_v1_endpoints_show_in_one_form() -> None:
     """`foreman jobs` shows every endpoint as its path, whether native or /v1."""
     native = job_view()
     v1 = job_view(id="01JQ0000000000000000000002", endpoint="/v1/chat/completions")
-    rows = tables.format_jobs({"jobs": [v1, native], "next": None}, NOW).splitlines()[1:]
+    rows = layout.format_jobs({"jobs": [v1, native], "next": None}, NOW).splitlines()[1:]
     assert [row.split()[3] for row in rows] == ["/v1/chat/completions", "/api/chat"]
 
 

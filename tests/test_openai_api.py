@@ -126,16 +126,14 @@ async def test_models_pass_through(foreman: Foreman, openai_client: OpenAIClient
 
 
 async def test_unknown_model_is_not_found(foreman: Foreman, openai_client: OpenAIClient) -> None:
-    """The SDK raises NotFoundError with Ollama's message; the job fails without a retry."""
+    """The SDK raises NotFoundError with Ollama's message and type, at once; no job is made."""
     with pytest.raises(openai.NotFoundError) as info:
         await openai_client(foreman.url).chat.completions.create(
             model="ghost", messages=[{"role": "user", "content": "hi"}]
         )
-    assert info.value.message == 'Error code: 404 - model "ghost" not found, try pulling it first'
-    assert info.value.type == "api_error"
-    [job] = foreman.jobs()
-    assert (job["state"], job["attempt"]) == ("failed", 0)
-    assert job["error"] == 'model "ghost" not found, try pulling it first'
+    assert info.value.message == "Error code: 404 - model 'ghost' not found"
+    assert info.value.type == "not_found_error"
+    assert foreman.jobs() == []
 
 
 async def test_foreman_refuses_bad_requests_in_openais_shape(
