@@ -93,6 +93,11 @@ def parse_keep_alive(value: str) -> float | str:
     return value
 
 
+def optional_keep_alive(value: str) -> float | str | None:
+    """A keep_alive setting, or None when it is empty."""
+    return parse_keep_alive(value) if value.strip() else None
+
+
 # The schemes an origin without a wildcard may have (gin-contrib/cors with
 # AllowBrowserExtensions, as Ollama sets it). It only decides which
 # OLLAMA_ORIGINS entries Ollama starts with: a browser extension is still
@@ -280,10 +285,13 @@ class Config:
         parse_keep_alive,
         "`keep_alive` that pins the loaded model while work waits (seconds or a duration like `24h`)",
     )
-    release_keep_alive: float | str = setting(
-        "5m",
-        parse_keep_alive,
-        "`keep_alive` that ends a pin when the client gave none; set it to your `OLLAMA_KEEP_ALIVE`",
+    # None: a released model gets Ollama's own default (OLLAMA_KEEP_ALIVE), which
+    # foreman reads off the first model it loads; a value overrides it.
+    release_keep_alive: float | str | None = setting(
+        "",
+        optional_keep_alive,
+        "`keep_alive` a model foreman loaded or pinned ends with when the client gave none; unset, it is"
+        " Ollama's own default, which foreman reads off the first model it loads (see Pinning)",
     )
     max_body: int = setting(str(32 * 1024 * 1024), positive_int, "largest queued request body, in bytes")
     # Node's fetch gives up on headers after 300 s; an early 200 keeps such clients waiting.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import time
 from collections.abc import Callable
@@ -45,6 +46,10 @@ _RELOAD_HINT_NS = 500_000_000
 # Ollama holds. A shorter gap (a client sending requests one after another)
 # is not worth an extra round trip per request.
 _IDLE_RECHECK_S = 2.0
+# On SIGTERM, the pins foreman set are released within this many seconds.
+_RELEASE_TIMEOUT_S = 5.0
+# Ollama's keep_alive when OLLAMA_KEEP_ALIVE is unset (envconfig.KeepAlive).
+_OLLAMA_DEFAULT_KEEP_ALIVE = "5m"
 _LOAD_DURATION = re.compile(rb'"load_duration":\s*(\d+)')
 
 
@@ -86,7 +91,7 @@ class Worker:
         events: JobEvents,
         retry: RetryPolicy,
         pin_keep_alive: object,
-        release_keep_alive: object,
+        release_keep_alive: object | None,
         metrics: Metrics,
         policy: Policy | None = None,
         parallel: int = 1,
@@ -103,7 +108,8 @@ class Worker:
         self._events = events
         self._retry = retry
         self._pin_keep_alive = pin_keep_alive
-        self._release_keep_alive = release_keep_alive
+        self._release_keep_alive = release_keep_alive  # None: Ollama's own default, as learned
+        self._server_keep_alive: object | None = None  # Ollama's default, read off a model foreman loaded
         self._policy = policy or Policy()
         self._parallel = parallel
         self._warmer = warmer
@@ -121,6 +127,9 @@ class Worker:
         self._costs = CostBook()
         # /api/ps names models, not load options: remember which key we loaded each name as.
         self._loaded_as: dict[str, str] = {}
+        # Models foreman has asked Ollama to hold beyond their own expiry. Each
+        # stays here until a request that hands the model back was accepted,
+        # so no pin outlives the work it was set for (see _release_pins).
         self._pins: dict[str, _Pin] = {}
         # How to load each model key foreman has loaded, to pin or unpin it later.
         self._known: dict[str, _Pin] = {}
@@ -219,6 +228,10 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await asyncio.gather(*self._records, return_exceptions=True)
+            # A pin must not outlive foreman: the jobs it was set for wait for the restart.
+            with suppress(TimeoutError):
+                async with asyncio.timeout(_RELEASE_TIMEOUT_S):
+                    await self._release_pins("shutdown")
             if self._warmer is not None:
                 await self._warmer.close()
 
@@ -284,7 +297,9 @@ class Worker:
             if claim is None:
                 if not self._tasks:
                     # Idle: other clients and keep_alive expiry may change what
-                    # Ollama holds before the next job comes.
+                    # Ollama holds before the next job comes. A pin left by a
+                    # job that failed or was cancelled has no work left.
+                    await self._release_pins("idle")
                     self._idle_since = time.monotonic()
                     return
                 await self._work.wait()
@@ -561,11 +576,14 @@ class Worker:
 
     async def _call(self, job: Job, waiting_after: int) -> tuple[_Result, int]:
         """Send the job to Ollama; stream chunks to its waiters as they arrive."""
-        body, keep_alive = self._dispatch_body(job, waiting_after)
+        body, keep_alive, releases = self._dispatch_body(job, waiting_after)
         if keep_alive is not None:
             # The endpoint takes no keep_alive (Ollama's /v1): a load request sets it first.
             await self._upstream.load(job.endpoint, job.model, key_load_options(job.model_key), keep_alive)
+            self._unpinned(job.model_key, releases)
         async with self._upstream.post(job.endpoint, body) as reply:
+            # Accepted: Ollama has applied the request's keep_alive to the model.
+            self._unpinned(job.model_key, releases)
             if not reply.streamed:
                 data = await reply.read()
                 return _Result(data, reply.content_type, data), _load_ns(data)
@@ -592,18 +610,24 @@ class Worker:
         last = output[-1] if output else b""
         return _Result(b"", reply.content_type, dialect.merge(job.endpoint, output)), _load_ns(last)
 
-    def _dispatch_body(self, job: Job, waiting_after: int) -> tuple[bytes, object | None]:
+    def _dispatch_body(self, job: Job, waiting_after: int) -> tuple[bytes, object | None, _Pin | None]:
         """The job's body with the keep_alive that pins or releases its model.
 
         Where the endpoint takes no keep_alive (Ollama's /v1), the keep_alive
         comes back beside the body instead, for a load request to set first.
+        The third value is the pin the request releases: it is forgotten once
+        Ollama has accepted the request, and released later if not.
         """
         if not job.respond_async and waiting_after == 0 and job.model_key not in self._pins:
-            return job.body, None  # nothing to pin, release or ask for: send it as it came
+            return job.body, None, None  # nothing to pin, release or ask for: send it as it came
         dialect = dialect_for(job.endpoint)
         body = json.loads(job.body)
         if _is_unload(job.endpoint, body):
-            return job.body, None  # the client asked Ollama to unload: do exactly that
+            return (
+                job.body,
+                None,
+                self._pins.get(job.model_key),
+            )  # the client asked Ollama to unload: do exactly that
         changed = False
         if job.respond_async and not job.stream and job.endpoint in STREAMED_ENDPOINTS:
             # Nobody holds a connection for the reply: stream it anyway, so the
@@ -612,21 +636,63 @@ class Worker:
             changed = True
         key = job.model_key
         keep_alive: object | None = None
+        releases = None
         if waiting_after > 0:
             if dialect.carries_keep_alive:
                 body["keep_alive"] = self._pin_keep_alive
                 changed = True
             elif key not in self._pins:
                 keep_alive = self._pin_keep_alive  # once: the requests that follow leave it alone
-            self._pins[key] = _Pin(job.endpoint, job.model, key_load_options(key))
-        elif self._pins.pop(key, None) is not None:
+            # Recorded before the request goes, so that whatever becomes of it the pin is known.
+            self._pins[key] = self._known[key] = _Pin(job.endpoint, job.model, key_load_options(key))
+        elif (releases := self._pins.get(key)) is not None:
             # The last job of this drain hands Ollama back its own expiry.
             if dialect.carries_keep_alive:
-                body.setdefault("keep_alive", self._release_keep_alive)
+                body.setdefault("keep_alive", self._release_value())
                 changed = True
             else:
-                keep_alive = self._release_keep_alive
-        return json.dumps(body, separators=(",", ":")).encode() if changed else job.body, keep_alive
+                keep_alive = self._release_value()
+        body_bytes = json.dumps(body, separators=(",", ":")).encode() if changed else job.body
+        return body_bytes, keep_alive, releases
+
+    def _unpinned(self, key: str, released: _Pin | None) -> None:
+        """A request that hands `key` back was accepted: forget the pin, unless a later job pinned it anew."""
+        if released is not None and self._pins.get(key) is released:
+            del self._pins[key]
+
+    def _release_value(self) -> object:
+        """The keep_alive a released model gets: FOREMAN_RELEASE_KEEP_ALIVE, else Ollama's own default."""
+        if self._release_keep_alive is not None:
+            return self._release_keep_alive
+        if self._server_keep_alive is not None:
+            return self._server_keep_alive
+        return _OLLAMA_DEFAULT_KEEP_ALIVE  # not learned yet: what Ollama uses when OLLAMA_KEEP_ALIVE is unset
+
+    async def _release_pins(self, reason: str) -> None:
+        """Hand every model foreman still pins back to Ollama's expiry (idle, or shutting down).
+
+        A release is a load request, so only models Ollama still holds get
+        one: the others have no pin left to release, and would be loaded.
+        """
+        if not self._pins:
+            return
+        try:
+            await self._read_residency()
+        except UpstreamUnreachable:
+            self._pins.clear()  # an Ollama that comes back has nothing loaded
+            return
+        resident = self._resident or frozenset()
+        for key, pin in sorted(self._pins.items()):
+            del self._pins[key]
+            if key not in resident:
+                continue
+            keep_alive = self._release_value()
+            try:
+                await self._upstream.load(pin.endpoint, pin.model, pin.options, keep_alive)
+            except (UpstreamUnreachable, UpstreamFailed, UpstreamRejected) as exc:
+                log.warning("model.unpin_failed", model=key, reason=reason, error=exc.message)
+                continue
+            log.info("model.unpinned", model=key, keep_alive=keep_alive, reason=reason)
 
     async def _swap(self, claim: Claim) -> bool:
         """Load the claimed job's model, pinned, and log why and what the swap cost.
@@ -645,7 +711,16 @@ class Worker:
         options = key_load_options(key)
         expected = self._costs.costs().load_s.get(key)
         started = time.monotonic()
-        load = self._upstream.load(job.endpoint, job.model, options, self._pin_keep_alive)
+        # The load sets the model's expiry as it will be after the drain: the
+        # jobs pin it while work waits. So a load that is given up or whose job
+        # fails leaves no pin behind. Until foreman knows Ollama's default, it
+        # lets Ollama apply it, and reads it off the loaded model.
+        learning = self._release_keep_alive is None and self._server_keep_alive is None
+        keep_alive = None if learning else self._release_value()
+        if keep_alive in (0, "0", "0s"):
+            keep_alive = self._pin_keep_alive  # expiring at once would unload it before its job
+            self._pins[key] = self._known[key] = _Pin(job.endpoint, job.model, options)
+        load = self._upstream.load(job.endpoint, job.model, options, keep_alive)
         if not self._policy.may_abandon(decision):
             await load
         elif await self._abandoned(asyncio.create_task(load), decision):
@@ -662,9 +737,11 @@ class Worker:
             self._work.set()
             return False
         load_s = time.monotonic() - started
+        if learning:
+            await self._learn_server_keep_alive(key)
         self._costs.record_load(key, load_s)
         self._state = self._state.loaded(key, self._clock())
-        self._pins[key] = self._known[key] = _Pin(job.endpoint, job.model, options)
+        self._known[key] = _Pin(job.endpoint, job.model, options)
         self._loaded_as[key_model_name(key)] = key
         self._resident = None  # read /api/ps again before the next pick
         self._work.set()  # with FOREMAN_PARALLEL > 1, more jobs for this model may start now
@@ -687,6 +764,17 @@ class Worker:
             learned_load_s=None if expected is None else round(expected, 3),
         )
         return True
+
+    async def _learn_server_keep_alive(self, key: str) -> None:
+        """Read Ollama's default keep_alive off a model it has just loaded without one."""
+        try:
+            left = await self._upstream.expires_in(key_model_name(key))
+        except (UpstreamUnreachable, UpstreamFailed, UpstreamRejected):
+            return  # next time
+        # Not listed: Ollama unloaded it as soon as the load ended (OLLAMA_KEEP_ALIVE=0).
+        learned: object = 0 if left is None else -1 if math.isinf(left) else max(round(left), 0)
+        self._server_keep_alive = learned
+        log.info("ollama.keep_alive", default=learned, model=key)
 
     async def _abandoned(self, load: asyncio.Task[None], decision: Decision) -> bool:
         """Wait for `load`; True if it was cancelled because the policy gives it up.
@@ -730,9 +818,12 @@ class Worker:
                 continue
             pinned = key in self._pins
             waiting = waiting_now.get(key, 0)
+            if pinned and (key not in (self._resident or ())):
+                del self._pins[key]  # gone already; a release would load it again
+                continue
             if pinned and (key == evict or waiting == 0):
                 pin = self._pins.pop(key)
-                keep_alive = self._release_keep_alive
+                keep_alive = self._release_value()
                 event, why = "model.unpinned", "make_room" if key == evict else "idle"
             elif not pinned and key != evict and waiting > 0 and key in self._known:
                 pin = self._pins[key] = self._known[key]
@@ -845,6 +936,7 @@ class Worker:
     def _note_upstream_ok(self) -> None:
         if self._upstream_down:
             self._upstream_down = False
+            self._server_keep_alive = None  # a restarted Ollama may have another default
             log.info("upstream.back", url=self._upstream.base_url)
 
 

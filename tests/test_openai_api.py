@@ -266,12 +266,12 @@ async def test_v1_jobs_are_pinned_by_load_requests(
     await asyncio.gather(first, *tasks)
     sent = [(r.path, r.prompt, (r.body or {}).get("keep_alive")) for r in stub.requests]
     assert sent == [
-        ("/api/chat", None, -1),  # the swap loads the model pinned
-        ("/api/chat", "first", "5m"),  # alone when it started: releases
-        ("/api/chat", None, -1),  # "a" has work behind it: pin again, once
+        ("/api/chat", None, None),  # the swap loads the model with Ollama's default
+        ("/api/chat", "first", None),  # alone when it started: as it came
+        ("/api/chat", None, -1),  # "a" has work behind it: pin, once
         (CHAT, "a", None),
         (CHAT, "b", None),
-        ("/api/chat", None, "5m"),  # before the last /v1 job of the drain: release
+        ("/api/chat", None, 300),  # before the last /v1 job of the drain: release to Ollama's default
         (CHAT, "c", None),
     ]
     assert stub.loads == ["llama3:latest"] and stub.keep_alive("llama3") == 300
