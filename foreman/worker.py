@@ -772,7 +772,9 @@ class Worker:
         except (UpstreamUnreachable, UpstreamFailed, UpstreamRejected):
             return  # next time
         # Not listed: Ollama unloaded it as soon as the load ended (OLLAMA_KEEP_ALIVE=0).
-        learned: object = 0 if left is None else -1 if math.isinf(left) else max(round(left), 0)
+        # Otherwise the time left falls short of the default by the moments since
+        # Ollama set it: rounding up gives back a default of whole seconds.
+        learned: object = 0 if left is None else -1 if math.isinf(left) else max(math.ceil(left), 0)
         self._server_keep_alive = learned
         log.info("ollama.keep_alive", default=learned, model=key)
 
