@@ -46,25 +46,35 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _split_host(header: str) -> str:
-    host = header.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[1:end] if end > 0 else host
-    if host.count(":") == 1:
-        host = host.split(":", 1)[0]
+    """The host part as Go's ``net.SplitHostPort`` gives it, or the whole header where it fails."""
+    colon = header.rfind(":")
+    if colon < 0:
+        return header
+    if header.startswith("["):
+        end = header.find("]")
+        if end < 0 or end + 1 != colon:
+            return header  # "[::1]" without a port fails, and stays as it is
+        host, after_host = header[1:end], end + 1
+    else:
+        host, after_host = header[:colon], 0
+        if ":" in host:
+            return header
+    if "[" in header[1 if header.startswith("[") else 0 :] or "]" in header[after_host:]:
+        return header
     return host
 
 
 def host_allowed(header: str) -> bool:
     """Whether Ollama would serve a request with this ``Host`` header on loopback."""
-    host = _split_host(header)
+    host = _split_host(header).lower()
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         address = None
     if address is not None:
-        private = any(address in net for net in _PRIVATE if net.version == address.version)
-        return address.is_loopback or private or address.is_unspecified
+        plain = address.ipv4_mapped or address if isinstance(address, ipaddress.IPv6Address) else address
+        private = any(plain in net for net in _PRIVATE if net.version == plain.version)
+        return plain.is_loopback or private or address.is_unspecified
     if host in ("", "localhost", socket.gethostname().lower()):
         return True
     return host.endswith((".localhost", ".local", ".internal"))
