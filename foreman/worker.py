@@ -695,7 +695,7 @@ class Worker:
             log.info("model.unpinned", model=key, keep_alive=keep_alive, reason=reason)
 
     async def _swap(self, claim: Claim) -> bool:
-        """Load the claimed job's model, pinned, and log why and what the swap cost.
+        """Load the claimed job's model (with the release keep_alive), and log why and what the swap cost.
 
         Returns False when the load was given up for an interactive job that
         arrived meanwhile (`Policy.abandons`); the job is back in the queue,
