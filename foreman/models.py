@@ -90,6 +90,7 @@ class Job:
     routing: str | None = None  # as NewJob.routing
     served_model: str | None = None  # for an alias job: the model picked to serve it
     cache: str | None = None  # "no-cache" as asked, or how the embedding cache served it: "hit", "partial"
+    not_before: float | None = None  # held back after a failure until then (while queued)
 
     @property
     def queue_wait(self) -> float | None:

@@ -31,6 +31,8 @@ def job_view(
         "run_s": _round(job.run_time if job.finished_at is not None else _since(job.started_at, now)),
         "status": job.status,
         "error": job.error,
+        # After a failure: the job waits until then while the worker serves others.
+        "not_before": iso(job.not_before) if job.state is JobState.QUEUED else None,
     }
     if job.cache is not None:
         view["cache"] = (

@@ -34,9 +34,9 @@ async def status(request: web.Request) -> web.Response:
         {
             "model": key,
             "priority": priority,
-            "waiting": waiting[key, priority].waiting,
-            "oldest_job": waiting[key, priority].oldest_id,
-            "oldest_at": iso(waiting[key, priority].oldest_at),
+            "waiting": waiting[key, priority].queued,
+            "oldest_job": waiting[key, priority].first[0],
+            "oldest_at": iso(waiting[key, priority].first[1]),
         }
         for key, priority in worker.drain_order_now()(queues)
     ]

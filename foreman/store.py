@@ -22,9 +22,9 @@ from foreman import embed_store
 from foreman.embed_store import CachedVector, CacheEntry, CacheStats, EmbedCacheTable
 from foreman.errors import Conflict, ForemanError, QueueFull, StoreError, Unavailable
 from foreman.models import Job, JobState, NewJob, Priority
-from foreman.scheduler import Decision, ModelQueue
+from foreman.scheduler import Decision, Held, ModelQueue
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # Marks the file as foreman's (PRAGMA application_id): "FRMN".
 APPLICATION_ID = 0x46524D4E
 
@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     priority        TEXT NOT NULL DEFAULT 'interactive',  -- interactive or batch
     routing         TEXT,           -- alias jobs: JSON {alias, route, rule}
     served_model    TEXT,           -- alias jobs: the model picked to serve it
-    cache           TEXT            -- embeddings: 'no-cache' (asked), 'hit' or 'partial' (served from the cache)
+    cache           TEXT,           -- embeddings: 'no-cache' (asked), 'hit' or 'partial' (served from the cache)
+    not_before      REAL            -- put back after a failure: not to run before this time
 );
 -- The pick: the oldest queued job of a model in a class is the first entry under (key, class).
 CREATE INDEX IF NOT EXISTS jobs_queued_by_class ON jobs (model_key, priority, id) WHERE state = 'queued';
@@ -58,6 +59,8 @@ CREATE INDEX IF NOT EXISTS jobs_queued_by_class ON jobs (model_key, priority, id
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+-- The jobs held back after a failure, read at boot: few, so a small partial index.
+CREATE INDEX IF NOT EXISTS jobs_held ON jobs (not_before) WHERE state = 'queued' AND not_before IS NOT NULL;
 -- Retention finds old finished jobs without scanning the queue.
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE state IN ('done', 'failed', 'cancelled');
 
@@ -92,12 +95,17 @@ _MIGRATIONS: dict[int, str] = {
     5: """
     ALTER TABLE jobs ADD COLUMN cache TEXT;
     """,
+    # Not-before times: no job was held back before them.
+    6: """
+    ALTER TABLE jobs ADD COLUMN not_before REAL;
+    """,
 }
 _OUR_TABLES = frozenset({"jobs", "chunks", "embed_cache"})
 
 _COLUMNS = (
     "id, state, endpoint, model, model_key, stream, body, attempt,"
-    " created_at, started_at, finished_at, status, error, result, respond_async, priority, routing, served_model, cache"
+    " created_at, started_at, finished_at, status, error, result, respond_async, priority, routing, served_model, cache,"
+    " not_before"
 )
 
 # The same columns for pages of jobs, which show neither the request nor the
@@ -183,6 +191,13 @@ class Store:
         ):
             self._count(key, Priority(priority), count)
         self._cache = EmbedCacheTable(self._db)
+        # Queued jobs put back after a failure, per (key, class), with their not-before times.
+        self._held: dict[tuple[str, Priority], dict[str, Held]] = {}
+        for job_id, key, priority, created_at, not_before in self._db.execute(
+            "SELECT id, model_key, priority, created_at, not_before FROM jobs INDEXED BY jobs_held"
+            " WHERE state = 'queued' AND not_before IS NOT NULL"
+        ):
+            self._hold(key, Priority(priority), Held(job_id, created_at, not_before))
         self.path = path
 
     def _prepare(self, path: Path, sync: str) -> None:
@@ -238,6 +253,14 @@ class Store:
     def _count(self, key: str, priority: Priority, delta: int) -> None:
         self._waiting[key] += delta
         self._by_class[key, priority] += delta
+
+    def _hold(self, key: str, priority: Priority, held: Held) -> None:
+        self._held.setdefault((key, priority), {})[held.job_id] = held
+
+    def _release(self, key: str, priority: Priority, job_id: str) -> None:
+        group = self._held.get((key, priority))
+        if group is not None and group.pop(job_id, None) is not None and not group:
+            del self._held[key, priority]
 
     def close(self) -> None:
         self._db.close()
@@ -361,37 +384,55 @@ class Store:
         return count
 
     def queues(self) -> list[ModelQueue]:
-        """What waits, per model key and class: one index lookup each for the oldest job."""
+        """What waits, per model key and class: one index lookup each for the oldest job not held back.
+
+        Held jobs (put back after a failure, with a not-before time) come as
+        they are; whether their time has come is the policy's to say.
+        """
         queues = []
         for (key, priority), waiting in self._by_class.items():
             if waiting <= 0:
                 continue
-            oldest, oldest_at = self._db.execute(
-                "SELECT id, created_at FROM jobs WHERE state = 'queued' AND model_key = ? AND priority = ?"
-                " ORDER BY id LIMIT 1",
-                (key, priority),
-            ).fetchone()
-            queues.append(ModelQueue(key, priority, waiting, oldest, oldest_at))
+            held = self._held.get((key, priority), {})
+            free = waiting - len(held)
+            oldest, oldest_at = "", 0.0
+            if free > 0:
+                # Held jobs are few: skipping them in the index costs little.
+                oldest, oldest_at = self._db.execute(
+                    "SELECT id, created_at FROM jobs WHERE state = 'queued' AND model_key = ? AND priority = ?"
+                    f" {'AND not_before IS NULL' if held else ''} ORDER BY id LIMIT 1",
+                    (key, priority),
+                ).fetchone()
+            queues.append(ModelQueue(key, priority, free, oldest, oldest_at, tuple(held.values())))
         return queues
 
     def claim_next(self, choose: Callable[[list[ModelQueue]], Decision | None], now: float) -> Claim | None:
-        """Let `choose` pick a model from what waits, and take that model's oldest job."""
+        """Let `choose` pick from what waits, and take the job it names (else its group's oldest)."""
         decision = choose(self.queues())
         if decision is None:
             return None
         state = JobState.LOADING if decision.swap else JobState.WORKING
-        row = self._db.execute(
-            f"UPDATE jobs SET state = ?, started_at = ?"
-            f" WHERE id = (SELECT id FROM jobs WHERE state = 'queued' AND model_key = ? AND priority = ?"
-            f" ORDER BY id LIMIT 1) RETURNING {_COLUMNS}",
-            (state, now, decision.model_key, decision.priority),
-        ).fetchone()
+        if decision.job_id is not None:
+            row = self._db.execute(
+                f"UPDATE jobs SET state = ?, started_at = ?, not_before = NULL"
+                f" WHERE id = ? AND state = 'queued' RETURNING {_COLUMNS}",
+                (state, now, decision.job_id),
+            ).fetchone()
+        else:
+            row = self._db.execute(
+                f"UPDATE jobs SET state = ?, started_at = ?, not_before = NULL"
+                f" WHERE id = (SELECT id FROM jobs WHERE state = 'queued' AND model_key = ? AND priority = ?"
+                f" ORDER BY id LIMIT 1) RETURNING {_COLUMNS}",
+                (state, now, decision.model_key, decision.priority),
+            ).fetchone()
         if row is None:
             raise RuntimeError(
                 f"no queued {decision.priority} job for {decision.model_key!r} although one was counted"
             )
-        self._count(decision.model_key, decision.priority, -1)
-        return Claim(_job_from_row(row), decision, self._waiting[decision.model_key])
+        job = _job_from_row(row)
+        self._count(job.model_key, job.priority, -1)
+        self._release(job.model_key, job.priority, job.id)
+        return Claim(job, decision, self._waiting[decision.model_key])
 
     def set_state(self, job_id: str, state: JobState) -> None:
         self._db.execute("UPDATE jobs SET state = ? WHERE id = ?", (state, job_id))
@@ -447,19 +488,23 @@ class Store:
         ).rowcount
         return bool(ended)
 
-    def requeue(self, job: Job, *, attempt: int, error: str | None) -> None:
+    def requeue(self, job: Job, *, attempt: int, error: str | None, not_before: float | None = None) -> None:
         """Put a running job back in line, keeping its place (its id).
 
         It is counted under the key it is stored with: an alias job's, not
-        that of the model it was about to run on.
+        that of the model it was about to run on. With `not_before`, it may
+        not run before that time: it failed, and the worker serves other work
+        meanwhile.
         """
         row = self._db.execute(
-            "UPDATE jobs SET state = 'queued', attempt = ?, error = ?, served_model = NULL"
+            "UPDATE jobs SET state = 'queued', attempt = ?, error = ?, served_model = NULL, not_before = ?"
             " WHERE id = ? AND state IN ('loading', 'working') RETURNING model_key",
-            (attempt, error, job.id),
+            (attempt, error, not_before, job.id),
         ).fetchone()
         if row is not None:
             self._count(row[0], job.priority, 1)
+            if not_before is not None:
+                self._hold(row[0], job.priority, Held(job.id, job.created_at, not_before))
 
     def set_served(self, job_id: str, model: str) -> None:
         """Record which model serves an alias job."""
@@ -476,6 +521,7 @@ class Store:
         if row is None:
             return False
         self._count(row[0], Priority(row[1]), -1)
+        self._release(row[0], Priority(row[1]), job_id)
         return True
 
     def get(self, job_id: str) -> Job | None:
@@ -571,23 +617,25 @@ class Store:
         Interactive jobs come before batch ones, each class oldest first, as the policy would serve them.
         """
         marks = ",".join("?" * len(endpoints))
+        # A job held back after a failure joins only once its time has come.
         rows = self._db.execute(
             f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' AND model_key = ? AND endpoint IN ({marks})"
-            f" ORDER BY priority = 'batch', id LIMIT ?",
-            (model_key, *endpoints, scan),
+            f" AND (not_before IS NULL OR not_before <= ?) ORDER BY priority = 'batch', id LIMIT ?",
+            (model_key, *endpoints, now, scan),
         ).fetchall()
         chosen = set(pick([_job_from_row(row) for row in rows]))
         if not chosen:
             return []
         ids = sorted(chosen)
         taken = self._db.execute(
-            f"UPDATE jobs SET state = 'working', started_at = ? WHERE state = 'queued'"
+            f"UPDATE jobs SET state = 'working', started_at = ?, not_before = NULL WHERE state = 'queued'"
             f" AND id IN ({','.join('?' * len(ids))}) RETURNING {_COLUMNS}",
             (now, *ids),
         ).fetchall()
         jobs = sorted((_job_from_row(row) for row in taken), key=lambda job: job.id)
         for job in jobs:
             self._count(job.model_key, job.priority, -1)
+            self._release(job.model_key, job.priority, job.id)
         return jobs
 
     # The embedding cache (see foreman/embed_store.py).
@@ -669,6 +717,7 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
         routing,
         served_model,
         cache,
+        not_before,
     ) = row
     return Job(
         id=id_,
@@ -690,6 +739,7 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
         routing=routing,
         served_model=served_model,
         cache=cache,
+        not_before=not_before,
     )
 
 

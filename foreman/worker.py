@@ -23,14 +23,21 @@ from foreman.aliases import Why, alias_of, fold, is_alias_key, waiting_for
 from foreman.dialects import dialect_for
 from foreman.embed_batch import Batch, EmbedBatcher
 from foreman.embeddings import EmbedRequest
-from foreman.errors import TRANSIENT, UpstreamFailed, UpstreamRejected, UpstreamUnreachable, error_message
+from foreman.errors import (
+    TRANSIENT,
+    UpstreamFailed,
+    UpstreamRejected,
+    UpstreamUnreachable,
+    error_message,
+    is_memory_error,
+)
 from foreman.events import Chunk, Ended, JobEvents, StateChanged
 from foreman.feed import QueueFeed
 from foreman.metrics import Metrics
 from foreman.models import JSON_TYPE, STREAMED_ENDPOINTS, Job, JobState, ModelStats, Priority
 from foreman.names import key_load_options, key_model_name
 from foreman.retry import RetryPolicy, Sleep
-from foreman.scheduler import CostBook, Decision, ModelQueue, Policy, Reason, State, drain_order
+from foreman.scheduler import CostBook, Decision, ModelQueue, Policy, Reason, State, drain_order, next_due
 from foreman.store import AsyncStore, Claim, Store
 from foreman.upstream import Upstream
 from foreman.warm import Warmer
@@ -69,6 +76,7 @@ class StreamBroken(Exception):
 @dataclass(slots=True)
 class _Running:
     job_id: str
+    model_key: str
     task: asyncio.Task[Exception | None]
     aborted: bool = False
 
@@ -143,6 +151,7 @@ class Worker:
         self._upstream_down = False
         self._stopping = False
         self._idle_since: float | None = None  # when the queue last ran dry
+        self._due: float | None = None  # when the next held job may run, if only held jobs wait
         self.swaps = 0
         self.last_error: tuple[float, str] | None = None  # (when, what)
 
@@ -211,7 +220,7 @@ class Worker:
                 await self._read_residency()
             self._work.set()  # jobs may be waiting from before a restart
             while True:
-                await self._work.wait()
+                await self._wait_for_work()
                 self._work.clear()
                 try:
                     await self._drain()
@@ -293,8 +302,11 @@ class Worker:
             state = replace(self._state, resident=self._resident or frozenset())
             upcoming: list[str | None] = []
             picked: list[_Picked] = []
-            claim = await self._store.run(Store.claim_next, self._chooser(state, now, upcoming, picked), now)
+            due: list[float] = []
+            chooser = self._chooser(state, now, upcoming, picked, due)
+            claim = await self._store.run(Store.claim_next, chooser, now)
             if claim is None:
+                self._due = due[0] if due else None
                 if not self._tasks:
                     # Idle: other clients and keep_alive expiry may change what
                     # Ollama holds before the next job comes. A pin left by a
@@ -302,7 +314,7 @@ class Worker:
                     await self._release_pins("idle")
                     self._idle_since = time.monotonic()
                     return
-                await self._work.wait()
+                await self._wait_for_work()
                 continue
             claim = await self._resolved(claim, picked[0])
             self._picked_from, self._state = state, state.after(claim.decision, now)
@@ -334,14 +346,29 @@ class Worker:
             if following is not None and following != state.serving:
                 self._warmer.prepare(following)
 
+    async def _wait_for_work(self) -> None:
+        """Until something wakes the worker, or the time of the next held job comes."""
+        if self._due is None:
+            await self._work.wait()
+            return
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._work.wait(), max(0.0, self._due - self._clock()))
+        self._due = None
+
     def _chooser(
-        self, state: State, now: float, upcoming: list[str | None], picked: list[_Picked]
+        self,
+        state: State,
+        now: float,
+        upcoming: list[str | None],
+        picked: list[_Picked],
+        due: list[float],
     ) -> Callable[[list[ModelQueue]], Decision | None]:
         """The pick the store runs (on its own thread) against what waits.
 
         Alias jobs count with the model that would serve them now (see
         `foreman.aliases`). The policy's decision, which names that model, goes
         to `picked`; the store gets one that names the stored key to claim from.
+        When nothing is free to run, `due` gets the time the next held job may.
         """
         busy = bool(self._tasks)
         costs = self._costs.costs()
@@ -352,6 +379,8 @@ class Worker:
             folded = fold(queues, state.resident)
             decision = policy.pick(folded.queues, state, now, costs)
             if decision is None:
+                if (when := next_due(queues, now)) is not None:
+                    due.append(when)
                 return None
             if busy and (decision.swap or decision.model_key != state.serving):
                 # Never two models at once: this one waits until the jobs in flight end.
@@ -359,7 +388,7 @@ class Worker:
             if want_upcoming:
                 # The model after this one: the one this claim serves counts as loaded.
                 upcoming.append(policy.upcoming(folded.queues, state.after(decision, now), now, costs))
-            source = folded.source(decision.model_key, decision.priority)
+            source = folded.source(decision.model_key, decision.priority, decision.job_id)
             why = folded.resolved[source][1] if is_alias_key(source) else None
             picked.append(_Picked(decision, folded.waiting(decision.model_key) - 1, why))
             return replace(decision, model_key=source)
@@ -404,7 +433,7 @@ class Worker:
             if batch is not None:
                 batch.leave(claim.job.id)  # a member that ended without the call must not hold it up
         if failure is not None:
-            await self._back_off(claim.job, failure)
+            await self._put_back(claim.job, failure)
 
     async def _lead(self, claim: Claim, request: EmbedRequest, waiting: int) -> Batch:
         """Gather the batch `claim`'s job leads, and start its companions.
@@ -495,7 +524,7 @@ class Worker:
             return None
         self._publish(job, StateChanged(job.state, job.attempt, model=job.model))
         task = asyncio.create_task(self._execute(claim, batch))
-        self._running[job.id] = running = _Running(job.id, task)
+        self._running[job.id] = running = _Running(job.id, job.model_key, task)
         try:
             return await task
         except asyncio.CancelledError:
@@ -555,6 +584,8 @@ class Worker:
             bound.warning("job.failed", status=200, error=exc.error, after="output")
             return None
         except TRANSIENT as exc:
+            if claim.decision.swap:
+                self._resident = None  # the load failed: what Ollama holds now is for /api/ps to say
             return exc
         self._note_upstream_ok()
         if not claim.decision.swap and load_ns > _RELOAD_HINT_NS:
@@ -726,7 +757,7 @@ class Worker:
         elif await self._abandoned(asyncio.create_task(load), decision):
             await self._store.run(Store.requeue, job, attempt=job.attempt, error=None)
             self._publish(job, StateChanged(JobState.QUEUED, job.attempt))
-            self._state, self._resident = self._picked_from, None
+            self._state, self._resident = self._picked_from.gave_up(decision), None
             log.info(
                 "model.load_abandoned",
                 model=key,
@@ -836,16 +867,25 @@ class Worker:
             await self._upstream.load(pin.endpoint, pin.model, pin.options, keep_alive)
             log.info(event, model=key, keep_alive=keep_alive, reason=why)
 
-    async def _back_off(self, job: Job, failure: Exception) -> None:
-        """Requeue (or finally fail) a job after a transient failure, then wait."""
+    async def _put_back(self, job: Job, failure: Exception) -> None:
+        """Requeue (or finally fail) a job after a transient failure.
+
+        A failure of the job's own (Ollama's 5xx, a stream broken before any
+        output went out) holds back only that job: it goes back with a
+        not-before time, keeps its place, and the worker serves other work
+        meanwhile. Only an unreachable Ollama holds the whole queue: the
+        worker waits out the backoff before it goes on.
+        """
         attempt = job.attempt + 1
         bound = log.bind(model=job.model_key, job_id=job.id, endpoint=job.endpoint, attempt=attempt)
+        unreachable = isinstance(failure, UpstreamUnreachable)
         if isinstance(failure, UpstreamUnreachable):
             self._note_outage(failure)
             self._resident = None  # Ollama may come back with nothing loaded
         message = getattr(failure, "message", str(failure))
-        self._metrics.upstream_error("unreachable" if isinstance(failure, UpstreamUnreachable) else "failed")
+        self._metrics.upstream_error("unreachable" if unreachable else "failed")
         self.last_error = (self._clock(), message)
+        delay = self._retry.delay(attempt)
         if attempt >= self._retry.max_attempts:
             if isinstance(failure, UpstreamFailed) and failure.body:
                 status, body = failure.status, failure.body
@@ -854,12 +894,42 @@ class Worker:
             await self._end(job, JobState.FAILED, status, body, error=message, attempt=attempt)
             bound.warning("job.failed", status=status, error=message)
         else:
-            await self._store.run(Store.requeue, job, attempt=attempt, error=message)
+            if is_memory_error(message):
+                await self._free_memory(keep=job.model_key)
+            not_before = None if unreachable else self._clock() + delay
+            await self._store.run(Store.requeue, job, attempt=attempt, error=message, not_before=not_before)
             self._output.pop(job.id, None)
             self._publish(job, StateChanged(JobState.QUEUED, attempt))
             self._metrics.retried()
-            bound.info("job.retry", error=message)
-        await self._sleep(self._retry.delay(attempt))
+            bound.info("job.retry", error=message, retry_in_s=round(delay, 3), holds_queue=unreachable)
+        if unreachable:
+            await self._sleep(delay)
+
+    async def _free_memory(self, keep: str) -> None:
+        """Ollama ran out of memory for `keep`: unload every other model foreman loaded that has no job running.
+
+        Ollama frees memory only by evicting idle models, and a model pinned
+        by foreman, or released with a long keep_alive, may stay; unloading
+        them (keep_alive 0) gives the retry room.
+        """
+        try:
+            names = await self._upstream.resident_models()
+        except (UpstreamUnreachable, UpstreamFailed, UpstreamRejected) as exc:
+            log.warning("model.unpin_failed", reason="memory", error=exc.message)
+            return
+        held = {self._loaded_as.get(name, name) for name in names} | set(self._pins)
+        busy = {running.model_key for running in self._running.values()}
+        for key in sorted(held - busy - {keep}):
+            pin = self._pins.pop(key, None) or self._known.get(key)
+            if pin is None:
+                continue  # loaded by another program: not foreman's to unload
+            try:
+                await self._upstream.load(pin.endpoint, pin.model, pin.options, 0)
+            except (UpstreamUnreachable, UpstreamFailed, UpstreamRejected) as exc:
+                log.warning("model.unpin_failed", model=key, reason="memory", error=exc.message)
+                continue
+            log.info("model.unpinned", model=key, keep_alive=0, reason="memory", for_model=keep)
+        self._resident = None
 
     async def _end(
         self,

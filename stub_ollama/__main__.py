@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 
+from .faults import DEFAULT_ERROR
 from .keepalive import KeepAliveError, parse_env_keep_alive
 from .names import normalise
 from .server import StubServer
@@ -95,6 +96,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="default keep_alive, e.g. 5m or 300 (default: OLLAMA_KEEP_ALIVE, else 300 s)",
     )
     parser.add_argument(
+        "--fail-model",
+        type=_names,
+        default=[],
+        help="comma-separated models every inference request for which fails (Faults.fail_model)",
+    )
+    parser.add_argument(
+        "--fail-status",
+        type=int,
+        default=500,
+        help="status of --fail-model's failures (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--fail-error",
+        default=DEFAULT_ERROR,
+        help="error message of --fail-model's failures (default: %(default)r)",
+    )
+    parser.add_argument(
+        "--fail-loads", action="store_true", help="--fail-model's load requests fail too, not only its jobs"
+    )
+    parser.add_argument(
         "--num-parallel",
         type=int,
         default=defaults.num_parallel,
@@ -139,9 +160,12 @@ def settings_from_args(args: argparse.Namespace) -> StubSettings:
     )
 
 
-async def _serve(settings: StubSettings, host: str, port: int) -> None:
+async def _serve(settings: StubSettings, host: str, port: int, args: argparse.Namespace) -> None:
     server = StubServer(settings)
     await server.start(host, port)
+    for name in args.fail_model:
+        model = normalise(name) or name
+        server.stub.faults.fail_model(model, args.fail_status, args.fail_error, include_loads=args.fail_loads)
     logging.getLogger("stub_ollama").info(
         "stub Ollama listening on %s (models: %s)", server.url, ", ".join(server.stub.installed())
     )
@@ -168,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(settings, args.host, args.port))
+        asyncio.run(_serve(settings, args.host, args.port, args))
     return 0
 
 

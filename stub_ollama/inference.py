@@ -493,14 +493,14 @@ async def _run(
     request: web.Request, stub: Stub, call: Call, record: StubRequest, t_start: int
 ) -> web.StreamResponse:
     faults = stub.faults
-    if call.model.kind == "embedding" and call.endpoint in ("chat", "generate"):
-        unloading = call.is_load and call.keep_alive == 0
-        if not unloading:
-            raise RequestError(400, f'"{call.model_sent}" does not support {call.endpoint}')
+    unloading = call.is_load and call.keep_alive == 0
+    if call.model.kind == "embedding" and call.endpoint in ("chat", "generate") and not unloading:
+        raise RequestError(400, f'"{call.model_sent}" does not support {call.endpoint}')
     release = faults.take_hang(call.is_load)
     if release is not None:
         await faults.hang(release)
-    fail = faults.take_fail(call.is_load)
+    # A broken model still unloads: that is how a client makes room.
+    fail = faults.take_fail(call.is_load, None if unloading else call.model.name)
     mid_stream = call.stream and not call.is_load
     if fail is not None and not (mid_stream and fail.after_chunks):
         record.outcome = "failed"

@@ -68,3 +68,22 @@ def test_embed_bench_runs_and_reports_every_target(tmp_path: Path) -> None:
     assert passes["ollama_calls"]["foreman_second"] == [0]  # the second pass is answered by the cache
     assert 0 < passes["ollama_calls"]["foreman_first"][0] <= 40
     assert result["memory"]["cache_bytes"]["end"] > result["memory"]["cache_bytes"]["start"]
+
+
+def test_failing_bench_runs_and_the_failing_job_ends_failed(tmp_path: Path) -> None:
+    """failing.py times the other jobs with and without a job Ollama always fails; that job fails after 4 attempts."""
+    result = run_script(
+        "failing.py",
+        tmp_path,
+        "--rounds",
+        "1",
+        "--jobs",
+        "4",
+        "--load-delay",
+        "0.05",
+        "--token-delay",
+        "0.005",
+    )
+    broken = next(r for r in result["rounds"] if r["case"] == "broken")
+    assert broken["others_done"] == 4
+    assert (broken["failing"]["state"], broken["failing"]["attempt"]) == ("failed", 4)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from ulid import ULID
 
-from foreman.models import JobState, NewJob, Priority
+from foreman.models import Job, JobState, NewJob, Priority
 from foreman.scheduler import Decision, ModelQueue, Policy, Reason, State
 from foreman.store import SCHEMA_VERSION, Store
 
@@ -106,6 +106,46 @@ def test_requeue_keeps_the_jobs_place(store: Store) -> None:
     again = store.claim_next(resident("a:latest"), now=0)
     assert again is not None and again.job.id == first.id and again.job.attempt == 1
     assert again.job.error == "refused"
+
+
+def test_a_held_job_waits_for_its_time_then_goes_first_again(store: Store) -> None:
+    """Put back with a not-before time, a job lets the younger ones run, then takes its place again."""
+    first, second, third = (new_job("a:latest", created=t) for t in (1.0, 2.0, 3.0))
+    for job in (first, second, third):
+        store.insert(job)
+    claim = store.claim_next(resident("a:latest"), now=5)
+    assert claim is not None and claim.job.id == first.id
+    store.requeue(claim.job, attempt=1, error="Ollama answered 500", not_before=20.0)
+    [queue] = store.queues()
+    assert (queue.waiting, queue.oldest_id, [h.job_id for h in queue.held]) == (2, second.id, [first.id])
+    assert store.get(first.id).not_before == 20.0  # type: ignore[union-attr]
+
+    def at(now: float):
+        return lambda queues: Policy().pick(queues, State(resident=frozenset({"a:latest"})), now=now)
+
+    during = store.claim_next(at(10), now=10)
+    assert during is not None and during.job.id == second.id
+    after = store.claim_next(at(20), now=20)
+    assert after is not None and after.job.id == first.id and after.job.not_before is None
+    assert store.queues()[0].held == ()
+
+
+def test_a_held_job_stays_held_across_a_restart(tmp_path: Path) -> None:
+    """The not-before time is in the database: a reopened store holds the job back just the same."""
+    store = Store(tmp_path / "q.db")
+    job = new_job("a:latest", created=1.0)
+    store.insert(job)
+    claim = store.claim_next(resident("a:latest"), now=2)
+    assert claim is not None
+    store.requeue(claim.job, attempt=1, error="boom", not_before=50.0)
+    store.close()
+    reopened = Store(tmp_path / "q.db")
+    [queue] = reopened.queues()
+    assert (queue.waiting, [(h.job_id, h.not_before) for h in queue.held]) == (0, [(job.id, 50.0)])
+    assert reopened.claim_next(lambda queues: Policy().pick(queues, State(), now=49), now=49) is None
+    assert reopened.cancel_queued(job.id, now=49)
+    assert reopened.queues() == []
+    reopened.close()
 
 
 def test_cancel_only_touches_queued_jobs(store: Store) -> None:
@@ -251,6 +291,39 @@ def test_a_schema_1_database_is_migrated_with_its_jobs_interactive(tmp_path: Pat
     db.close()
 
 
+def test_a_schema_5_database_gains_not_before_times(tmp_path: Path) -> None:
+    """The migration to schema 6 adds the column and its index; queued jobs stay free to run."""
+    from foreman import embed_store, store
+
+    # Schema 5 is today's schema without the column and its index.
+    lines = store._SCHEMA.splitlines()
+    kept = [line for line in lines if "not_before" not in line]
+    schema_5 = "\n".join(kept).replace("cache           TEXT,", "cache           TEXT")
+    assert len(kept) == len(lines) - 2
+    path = tmp_path / "v5.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        schema_5
+        + embed_store.SCHEMA
+        + f"""
+        INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at, priority)
+            VALUES ('01OLD', 'queued', '/api/chat', 'a', 'a:latest', 0, X'7B7D', 5.0, 'batch');
+        PRAGMA user_version = 5;
+        PRAGMA application_id = {store.APPLICATION_ID};
+        """
+    )
+    db.close()
+    store = Store(path)
+    [queue] = store.queues()
+    assert (queue.waiting, queue.oldest_id, queue.held) == (1, "01OLD", ())
+    store.close()
+    with closing(sqlite3.connect(path)) as db:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "not_before" in columns and "jobs_held" in indexes
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+
+
 def test_hot_path_queries_search_the_index_and_never_scan(store: Store, tmp_path: Path) -> None:
     """The queue snapshot and the claim stay index searches, so a million queued rows cost nothing more."""
     store.insert(new_job("a:latest"))
@@ -262,9 +335,14 @@ def test_hot_path_queries_search_the_index_and_never_scan(store: Store, tmp_path
     reads_and_claims = [sql for sql in statements if sql.lstrip().startswith(("SELECT", "UPDATE"))]
     assert len(reads_and_claims) == 2, statements  # the snapshot of what waits, then the claim
     with closing(sqlite3.connect(tmp_path / "q.db")) as db:
-        for sql in reads_and_claims:
-            plan = " | ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}"))
-            assert "jobs_queued_by_class" in plan and "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
+        plans = [
+            " | ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}")) for sql in reads_and_claims
+        ]
+    snapshot, claim = plans
+    assert "jobs_queued_by_class" in snapshot, snapshot
+    assert "sqlite_autoindex_jobs_1 (id=?)" in claim, claim  # the policy names the job: a key lookup
+    for plan in plans:
+        assert "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
 
 
 def test_insert_many_writes_all_or_nothing(store: Store, tmp_path: Path) -> None:
@@ -278,3 +356,25 @@ def test_insert_many_writes_all_or_nothing(store: Store, tmp_path: Path) -> None
     assert store.waiting("c:latest") == 1
     with closing(sqlite3.connect(tmp_path / "q.db")) as other:
         assert other.execute("SELECT count(*) FROM jobs").fetchone()[0] == 4
+
+
+def test_an_embed_job_held_after_a_failure_joins_a_batch_only_when_its_time_comes(store: Store) -> None:
+    """Companions for a batched embed call skip held jobs until their not-before time."""
+    from dataclasses import replace
+
+    held, other = (replace(new_job("e:latest", created=t), endpoint="/api/embed") for t in (1.0, 2.0))
+    store.insert(held)
+    store.insert(other)
+    claim = store.claim_next(resident("e:latest"), now=3)
+    assert claim is not None and claim.job.id == held.id
+    store.requeue(claim.job, attempt=1, error="boom", not_before=20.0)
+
+    def every(jobs: list[Job]) -> list[str]:
+        return [job.id for job in jobs]
+
+    early = store.claim_companions("e:latest", ["/api/embed"], every, now=10, scan=10)
+    assert [job.id for job in early] == [other.id]
+    assert store.queues()[0].held != ()
+    late = store.claim_companions("e:latest", ["/api/embed"], every, now=20, scan=10)
+    assert [job.id for job in late] == [held.id] and late[0].not_before is None
+    assert store.queues() == []
