@@ -64,10 +64,11 @@ def create_app(
     spells, `sleep` waits out backoffs: tests hand in fakes.
     """
     app = web.Application(client_max_size=config.max_body, middlewares=[error_middleware.errors])
+    # In Ollama's order: CORS first (it answers preflights itself), then the Host guard.
+    security.cors(app, config.origins)
     if security.is_loopback(config.host):
         # DNS rebinding only threatens a server that trusts "local" callers.
-        app.middlewares.append(security.host_guard(config.host, config.allowed_hosts))
-    security.cors(app, config.origins)
+        app.middlewares.append(security.host_guard(config.allowed_hosts))
     if config.token:
         app.middlewares.append(security.bearer_token(config.token, public=ui.PUBLIC_PATHS))
     app[CONFIG] = config

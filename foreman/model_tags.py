@@ -18,7 +18,7 @@ import aiohttp
 import structlog
 
 from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable
-from foreman.names import key_model_name
+from foreman.names import key_model_name, normalise_model
 from foreman.retry import Sleep
 from foreman.upstream import Upstream
 
@@ -63,6 +63,25 @@ class ModelTags:
                 log.debug("models.read_failed", error=exc.message)
                 return None
         return self._digests.get(key_model_name(model_key))
+
+    async def has(self, model: str) -> bool | None:
+        """Whether Ollama has `model` installed, read again once before a no; None if Ollama cannot say.
+
+        Intake refuses a model Ollama does not have, as Ollama does: a name
+        missing from the list makes it read `/api/tags` again, so a model pulled
+        a moment ago, even behind foreman's back, is found.
+        """
+        name = normalise_model(model)
+        if self._fresh and name in self._digests:
+            return True
+        if self._failed_at is not None and time.monotonic() - self._failed_at < _RETRY_AFTER_S:
+            return None
+        try:
+            await self.refresh()
+        except (UpstreamUnreachable, UpstreamFailed, UpstreamRejected) as exc:
+            log.debug("models.read_failed", error=exc.message)
+            return None
+        return name in self._digests
 
     async def refresh(self) -> None:
         """Read `/api/tags` (one read at a time: callers that come meanwhile share it)."""

@@ -94,8 +94,9 @@ class Job:
 
     @property
     def queue_wait(self) -> float | None:
-        """Seconds from arrival to the start of its latest attempt."""
-        return None if self.started_at is None else self.started_at - self.created_at
+        """Seconds from arrival to the start of its latest attempt, or to its end if it never started."""
+        waited_until = self.started_at if self.started_at is not None else self.finished_at
+        return None if waited_until is None else waited_until - self.created_at
 
     @property
     def run_time(self) -> float | None:

@@ -35,6 +35,10 @@ def _end_to_end(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 def forwarded_headers(request: web.Request) -> CIMultiDict[str]:
     headers = _end_to_end(request.headers)
+    # foreman's CORS check has let this origin in; Ollama's own would refuse
+    # the origins only foreman knows (FOREMAN_ORIGINS), as it never sees the
+    # ones of queued jobs either.
+    headers.popall(hdrs.ORIGIN, None)
     if request.app[CONFIG].token:
         headers.popall(hdrs.AUTHORIZATION, None)  # foreman's credential, not Ollama's
     return headers

@@ -12,10 +12,10 @@ from aiohttp import web
 from foreman.dialects import dialect_for
 from foreman.embed_intake import cache_answer, wants_no_cache
 from foreman.embeddings import EMBED_ENDPOINTS
-from foreman.errors import ForemanError
+from foreman.errors import ForemanError, NotFound
 from foreman.events import Chunk, Ended, JobEvent, StateChanged
 from foreman.intake import parse_job, parse_priority, request_hash
-from foreman.keys import CLOCK, CONFIG, EMBED_CACHE, EVENTS, FEED, METRICS, ROUTES, STORE, WORKER
+from foreman.keys import CLOCK, CONFIG, EMBED_CACHE, EVENTS, FEED, METRICS, MODEL_TAGS, ROUTES, STORE, WORKER
 from foreman.models import JSON_TYPE, JobState, NewJob, Priority
 from foreman.storage import CacheAnswer, Submission
 
@@ -45,6 +45,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         idempotency_key=request.headers.get("Idempotency-Key") if respond_async else None,
     )
     job = request.app[ROUTES].current.route(job)
+    await _require_installed(request, job)
     answer = None
     if job.endpoint in EMBED_ENDPOINTS:
         if wants_no_cache(request):
@@ -54,6 +55,25 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if respond_async:
         return await _accept(request, job, answer)
     return await _serve(request, job, answer)
+
+
+async def _require_installed(request: web.Request, job: NewJob) -> None:
+    """Refuse at once, as Ollama does, a model Ollama does not have; queue it when Ollama cannot tell."""
+    if job.routing is not None:
+        return  # an alias or a route: foreman's own name, for models its routes file names
+    source = job.model.rsplit(":", 1)[-1].strip().lower() if ":" in job.model else ""
+    if source in ("cloud", "local") or (source.endswith("-cloud") and "/" not in source):
+        return  # an explicit source (modelref.ParseRef): Ollama decides, maybe in its cloud
+    if await request.app[MODEL_TAGS].has(job.model) is False:
+        raise NotFound(_not_found(request.path, job.model))
+
+
+def _not_found(endpoint: str, model: str) -> str:
+    """Ollama's 404 message for a model it does not have, which differs by handler."""
+    if endpoint == "/api/embeddings":
+        # EmbeddingsHandler goes through handleScheduleError, which quotes with Go's %q.
+        return f"model {json.dumps(model)} not found, try pulling it first"
+    return f"model '{model}' not found"
 
 
 def prefers_async(request: web.Request) -> bool:
@@ -198,7 +218,7 @@ async def _finish(
             headers["x-should-retry"] = "false"
         return web.Response(
             status=ended.status,
-            body=dialect.client_error(ended.body) if failed else ended.body,
+            body=dialect.client_error(ended.body, ended.status) if failed else ended.body,
             headers=headers,
         )
     if ended.state is JobState.DONE:

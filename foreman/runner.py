@@ -184,7 +184,9 @@ class JobRunner:
         if job.id in self.cancel_requested:
             self.cancel_requested.discard(job.id)
             await self._end(job, JobState.CANCELLED, 499, error_body("request canceled"))
-            log.info("job.cancelled", job_id=job.id, before="start")
+            log.info(
+                "job.cancelled", job_id=job.id, model=job.model_key, endpoint=job.endpoint, before="start"
+            )
             return None
         self._publish(job, StateChanged(job.state, job.attempt, model=job.model))
         task = asyncio.create_task(self._execute(claim, start, batch))
@@ -194,7 +196,9 @@ class JobRunner:
         except asyncio.CancelledError:
             if running.aborted:
                 await self._end(job, JobState.CANCELLED, 499, error_body("request canceled"))
-                log.info("job.cancelled", job_id=job.id, before="end")
+                log.info(
+                    "job.cancelled", job_id=job.id, model=job.model_key, endpoint=job.endpoint, before="end"
+                )
                 return None
             # foreman is stopping: the job keeps its place and runs after the restart.
             await asyncio.shield(self._store.requeue(job, attempt=job.attempt, error=None))
@@ -314,11 +318,14 @@ class JobRunner:
 
     async def _call(self, job: Job, waiting_after: int) -> tuple[_Result, int]:
         """Send the job to Ollama; stream chunks to its waiters as they arrive."""
-        body, keep_alive = self._dispatch_body(job, waiting_after)
+        body, keep_alive, releases = self._dispatch_body(job, waiting_after)
         if keep_alive is not None:
             # The endpoint takes no keep_alive (Ollama's /v1): a load request sets it first.
             await self._upstream.load(job.endpoint, job.model, key_load_options(job.model_key), keep_alive)
+            self._residency.unpinned(job.model_key, releases)
         async with self._upstream.post(job.endpoint, body) as reply:
+            # Accepted: Ollama has applied the request's keep_alive to the model.
+            self._residency.unpinned(job.model_key, releases)
             if not reply.streamed:
                 data = await reply.read()
                 return _Result(data, reply.content_type, data), _load_ns(data)
@@ -345,19 +352,22 @@ class JobRunner:
         last = output[-1] if output else b""
         return _Result(b"", reply.content_type, dialect.merge(job.endpoint, output)), _load_ns(last)
 
-    def _dispatch_body(self, job: Job, waiting_after: int) -> tuple[bytes, object | None]:
+    def _dispatch_body(self, job: Job, waiting_after: int) -> tuple[bytes, object | None, object | None]:
         """The job's body with the keep_alive that pins or releases its model.
 
         Where the endpoint takes no keep_alive (Ollama's /v1), the keep_alive
         comes back beside the body instead, for a load request to set first.
+        The third value is the pin the request releases: it is forgotten once
+        Ollama has accepted the request, and released later if not.
         """
         residency = self._residency
         if not job.respond_async and waiting_after == 0 and not residency.pinned(job.model_key):
-            return job.body, None  # nothing to pin, release or ask for: send it as it came
+            return job.body, None, None  # nothing to pin, release or ask for: send it as it came
         dialect = dialect_for(job.endpoint)
         body = json.loads(job.body)
         if _is_unload(job.endpoint, body):
-            return job.body, None  # the client asked Ollama to unload: do exactly that
+            # The client asked Ollama to unload: do exactly that.
+            return job.body, None, residency.releasing(job.model_key)
         changed = False
         if job.respond_async and not job.stream and job.endpoint in STREAMED_ENDPOINTS:
             # Nobody holds a connection for the reply: stream it anyway, so the
@@ -365,6 +375,7 @@ class JobRunner:
             dialect.ask_stream(body)
             changed = True
         keep_alive: object | None = None
+        releases = None
         if waiting_after > 0:
             if dialect.carries_keep_alive:
                 body["keep_alive"] = residency.pin_keep_alive
@@ -372,17 +383,18 @@ class JobRunner:
             elif not residency.pinned(job.model_key):
                 keep_alive = residency.pin_keep_alive  # once: the requests that follow leave it alone
             residency.pin(job)
-        elif residency.release(job.model_key):
+        elif (releases := residency.releasing(job.model_key)) is not None:
             # The last job of this drain hands Ollama back its own expiry.
             if dialect.carries_keep_alive:
-                body.setdefault("keep_alive", residency.release_keep_alive)
+                body.setdefault("keep_alive", residency.release_value())
                 changed = True
             else:
-                keep_alive = residency.release_keep_alive
-        return json.dumps(body, separators=(",", ":")).encode() if changed else job.body, keep_alive
+                keep_alive = residency.release_value()
+        body_bytes = json.dumps(body, separators=(",", ":")).encode() if changed else job.body
+        return body_bytes, keep_alive, releases
 
     async def _swap(self, claim: Claim) -> bool:
-        """Load the claimed job's model, pinned, and log why and what the swap cost.
+        """Load the claimed job's model (with the release keep_alive), and log why and what the swap cost.
 
         Returns False when the load was given up for an interactive job that
         arrived meanwhile (`Policy.abandons`); the job is back in the queue,
@@ -416,7 +428,7 @@ class JobRunner:
             return False
         load_s = self._monotonic() - started
         self._driver.loaded(key, load_s, self._clock())
-        self._residency.loaded(job)  # and read /api/ps again before the next pick
+        await self._residency.loaded(job)  # and read /api/ps again before the next pick
         self._wakeups.look_again()  # with FOREMAN_PARALLEL > 1, more jobs for this model may start now
         self.swaps += 1
         self._metrics.swapped(load_s)

@@ -41,6 +41,8 @@ log = structlog.get_logger("foreman.worker")
 # Ollama holds. A shorter gap (a client sending requests one after another)
 # is not worth an extra round trip per request.
 _IDLE_RECHECK_S = 2.0
+# On SIGTERM, the pins foreman set are released within this many seconds.
+_RELEASE_TIMEOUT_S = 5.0
 
 
 class Runner(Protocol):
@@ -167,6 +169,10 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._runner.recorded()
+            # A pin must not outlive foreman: the jobs it was set for wait for the restart.
+            with suppress(TimeoutError):
+                async with asyncio.timeout(_RELEASE_TIMEOUT_S):
+                    await self._residency.release_pins("shutdown")
             if self._warmer is not None:
                 await self._warmer.close()
 
@@ -182,7 +188,9 @@ class Worker:
             ended = Ended(JobState.CANCELLED, 499, error_body("request canceled"), error="request canceled")
             self._events.publish(job_id, ended)
             self._feed.job(job_id, JobState.CANCELLED, self._clock())
-            log.info("job.cancelled", job_id=job_id, before="start")
+            job = await self._store.get(job_id)
+            model, endpoint = (job.model_key, job.endpoint) if job is not None else (None, None)
+            log.info("job.cancelled", job_id=job_id, model=model, endpoint=endpoint, before="start")
             return True
         if self._runner.is_running(job_id):
             return True  # claimed meanwhile: the flag cancels it before it reaches Ollama
@@ -231,7 +239,9 @@ class Worker:
                 self._due = due[0] if due else None
                 if not self._tasks:
                     # Idle: other clients and keep_alive expiry may change what
-                    # Ollama holds before the next job comes.
+                    # Ollama holds before the next job comes. A pin left by a
+                    # job that failed or was cancelled has no work left.
+                    await self._residency.release_pins("idle")
                     self._idle_since = self._monotonic()
                     return
                 await self._wait_for_work()

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -90,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--keep-alive",
         type=_keep_alive,
-        default=defaults.default_keep_alive,
-        help="default keep_alive, e.g. 5m or 300 (default: 300 s)",
+        # argparse converts a string default with `type`, so a bad value is a usage error.
+        default=os.environ.get("OLLAMA_KEEP_ALIVE") or defaults.default_keep_alive,
+        help="default keep_alive, e.g. 5m or 300 (default: OLLAMA_KEEP_ALIVE, else 300 s)",
     )
     parser.add_argument(
         "--fail-model",

@@ -297,7 +297,9 @@ async def _parse(
     inputs = _embed_inputs(body.get("input")) if endpoint == "embed" else []
     installed = stub.find(model_sent)
     if installed is None:
-        raise RequestError(404, f'model "{model_sent}" not found, try pulling it first')
+        if endpoint == "embeddings":  # handleScheduleError, with Go's %q
+            raise RequestError(404, f'model "{model_sent}" not found, try pulling it first')
+        raise RequestError(404, f"model '{model_sent}' not found")  # the handler's own check
     stream_value = body.get("stream")
     return Call(
         endpoint=endpoint,

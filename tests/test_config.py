@@ -26,7 +26,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 def config_for(argv: list[str], environ: dict[str, str]) -> Config:
     args = build_parser(environ, isatty=False).parse_args(["serve", *argv])
-    return serve_config(args)
+    return serve_config(args, environ)
 
 
 def test_defaults_match_the_documented_ones(tmp_path: Path) -> None:
@@ -36,7 +36,7 @@ def test_defaults_match_the_documented_ones(tmp_path: Path) -> None:
     assert config.upstream == "http://127.0.0.1:11434"
     assert config.db_path == tmp_path / "foreman" / "foreman.db"
     assert config.log_format == "json"  # not a terminal
-    assert config.max_attempts == 8 and config.pin_keep_alive == -1 and config.release_keep_alive == "5m"
+    assert config.max_attempts == 8 and config.pin_keep_alive == -1 and config.release_keep_alive is None
     assert (config.max_wait, config.min_residency, config.parallel) == (600, 0, 1)
     assert config.sync_priority == "interactive" and config.warm == "auto"
 

@@ -433,7 +433,9 @@ async def test_streamed_chat_and_generate_shapes(start_stub: StartStub, http: ai
         ("/api/chat", {"model": "llama3", "keep_alive": True}, 400, "Unsupported type: 'bool'"),
         ("/api/chat", {"messages": []}, 400, "model is required"),
         ("/api/generate", {"model": ""}, 400, "invalid model name"),
-        ("/api/chat", {"model": "ghost"}, 404,
+        ("/api/chat", {"model": "ghost"}, 404, "model 'ghost' not found"),
+        ("/api/embed", {"model": "ghost", "input": "x"}, 404, "model 'ghost' not found"),
+        ("/api/embeddings", {"model": "ghost", "prompt": "x"}, 404,
          'model "ghost" not found, try pulling it first'),
         ("/api/chat", {"model": "llama3", "messages": "hi"}, 400,
          "json: cannot unmarshal string into Go struct field ChatRequest.messages of type "

@@ -84,7 +84,7 @@ async def test_completions_embeddings_and_models(
 
 
 async def test_errors_have_openais_shape(stub_server: StubServer, http: aiohttp.ClientSession) -> None:
-    """The middleware's 400s are invalid_request_error; handler errors keep their status as api_error."""
+    """Errors take their type from their status (openai.NewError), the handlers' ones too since Ollama 0.18."""
     url = stub_server.url + "/v1/chat/completions"
     cases = [
         ({"model": "llama3", "messages": []}, 400, "[] is too short - 'messages'", "invalid_request_error"),
@@ -97,10 +97,10 @@ async def test_errors_have_openais_shape(stub_server: StubServer, http: aiohttp.
         (
             {"model": "ghost", "messages": USER},
             404,
-            'model "ghost" not found, try pulling it first',
-            "api_error",
+            "model 'ghost' not found",
+            "not_found_error",
         ),
-        ({"messages": USER}, 400, "model is required", "api_error"),
+        ({"messages": USER}, 400, "model is required", "invalid_request_error"),
     ]
     for body, status, message, kind in cases:
         async with http.post(url, json=body) as response:

@@ -43,6 +43,9 @@ class FakeResidency:
     async def read_until_answered(self, retry: object, sleep: object) -> None:
         pass
 
+    async def release_pins(self, reason: str) -> None:
+        pass
+
 
 class FakeRunner:
     """Runs a claim by holding it until the test lets it go, then marks it done in the store."""
