@@ -180,7 +180,7 @@ class Residency:
         """The last job of a drain hands Ollama back its expiry; False if the model was not pinned."""
         return self._pins.pop(model_key, None) is not None
 
-    def releasing(self, model_key: str) -> object | None:
+    def releasing(self, model_key: str) -> _Pin | None:
         """The pin a request that hands `model_key` back releases, if it is pinned; forget it with `unpinned`."""
         return self._pins.get(model_key)
 
