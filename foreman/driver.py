@@ -63,9 +63,12 @@ class PolicyDriver:
         """Whether to give up the load begun for `loading`, given what waits now (`Policy.abandons`)."""
         return self.policy.abandons(loading, queues, self.before, now, self.book.costs())
 
-    def abandoned(self) -> None:
-        """The load was given up: back to the state the claim was decided in."""
-        self.state = self.before
+    def abandoned(self, loading: Decision) -> None:
+        """The load begun for `loading` was given up: back to the state the claim was decided in.
+
+        A max_wait drain the load began stays begun (`State.gave_up`).
+        """
+        self.state = self.before.gave_up(loading)
 
     def loaded(self, model_key: str, seconds: float, now: float) -> None:
         """`model_key` finished loading at `now` after `seconds`."""
@@ -85,8 +88,8 @@ class PolicyDriver:
         """The policy as things stand, without advancing anything: for drain orders and positions."""
         return Choice(self.policy, replace(self.state, resident=resident), now, self.book.costs())
 
-    def stats(self, resident: frozenset[str]) -> list[ModelStats]:
-        """Per model: residency, scheduling state and learned costs, for /status."""
+    def stats(self, resident: frozenset[str], pinned: frozenset[str] = frozenset()) -> list[ModelStats]:
+        """Per model: residency (`resident`, `pinned`), scheduling state and learned costs, for /status."""
         observed = self.book.observed()
         state = self.state
         keys = set(observed) | resident | ({state.serving} if state.serving else set())
@@ -99,6 +102,7 @@ class PolicyDriver:
                     resident=key in resident,
                     serving=key == state.serving,
                     draining=state.drain is not None and state.drain.model_key == key,
+                    pinned=key in pinned,
                     loads=seen.loads if seen else 0,
                     mean_load_s=seen.mean_load_s if seen and seen.loads else None,
                     last_load_s=seen.last_load_s if seen and seen.loads else None,

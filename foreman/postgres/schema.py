@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     priority    text NOT NULL DEFAULT 'interactive',
     routing     text,                    -- alias jobs: JSON {alias, route, rule}
     served_model text,                   -- alias jobs: the model picked to serve it
+    cache       text,                    -- embeddings: 'no-cache' (asked), 'hit' or 'partial'
+    not_before  double precision,        -- held back after a failure until then (while queued)
     node        text,                    -- the node running it (loading, working)
     lease_until timestamptz,             -- the database's time after which another node puts it back
     orphaned    boolean NOT NULL DEFAULT false,  -- put back after its node died: it goes next
@@ -53,6 +55,7 @@ CREATE INDEX IF NOT EXISTS jobs_queued_by_class ON jobs (model_key, priority, id
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE state IN ('done', 'failed', 'cancelled');
+CREATE INDEX IF NOT EXISTS jobs_held ON jobs (model_key, priority, id) WHERE state = 'queued' AND not_before IS NOT NULL;
 -- Leases: what each node runs, and what ran out.
 CREATE INDEX IF NOT EXISTS jobs_running ON jobs (node, lease_until) WHERE state IN ('loading', 'working');
 
@@ -76,6 +79,18 @@ CREATE TABLE IF NOT EXISTS nodes (
     left_at      timestamptz                      -- a clean stop: gone without waiting for the timeout
 );
 
+-- The embedding cache: vectors keyed by model digest, parameters and input, least recently used out.
+CREATE TABLE IF NOT EXISTS embed_cache (
+    key    bytea PRIMARY KEY,
+    digest text NOT NULL,
+    vector bytea NOT NULL,
+    tokens integer NOT NULL,
+    size   integer NOT NULL,
+    used   bigserial
+);
+CREATE INDEX IF NOT EXISTS embed_cache_lru ON embed_cache (used);
+CREATE INDEX IF NOT EXISTS embed_cache_digest ON embed_cache (digest);
+
 -- Job events too big for a NOTIFY payload (8000 bytes) travel through here.
 CREATE TABLE IF NOT EXISTS relay (
     id     bigserial PRIMARY KEY,
@@ -86,7 +101,7 @@ CREATE TABLE IF NOT EXISTS relay (
 
 # What takes a database at version N-1 to version N.
 _MIGRATIONS: dict[int, str] = {}
-_OUR_TABLES = frozenset({"foreman_meta", "jobs", "chunks", "nodes", "relay"})
+_OUR_TABLES = frozenset({"foreman_meta", "jobs", "chunks", "nodes", "relay", "embed_cache"})
 
 
 async def prepare(conn: psycopg.AsyncConnection[TupleRow], where: str) -> None:

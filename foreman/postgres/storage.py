@@ -30,8 +30,20 @@ from foreman.config import redact_url
 from foreman.errors import QueueFull, StoreError, StoreUnreachable, Unavailable
 from foreman.models import Job, JobState, NewJob, Priority
 from foreman.postgres.schema import CHANNEL, LOCK_PRUNE, LOCK_REAP, LOCK_SWAP, prepare
-from foreman.scheduler import ModelQueue
-from foreman.storage import Accepted, Chooser, Claim, DrainOrder, IdempotencyConflict, Recovered, Submission
+from foreman.scheduler import Held, ModelQueue
+from foreman.storage import (
+    Accepted,
+    CacheAnswer,
+    CachedVector,
+    CacheEntry,
+    CacheStats,
+    Chooser,
+    Claim,
+    DrainOrder,
+    IdempotencyConflict,
+    Recovered,
+    Submission,
+)
 
 log = structlog.get_logger("foreman.postgres")
 
@@ -39,13 +51,14 @@ Connection = psycopg.AsyncConnection[TupleRow]
 
 _COLUMNS = (
     "id, state, endpoint, model, model_key, stream, body, attempt,"
-    " created_at, started_at, finished_at, status, error, result, respond_async, priority, routing, served_model"
+    " created_at, started_at, finished_at, status, error, result, respond_async, priority, routing, served_model,"
+    " cache, not_before"
 )
 # Pages of jobs show neither the request nor the result.
 _SUMMARY_COLUMNS = (
     "id, state, endpoint, model, model_key, stream, ''::bytea, attempt,"
     " created_at, started_at, finished_at, status, error, NULL::bytea, respond_async, priority, routing,"
-    " served_model"
+    " served_model, cache, not_before"
 )
 _RUNNING = "state IN ('loading', 'working')"
 _ENDED = "state IN ('done', 'failed', 'cancelled')"
@@ -158,8 +171,8 @@ class PostgresStorage:
                     raise QueueFull(self.max_queue)
             cursor = await conn.execute(
                 "INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at,"
-                " respond_async, idempotency_key, request_hash, priority, routing, watchers)"
-                " VALUES (%s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " respond_async, idempotency_key, request_hash, priority, routing, cache, watchers)"
+                " VALUES (%s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
                 (
                     job.id,
@@ -174,6 +187,7 @@ class PostgresStorage:
                     submission.request_hash,
                     job.priority.value,
                     job.routing,
+                    job.cache,
                     # A synchronous client waits here for the events, whichever node runs the job.
                     [] if job.respond_async else [self.node],
                 ),
@@ -185,6 +199,13 @@ class PostgresStorage:
                     (job.idempotency_key,),
                 )
                 return await self._existing(conn, submission, await _one(cursor))
+            if submission.answer is not None and (result := await self._answer(conn, submission.answer, job)):
+                await conn.execute(
+                    "UPDATE jobs SET state = 'done', started_at = %s, finished_at = %s, status = 200,"
+                    " result = %s, cache = 'hit' WHERE id = %s",
+                    (job.created_at, job.created_at, result, job.id),
+                )
+                return Accepted(job.id, True, JobState.DONE, None, result)
             await _wake(conn, self.node, job.model_key)
             position = None
             if submission.drain_order is not None:
@@ -192,6 +213,18 @@ class PostgresStorage:
                     conn, job.id, job.model_key, job.priority, submission.drain_order
                 )
             return Accepted(job.id, True, JobState.QUEUED, position)
+
+    async def _answer(self, conn: Connection, answer: CacheAnswer, job: NewJob) -> bytes | None:
+        """The cache's reply to the job if it holds every vector, else None (the job queues)."""
+        found = await _cache_get(conn, answer.keys)
+        if len(found) < len(set(answer.keys)):
+            return None  # the worker looks again, and sends only what is missing
+        try:
+            return answer.reply([found[key] for key in answer.keys])
+        except Exception:
+            # A bug here must not refuse the job: it queues, and the worker serves it.
+            log.exception("embed_cache.answer_failed", job_id=job.id)
+            return None
 
     async def _existing(self, conn: Connection, submission: Submission, row: tuple[Any, ...]) -> Accepted:
         job_id, request_hash, state, model_key, priority = row
@@ -276,18 +309,35 @@ class PostgresStorage:
             return await self._queues(conn)
 
     async def _queues(self, conn: Connection) -> list[ModelQueue]:
+        # Jobs held back after a failure (not_before) are listed apart: when they may run is the policy's call.
         cursor = await conn.execute(
-            "SELECT model_key, priority, count(*), min(id), (array_agg(created_at ORDER BY id))[1],"
-            " count(*) FILTER (WHERE orphaned) FROM jobs WHERE state = 'queued' GROUP BY model_key, priority"
+            "SELECT model_key, priority, count(*) FILTER (WHERE not_before IS NULL),"
+            " min(id) FILTER (WHERE not_before IS NULL),"
+            " (array_agg(created_at ORDER BY id) FILTER (WHERE not_before IS NULL))[1],"
+            " count(*) FILTER (WHERE orphaned),"
+            " array_agg(ARRAY[id, created_at::text, not_before::text] ORDER BY id) FILTER (WHERE not_before IS NOT NULL)"
+            " FROM jobs WHERE state = 'queued' GROUP BY model_key, priority"
         )
         rows = await cursor.fetchall()
         if not rows:
             return []
-        held = await self._held_elsewhere(conn)
-        return [
-            ModelQueue(key, Priority(priority), int(count), oldest, oldest_at, held.get(key, 0), int(orphans))
-            for key, priority, count, oldest, oldest_at, orphans in rows
-        ]
+        elsewhere = await self._held_elsewhere(conn)
+        queues = []
+        for key, priority, free, oldest, oldest_at, orphans, held in rows:
+            back = tuple(Held(i, float(at), float(nb)) for i, at, nb in held or ())
+            queues.append(
+                ModelQueue(
+                    key,
+                    Priority(priority),
+                    int(free),
+                    oldest or "",
+                    oldest_at or 0.0,
+                    back,
+                    held_elsewhere=elsewhere.get(key, 0),
+                    orphaned=int(orphans),
+                )
+            )
+        return queues
 
     async def _held_elsewhere(self, conn: Connection) -> dict[str, int]:
         """Per model key, how many other live nodes hold it, load it or run it."""
@@ -329,11 +379,18 @@ class PostgresStorage:
                             f"no queued {decision.priority} job for {decision.model_key!r} although the policy chose it"
                         )
                     state = JobState.LOADING if decision.swap else JobState.WORKING
+                    # The job the decision names (a held one whose time came), else its group's oldest free one.
+                    which = (
+                        "id = %(id)s AND state = 'queued'"
+                        if decision.job_id is not None
+                        else "state = 'queued' AND model_key = %(key)s AND priority = %(priority)s"
+                        " AND not_before IS NULL ORDER BY id"
+                    )
                     cursor = await conn.execute(
                         f"UPDATE jobs SET state = %(state)s, started_at = %(now)s, node = %(me)s,"
-                        f" lease_until = now() + make_interval(secs => %(timeout)s), orphaned = false"
-                        f" WHERE id = (SELECT id FROM jobs WHERE state = 'queued' AND model_key = %(key)s"
-                        f" AND priority = %(priority)s ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)"
+                        f" lease_until = now() + make_interval(secs => %(timeout)s), orphaned = false,"
+                        f" not_before = NULL"
+                        f" WHERE id = (SELECT id FROM jobs WHERE {which} LIMIT 1 FOR UPDATE SKIP LOCKED)"
                         f" RETURNING {_COLUMNS}, watchers",
                         {
                             "state": state.value,
@@ -342,6 +399,7 @@ class PostgresStorage:
                             "timeout": self.node_timeout,
                             "key": decision.model_key,
                             "priority": decision.priority.value,
+                            "id": decision.job_id,
                         },
                     )
                     row = await cursor.fetchone()
@@ -362,6 +420,40 @@ class PostgresStorage:
                     self.watchers[job.id] = set(row[-1]) - {self.node}
                     return Claim(job, decision, int(waiting))
         return None
+
+    @_unavailable
+    async def claim_companions(
+        self,
+        model_key: str,
+        endpoints: Sequence[str],
+        pick: Callable[[list[Job]], list[str]],
+        now: float,
+        scan: int,
+    ) -> list[Job]:
+        """Take queued jobs of `model_key` to run beside a running one (see `Storage.claim_companions`)."""
+        async with self._pool.connection() as conn, conn.transaction():
+            # Locked as they are read, skipping what another node is taking: pick sees only what it may take.
+            cursor = await conn.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' AND model_key = %s AND endpoint = ANY(%s)"
+                f" AND (not_before IS NULL OR not_before <= %s) ORDER BY priority = 'batch', id LIMIT %s"
+                f" FOR UPDATE SKIP LOCKED",
+                (model_key, list(endpoints), now, scan),
+            )
+            chosen = set(pick([_job_from_row(row) for row in await cursor.fetchall()]))
+            if not chosen:
+                return []
+            cursor = await conn.execute(
+                f"UPDATE jobs SET state = 'working', started_at = %s, not_before = NULL, node = %s,"
+                f" lease_until = now() + make_interval(secs => %s), orphaned = false"
+                f" WHERE state = 'queued' AND id = ANY(%s) RETURNING {_COLUMNS}, watchers",
+                (now, self.node, self.node_timeout, sorted(chosen)),
+            )
+            jobs = []
+            for row in await cursor.fetchall():
+                job = _job_from_row(row[:-1])
+                self.watchers[job.id] = set(row[-1]) - {self.node}
+                jobs.append(job)
+            return sorted(jobs, key=lambda job: job.id)
 
     @_unavailable
     async def waiting(self, model_key: str) -> int:
@@ -389,13 +481,15 @@ class PostgresStorage:
             )
 
     @_unavailable
-    async def requeue(self, job: Job, *, attempt: int, error: str | None) -> None:
+    async def requeue(
+        self, job: Job, *, attempt: int, error: str | None, not_before: float | None = None
+    ) -> None:
         self.watchers.pop(job.id, None)
         async with self._pool.connection() as conn, conn.transaction():
             cursor = await conn.execute(
                 f"UPDATE jobs SET state = 'queued', attempt = %s, error = %s, node = NULL, lease_until = NULL,"
-                f" served_model = NULL WHERE id = %s AND {_RUNNING} AND node = %s",
-                (attempt, error, job.id, self.node),
+                f" served_model = NULL, not_before = %s WHERE id = %s AND {_RUNNING} AND node = %s",
+                (attempt, error, not_before, job.id, self.node),
             )
             if cursor.rowcount:
                 await _wake(conn, self.node, job.model_key)
@@ -417,13 +511,14 @@ class PostgresStorage:
         error: str | None = None,
         attempt: int | None = None,
         chunks: Sequence[bytes] = (),
+        cache: str | None = None,
     ) -> None:
         async with self._pool.connection() as conn, conn.transaction():
             cursor = await conn.execute(
                 f"UPDATE jobs SET state = %s, finished_at = %s, status = %s, result = %s, error = %s,"
-                f" attempt = coalesce(%s, attempt), node = NULL, lease_until = NULL"
+                f" attempt = coalesce(%s, attempt), cache = coalesce(%s, cache), node = NULL, lease_until = NULL"
                 f" WHERE id = %s AND {_RUNNING} AND node = %s",
-                (state.value, now, status, result, error, attempt, job.id, self.node),
+                (state.value, now, status, result, error, attempt, cache, job.id, self.node),
             )
             if cursor.rowcount and chunks:
                 async with conn.cursor() as insert:
@@ -524,6 +619,48 @@ class PostgresStorage:
             cursor = await conn.execute("SELECT state, count(*) FROM jobs GROUP BY state")
             return {str(state): int(count) for state, count in await cursor.fetchall()}
 
+    # The embedding cache: one table shared by every node, least recently used out
+
+    @_unavailable
+    async def cache_get(self, keys: Sequence[bytes]) -> dict[bytes, CachedVector]:
+        async with self._pool.connection() as conn:
+            return await _cache_get(conn, keys)
+
+    @_unavailable
+    async def cache_put(self, entries: Sequence[CacheEntry], limit: int) -> int:
+        async with self._pool.connection() as conn, conn.transaction():
+            async with conn.cursor() as cursor:
+                await cursor.executemany(
+                    "INSERT INTO embed_cache (key, digest, vector, tokens, size) VALUES (%s, %s, %s, %s, %s)"
+                    " ON CONFLICT (key) DO UPDATE SET digest = excluded.digest, vector = excluded.vector,"
+                    " tokens = excluded.tokens, size = excluded.size, used = nextval('embed_cache_used_seq')",
+                    [
+                        (e.key, e.digest, e.vector, e.tokens, len(e.vector) + _CACHE_ROW_OVERHEAD)
+                        for e in entries
+                    ],
+                )
+            return await _cache_evict(conn, limit)
+
+    @_unavailable
+    async def cache_evict(self, limit: int) -> int:
+        async with self._pool.connection() as conn, conn.transaction():
+            return await _cache_evict(conn, limit)
+
+    @_unavailable
+    async def cache_invalidate(self, digests: Sequence[str]) -> int:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM embed_cache WHERE digest = ANY(%s)", (list(set(digests)),)
+            )
+            return cursor.rowcount
+
+    @_unavailable
+    async def cache_stats(self) -> CacheStats:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM embed_cache")
+            entries, size = await _one(cursor)
+            return CacheStats(int(entries), int(size))
+
     # Upkeep
 
     @_unavailable
@@ -616,6 +753,37 @@ async def _requeue_running(
     return Recovered(requeued, failed)
 
 
+# A row's bookkeeping beside its vector, as the SQLite cache counts it.
+_CACHE_ROW_OVERHEAD = 120
+
+
+async def _cache_get(conn: Connection, keys: Sequence[bytes]) -> dict[bytes, CachedVector]:
+    """The vectors cached under `keys` (those found), each marked as just used."""
+    unique = list(dict.fromkeys(keys))
+    if not unique:
+        return {}
+    cursor = await conn.execute(
+        "UPDATE embed_cache SET used = nextval('embed_cache_used_seq') WHERE key = ANY(%s)"
+        " RETURNING key, vector, tokens",
+        (unique,),
+    )
+    return {
+        bytes(key): CachedVector(bytes(vector), int(tokens))
+        for key, vector, tokens in await cursor.fetchall()
+    }
+
+
+async def _cache_evict(conn: Connection, limit: int) -> int:
+    """Drop the least recently used vectors until the cache holds at most `limit` bytes."""
+    cursor = await conn.execute(
+        "DELETE FROM embed_cache WHERE key IN (SELECT key FROM ("
+        "  SELECT key, sum(size) OVER (ORDER BY used DESC) AS kept FROM embed_cache"
+        ") AS newest WHERE kept > %s)",
+        (limit,),
+    )
+    return cursor.rowcount
+
+
 async def _wake(conn: Connection, node: str, model_key: str) -> None:
     """Tell every node's worker (at commit) that the queue changed."""
     await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, json.dumps({"n": node, "wake": model_key})))
@@ -649,6 +817,8 @@ def _job_from_row(row: Sequence[Any]) -> Job:
         priority,
         routing,
         served_model,
+        cache,
+        not_before,
     ) = row
     return Job(
         id=id_,
@@ -669,4 +839,6 @@ def _job_from_row(row: Sequence[Any]) -> Job:
         priority=Priority(priority),
         routing=routing,
         served_model=served_model,
+        cache=cache,
+        not_before=not_before,
     )

@@ -20,7 +20,17 @@ from typing import Any, TypeVar
 from foreman.models import Job, JobState, Priority
 from foreman.scheduler import ModelQueue
 from foreman.sqlite.store import Store
-from foreman.storage import Accepted, Chooser, Claim, DrainOrder, Recovered, Submission
+from foreman.storage import (
+    Accepted,
+    CachedVector,
+    CacheEntry,
+    CacheStats,
+    Chooser,
+    Claim,
+    DrainOrder,
+    Recovered,
+    Submission,
+)
 
 T = TypeVar("T")
 
@@ -115,6 +125,16 @@ class SqliteStorage:
     async def claim(self, choose: Chooser, now: float) -> Claim | None:
         return await self._call(self._store.claim, choose, now)
 
+    async def claim_companions(
+        self,
+        model_key: str,
+        endpoints: Sequence[str],
+        pick: Callable[[list[Job]], list[str]],
+        now: float,
+        scan: int,
+    ) -> list[Job]:
+        return await self._call(self._store.claim_companions, model_key, endpoints, pick, now, scan)
+
     async def waiting(self, model_key: str) -> int:
         return await self._call(self._store.waiting, model_key)
 
@@ -124,8 +144,10 @@ class SqliteStorage:
     async def mark_working(self, job_id: str) -> None:
         await self._call(self._store.mark_working, job_id)
 
-    async def requeue(self, job: Job, *, attempt: int, error: str | None) -> None:
-        await self._call(self._store.requeue, job, attempt=attempt, error=error)
+    async def requeue(
+        self, job: Job, *, attempt: int, error: str | None, not_before: float | None = None
+    ) -> None:
+        await self._call(self._store.requeue, job, attempt=attempt, error=error, not_before=not_before)
 
     async def finish(
         self,
@@ -138,6 +160,7 @@ class SqliteStorage:
         error: str | None = None,
         attempt: int | None = None,
         chunks: Sequence[bytes] = (),
+        cache: str | None = None,
     ) -> None:
         await self._call(
             self._store.finish,
@@ -149,6 +172,7 @@ class SqliteStorage:
             error=error,
             attempt=attempt,
             chunks=chunks,
+            cache=cache,
         )
 
     async def set_served(self, job_id: str, model: str) -> None:
@@ -180,6 +204,23 @@ class SqliteStorage:
 
     async def counts_by_state(self) -> dict[str, int]:
         return await self._call(self._store.counts_by_state)
+
+    # The embedding cache
+
+    async def cache_get(self, keys: Sequence[bytes]) -> dict[bytes, CachedVector]:
+        return await self._call(self._store.cache_get, keys)
+
+    async def cache_put(self, entries: Sequence[CacheEntry], limit: int) -> int:
+        return await self._call(self._store.cache_put, entries, limit)
+
+    async def cache_evict(self, limit: int) -> int:
+        return await self._call(self._store.cache_evict, limit)
+
+    async def cache_invalidate(self, digests: Sequence[str]) -> int:
+        return await self._call(self._store.cache_invalidate, digests)
+
+    async def cache_stats(self) -> CacheStats:
+        return await self._call(self._store.cache_stats)
 
     # Upkeep
 
