@@ -134,6 +134,38 @@ def test_status_of_an_idle_daemon_with_ollama_down() -> None:
     assert text.endswith("last error  none\n\nqueue is empty")
 
 
+def test_status_of_a_node_on_a_shared_queue_lists_every_node() -> None:
+    """With PostgreSQL: the URL and this node's name, then a table of the nodes, a dead one marked."""
+    node = {"upstream": "http://gpu-1:11434", "reachable": True, "serving": "llama3:latest"}
+    shared = {
+        **STATUS,
+        "db": {
+            "backend": "postgresql",
+            "url": "postgresql://foreman@db/foreman",
+            "node": "gpu-1",
+            "size_bytes": 8e6,
+        },
+        "nodes": [
+            {**node, "name": "gpu-1", "resident": ["llama3:latest"], "running": ["01JQ1"], "alive": True}
+            | {"heartbeat_age_s": 1.2},
+            {**node, "name": "gpu-2", "upstream": "http://gpu-2:11434", "reachable": False, "resident": []}
+            | {"running": [], "alive": False, "heartbeat_age_s": 42.0},
+        ],
+    }
+    text = layout.format_status(shared, NOW)
+    assert text.startswith("foreman     0.1.0, database postgresql://foreman@db/foreman, node gpu-1 (8.0 MB)")
+    assert text.endswith(
+        "\n".join(
+            [
+                "",
+                "NODE          OLLAMA                     HOLDS          RUNNING  HEARTBEAT",
+                "gpu-1         http://gpu-1:11434         llama3:latest  01JQ1    1.2s ago",
+                "gpu-2 (gone)  http://gpu-2:11434 (down)  none           nothing  42s ago",
+            ]
+        )
+    )
+
+
 def test_queue_bars_are_scaled_to_the_longest_queue() -> None:
     """A bar per model, one mark per job until the longest would not fit."""
     queue = [
