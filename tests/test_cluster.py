@@ -216,6 +216,8 @@ async def test_status_lists_every_node_with_its_ollama(
     assert listed["a"]["upstream"] == stub.url and listed["a"]["alive"]
     assert listed["b"]["resident"] == [] and listed["b"]["alive"]
     assert listed["a"]["heartbeat_age_s"] < 5
+    async with http.get(b.url + "/metrics") as response:
+        assert response.status == 200 and "foreman_queue_depth" in await response.text()
 
 
 def joined(url: str, name: str) -> bool:
@@ -294,6 +296,8 @@ async def test_a_node_that_loses_the_database_answers_503_and_recovers(
     query(admin, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", database)
     refused = await post(http, a.url + "/api/chat", chat_body("llama3", "lost"))
     assert refused.status == 503 and "database" in refused.json()["error"]
+    async with http.get(a.url + "/healthz") as health:
+        assert health.status == 503
     query(admin, f"ALTER DATABASE {database} WITH ALLOW_CONNECTIONS true")
     deadline = time.monotonic() + 15
     while (answer := await post(http, a.url + "/api/chat", chat_body("llama3", "back"))).status != 200:
