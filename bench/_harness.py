@@ -24,6 +24,11 @@ from typing import Any, TypeVar
 
 PYTHON = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
+# The scripts run as `python bench/x.py`, which puts only bench/ on the path: import
+# foreman and stub_ollama from this checkout, installed or not (the children, run
+# with `-m` from ROOT, do the same).
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))
 BARE_PROXY = Path(__file__).resolve().parent / "bare_proxy.py"
 _TICKS = os.sysconf("SC_CLK_TCK")
 T = TypeVar("T")
