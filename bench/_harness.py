@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -196,6 +197,19 @@ def run_in_workdir(prefix: str, workdir: Path | None, main: Callable[[Path], Cor
         path = workdir or Path(tmp)
         path.mkdir(parents=True, exist_ok=True)
         return asyncio.run(main(path))
+
+
+async def run_clients(clients: int, jobs: int, one: Callable[[int], Awaitable[None]]) -> float:
+    """Seconds for `clients` loops to share `jobs` calls of `one(i)`."""
+    counter = itertools.count()
+
+    async def client() -> None:
+        while (i := next(counter)) < jobs:
+            await one(i)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return time.perf_counter() - start
 
 
 async def all_listening(*procs: Proc) -> None:
