@@ -145,10 +145,11 @@ class Processes:
         return proc
 
     def stub(self, name: str = "stub", **flags: object) -> Proc:
-        """`python -m stub_ollama`; keyword flags become `--flag value` (load_delay → --load-delay)."""
+        """`python -m stub_ollama`; keyword flags become `--flag value` (load_delay → --load-delay), `--flag` if True."""
         args = ["-m", "stub_ollama", "--port", "{port}"]
         for flag, value in flags.items():
-            args += [f"--{flag.replace('_', '-')}", str(value)]
+            option = f"--{flag.replace('_', '-')}"
+            args += [option] if value is True else [option, str(value)]
         return self.start(name, args)
 
     def foreman(self, name: str, upstream: str, *, env: Mapping[str, str] = {}) -> Proc:
