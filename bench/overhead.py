@@ -26,14 +26,13 @@ import itertools
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from _harness import Proc, Processes, all_listening, cpu_of, free_port, run_in_workdir
+from _harness import Proc, Processes, all_listening, cpu_of, free_port, run_clients, run_in_workdir
 from _report import Row, arg_parser, machine, median, ms, print_report, spread, write_json
 
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -161,19 +160,6 @@ async def as_produced(
 # ------------------------------------------------------------------ 3. throughput
 
 
-async def run_clients(clients: int, jobs: int, one: Callable[[int], Awaitable[None]]) -> float:
-    """Jobs per second when `clients` loops share `jobs` calls of `one(i)`."""
-    counter = itertools.count()
-
-    async def client() -> None:
-        while (i := next(counter)) < jobs:
-            await one(i)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return jobs / (time.perf_counter() - start)
-
-
 async def throughput(
     http: aiohttp.ClientSession, stub: Proc, foreman: Proc, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -184,12 +170,13 @@ async def throughput(
         await timed_chat(http, url, chat(f"throughput {i}", stream=False, num_predict=8))
 
     async def direct() -> None:
-        rates["direct_serial"].append(await run_clients(1, args.throughput_jobs, lambda i: call(stub.url, i)))
+        took = await run_clients(1, args.throughput_jobs, lambda i: call(stub.url, i))
+        rates["direct_serial"].append(args.throughput_jobs / took)
 
     async def through_foreman() -> None:
         with cpu_of(foreman, stub) as used:
-            rate = await run_clients(args.clients, args.throughput_jobs, lambda i: call(foreman.url, i))
-        rates["foreman"].append(rate)
+            took = await run_clients(args.clients, args.throughput_jobs, lambda i: call(foreman.url, i))
+        rates["foreman"].append(args.throughput_jobs / took)
         cpu["foreman"].append(used["foreman"] / args.throughput_jobs)
         cpu["stub"].append(used["stub"] / args.throughput_jobs)
 
