@@ -17,6 +17,7 @@ from foreman.config import Config
 from foreman.driver import PolicyDriver
 from foreman.events import JobEvents
 from foreman.keys import CLOCK, CONFIG, EVENTS, METRICS, STORE, UPSTREAM, WORKER
+from foreman.looplag import LoopLag
 from foreman.metrics import Metrics
 from foreman.models import QUEUED_ENDPOINTS
 from foreman.outages import Outages
@@ -123,6 +124,12 @@ def create_app(
             log.info("foreman.ready", upstream=config.upstream, db=str(config.db_path))
             yield
 
+    async def loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
+        lag = LoopLag(app[METRICS].loop_lag)
+        lag.start()
+        yield
+        lag.stop()
+
     async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
         async with _running(prune_forever(app[STORE], config.retention, clock, sleep), "foreman-prune"):
             yield
@@ -138,7 +145,7 @@ def create_app(
         app[EVENTS].end_all(api.SHUTTING_DOWN)
 
     # Torn down in reverse: the worker stops before the session and the store close.
-    app.cleanup_ctx.extend([store_ctx, upstream_ctx, worker_ctx, retention_ctx])
+    app.cleanup_ctx.extend([loop_lag_ctx, store_ctx, upstream_ctx, worker_ctx, retention_ctx])
     app.on_shutdown.append(stop_gracefully)
     for endpoint in QUEUED_ENDPOINTS:
         app.router.add_post(endpoint, api.queued)

@@ -24,9 +24,17 @@ from foreman.storage import Accepted, Chooser, Claim, DrainOrder, IdempotencyCon
 class Store:
     """Jobs in one SQLite database. Not thread-safe: one thread owns it."""
 
-    def __init__(self, path: Path, *, sync: str = "normal", max_queue: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        sync: str = "normal",
+        max_queue: int = 0,
+        autocheckpoint: bool = True,
+        busy_timeout_ms: int = 5000,
+    ) -> None:
         """Open or create the queue at `path` (see `schema.open_database`); `max_queue` > 0 caps the waiting jobs."""
-        self._db = open_database(path, sync)
+        self._db = open_database(path, sync, autocheckpoint=autocheckpoint, busy_timeout_ms=busy_timeout_ms)
         self.path = path
         self.max_queue = max_queue
         self._waiting = WaitingCounts()
@@ -62,13 +70,17 @@ class Store:
             raise accepted
         return accepted.job_id
 
-    def submit(self, submissions: Sequence[Submission]) -> list[Accepted | ForemanError]:
+    def submit(
+        self, submissions: Sequence[Submission], *, positions_of_earlier: bool = True
+    ) -> list[Accepted | ForemanError]:
         """Write new jobs in one transaction: one commit (and one fsync) for the lot.
 
         Each comes back accepted or refused on its own, as `Storage.submit`
         describes. If the database cannot be written at all (disk full, or
         locked by another program), every one is refused with Unavailable and
-        nothing of them is kept.
+        nothing of them is kept. Without `positions_of_earlier`, a submission
+        that stands for an earlier job comes back without its position:
+        counting the jobs ahead of it may take a while in a long queue.
         """
         results: list[Accepted | ForemanError] = []
         # One INSERT is a transaction of its own; every statement saved is a
@@ -77,7 +89,7 @@ class Store:
             with self._waiting.transaction(), self._transaction(begin=len(submissions) > 1):
                 for submission in submissions:
                     try:
-                        results.append(self._accept(submission))
+                        results.append(self._accept(submission, positions_of_earlier))
                     except (IdempotencyConflict, QueueFull) as exc:
                         results.append(exc)  # refused before anything of it was written
         except sqlite3.OperationalError as exc:
@@ -85,14 +97,14 @@ class Store:
             return [refused] * len(submissions)
         return results
 
-    def _accept(self, submission: Submission) -> Accepted:
+    def _accept(self, submission: Submission, positions_of_earlier: bool = True) -> Accepted:
         job, order = submission.job, submission.drain_order
         job_id = self._insert(job, submission.request_hash)
         if job_id != job.id:
             existing = self.get(job_id)
             assert existing is not None
             position = None
-            if existing.state is JobState.QUEUED and order is not None:
+            if existing.state is JobState.QUEUED and order is not None and positions_of_earlier:
                 position = self.position(job_id, existing.model_key, existing.priority, order)
             return Accepted(job_id, False, existing.state, position)
         position = None
@@ -258,9 +270,13 @@ class Store:
 
     def position(self, job_id: str, model_key: str, priority: Priority, drain_order: DrainOrder) -> int:
         """How many queued jobs run before this one if the queue drains in `drain_order`."""
-        queues = self.queues()
-        before = waiting_before(queues, (model_key, priority), drain_order(queues))
+        before = self.groups_before(model_key, priority, drain_order)
         return before + reads.ahead_in_group(self._db, job_id, model_key, priority)
+
+    def groups_before(self, model_key: str, priority: Priority, drain_order: DrainOrder) -> int:
+        """The queued jobs of the (model, class) groups that drain before this one: from the counts."""
+        queues = self.queues()
+        return waiting_before(queues, (model_key, priority), drain_order(queues))
 
     def counts_by_state(self) -> dict[str, int]:
         return reads.counts_by_state(self._db)
@@ -269,11 +285,7 @@ class Store:
 
     def prune(self, cutoff: float, batch: int = 1000) -> int:
         """Delete up to `batch` jobs that ended before `cutoff`, with their chunks; returns how many."""
-        return self._db.execute(
-            f"DELETE FROM jobs WHERE id IN"
-            f" (SELECT id FROM jobs WHERE state IN {ENDED} AND finished_at < ? LIMIT ?)",
-            (cutoff, batch),
-        ).rowcount
+        return prune(self._db, cutoff, batch)
 
     def size_bytes(self) -> int:
         """The database's size on disk, write-ahead log included."""
@@ -281,4 +293,17 @@ class Store:
 
     def ping(self) -> None:
         """Fail unless the database answers a query."""
-        self._db.execute("SELECT count(*) FROM jobs WHERE rowid = 0").fetchone()
+        ping(self._db)
+
+
+def prune(db: sqlite3.Connection, cutoff: float, batch: int) -> int:
+    """Delete up to `batch` jobs that ended before `cutoff`, with their chunks; returns how many."""
+    return db.execute(
+        f"DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state IN {ENDED} AND finished_at < ? LIMIT ?)",
+        (cutoff, batch),
+    ).rowcount
+
+
+def ping(db: sqlite3.Connection) -> None:
+    """Fail unless the database answers a query."""
+    db.execute("SELECT count(*) FROM jobs WHERE rowid = 0").fetchone()
