@@ -26,6 +26,9 @@ PYTHON = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
 BARE_PROXY = Path(__file__).resolve().parent / "bare_proxy.py"
 _TICKS = os.sysconf("SC_CLK_TCK")
+# The scripts that import foreman import this checkout's, whatever the environment has installed.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 T = TypeVar("T")
 
 

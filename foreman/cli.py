@@ -161,6 +161,13 @@ def serve_settings(environ: Mapping[str, str], isatty: bool) -> list[Setting]:
             "normal (survives a crash) or full (and power loss)",
         ),
         Setting(
+            "--loop",
+            "FOREMAN_LOOP",
+            "uvloop",
+            _choice("uvloop", "asyncio"),
+            "event loop: uvloop (faster) or asyncio (the standard library's)",
+        ),
+        Setting(
             "--max-queue", "FOREMAN_MAX_QUEUE", "100000", _positive_int, "most jobs that may wait at once"
         ),
         Setting("--token", "FOREMAN_TOKEN", "", str, "bearer token every client must send (off when empty)"),
@@ -289,6 +296,7 @@ def config_from(values: Mapping[str, Any]) -> Config:
         early_headers=values["early_headers"],
         retention=values["retention"],
         sync=values["sync"],
+        loop=values["loop"],
         max_queue=values["max_queue"],
         token=values["token"] or None,
         allowed_hosts=values["allowed_hosts"],

@@ -37,6 +37,7 @@ class Config:
     # Finished jobs and their output are deleted this many seconds after they end.
     retention: float = 7 * 24 * 3600.0
     sync: str = "normal"  # "full": an fsync per commit, so power loss cannot undo one
+    loop: str = "uvloop"  # the event loop: uvloop or asyncio
     max_queue: int = 100_000  # waiting jobs; beyond it new ones get 503
     token: str | None = None  # when set, every endpoint but /healthz needs it as a bearer token
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted beside the bind address and localhost
