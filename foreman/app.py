@@ -12,11 +12,11 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from foreman import api, jobs, middleware, proxy, security, status
+from foreman import error_middleware, jobs, listing, proxy, queued, security, status
 from foreman.config import Config
 from foreman.driver import PolicyDriver
 from foreman.events import JobEvents
-from foreman.keys import CLOCK, CONFIG, EVENTS, METRICS, STORE, UPSTREAM, WORKER
+from foreman.keys import CLOCK, CONFIG, EVENTS, METRICS, ROUTES, STORE, UPSTREAM, WORKER
 from foreman.looplag import LoopLag
 from foreman.metrics import Metrics
 from foreman.models import QUEUED_ENDPOINTS
@@ -24,6 +24,7 @@ from foreman.outages import Outages
 from foreman.residency import Residency
 from foreman.retention import prune_forever
 from foreman.retry import RetryPolicy, Sleep
+from foreman.route_table import RouteTable
 from foreman.runner import JobRunner
 from foreman.scheduler import Policy
 from foreman.sqlite.storage import SqliteStorage
@@ -47,7 +48,7 @@ def create_app(
     `clock` stamps and schedules jobs, `monotonic` times loads, runs and idle
     spells, `sleep` waits out backoffs: tests hand in fakes.
     """
-    app = web.Application(client_max_size=config.max_body, middlewares=[middleware.errors])
+    app = web.Application(client_max_size=config.max_body, middlewares=[error_middleware.errors])
     if security.is_loopback(config.host):
         # DNS rebinding only threatens a server that trusts "local" callers.
         app.middlewares.append(security.host_guard(config.host, config.allowed_hosts))
@@ -58,6 +59,7 @@ def create_app(
     app[CLOCK] = clock
     app[EVENTS] = JobEvents()
     app[METRICS] = Metrics()
+    app[ROUTES] = RouteTable(config.routes)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         store = await SqliteStorage.open(config.db_path, sync=config.sync, max_queue=config.max_queue)
@@ -78,6 +80,11 @@ def create_app(
         app[UPSTREAM] = Upstream(session, config.upstream)
         yield
         await session.close()
+
+    async def routes_ctx(app: web.Application) -> AsyncIterator[None]:
+        # A routes file that is wrong stops foreman here (RoutesError), before anything started.
+        async with app[ROUTES].running(config.upstream, lambda: app[UPSTREAM]):
+            yield
 
     async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
         store, upstream, events = app[STORE], app[UPSTREAM], app[EVENTS]
@@ -140,15 +147,15 @@ def create_app(
         # time to finish for the clients waiting on them.
         worker = app[WORKER]
         worker.stop()
-        app[EVENTS].end_all(api.SHUTTING_DOWN, sparing=worker.running_jobs)
+        app[EVENTS].end_all(queued.SHUTTING_DOWN, sparing=worker.running_jobs)
         await worker.wait_for_running(config.shutdown_grace)
-        app[EVENTS].end_all(api.SHUTTING_DOWN)
+        app[EVENTS].end_all(queued.SHUTTING_DOWN)
 
     # Torn down in reverse: the worker stops before the session and the store close.
-    app.cleanup_ctx.extend([loop_lag_ctx, store_ctx, upstream_ctx, worker_ctx, retention_ctx])
+    app.cleanup_ctx.extend([loop_lag_ctx, routes_ctx, store_ctx, upstream_ctx, worker_ctx, retention_ctx])
     app.on_shutdown.append(stop_gracefully)
     for endpoint in QUEUED_ENDPOINTS:
-        app.router.add_post(endpoint, api.queued)
+        app.router.add_post(endpoint, queued.handle)
     app.router.add_get("/jobs", jobs.list_jobs)
     app.router.add_get("/jobs/{id}", jobs.get_job)
     app.router.add_delete("/jobs/{id}", jobs.cancel_job)
@@ -156,6 +163,10 @@ def create_app(
     app.router.add_get("/status", status.status)
     app.router.add_get("/healthz", status.healthz)
     app.router.add_get("/metrics", status.metrics)
+    app.router.add_get("/api/tags", listing.tags)
+    app.router.add_post("/api/show", listing.show)
+    app.router.add_get("/v1/models", listing.openai_models, allow_head=False)
+    app.router.add_get("/v1/models/{model}", listing.openai_model, allow_head=False)
     app.router.add_route("*", "/{tail:.*}", proxy.passthrough)
     return app
 

@@ -1,61 +1,46 @@
-"""foreman's settings: one frozen value built from flags and FOREMAN_* variables."""
+"""foreman's settings: one table, from which the flags, the FOREMAN_* variables, Config and the README come.
+
+Each setting is one field of `Config`, declared with `setting()`: its default
+as a person writes it, the parser that reads that text (and so the type), and
+its help. The flag is `--` and the name with dashes, the variable `FOREMAN_`
+and the name in capitals, unless the entry names others. `cli.py` builds
+`foreman serve`'s flags from `SETTINGS`, and a test holds README's
+Configuration table to `markdown_table()`.
+
+Adding a setting is one line in `Config`; every duration takes `duration` (or
+`positive_duration`), so it reads `90`, `90s`, `15m`, `12h`, `7d` and `1h30m`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from foreman.intake import is_keep_alive
+from foreman.durations import duration, is_keep_alive, positive_duration
 from foreman.models import Priority
 
 DEFAULT_PORT = 11435
 OLLAMA_PORT = 11434
 
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    db_path: Path
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    upstream: str = f"http://127.0.0.1:{OLLAMA_PORT}"
-    log_format: str = "console"
-    log_level: str = "info"
-    max_attempts: int = 8
-    backoff_initial: float = 0.5
-    backoff_max: float = 30.0
-    # keep_alive values as sent to Ollama: a number of seconds or a duration string.
-    pin_keep_alive: float | str = -1
-    release_keep_alive: float | str = "5m"
-    max_body: int = 32 * 1024 * 1024
-    # A streaming client that has waited this long in the queue gets its 200
-    # and NDJSON headers at once, so clients with a headers timeout (Node's
-    # fetch gives up after 300 s) keep waiting.
-    early_headers: float = 60.0
-    # Finished jobs and their output are deleted this many seconds after they end.
-    retention: float = 7 * 24 * 3600.0
-    sync: str = "normal"  # "full": an fsync per commit, so power loss cannot undo one
-    loop: str = "uvloop"  # the event loop: uvloop or asyncio
-    max_queue: int = 100_000  # waiting jobs; beyond it new ones get 503
-    token: str | None = None  # when set, every endpoint but /healthz needs it as a bearer token
-    allowed_hosts: tuple[str, ...] = ()  # Host names accepted beside the bind address and localhost
-    origins: tuple[str, ...] = ()  # browser origins allowed beside Ollama's defaults
-    read_timeout: float = 60.0  # seconds a client may take to send its request body
-    shutdown_grace: float = 30.0  # seconds running jobs get to finish on SIGTERM before they are requeued
-    # Scheduling (README, "Scheduling"): the wait bound, the least time a
-    # loaded model stays before the bound may swap it away, and how many jobs
-    # of the one loaded model may run at once.
-    max_wait: float = 600.0
-    min_residency: float = 0.0
-    parallel: int = 1
-    sync_priority: Priority = Priority.INTERACTIVE  # class of a request without X-Foreman-Priority
-    async_priority: Priority = Priority.BATCH  # class of an async submission without X-Foreman-Priority
-    warm: str = "auto"  # read the next model's blob into the page cache: auto (when readable) or off
+# sysexits' EX_CONFIG: systemd's RestartPreventExitStatus stops retrying a
+# start that cannot succeed until a person looks.
+EXIT_CONFIG = 78
 
 
-def parse_listen(value: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+class Address(NamedTuple):
+    host: str
+    port: int
+
+
+# ---- parsers: text from a flag or a variable → the value Config holds; ValueError says why not
+
+
+def parse_listen(value: str, default_port: int = DEFAULT_PORT) -> Address:
     """`host:port`, `host`, `:port` or `http://host:port`, as OLLAMA_HOST takes them."""
     value = value.strip().strip("\"'")
     if "://" not in value:
@@ -69,7 +54,7 @@ def parse_listen(value: str, default_port: int = DEFAULT_PORT) -> tuple[str, int
         raise ValueError(f"bad port in {value!r}") from exc
     # Like Ollama, ":port" alone means every interface.
     host = parts.hostname or "0.0.0.0"
-    return host, port
+    return Address(host, port)
 
 
 def client_url(value: str, default_port: int = DEFAULT_PORT) -> str:
@@ -108,21 +93,48 @@ def parse_keep_alive(value: str) -> float | str:
     return value
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"must be at least 1, got {number}")
+    return number
 
 
-def parse_duration(value: str) -> float:
-    """Seconds from `90`, `30s`, `15m`, `12h` or `7d`."""
-    text = value.strip().lower()
-    scale = _UNITS.get(text[-1:])
-    number = text[:-1] if scale is not None else text
+def choice(*choices: str) -> Callable[[str], str]:
+    """A parser that takes one of `choices`, in any case."""
+
+    def parse(value: str) -> str:
+        if value.lower() not in choices:
+            raise ValueError(f"must be {', '.join(choices[:-1])} or {choices[-1]}")
+        return value.lower()
+
+    return parse
+
+
+def names(value: str) -> tuple[str, ...]:
+    """A comma-separated list; blanks are dropped."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def priority(value: str) -> Priority:
     try:
-        seconds = float(number) * (scale or 1)
-    except ValueError as exc:
-        raise ValueError(f"not a duration: {value!r} (use seconds, or a number with s, m, h or d)") from exc
-    if seconds <= 0:
-        raise ValueError(f"must be positive, got {value!r}")
-    return seconds
+        return Priority(value.lower())
+    except ValueError:
+        raise ValueError(f"must be one of {', '.join(p.value for p in Priority)}") from None
+
+
+def optional(value: str) -> str | None:
+    """Text, where empty means unset."""
+    return value or None
+
+
+def path(value: str) -> Path:
+    return Path(value).expanduser()
+
+
+def optional_path(value: str) -> Path | None:
+    """A file's path, where empty means none."""
+    return path(value) if value else None
 
 
 def default_db_path(environ: Mapping[str, str]) -> Path:
@@ -132,6 +144,239 @@ def default_db_path(environ: Mapping[str, str]) -> Path:
         return Path(state_directory.split(":")[0]) / "foreman.db"
     xdg = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(xdg) / "foreman" / "foreman.db"
+
+
+# ---- the table
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One row of the table: a field of Config, with its flag, variable, default and help."""
+
+    name: str  # the Config field
+    parse: Callable[[str], Any]  # the text of the flag or variable → the field's value
+    default: str  # as a person writes it; Config's default is parse(default)
+    help: str
+    flag: str
+    env: str
+    # Where the default depends on the machine: from the environment and
+    # whether stdout is a terminal. `default` then says in words what it is.
+    default_from: Callable[[Mapping[str, str], bool], str] | None = None
+
+    def default_text(self, environ: Mapping[str, str], isatty: bool) -> str:
+        """The default on this machine, as a flag would give it."""
+        return self.default_from(environ, isatty) if self.default_from else self.default
+
+
+_FROM_TEXT: Any = object()
+
+
+def setting(
+    default: str,
+    parse: Callable[[str], Any],
+    help: str,
+    *,
+    flag: str | None = None,
+    default_from: Callable[[Mapping[str, str], bool], str] | None = None,
+    value: Any = _FROM_TEXT,
+    required: bool = False,
+) -> Any:
+    """Declare a Config field as a setting (see the module docstring).
+
+    `value` is Config's own default where `default` describes one in words;
+    `required` leaves Config without one.
+    """
+    entry = {"default": default, "parse": parse, "help": help, "flag": flag, "default_from": default_from}
+    metadata = {"setting": entry}
+    if required:
+        return dataclasses.field(metadata=metadata)
+    return dataclasses.field(default=parse(default) if value is _FROM_TEXT else value, metadata=metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """What `foreman serve` runs with: one field per setting, in the order README lists them."""
+
+    # Required, so that a test or an embedding never writes to the user's own queue by accident.
+    db_path: Path = setting(
+        "`$STATE_DIRECTORY/foreman.db` under systemd, else `$XDG_STATE_HOME/foreman/foreman.db`"
+        " (`~/.local/state/foreman/foreman.db`)",
+        path,
+        "the SQLite queue",
+        flag="--db",
+        default_from=lambda environ, _: str(default_db_path(environ)),
+        required=True,
+    )
+    listen: Address = setting(
+        f"127.0.0.1:{DEFAULT_PORT}",
+        parse_listen,
+        "listen address, in `OLLAMA_HOST`'s forms (`host:port`, `host`, `:port`, `http://host:port`);"
+        " the client commands look for the daemon there",
+        flag="--host",
+    )
+    upstream: str = setting(
+        f"http://127.0.0.1:{OLLAMA_PORT}", parse_upstream, "Ollama's base URL (or `host:port`)"
+    )
+    log_format: str = setting(
+        "`console` on a terminal, `json` otherwise",
+        choice("console", "json"),
+        "log rendering: `console` or `json`",
+        default_from=lambda _, isatty: "console" if isatty else "json",
+        value="console",
+    )
+    log_level: str = setting(
+        "info", choice("debug", "info", "warning", "error"), "`debug`, `info`, `warning` or `error`"
+    )
+    max_attempts: int = setting("8", positive_int, "tries per job on transient failures")
+    backoff_initial: float = setting("0.5s", duration, "the first backoff step; each step doubles")
+    backoff_max: float = setting("30s", duration, "the longest backoff step")
+    # keep_alive values as sent to Ollama: a number of seconds or a duration string.
+    pin_keep_alive: float | str = setting(
+        "-1",
+        parse_keep_alive,
+        "`keep_alive` that pins the loaded model while work waits (seconds or a duration like `24h`)",
+    )
+    release_keep_alive: float | str = setting(
+        "5m",
+        parse_keep_alive,
+        "`keep_alive` that ends a pin when the client gave none; set it to your `OLLAMA_KEEP_ALIVE`",
+    )
+    max_body: int = setting(str(32 * 1024 * 1024), positive_int, "largest queued request body, in bytes")
+    # Node's fetch gives up on headers after 300 s; an early 200 keeps such clients waiting.
+    early_headers: float = setting(
+        "1m",
+        duration,
+        "how long a streaming client waits in the queue before foreman sends 200 and its headers",
+    )
+    retention: float = setting("7d", positive_duration, "how long finished jobs and their output are kept")
+    max_wait: float = setting(
+        "10m",
+        duration,
+        "how long a job may wait before its model is served next, even at the cost of a swap (see Scheduling)",
+    )
+    min_residency: float = setting(
+        "0s",
+        duration,
+        "how long a freshly loaded model keeps the worker before the wait bound may swap it away",
+    )
+    parallel: int = setting(
+        "1",
+        positive_int,
+        "jobs in flight at once, all for the one loaded model; set it to Ollama's `OLLAMA_NUM_PARALLEL`",
+    )
+    sync_priority: Priority = setting(
+        "interactive",
+        priority,
+        "class of a request that sends no `X-Foreman-Priority` header: `interactive` or `batch`",
+    )
+    async_priority: Priority = setting(
+        "batch",
+        priority,
+        "class of an async submission (`Prefer: respond-async`) that sends no `X-Foreman-Priority` header",
+    )
+    warm: str = setting(
+        "auto",
+        choice("auto", "off"),
+        "`auto`: read the next model's blob into the page cache while the loaded one drains,"
+        " where foreman can read it; `off`: never",
+    )
+    sync: str = setting(
+        "normal",
+        choice("normal", "full"),
+        "`normal` survives a crash of foreman; `full` also survives power loss: a job's record is fsynced"
+        " before its answer (see [Reliability](#reliability))",
+    )
+    loop: str = setting(
+        "uvloop",
+        choice("uvloop", "asyncio"),
+        "the event loop: `uvloop` (libuv's, faster; see [Performance](#performance)) or `asyncio`"
+        " (the standard library's)",
+    )
+    max_queue: int = setting(
+        "100000",
+        positive_int,
+        'most jobs that may wait at once; beyond it a request gets 503 with Ollama\'s "server busy" wording'
+        " and `Retry-After`",
+    )
+    shutdown_grace: float = setting(
+        "30s", duration, "how long running jobs get to finish on SIGTERM before they go back to the queue"
+    )
+    token: str | None = setting(
+        "",
+        optional,
+        "when set, every endpoint but `/healthz` needs `Authorization: Bearer <token>`; the client commands send it",
+    )
+    allowed_hosts: tuple[str, ...] = setting(
+        "",
+        names,
+        "comma-separated `Host` names accepted beside the bind address, `localhost` and the loopback addresses",
+    )
+    origins: tuple[str, ...] = setting(
+        "",
+        names,
+        "comma-separated browser origins allowed beside Ollama's defaults, wildcards allowed, like `OLLAMA_ORIGINS`",
+    )
+    read_timeout: float = setting(
+        "1m", duration, "how long a client may take to send its request body (then 408)"
+    )
+    routes: Path | None = setting(
+        "",
+        optional_path,
+        "TOML file of model aliases and intent routes; SIGHUP reloads it (see [Model routing](#model-routing))",
+    )
+
+    @property
+    def host(self) -> str:
+        return self.listen.host
+
+    @property
+    def port(self) -> int:
+        return self.listen.port
+
+
+def _table() -> tuple[Setting, ...]:
+    rows = []
+    for field in dataclasses.fields(Config):
+        entry = field.metadata["setting"]
+        flag = entry["flag"] or "--" + field.name.replace("_", "-")
+        rows.append(
+            Setting(
+                name=field.name,
+                parse=entry["parse"],
+                default=entry["default"],
+                help=entry["help"],
+                flag=flag,
+                env="FOREMAN_" + flag.removeprefix("--").replace("-", "_").upper(),
+                default_from=entry["default_from"],
+            )
+        )
+    return tuple(rows)
+
+
+SETTINGS = _table()
+
+
+def config_from(raw: Mapping[str, str]) -> Config:
+    """Config from the text of each setting, by field name; raises ValueError naming the setting."""
+    values = {}
+    for entry in SETTINGS:
+        text = raw[entry.name]
+        try:
+            values[entry.name] = entry.parse(text)
+        except ValueError as exc:
+            raise ValueError(f"{entry.flag} / {entry.env}={text!r}: {exc}") from None
+    return Config(**values)
+
+
+def markdown_table() -> str:
+    """README's Configuration table."""
+    lines = ["| flag / variable | default | meaning |", "|---|---|---|"]
+    for entry in SETTINGS:
+        shown = f"`{entry.default}`" if entry.default else "none"
+        if entry.default_from:  # a default in words
+            shown = entry.default
+        lines.append(f"| `{entry.flag}` / `{entry.env}` | {shown} | {entry.help} |")
+    return "\n".join(lines)
 
 
 def _bracket(host: str) -> str:

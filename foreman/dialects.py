@@ -2,20 +2,17 @@
 
 The handlers, the worker and the error middleware ask `dialect_for(path)` how a
 stream is framed, how an error looks and whether a request can carry
-`keep_alive`, instead of testing paths themselves. The /v1 side lives in
-`foreman.openai_wire`.
+`keep_alive`, instead of testing paths themselves. Each side lives with its
+API: `foreman.native.replies` and `foreman.openai_compat.replies`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from contextlib import suppress
 from typing import Any, Protocol
 
-from foreman.openai_wire import OpenAI
-from foreman.results import merge_stream
-from foreman.upstream import NDJSON
+from foreman.native.replies import Native
+from foreman.openai_compat.replies import OpenAI
 
 
 class StreamReader(Protocol):
@@ -65,53 +62,6 @@ class Dialect(Protocol):
     def ask_stream(self, body: dict[str, Any]) -> None:
         """Make a request stream its reply (async jobs always run streamed)."""
         ...
-
-
-class Native:
-    """Ollama's own API: NDJSON lines, `{"error": "..."}`, and a last error line mid-stream."""
-
-    stream_type = NDJSON
-    carries_keep_alive = True
-
-    def error_body(self, status: int, message: str) -> bytes:
-        return json.dumps({"error": message}).encode()
-
-    def client_error(self, body: bytes) -> bytes:
-        return body
-
-    def frame(self, chunk: bytes) -> bytes:
-        return chunk
-
-    def end(self) -> bytes:
-        return b""
-
-    def late_error(self, body: bytes) -> bytes:
-        return body.rstrip(b"\n") + b"\n"
-
-    def reader(self) -> StreamReader:
-        return _NDJSONReader()
-
-    def merge(self, endpoint: str, chunks: Sequence[bytes]) -> bytes:
-        return merge_stream(endpoint, chunks)
-
-    def ask_stream(self, body: dict[str, Any]) -> None:
-        body["stream"] = True
-
-
-class _NDJSONReader:
-    def chunk(self, line: bytes) -> bytes | None:
-        return line
-
-    def failure(self, chunks: Sequence[bytes]) -> tuple[str, bytes] | None:
-        # Ollama reports a failure mid-stream as a last {"error": ...} line,
-        # which already went out with the chunks.
-        if not chunks or b'"error"' not in chunks[-1]:
-            return None
-        with suppress(ValueError):
-            value = json.loads(chunks[-1])
-            if isinstance(value, dict) and "error" in value:
-                return str(value["error"]), b""
-        return None
 
 
 NATIVE: Dialect = Native()

@@ -22,6 +22,7 @@ class Chunk:
 class StateChanged:
     state: JobState
     attempt: int
+    model: str | None = None  # when the job starts: the model that serves it
 
 
 @dataclass(frozen=True, slots=True)

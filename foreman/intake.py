@@ -4,7 +4,7 @@ foreman checks what it relies on (the model, `stream`, `keep_alive`, `options`)
 and the shape of the fields Ollama would reject anyway, so a bad request fails
 at once instead of after it has waited its turn in the queue. Anything subtler
 is Ollama's to judge; its 4xx then reaches the client unchanged. The rules for
-Ollama's OpenAI-compatible endpoints are in `foreman.openai_intake`.
+Ollama's OpenAI-compatible endpoints are in `foreman.openai_compat.intake`.
 """
 
 from __future__ import annotations
@@ -12,22 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ulid import ULID
 
-from foreman import openai_intake
+from foreman.durations import is_keep_alive
 from foreman.errors import BadRequest
 from foreman.fields import expect as _expect
 from foreman.fields import json_name as _json_name
 from foreman.models import STREAMED_ENDPOINTS, NewJob, Priority
 from foreman.names import model_key
-
-# Go's time.ParseDuration grammar, which Ollama uses for string keep_alive values.
-_GO_DURATION = re.compile(r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
+from foreman.openai_compat import intake as openai_intake
 
 # More messages than any real conversation has; a bigger array is an attack or a bug.
 MAX_MESSAGES = 10_000
@@ -92,17 +89,6 @@ def parse_priority(value: str | None, default: Priority) -> Priority:
         raise BadRequest(f"invalid X-Foreman-Priority {value!r}: use one of {choices}") from None
 
 
-def is_keep_alive(value: object) -> bool:
-    """Whether Ollama accepts `value` as a keep_alive (seconds, or a Go duration string)."""
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int | float):
-        return True
-    if isinstance(value, str):
-        return value == "0" or _GO_DURATION.fullmatch(value) is not None
-    return False
-
-
 def _json_object(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise BadRequest("missing request body")
@@ -118,7 +104,7 @@ def _json_object(raw: bytes) -> dict[str, Any]:
 def _check_native_fields(body: dict[str, Any]) -> None:
     options = _expect(body, "options", dict)
     if options:
-        _check_options(options)
+        check_options(options)
     keep_alive = body.get("keep_alive")
     if keep_alive is not None and not is_keep_alive(keep_alive):
         raise BadRequest(
@@ -139,7 +125,8 @@ _NUMBER_OPTIONS = frozenset(
 _BOOL_OPTIONS = frozenset({"use_mmap", "numa", "low_vram", "use_mlock"})
 
 
-def _check_options(options: dict[str, Any]) -> None:
+def check_options(options: dict[str, Any]) -> None:
+    """The typed fields of Ollama's Options; BadRequest for a wrong type."""
     for key, value in options.items():
         if value is None:
             continue

@@ -7,16 +7,16 @@ from typing import Any
 
 from aiohttp import web
 
-from foreman.api import job_position
+from foreman.aliases import ALIAS_MARK
 from foreman.errors import BadRequest, Conflict, NotFound
 from foreman.events import Chunk, Ended, StateChanged
-from foreman.keys import CLOCK, EVENTS, STORE, WORKER
-from foreman.models import Job, JobState
+from foreman.keys import CLOCK, EVENTS, ROUTES, STORE, WORKER
+from foreman.models import MAX_PAGE, Job, JobState
 from foreman.names import normalise_model
-from foreman.views import iso as _iso
-from foreman.views import job_view
+from foreman.presenters import iso as _iso
+from foreman.presenters import job_view
+from foreman.queued import job_position
 
-MAX_PAGE = 1000
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
@@ -28,6 +28,12 @@ async def get_job(request: web.Request) -> web.Response:
         else None
     )
     return web.json_response(job_view(job, request.app[CLOCK](), position=position, with_result=True))
+
+
+def _filter_key(request: web.Request, model: str) -> str:
+    """What `?model=` matches: a model's groups, or every job of an alias."""
+    alias = request.app[ROUTES].current.aliases.get(normalise_model(model))
+    return f"{ALIAS_MARK}{alias.name}" if alias is not None else normalise_model(model)
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -45,7 +51,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     model = query.get("model")
     jobs = await request.app[STORE].list_jobs(
         state=JobState(state) if state is not None else None,
-        model_key=normalise_model(model) if model else None,
+        model_key=_filter_key(request, model) if model else None,
         limit=limit,
         before=query.get("after"),
     )

@@ -9,6 +9,7 @@ from aiohttp import web
 from foreman.config import Config
 from foreman.events import JobEvents
 from foreman.metrics import Metrics
+from foreman.route_table import RouteTable
 from foreman.storage import Storage
 from foreman.upstream import Upstream
 from foreman.worker import Worker
@@ -18,6 +19,7 @@ CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 CONFIG = web.AppKey("config", Config)
 EVENTS = web.AppKey("events", JobEvents)
 METRICS = web.AppKey("metrics", Metrics)
+ROUTES = web.AppKey("routes", RouteTable)
 STORE: web.AppKey[Storage] = web.AppKey("store")
 UPSTREAM = web.AppKey("upstream", Upstream)
 WORKER = web.AppKey("worker", Worker)

@@ -29,6 +29,9 @@ class Priority(StrEnum):
     BATCH = "batch"
 
 
+# The most jobs one page of GET /jobs returns; `foreman jobs --limit` is held to it too.
+MAX_PAGE = 1000
+
 # The endpoints whose requests become jobs; every other path is passed through.
 QUEUED_ENDPOINTS = (
     "/api/chat",
@@ -55,11 +58,12 @@ class NewJob:
     model: str  # exactly as the client sent it; Ollama echoes it back
     model_key: str  # normalised name plus load options: the unit of residency
     stream: bool
-    body: bytes  # the request body as the client sent it
+    body: bytes  # the request body as the client sent it (an alias's defaults added, see routes.py)
     created_at: float
     respond_async: bool = False  # the client took a 202 and collects the result later
     idempotency_key: str | None = None
     priority: Priority = Priority.INTERACTIVE
+    routing: str | None = None  # for an alias job: JSON {"alias", and "route", "rule" if a route chose it}
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +86,8 @@ class Job:
     result: bytes | None
     respond_async: bool = False
     priority: Priority = Priority.INTERACTIVE
+    routing: str | None = None  # as NewJob.routing
+    served_model: str | None = None  # for an alias job: the model picked to serve it
 
     @property
     def queue_wait(self) -> float | None:

@@ -32,7 +32,7 @@ def _end_to_end(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _HOP_BY_HOP)
 
 
-def _forwarded_headers(request: web.Request) -> CIMultiDict[str]:
+def forwarded_headers(request: web.Request) -> CIMultiDict[str]:
     headers = _end_to_end(request.headers)
     if request.app[CONFIG].token:
         headers.popall(hdrs.AUTHORIZATION, None)  # foreman's credential, not Ollama's
@@ -44,7 +44,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     response = await request.app[UPSTREAM].send(
         request.method,
         request.path_qs,
-        headers=_forwarded_headers(request),
+        headers=forwarded_headers(request),
         data=request.content if request.body_exists else None,
         allow_redirects=False,
     )

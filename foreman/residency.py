@@ -9,7 +9,7 @@ are moved so that Ollama evicts the model the policy chose (`make_room`).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -114,7 +114,7 @@ class Residency:
         """The last job of a drain hands Ollama back its expiry; False if the model was not pinned."""
         return self._pins.pop(model_key, None) is not None
 
-    async def make_room(self, keep: str, evict: str | None, waiting: Callable[[str], Awaitable[int]]) -> None:
+    async def make_room(self, keep: str, evict: str | None, waiting: Mapping[str, int]) -> None:
         """Before a load: leave only the policy's victim and idle models without a pin.
 
         Ollama makes room by evicting an idle model with the shortest
@@ -127,7 +127,7 @@ class Residency:
             if key == keep:
                 continue
             pinned = key in self._pins
-            left = await waiting(key)
+            left = waiting.get(key, 0)
             if pinned and (key == evict or left == 0):
                 pin = self._pins.pop(key)
                 keep_alive = self.release_keep_alive

@@ -20,9 +20,10 @@ Sleep = Callable[[float], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    max_attempts: int = 8
-    initial: float = 0.5  # seconds before the second try
-    maximum: float = 30.0  # the longest single wait
+    # No defaults here: they are Config's (FOREMAN_MAX_ATTEMPTS, _BACKOFF_INITIAL, _BACKOFF_MAX).
+    max_attempts: int
+    initial: float  # seconds before the second try
+    maximum: float  # the longest single wait
     rng: random.Random = field(default_factory=random.Random, compare=False)
 
     def delay(self, attempt: int) -> float:

@@ -18,6 +18,7 @@ from functools import partial
 
 import structlog
 
+from foreman.aliases import fold, waiting_for
 from foreman.dialects import dialect_for
 from foreman.driver import PolicyDriver
 from foreman.errors import TRANSIENT, UpstreamFailed, UpstreamRejected, UpstreamUnreachable, error_message
@@ -147,7 +148,7 @@ class JobRunner:
             await self._end(job, JobState.CANCELLED, 499, error_body("request canceled"))
             log.info("job.cancelled", job_id=job.id, before="start")
             return None
-        self._events.publish(job.id, StateChanged(job.state, job.attempt))
+        self._events.publish(job.id, StateChanged(job.state, job.attempt, model=job.model))
         task = asyncio.create_task(self._execute(claim))
         self._running[job.id] = running = _Running(job.id, task)
         try:
@@ -183,7 +184,7 @@ class JobRunner:
                 await self._store.mark_working(job.id)
                 self._events.publish(job.id, StateChanged(JobState.WORKING, job.attempt))
                 # A load can take a minute; more work may have come for this model meanwhile.
-                waiting = await self._store.waiting(job.model_key)
+                waiting = (await self._waiting_by_model()).get(job.model_key, 0)
             bound.info("job.start", wait_s=wait_s, waiting_for_model=waiting)
             started = self._monotonic()
             result, load_ns = await self._call(job, waiting)
@@ -289,8 +290,9 @@ class JobRunner:
         decision = claim.decision
         key = job.model_key
         leaving = sorted(self._residency.models)
-        waiting_leaving = {k: await self._store.waiting(k) for k in leaving}
-        await self._residency.make_room(keep=key, evict=decision.evict, waiting=self._store.waiting)
+        waiting_now = await self._waiting_by_model()
+        waiting_leaving = {k: waiting_now.get(k, 0) for k in leaving}
+        await self._residency.make_room(keep=key, evict=decision.evict, waiting=waiting_now)
         expected = self._driver.book.costs().load_s.get(key)
         started = self._monotonic()
         load = self._residency.load(job)
@@ -348,7 +350,7 @@ class JobRunner:
                 if load in done:
                     await load  # raises what the load raised
                     return False
-                queues = await self._store.queues()
+                queues = fold(await self._store.queues(), self._driver.before.resident).queues
                 if self._driver.abandons(decision, queues, self._clock()):
                     return True
         finally:
@@ -356,6 +358,13 @@ class JobRunner:
                 load.cancel()
                 with suppress(asyncio.CancelledError):
                     await load
+
+    async def _waiting_by_model(self) -> dict[str, int]:
+        """Queued jobs per model key, alias jobs counted with the model that would serve them now."""
+        resident = self._residency.as_read()
+        if resident is None:
+            resident = self._driver.state.resident
+        return waiting_for(await self._store.waiting_by_model(), resident)
 
     async def _back_off(self, job: Job, failure: Exception) -> None:
         """Requeue (or finally fail) a job after a transient failure, then wait."""

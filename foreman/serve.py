@@ -10,16 +10,12 @@ from aiohttp import web
 
 from foreman import log as logging_setup
 from foreman.app import create_app
-from foreman.config import Config
+from foreman.config import EXIT_CONFIG, Config
 from foreman.errors import StoreError
+from foreman.routes import RoutesError
 from foreman.security import is_loopback
 
 log = structlog.get_logger("foreman")
-
-
-# sysexits' EX_CONFIG: systemd's RestartPreventExitStatus stops retrying a
-# start that cannot succeed until a person looks.
-EXIT_CONFIG = 78
 
 
 def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -61,6 +57,9 @@ def serve(config: Config) -> int:
         )
     except StoreError as exc:
         log.error("foreman.db_refused", error=str(exc))
+        return EXIT_CONFIG
+    except RoutesError as exc:
+        log.error("foreman.routes_refused", error=str(exc))
         return EXIT_CONFIG
     except OSError as exc:
         log.error("foreman.listen_failed", listen=f"{config.host}:{config.port}", error=str(exc))

@@ -13,8 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from foreman import __version__
 from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable
 from foreman.keys import CLOCK, CONFIG, METRICS, STORE, UPSTREAM, WORKER
+from foreman.presenters import iso, job_view
 from foreman.storage import Storage
-from foreman.views import iso, job_view
 
 log = structlog.get_logger("foreman.status")
 

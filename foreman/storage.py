@@ -129,7 +129,15 @@ class Storage(Protocol):
         ...
 
     async def requeue(self, job: Job, *, attempt: int, error: str | None) -> None:
-        """Put a running job back in line at its old place (it keeps its id); a no-op once it ended."""
+        """Put a running job back in line at its old place (it keeps its id); a no-op once it ended.
+
+        It waits under the model key it was stored with (an alias job's, not
+        that of the model it was about to run on), and forgets `served_model`.
+        """
+        ...
+
+    async def set_served(self, job_id: str, model: str) -> None:
+        """Record which model serves an alias job (`Job.served_model`)."""
         ...
 
     async def finish(

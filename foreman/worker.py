@@ -11,16 +11,20 @@ the `JobRunner`'s.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import structlog
 
+from foreman.aliases import Why, alias_of, fold, is_alias_key
 from foreman.driver import Choice, PolicyDriver
 from foreman.errors import UpstreamUnreachable
 from foreman.events import Ended, JobEvents
 from foreman.models import JobState, ModelStats, Priority
+from foreman.names import key_model_name
 from foreman.residency import Residency
 from foreman.retry import RetryPolicy, Sleep
 from foreman.runner import error_body
@@ -118,7 +122,13 @@ class Worker:
 
         A pure function of a snapshot, so the store's thread can run it.
         """
-        return self._driver.frozen(self.resident, self._clock()).drain_order
+        choice = self._driver.frozen(self.resident, self._clock())
+
+        def order(queues: list[ModelQueue]) -> list[tuple[str, Priority]]:
+            folded = fold(queues, choice.state.resident)
+            return folded.stored_order(choice.drain_order(folded.queues))
+
+        return order
 
     def wake(self, model_key: str) -> None:
         """New work for `model_key` is in the store."""
@@ -207,7 +217,8 @@ class Worker:
             now = self._clock()
             choice = self._driver.choice(self._residency.models, now)
             upcoming: list[str | None] = []
-            claim = await self._store.claim(self._chooser(choice, upcoming), now)
+            picked: list[_Picked] = []
+            claim = await self._store.claim(self._chooser(choice, upcoming, picked), now)
             if claim is None:
                 if not self._tasks:
                     # Idle: other clients and keep_alive expiry may change what
@@ -216,6 +227,7 @@ class Worker:
                     return
                 await self._work.wait()
                 continue
+            claim = await self._resolved(claim, picked[0])
             self._driver.claimed(claim.decision, now)
             job = claim.job
             # Every line logged while the job runs, here or in the store, upstream or warmer, names it.
@@ -243,21 +255,28 @@ class Worker:
         # it, so only work for another model is worth a look at the queues.
         serving = self._driver.state.serving
         if arrived in done and self._wakeups.arrived_for - {serving}:
-            queues = await self._store.queues()
-            following = self._driver.upcoming(queues, self.resident, self._clock())
+            resident = self.resident
+            queues = fold(await self._store.queues(), resident).queues
+            following = self._driver.upcoming(queues, resident, self._clock())
             if following is not None and following != serving:
                 self._warmer.prepare(following)
 
     def _chooser(
-        self, choice: Choice, upcoming: list[str | None]
+        self, choice: Choice, upcoming: list[str | None], picked: list[_Picked]
     ) -> Callable[[list[ModelQueue]], Decision | None]:
-        """The pick the store runs (on its own thread) against what waits."""
+        """The pick the store runs (on its own thread) against what waits.
+
+        Alias jobs count with the model that would serve them now (see
+        `foreman.aliases`). The policy's decision, which names that model, goes
+        to `picked`; the store gets one that names the stored key to claim from.
+        """
         busy = bool(self._tasks)
         serving = choice.state.serving
         want_upcoming = self._warmer is not None
 
         def choose(queues: list[ModelQueue]) -> Decision | None:
-            decision = choice.pick(queues)
+            folded = fold(queues, choice.state.resident)
+            decision = choice.pick(folded.queues)
             if decision is None:
                 return None
             if busy and (decision.swap or decision.model_key != serving):
@@ -265,10 +284,40 @@ class Worker:
                 return None
             if want_upcoming:
                 # The model after this one: the one this claim serves counts as loaded.
-                upcoming.append(choice.upcoming_after(queues, decision))
-            return decision
+                upcoming.append(choice.upcoming_after(folded.queues, decision))
+            source = folded.source(decision.model_key, decision.priority)
+            why = folded.resolved[source][1] if is_alias_key(source) else None
+            picked.append(_Picked(decision, folded.waiting(decision.model_key) - 1, why))
+            return replace(decision, model_key=source)
 
         return choose
+
+    async def _resolved(self, claim: Claim, picked: _Picked) -> Claim:
+        """The claim as the worker runs it: an alias job becomes a job for the model picked for it."""
+        job, decision = claim.job, picked.decision
+        if is_alias_key(job.model_key):
+            name = key_model_name(decision.model_key)
+            body = json.loads(job.body)
+            body["model"] = name  # Ollama names the model that served it in the reply
+            routing = json.loads(job.routing) if job.routing else {"alias": alias_of(job.model_key)}
+            log.info(
+                "job.routed",
+                job_id=job.id,
+                alias=routing.get("alias"),
+                route=routing.get("route"),
+                rule=routing.get("rule"),
+                model=decision.model_key,
+                why=(picked.why or Why.PREFERRED).value,
+            )
+            await self._store.set_served(job.id, name)
+            job = replace(
+                job,
+                model=name,
+                model_key=decision.model_key,
+                body=json.dumps(body, separators=(",", ":")).encode(),
+                served_model=name,
+            )
+        return Claim(job, decision, picked.waiting_after)
 
     def _job_ended(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -276,3 +325,12 @@ class Worker:
         if error is not None:
             self._crashed.append(error)
         self._work.set()
+
+
+@dataclass(frozen=True, slots=True)
+class _Picked:
+    """The policy's decision for a claim, before the store saw it."""
+
+    decision: Decision  # names the model that serves the job, also for an alias job
+    waiting_after: int  # jobs still waiting for that model, its aliases' included
+    why: Why | None  # for an alias job: why that model

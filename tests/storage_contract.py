@@ -157,6 +157,23 @@ class StorageContract:
         assert again is not None and again.job.id == first.id and again.job.attempt == 1
         assert again.job.error == "refused"
 
+    async def test_an_alias_job_records_its_model_until_it_is_put_back(self, storage: Storage) -> None:
+        """set_served names the model serving an alias job; a requeue forgets it and counts the job under its alias."""
+        alias = "@fast(a:latest|b:latest)"
+        job = new_job(alias)
+        await self.submit(storage, job, new_job("a:latest"))
+        claim = await storage.claim(lambda queues: Decision(alias, Reason.COLD, swap=True), now=0)
+        assert claim is not None and claim.job.id == job.id
+        await storage.set_served(job.id, "b")
+        served = await storage.get(job.id)
+        assert served is not None and served.served_model == "b"
+        await storage.requeue(claim.job, attempt=1, error=None)
+        back = await storage.get(job.id)
+        assert back is not None and back.served_model is None and back.model_key == alias
+        assert await storage.waiting_by_model() == {alias: 1, "a:latest": 1}
+        page = await storage.list_jobs(state=None, model_key="@fast", limit=10, before=None)
+        assert [j.id for j in page] == [job.id]
+
     async def test_cancel_only_touches_queued_jobs(self, storage: Storage) -> None:
         """A queued job can be cancelled (499); one already claimed cannot, here."""
         running, waiting = new_job("a:latest"), new_job("a:latest")

@@ -15,10 +15,12 @@ from bench.schedule import (
     guarantee_violations,
     lower_bound_beaten,
     run_all,
+    served_as,
     simulate,
     table,
     trace_batch,
 )
+from foreman.aliases import candidates, is_alias_key
 from foreman.scheduler import Policy, Reason
 
 
@@ -71,3 +73,18 @@ async def test_the_daemon_reproduces_trace_1s_swap_count() -> None:
     swaps, loads = await end_to_end(trace, scale=0.001)
     assert swaps == simulated.swaps == len(loads)
     assert loads == [load.model for load in simulated.loads]
+
+
+def test_alias_jobs_run_on_one_of_their_models_and_swap_no_more_than_named_ones(
+    results: list[Result],
+) -> None:
+    """On trace 6 every alias job runs on one of its models; naming those models instead saves no swap."""
+    aliased = next(r for r in results if r.trace.name == "6-alias" and r.policy == "foreman")
+    alias_jobs = [s for s in aliased.served if is_alias_key(s.job.model)]
+    assert len(alias_jobs) > len(aliased.served) / 3
+    assert all(s.served_by in candidates(s.job.model) for s in alias_jobs)
+    assert {s.served_by for s in alias_jobs} == {"phi3", "llama3"}
+    named = simulate(served_as(aliased, "named"), Foreman(Policy(max_wait=aliased.trace.max_wait)))
+    assert aliased.swaps <= named.swaps
+    names = {job.id: job.model for job in named.trace.jobs}
+    assert all(names[s.job.id] == s.served_by for s in alias_jobs)

@@ -6,16 +6,27 @@ from pathlib import Path
 
 import pytest
 
-from foreman.cli import build_parser, config_from, main, serve_settings
-from foreman.config import Config, client_url, default_db_path, parse_keep_alive, parse_listen, parse_upstream
+from foreman.cli import build_parser, main, serve_config
+from foreman.config import (
+    SETTINGS,
+    Config,
+    client_url,
+    default_db_path,
+    markdown_table,
+    parse_keep_alive,
+    parse_listen,
+    parse_upstream,
+)
+from foreman.durations import duration
+from foreman.retry import RetryPolicy
+from foreman.scheduler import Policy
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def config_for(argv: list[str], environ: dict[str, str]):
-    parser, settings = build_parser(environ, isatty=False)
-    args = parser.parse_args(["serve", *argv])
-    from foreman.cli import _parse_settings
-
-    return config_from(_parse_settings(parser, args, settings))
+def config_for(argv: list[str], environ: dict[str, str]) -> Config:
+    args = build_parser(environ, isatty=False).parse_args(["serve", *argv])
+    return serve_config(args)
 
 
 def test_defaults_match_the_documented_ones(tmp_path: Path) -> None:
@@ -47,7 +58,7 @@ def test_scheduling_settings_come_from_flags_and_variables() -> None:
     config = config_for(["--parallel", "4"], environ)
     assert (config.max_wait, config.min_residency, config.parallel) == (120, 30, 4)
     assert config.sync_priority == "batch" and config.warm == "off"
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="FOREMAN_SYNC_PRIORITY"):
         config_for([], {"FOREMAN_SYNC_PRIORITY": "urgent"})
 
 
@@ -69,12 +80,102 @@ def test_environment_sets_and_flags_override() -> None:
     assert config.db_path == Path("/tmp/q.db")
 
 
-def test_bad_values_name_the_setting(capsys: pytest.CaptureFixture[str]) -> None:
-    """A bad variable stops start-up with a message that names it."""
-    with pytest.raises(SystemExit) as exited:
-        config_for([], {"FOREMAN_PIN_KEEP_ALIVE": "forever"})
-    assert exited.value.code == 2
-    assert "FOREMAN_PIN_KEEP_ALIVE" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"FOREMAN_PIN_KEEP_ALIVE": "forever"}, "FOREMAN_PIN_KEEP_ALIVE"),
+        ({"FOREMAN_MAX_WAIT": "3x"}, "FOREMAN_MAX_WAIT"),
+        ({"FOREMAN_RETENTION": "0"}, "FOREMAN_RETENTION"),
+        ({"FOREMAN_READ_TIMEOUT": "-5s"}, "FOREMAN_READ_TIMEOUT"),
+        ({"FOREMAN_PARALLEL": "0"}, "FOREMAN_PARALLEL"),
+    ],
+)
+def test_a_bad_setting_stops_serve_with_one_line_and_exit_78(
+    environ: dict[str, str], named: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad value is one line on stderr naming the variable, and EX_CONFIG, before anything starts."""
+    code = main(["serve", "--db", str(tmp_path / "q.db")], environ=environ)
+    assert code == 78
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.splitlines()
+    assert line.startswith("foreman serve: ") and named in line
+    assert not (tmp_path / "q.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90", 90),
+        ("0.5", 0.5),
+        ("0", 0),
+        ("90s", 90),
+        ("15m", 900),
+        ("12h", 43200),
+        ("7d", 604800),
+        ("1h30m", 5400),
+        ("1m30.5s", 90.5),
+        ("500ms", 0.5),
+        ("1.5h", 5400),
+        (" 10M ", 600),
+    ],
+)
+def test_durations_take_seconds_units_and_go_forms(text: str, seconds: float) -> None:
+    """Every time setting reads `90`, `90s`, `15m`, `12h`, `7d` and Go's `1h30m`, as keep_alive does."""
+    assert duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "3x", "s", "1h 30m", "10 minutes", "-5s", "nan", "1y"])
+def test_durations_refuse_what_they_cannot_read(text: str) -> None:
+    """A malformed or negative duration is an error that shows the accepted forms or the rule."""
+    with pytest.raises(ValueError, match=r"not a duration|negative"):
+        duration(text)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "max_wait",
+        "min_residency",
+        "early_headers",
+        "read_timeout",
+        "shutdown_grace",
+        "backoff_initial",
+        "backoff_max",
+        "retention",
+    ],
+)
+def test_every_time_setting_takes_the_duration_forms(name: str) -> None:
+    """FOREMAN_MAX_WAIT=3s works like FOREMAN_RETENTION=7d; `1h30m` works for each of them."""
+    env = next(s.env for s in SETTINGS if s.name == name)
+    assert getattr(config_for([], {env: "3s"}), name) == 3
+    assert getattr(config_for([], {env: "1h30m"}), name) == 5400
+
+
+def test_time_defaults_are_written_with_units(capsys: pytest.CaptureFixture[str]) -> None:
+    """README and `foreman serve --help` show `10m`, not `600`."""
+    defaults = {s.name: s.default for s in SETTINGS}
+    assert defaults["max_wait"] == "10m" and defaults["retention"] == "7d"
+    assert defaults["early_headers"] == "1m" and defaults["shutdown_grace"] == "30s"
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"], environ={})
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "[env FOREMAN_MAX_WAIT, default 10m]" in shown
+    assert "[env FOREMAN_RETENTION, default 7d]" in shown
+
+
+def test_readme_configuration_table_is_the_settings_table() -> None:
+    """README's Configuration table is what `markdown_table()` renders; regenerate it from there."""
+    readme = README.read_text()
+    assert markdown_table() in readme, "README's table differs; paste foreman.config.markdown_table()"
+
+
+def test_retry_and_scheduling_defaults_are_configs() -> None:
+    """RetryPolicy has no defaults of its own, and Policy's are Config's (the worker falls back to them)."""
+    config = Config(db_path=Path("q.db"))
+    assert Policy() == Policy(max_wait=config.max_wait, min_residency=config.min_residency)
+    with pytest.raises(TypeError):
+        RetryPolicy()  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize(
@@ -148,9 +249,10 @@ def test_keep_alive_settings_parse_to_what_ollama_takes() -> None:
 
 
 def test_every_setting_has_a_foreman_variable() -> None:
-    """Each serve flag is documented with its FOREMAN_* variable."""
-    for setting in serve_settings({}, isatty=True):
+    """Each serve flag is documented with its FOREMAN_* variable, and every Config field is a setting."""
+    for setting in SETTINGS:
         assert setting.env == "FOREMAN_" + setting.flag.removeprefix("--").replace("-", "_").upper()
+    assert [s.name for s in SETTINGS] == [f for f in Config.__dataclass_fields__]
 
 
 def test_serve_reports_a_port_in_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -168,3 +270,12 @@ def test_serve_reports_a_port_in_use(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 1
     out = capsys.readouterr().out
     assert "foreman.listen_failed" in out and "Traceback" not in out
+
+
+def test_client_and_demo_times_take_durations_too() -> None:
+    """`foreman watch --interval 2s` and `foreman demo --load-delay 500ms` read like the settings."""
+    parser = build_parser({}, isatty=False)
+    assert parser.parse_args(["watch", "--interval", "2s"]).interval == 2
+    assert parser.parse_args(["submit", "--prompt", "hi", "--model", "m", "--interval", "1m"]).interval == 60
+    assert parser.parse_args(["demo", "--load-delay", "500ms"]).load_delay == pytest.approx(0.5)
+    assert parser.parse_args(["demo"]).load_delay == 1

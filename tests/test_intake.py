@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from foreman.durations import is_keep_alive
 from foreman.errors import BadRequest
-from foreman.intake import is_keep_alive, parse_job
+from foreman.intake import parse_job
 
 
 def body(**fields: object) -> bytes:

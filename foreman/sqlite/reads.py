@@ -23,9 +23,10 @@ def list_jobs(
         where.append("state = ?")
         args.append(state)
     if model_key is not None:
-        # A model name matches its groups with and without load options.
-        where.append("(model_key = ? OR model_key LIKE ? ESCAPE '\\')")
-        args += [model_key, _like_prefix(model_key) + " %"]
+        # A model name matches its groups with and without load options;
+        # an alias key's head (`@fast`) matches the alias's jobs, whatever their models.
+        where.append("(model_key = ? OR model_key LIKE ? ESCAPE '\\' OR model_key LIKE ? ESCAPE '\\')")
+        args += [model_key, _like_prefix(model_key) + " %", _like_prefix(model_key) + "(%"]
     if before is not None:
         where.append("id < ?")
         args.append(before)

@@ -9,7 +9,7 @@ from pathlib import Path
 from foreman.errors import StoreError
 from foreman.models import Job, JobState, Priority
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Marks the file as foreman's (PRAGMA application_id): "FRMN".
 APPLICATION_ID = 0x46524D4E
 
@@ -32,7 +32,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     respond_async   INTEGER NOT NULL DEFAULT 0,
     idempotency_key TEXT,
     request_hash    TEXT,           -- tells a retried submission from a different one
-    priority        TEXT NOT NULL DEFAULT 'interactive'  -- interactive or batch
+    priority        TEXT NOT NULL DEFAULT 'interactive',  -- interactive or batch
+    routing         TEXT,           -- alias jobs: JSON {alias, route, rule}
+    served_model    TEXT            -- alias jobs: the model picked to serve it
 );
 -- The pick: the oldest queued job of a model in a class is the first entry under (key, class).
 CREATE INDEX IF NOT EXISTS jobs_queued_by_class ON jobs (model_key, priority, id) WHERE state = 'queued';
@@ -64,6 +66,11 @@ _MIGRATIONS: dict[int, str] = {
     3: """
     ALTER TABLE jobs ADD COLUMN priority TEXT NOT NULL DEFAULT 'interactive';
     DROP INDEX IF EXISTS jobs_queued;
+    """,
+    # Aliases and routes (routes.py): what the client asked for, and which model served it.
+    4: """
+    ALTER TABLE jobs ADD COLUMN routing TEXT;
+    ALTER TABLE jobs ADD COLUMN served_model TEXT;
     """,
 }
 _OUR_TABLES = frozenset({"jobs", "chunks"})
@@ -191,6 +198,8 @@ def job_from_row(row: sqlite3.Row) -> Job:
         result=None if result is None else bytes(result),
         respond_async=bool(row["respond_async"]),
         priority=Priority(row["priority"]),
+        routing=row["routing"],
+        served_model=row["served_model"],
     )
 
 

@@ -214,6 +214,9 @@ class SqliteStorage:
             job, state, now, status=status, result=result, error=error, attempt=attempt, chunks=chunks
         )
 
+    async def set_served(self, job_id: str, model: str) -> None:
+        self._store.set_served(job_id, model)
+
     async def cancel_queued(self, job_id: str, now: float) -> bool:
         return self._store.cancel_queued(job_id, now)
 

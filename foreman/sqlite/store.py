@@ -128,8 +128,8 @@ class Store:
             raise QueueFull(self.max_queue)
         self._db.execute(
             "INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at,"
-            " respond_async, idempotency_key, request_hash, priority)"
-            " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " respond_async, idempotency_key, request_hash, priority, routing)"
+            " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 job.id,
                 job.endpoint,
@@ -142,6 +142,7 @@ class Store:
                 job.idempotency_key,
                 request_hash,
                 job.priority,
+                job.routing,
             ),
         )
         self._waiting.add(job.model_key, job.priority, 1)
@@ -209,13 +210,22 @@ class Store:
         self._db.execute("UPDATE jobs SET state = 'working' WHERE id = ?", (job_id,))
 
     def requeue(self, job: Job, *, attempt: int, error: str | None) -> None:
-        """Put a running job back in line, keeping its place (its id)."""
-        changed = self._db.execute(
-            "UPDATE jobs SET state = 'queued', attempt = ?, error = ?"
-            " WHERE id = ? AND state IN ('loading', 'working')",
+        """Put a running job back in line, keeping its place (its id).
+
+        It is counted under the key it is stored with: an alias job's, not
+        that of the model it was about to run on.
+        """
+        row = self._db.execute(
+            "UPDATE jobs SET state = 'queued', attempt = ?, error = ?, served_model = NULL"
+            " WHERE id = ? AND state IN ('loading', 'working') RETURNING model_key",
             (attempt, error, job.id),
-        ).rowcount
-        self._waiting.add(job.model_key, job.priority, changed)
+        ).fetchone()
+        if row is not None:
+            self._waiting.add(row["model_key"], job.priority, 1)
+
+    def set_served(self, job_id: str, model: str) -> None:
+        """Record which model serves an alias job."""
+        self._db.execute("UPDATE jobs SET served_model = ? WHERE id = ?", (model, job_id))
 
     def finish(
         self,

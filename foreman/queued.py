@@ -10,19 +10,20 @@ from aiohttp import web
 
 from foreman.dialects import dialect_for
 from foreman.errors import ForemanError
-from foreman.events import Chunk, Ended, JobEvent
+from foreman.events import Chunk, Ended, JobEvent, StateChanged
 from foreman.intake import parse_job, parse_priority, request_hash
-from foreman.keys import CLOCK, CONFIG, EVENTS, STORE, WORKER
+from foreman.keys import CLOCK, CONFIG, EVENTS, ROUTES, STORE, WORKER
 from foreman.models import JobState, NewJob, Priority
 from foreman.storage import Submission
 
 log = structlog.get_logger("foreman.api")
 
 JOB_HEADER = "X-Foreman-Job"
+MODEL_HEADER = "X-Foreman-Model"  # the model that served the job (for an alias: the one picked)
 PRIORITY_HEADER = "X-Foreman-Priority"
 
 
-async def queued(request: web.Request) -> web.StreamResponse:
+async def handle(request: web.Request) -> web.StreamResponse:
     """Write the request as a job; answer 202 at once, or with what the worker produces for it."""
     respond_async = prefers_async(request)
     config = request.app[CONFIG]
@@ -40,6 +41,7 @@ async def queued(request: web.Request) -> web.StreamResponse:
         respond_async=respond_async,
         idempotency_key=request.headers.get("Idempotency-Key") if respond_async else None,
     )
+    job = request.app[ROUTES].current.route(job)
     if respond_async:
         return await _accept(request, job)
     return await _serve(request, job)
@@ -118,37 +120,48 @@ async def _respond(
 ) -> web.StreamResponse:
     dialect = dialect_for(job.endpoint)
     stream: web.StreamResponse | None = None
+    # An alias job's model is known once it is picked; until then, no header names one.
+    served = None if job.routing else job.model
     while True:
         if stream is None and job.stream:
             try:
                 event = await asyncio.wait_for(inbox.get(), early_headers)
             except TimeoutError:
-                stream = await _start_stream(request, job)
+                stream = await _start_stream(request, job, served)
                 continue
         else:
             event = await inbox.get()
         if isinstance(event, Chunk):
             if stream is None:
-                stream = await _start_stream(request, job)
+                stream = await _start_stream(request, job, served)
             await stream.write(dialect.frame(event.data))
+        elif isinstance(event, StateChanged):
+            served = event.model or served
         elif isinstance(event, Ended):
-            return await _finish(request, job, stream, event)
+            return await _finish(request, job, stream, event, served)
 
 
-async def _start_stream(request: web.Request, job: NewJob) -> web.StreamResponse:
+def _headers(job: NewJob, served: str | None) -> dict[str, str]:
+    headers = {JOB_HEADER: job.id}
+    if served is not None:
+        headers[MODEL_HEADER] = served
+    return headers
+
+
+async def _start_stream(request: web.Request, job: NewJob, served: str | None) -> web.StreamResponse:
     content_type = dialect_for(job.endpoint).stream_type
-    stream = web.StreamResponse(headers={"Content-Type": content_type, JOB_HEADER: job.id})
+    stream = web.StreamResponse(headers={"Content-Type": content_type, **_headers(job, served)})
     await stream.prepare(request)
     return stream
 
 
 async def _finish(
-    request: web.Request, job: NewJob, stream: web.StreamResponse | None, ended: Ended
+    request: web.Request, job: NewJob, stream: web.StreamResponse | None, ended: Ended, served: str | None
 ) -> web.StreamResponse:
     dialect = dialect_for(job.endpoint)
     if stream is None:
         failed = ended.state is not JobState.DONE
-        headers = {"Content-Type": ended.content_type, JOB_HEADER: job.id}
+        headers = {"Content-Type": ended.content_type, **_headers(job, served)}
         if ended.state is JobState.QUEUED:
             # The job stays queued and runs later: a client retry would run it twice.
             # (The openai SDKs retry 5xx unless told not to.)

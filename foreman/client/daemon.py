@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from foreman.jobs import MAX_PAGE
+from foreman.models import MAX_PAGE
 
 Json = dict[str, Any]
 

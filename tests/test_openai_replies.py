@@ -9,7 +9,7 @@ import pytest
 
 from foreman.errors import BadRequest
 from foreman.intake import parse_job
-from foreman.openai_wire import SSEReader, as_openai_error, merge_stream
+from foreman.openai_compat.replies import SSEReader, as_openai_error, merge_openai_stream
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -71,7 +71,7 @@ def test_a_streamed_chat_merges_into_one_completion() -> None:
         chunk(choices=[delta("tool_calls", content="")]),
         chunk(choices=[], usage={"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}),
     ]
-    merged = json.loads(merge_stream("/v1/chat/completions", lines))
+    merged = json.loads(merge_openai_stream("/v1/chat/completions", lines))
     assert merged == {
         "id": "chatcmpl-7",
         "object": "chat.completion",
@@ -108,7 +108,7 @@ def test_a_streamed_completion_merges_and_keeps_the_real_usage() -> None:
         ),
         chunk(object="text_completion", choices=[], usage={**zero, "total_tokens": 5}),
     ]
-    merged = json.loads(merge_stream("/v1/completions", lines))
+    merged = json.loads(merge_openai_stream("/v1/completions", lines))
     assert merged["object"] == "text_completion"
     assert merged["choices"] == [{"text": "ab", "index": 0, "finish_reason": "length"}]
     assert merged["usage"]["total_tokens"] == 5

@@ -18,21 +18,23 @@ class BadInput(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class Submission:
+class SubmitRequest:
     endpoint: str
     body: dict[str, Any]
     key: str | None = None  # Idempotency-Key: the same line of the same file is one job
     source: str | None = None  # where it came from, e.g. `batch.jsonl:3`, for messages
 
 
-def from_prompt(model: str, prompt: str, *, generate: bool = False) -> Submission:
+def from_prompt(model: str, prompt: str, *, generate: bool = False) -> SubmitRequest:
     """One chat message, or one /api/generate prompt."""
     if generate:
-        return Submission("/api/generate", {"model": model, "prompt": prompt})
-    return Submission(DEFAULT_ENDPOINT, {"model": model, "messages": [{"role": "user", "content": prompt}]})
+        return SubmitRequest("/api/generate", {"model": model, "prompt": prompt})
+    return SubmitRequest(
+        DEFAULT_ENDPOINT, {"model": model, "messages": [{"role": "user", "content": prompt}]}
+    )
 
 
-def from_jsonl(name: str, text: str) -> list[Submission]:
+def from_jsonl(name: str, text: str) -> list[SubmitRequest]:
     """One submission per non-blank line of a JSONL file called `name`.
 
     Each line is a request body with an optional `"endpoint"` field (default
@@ -53,7 +55,7 @@ def from_jsonl(name: str, text: str) -> list[Submission]:
             raise BadInput(f"{source}: a request must be a JSON object")
         key = idempotency_key(name, number, body)
         endpoint = _endpoint(body.pop("endpoint", DEFAULT_ENDPOINT), source)
-        submissions.append(Submission(endpoint, body, key, source))
+        submissions.append(SubmitRequest(endpoint, body, key, source))
     if not submissions:
         raise BadInput(f"{name}: no requests in the file")
     return submissions

@@ -1,7 +1,7 @@
 """The client commands: `foreman status`, `jobs`, `job`, `cancel`, `submit` and `watch`.
 
 Each command is a coroutine that talks to the daemon through `Daemon` and
-writes to the streams it is given; `tables` decides how things look.
+writes to the streams it is given; `layout` decides how things look.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TextIO
 
-from foreman import tables
-from foreman.client import Daemon, DaemonError, Json, Rejected
+from foreman.client import layout
+from foreman.client.daemon import Daemon, DaemonError, Json, Rejected
+from foreman.client.submit import BadInput, SubmitRequest, from_jsonl, from_prompt
 from foreman.models import JobState
-from foreman.submissions import BadInput, Submission, from_jsonl, from_prompt
 
 Command = Callable[[Daemon, argparse.Namespace, TextIO, TextIO], Awaitable[int]]
 
@@ -53,18 +53,18 @@ async def run_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int
 
 
 async def status(daemon: Daemon, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    _show(out, await daemon.status(), args.json, tables.format_status)
+    _show(out, await daemon.status(), args.json, layout.format_status)
     return 0
 
 
 async def jobs(daemon: Daemon, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     page = await daemon.jobs(state=args.state, model=args.model, limit=args.limit, after=args.after)
-    _show(out, page, args.json, tables.format_jobs)
+    _show(out, page, args.json, layout.format_jobs)
     return 0
 
 
 async def job(daemon: Daemon, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    _show(out, await daemon.job(args.id), args.json, tables.format_job)
+    _show(out, await daemon.job(args.id), args.json, layout.format_job)
     return 0
 
 
@@ -77,7 +77,7 @@ async def cancel(daemon: Daemon, args: argparse.Namespace, out: TextIO, err: Tex
 async def submit(daemon: Daemon, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Queue async jobs in order and print their ids; with --wait, follow them and print the results."""
     submissions = _submissions(args)
-    accepted: list[tuple[Submission, Json]] = []
+    accepted: list[tuple[SubmitRequest, Json]] = []
     for submission in submissions:
         try:
             answer = await daemon.submit(submission.endpoint, submission.body, submission.key)
@@ -88,7 +88,7 @@ async def submit(daemon: Daemon, args: argparse.Namespace, out: TextIO, err: Tex
             continue
         accepted.append((submission, answer))
         if not (args.wait and args.json):
-            line = json.dumps(answer) if args.json else tables.format_submission(answer, submission.source)
+            line = json.dumps(answer) if args.json else layout.format_submission(answer, submission.source)
             out.write(line + "\n")
     failed = len(submissions) - len(accepted)
     if args.wait and accepted:
@@ -97,7 +97,7 @@ async def submit(daemon: Daemon, args: argparse.Namespace, out: TextIO, err: Tex
         for submission, answer in accepted:
             view = ended[answer["id"]]
             out.write(
-                (json.dumps(view) if args.json else tables.format_outcome(view, submission.source)) + "\n"
+                (json.dumps(view) if args.json else layout.format_outcome(view, submission.source)) + "\n"
             )
             failed += view["state"] != JobState.DONE
     return 1 if failed else 0
@@ -117,7 +117,7 @@ async def watch(daemon: Daemon, args: argparse.Namespace, out: TextIO, err: Text
                 # The daemon may be restarting: say so and keep trying.
                 frame = f"foreman: {exc}\nretrying every {args.interval:g}s"
             else:
-                frame = tables.watch_frame(view, daemon.url, time.strftime("%H:%M:%S"), time.time())
+                frame = layout.watch_frame(view, daemon.url, time.strftime("%H:%M:%S"), time.time())
             screen.draw(frame)
             frames += 1
             if args.count is not None and frames >= args.count:
@@ -162,7 +162,7 @@ class Progress:
         self.last: str | None = None
 
     def update(self, finished: int, total: int, failed: int) -> None:
-        line = tables.progress(finished, total, failed)
+        line = layout.progress(finished, total, failed)
         if line != self.last:
             self.stream.write(f"\r{line}{_CLEAR_LINE}" if self.tty else line + "\n")
             self.stream.flush()
@@ -204,7 +204,7 @@ def _show(out: TextIO, data: Json, as_json: bool, render: Callable[[Json, float]
     out.write((json.dumps(data, indent=2) if as_json else render(data, time.time())) + "\n")
 
 
-def _submissions(args: argparse.Namespace) -> list[Submission]:
+def _submissions(args: argparse.Namespace) -> list[SubmitRequest]:
     if args.file is None:
         return [from_prompt(args.model, args.prompt, generate=args.generate)]
     path = Path(args.file)

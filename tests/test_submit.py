@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from foreman.submissions import BadInput, Submission, from_jsonl, from_prompt, idempotency_key
+from foreman.client.submit import BadInput, SubmitRequest, from_jsonl, from_prompt, idempotency_key
 
 
 def test_a_prompt_is_one_chat_message_or_a_generate_prompt() -> None:
     """--prompt becomes a user message for /api/chat, or a prompt for /api/generate."""
-    assert from_prompt("llama3", "hi") == Submission(
+    assert from_prompt("llama3", "hi") == SubmitRequest(
         "/api/chat", {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
     )
-    assert from_prompt("llama3", "hi", generate=True) == Submission(
+    assert from_prompt("llama3", "hi", generate=True) == SubmitRequest(
         "/api/generate", {"model": "llama3", "prompt": "hi"}
     )
 

@@ -19,6 +19,8 @@ def job_view(
         "endpoint": job.endpoint,
         "model": job.model,
         "model_key": job.model_key,
+        # For a job that named an alias or a route (README, "Model routing").
+        **_routing(job),
         "async": job.respond_async,
         "attempt": job.attempt,
         "position": position,
@@ -33,6 +35,15 @@ def job_view(
     if with_result:
         view["result"] = json.loads(job.result) if job.state is JobState.DONE and job.result else None
     return view
+
+
+def _routing(job: Job) -> dict[str, Any]:
+    routing = json.loads(job.routing) if job.routing else {}
+    return {
+        "alias": routing.get("alias"),
+        "route": routing.get("route"),
+        "served_model": job.served_model,
+    }
 
 
 def iso(timestamp: float | None) -> str | None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from ulid import ULID
 
-from foreman import tables
+from foreman.client import layout
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC).timestamp()
 
@@ -49,7 +49,7 @@ def job_view(**overrides: Any) -> dict[str, Any]:
 
 def test_table_pads_columns_and_aligns_numbers_right() -> None:
     """Every column is as wide as its widest cell; numeric columns line up on the right."""
-    lines = tables.table(["MODEL", "WAITING"], [["llama3:latest", "3"], ["qwen2", "12"]], right={1})
+    lines = layout.table(["MODEL", "WAITING"], [["llama3:latest", "3"], ["qwen2", "12"]], right={1})
     assert lines == [
         "MODEL          WAITING",
         "llama3:latest        3",
@@ -72,12 +72,12 @@ def test_table_pads_columns_and_aligns_numbers_right() -> None:
 )
 def test_durations_read_at_a_glance(seconds: float | None, text: str) -> None:
     """Durations use the largest fitting unit and never go negative."""
-    assert tables.duration(seconds) == text
+    assert layout.duration(seconds) == text
 
 
 def test_sizes_use_decimal_units() -> None:
     """Database sizes read as B, kB, MB."""
-    assert [tables.size(n) for n in (812, 61_800, 1_250_000)] == ["812 B", "61.8 kB", "1.2 MB"]
+    assert [layout.size(n) for n in (812, 61_800, 1_250_000)] == ["812 B", "61.8 kB", "1.2 MB"]
 
 
 STATUS: dict[str, Any] = {
@@ -99,7 +99,7 @@ STATUS: dict[str, Any] = {
 
 def test_status_shows_the_daemon_then_the_queue_in_drain_order() -> None:
     """The whole `foreman status` layout, as the README shows it."""
-    assert tables.format_status(STATUS, NOW) == "\n".join(
+    assert layout.format_status(STATUS, NOW) == "\n".join(
         [
             "foreman     0.1.0, database /var/lib/foreman/foreman.db (1.2 MB)",
             "ollama      http://127.0.0.1:11434 (reachable)",
@@ -128,7 +128,7 @@ def test_status_of_an_idle_daemon_with_ollama_down() -> None:
         "jobs": {},
         "last_error": None,
     }
-    text = tables.format_status(idle, NOW)
+    text = layout.format_status(idle, NOW)
     assert "ollama      http://127.0.0.1:11434 (NOT REACHABLE)" in text
     assert "resident    none\nrunning     nothing\njobs        none" in text
     assert text.endswith("last error  none\n\nqueue is empty")
@@ -140,7 +140,7 @@ def test_queue_bars_are_scaled_to_the_longest_queue() -> None:
         {"model": "a", "waiting": 500, "oldest_job": ulid_at(1), "oldest_at": iso_at(1)},
         {"model": "b", "waiting": 5, "oldest_job": ulid_at(1), "oldest_at": iso_at(1)},
     ]
-    rows = tables.queue_table(queue, NOW, bar_width=40)
+    rows = layout.queue_table(queue, NOW, bar_width=40)
     assert rows[1].endswith("#" * 40) and rows[2].endswith("  #")
 
 
@@ -150,21 +150,21 @@ def test_jobs_table_adds_an_error_column_only_when_needed() -> None:
     failed = job_view(
         id="01JQ0000000000000000000000", state="failed", model="nope", error='model "nope" not found'
     )
-    text = tables.format_jobs({"jobs": [done], "next": None}, NOW)
+    text = layout.format_jobs({"jobs": [done], "next": None}, NOW)
     assert text.splitlines() == [
         "ID                          STATE  MODEL   ENDPOINT    AGE  WAIT   RUN",
         "01JQ0000000000000000000001  done   llama3  chat      1m30s   30s  2.0s",
     ]
-    text = tables.format_jobs({"jobs": [done, failed], "next": failed["id"]}, NOW)
+    text = layout.format_jobs({"jobs": [done, failed], "next": failed["id"]}, NOW)
     lines = text.splitlines()
     assert lines[0].endswith("ERROR") and lines[2].endswith('model "nope" not found')
     assert lines[-1] == "(more: the same command with --after 01JQ0000000000000000000000)"
-    assert tables.format_jobs({"jobs": [], "next": None}, NOW) == "no jobs"
+    assert layout.format_jobs({"jobs": [], "next": None}, NOW) == "no jobs"
 
 
 def test_a_done_job_shows_its_fields_and_its_text() -> None:
     """`foreman job` lists the fields that have values, then the reply's text."""
-    text = tables.format_job(job_view(), NOW)
+    text = layout.format_job(job_view(), NOW)
     assert text.splitlines()[:3] == [
         "id          01JQ0000000000000000000001",
         "state       done",
@@ -178,9 +178,9 @@ def test_a_done_job_shows_its_fields_and_its_text() -> None:
 def test_a_queued_job_shows_its_place_and_a_failed_one_its_error() -> None:
     """Position while queued; the error once failed; no result either way."""
     queued = job_view(state="queued", position=3, started_at=None, finished_at=None, run_s=None, status=None)
-    text = tables.format_job({**queued, "result": None}, NOW)
+    text = layout.format_job({**queued, "result": None}, NOW)
     assert "state       queued, 3 jobs run before it" in text and "started" not in text
-    failed = tables.format_job(
+    failed = layout.format_job(
         job_view(state="failed", status=404, error="model not found", result=None), NOW
     )
     assert failed.endswith("status      404\nerror       model not found")
@@ -202,25 +202,25 @@ def test_a_queued_job_shows_its_place_and_a_failed_one_its_error() -> None:
 )
 def test_result_text_fits_each_endpoint(result: dict[str, Any] | None, text: str | None) -> None:
     """Chat and generate give their text; embeddings give their shape."""
-    assert tables.result_text(result) == text
+    assert layout.result_text(result) == text
 
 
 def test_submission_and_outcome_lines() -> None:
     """A submitted job starts with its id; a finished one gets a header and its text or error."""
     accepted = {"id": "01JQ1", "state": "queued", "position": 2}
-    assert tables.format_submission(accepted, "batch.jsonl:3") == "01JQ1 queued, position 2 batch.jsonl:3"
-    assert tables.format_submission({**accepted, "state": "done", "position": None}, None) == "01JQ1 done"
-    assert tables.format_outcome(job_view(), "batch.jsonl:3") == (
+    assert layout.format_submission(accepted, "batch.jsonl:3") == "01JQ1 queued, position 2 batch.jsonl:3"
+    assert layout.format_submission({**accepted, "state": "done", "position": None}, None) == "01JQ1 done"
+    assert layout.format_outcome(job_view(), "batch.jsonl:3") == (
         "--- batch.jsonl:3 01JQ0000000000000000000001 llama3 done\nHello there"
     )
     failed = job_view(state="failed", error="model not found", result=None)
     assert (
-        tables.format_outcome(failed, None) == "--- 01JQ0000000000000000000001 llama3 failed: model not found"
+        layout.format_outcome(failed, None) == "--- 01JQ0000000000000000000001 llama3 failed: model not found"
     )
 
 
 def test_progress_bar() -> None:
     """The bar fills with the finished share and counts failures."""
-    assert tables.progress(0, 4, 0, width=8) == "[--------] 0/4 finished"
-    assert tables.progress(3, 4, 1, width=8) == "[######--] 3/4 finished, 1 failed"
-    assert tables.progress(4, 4, 0, width=8) == "[########] 4/4 finished"
+    assert layout.progress(0, 4, 0, width=8) == "[--------] 0/4 finished"
+    assert layout.progress(3, 4, 1, width=8) == "[######--] 3/4 finished, 1 failed"
+    assert layout.progress(4, 4, 0, width=8) == "[########] 4/4 finished"

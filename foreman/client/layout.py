@@ -10,7 +10,7 @@ import json
 from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime
 
-from foreman.client import Json
+from foreman.client.daemon import Json
 from foreman.models import JobState
 
 _STATES = [state.value for state in JobState]  # lifecycle order

@@ -18,8 +18,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from foreman.cli import build_parser, main
-from foreman.client import Daemon
-from foreman.ctl import run_command
+from foreman.client.commands import run_command
+from foreman.client.daemon import Daemon
 from helpers import ASYNC, Foreman, chat_body, hold_worker, reply_text
 from stub_ollama import Stub, StubServer
 
@@ -42,7 +42,7 @@ async def ctl(
     host: str, command: str, *argv: str, out: io.StringIO | None = None, environ: dict[str, str] | None = None
 ) -> Ran:
     """Run `foreman COMMAND ... --host HOST` on the test's own loop and capture what it prints."""
-    parser, _ = build_parser(environ or {}, isatty=False)
+    parser = build_parser(environ or {}, isatty=False)
     args = parser.parse_args([command, *argv, "--host", host])
     out = out if out is not None else io.StringIO()
     err = io.StringIO()
@@ -291,9 +291,10 @@ async def test_ctrl_c_ends_watch_cleanly(foreman: Foreman) -> None:
         stderr=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None
-    async with asyncio.timeout(10):
-        while not (await process.stdout.readline()).startswith(b"queue is empty"):
-            pass
+    # A generous deadline: a cold interpreter on a loaded CI machine took more than 10 s to draw.
+    async with asyncio.timeout(60):
+        while not (line := await process.stdout.readline()).startswith(b"queue is empty"):
+            assert line, f"watch ended before drawing the queue: {await process.communicate()}"
         process.send_signal(signal.SIGINT)
         _, err = await process.communicate()
     assert (process.returncode, err) == (0, b"")

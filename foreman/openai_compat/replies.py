@@ -111,7 +111,7 @@ class OpenAI:
         return SSEReader()
 
     def merge(self, endpoint: str, chunks: Sequence[bytes]) -> bytes:
-        return merge_stream(endpoint, chunks)
+        return merge_openai_stream(endpoint, chunks)
 
     def ask_stream(self, body: dict[str, Any]) -> None:
         # With usage, so the merged result carries it as the stream: false reply would.
@@ -119,7 +119,7 @@ class OpenAI:
         body["stream_options"] = {"include_usage": True}
 
 
-def merge_stream(endpoint: str, lines: Sequence[bytes]) -> bytes:
+def merge_openai_stream(endpoint: str, lines: Sequence[bytes]) -> bytes:
     """The `chat.completion` or `text_completion` Ollama answers with `stream: false`, from its chunks."""
     chunks: list[dict[str, Any]] = [json.loads(line) for line in lines]
     choices = [c["choices"][0] for c in chunks if c.get("choices")]
