@@ -17,7 +17,6 @@ from foreman.config import Config
 from foreman.driver import PolicyDriver
 from foreman.events import JobEvents
 from foreman.keys import CLOCK, CONFIG, EVENTS, METRICS, ROUTES, STORE, UPSTREAM, WORKER
-from foreman.looplag import LoopLag
 from foreman.metrics import Metrics
 from foreman.models import QUEUED_ENDPOINTS
 from foreman.outages import Outages
@@ -132,7 +131,7 @@ def create_app(
             yield
 
     async def loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
-        lag = LoopLag(app[METRICS].loop_lag)
+        lag = app[METRICS].loop_lag
         lag.start()
         yield
         lag.stop()

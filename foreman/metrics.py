@@ -6,11 +6,10 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from foreman.looplag import LoopLag
 from foreman.models import Job, JobState
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-# Fine at the low end: a loop late by 2 ms is worth telling from one late by 10.
-LAG_SECONDS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.05, 0.1, 0.25, 1.0)
 
 
 class Metrics:
@@ -37,12 +36,8 @@ class Metrics:
         self._retries = Counter(
             "foreman_retries", "Jobs put back in the queue after a transient failure.", registry=r
         )
-        self._loop_lag = Histogram(
-            "foreman_event_loop_lag_seconds",
-            "How late the event loop ran a timer set every 10 ms.",
-            buckets=LAG_SECONDS,
-            registry=r,
-        )
+        self.loop_lag = LoopLag()
+        r.register(self.loop_lag)
 
     def job_ended(self, job: Job, state: JobState, *, wait: float, run: float) -> None:
         self._jobs.labels(job.endpoint, job.model_key, state.value).inc()
@@ -58,9 +53,6 @@ class Metrics:
 
     def retried(self) -> None:
         self._retries.inc()
-
-    def loop_lag(self, seconds: float) -> None:
-        self._loop_lag.observe(seconds)
 
     def render(self, waiting: Mapping[str, int]) -> bytes:
         """The text exposition format, with the queue depth (`waiting` jobs per model key) as it is now."""
