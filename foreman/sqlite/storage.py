@@ -66,6 +66,7 @@ class SqliteStorage:
         self._checkpointer = Checkpointer(store.path)
         self.path = store.path
         self._full = sync == "full"
+        self._pending: list[tuple[Submission, asyncio.Future[Accepted]]] = []  # to commit together
         self._wal_fd: int | None = None
         self._unsynced: list[asyncio.Future[None]] = []  # commits waiting for an fsync
         self._syncing = False
@@ -99,8 +100,15 @@ class SqliteStorage:
         """`call(store)` on the hot path's connection: for what is SQLite's own (tests, maintenance)."""
         return call(self._store)
 
+    @property
+    def _hot(self) -> Store:
+        """The loop's `Store`, once the submissions made so far are committed: every call sees them."""
+        self._commit_pending()
+        return self._store
+
     async def _off_loop(self, work: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """`work(connection, ...)` on the store's thread, with its own connection."""
+        self._commit_pending()  # what it reads was submitted before it was asked for
         # In the caller's context, as asyncio.to_thread does: a line logged
         # on the store's thread names the job whose call it is.
         call = partial(contextvars.copy_context().run, work, self._side, *args, **kwargs)
@@ -109,6 +117,7 @@ class SqliteStorage:
     async def close(self) -> None:
         # The loop's connection closes first, so it is not the last one and
         # does not checkpoint; the checkpoint thread's last checkpoint does.
+        self._commit_pending()
         self._store.close()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._side.close)
@@ -120,27 +129,45 @@ class SqliteStorage:
     # Intake
 
     def submit(self, submission: Submission) -> asyncio.Future[Accepted]:
-        """Write a new job: committed when this returns; the future resolves once it is durable.
+        """Write a new job; the future resolves once it is committed (with `FOREMAN_SYNC=full`, fsynced).
 
-        A submission that stands for an earlier queued job gets that job's
-        position counted on the store's thread.
+        Submissions made in one turn of the event loop share one transaction,
+        committed at the start of the next turn or by the next store call,
+        whichever comes first: a claim asked for after this finds the job.
         """
-        loop = asyncio.get_running_loop()
-        [result] = self._store.submit([submission], positions_of_earlier=False)
-        future: asyncio.Future[Accepted] = loop.create_future()
-        if isinstance(result, BaseException):
-            future.set_exception(result)
-            return future
-        if not result.new and result.state is JobState.QUEUED and submission.drain_order is not None:
-            job = submission.job
-            position = self.position(result.job_id, job.model_key, job.priority, submission.drain_order)
-            return asyncio.ensure_future(_with_position(result, position))
-        if not self._full or not result.new:
-            future.set_result(result)
-            return future
-        synced = self._fsync_after_this()
-        synced.add_done_callback(partial(_resolve, future, result))
+        future: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
+        self._pending.append((submission, future))
+        if len(self._pending) == 1:
+            asyncio.get_running_loop().call_soon(self._commit_pending)
         return future
+
+    def _commit_pending(self) -> None:
+        """Commit the submissions made so far in one transaction (group commit), and answer each."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        try:
+            results: list[Any] = self._store.submit(
+                [submission for submission, _ in batch], positions_of_earlier=False
+            )
+        except Exception as exc:  # the batch as a whole failed: no one waits forever
+            results = [exc] * len(batch)
+        durable: asyncio.Future[None] | None = None
+        for (submission, future), result in zip(batch, results, strict=True):
+            if future.cancelled():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            elif not result.new and result.state is JobState.QUEUED and submission.drain_order is not None:
+                # An earlier job's place is counted off the loop: it may take a while at depth.
+                job = submission.job
+                place = self.position(result.job_id, job.model_key, job.priority, submission.drain_order)
+                asyncio.ensure_future(place).add_done_callback(partial(_placed, future, result))
+            elif self._full and result.new:
+                durable = durable or self._fsync_after_this()
+                durable.add_done_callback(partial(_resolve, future, result))
+            else:
+                future.set_result(result)
 
     def _fsync_after_this(self) -> asyncio.Future[None]:
         """A future resolved by an fsync of the write-ahead log that begins after now."""
@@ -178,25 +205,25 @@ class SqliteStorage:
     # The worker
 
     async def recover(self, now: float, max_attempts: int) -> Recovered:
-        return self._store.recover(now, max_attempts)
+        return self._hot.recover(now, max_attempts)
 
     async def queues(self) -> list[ModelQueue]:
-        return self._store.queues()
+        return self._hot.queues()
 
     async def claim(self, choose: Chooser, now: float) -> Claim | None:
-        return self._store.claim(choose, now)
+        return self._hot.claim(choose, now)
 
     async def waiting(self, model_key: str) -> int:
-        return self._store.waiting(model_key)
+        return self._hot.waiting(model_key)
 
     async def waiting_by_model(self) -> dict[str, int]:
-        return self._store.waiting_by_model()
+        return self._hot.waiting_by_model()
 
     async def mark_working(self, job_id: str) -> None:
-        self._store.mark_working(job_id)
+        self._hot.mark_working(job_id)
 
     async def requeue(self, job: Job, *, attempt: int, error: str | None) -> None:
-        self._store.requeue(job, attempt=attempt, error=error)
+        self._hot.requeue(job, attempt=attempt, error=error)
 
     async def finish(
         self,
@@ -210,15 +237,15 @@ class SqliteStorage:
         attempt: int | None = None,
         chunks: Sequence[bytes] = (),
     ) -> None:
-        self._store.finish(
+        self._hot.finish(
             job, state, now, status=status, result=result, error=error, attempt=attempt, chunks=chunks
         )
 
     async def set_served(self, job_id: str, model: str) -> None:
-        self._store.set_served(job_id, model)
+        self._hot.set_served(job_id, model)
 
     async def cancel_queued(self, job_id: str, now: float) -> bool:
-        return self._store.cancel_queued(job_id, now)
+        return self._hot.cancel_queued(job_id, now)
 
     # Reads: a job's request, result and output may be megabytes, a page or a count may touch many rows.
 
@@ -238,7 +265,7 @@ class SqliteStorage:
     async def position(self, job_id: str, model_key: str, priority: Priority, drain_order: DrainOrder) -> int:
         # The groups ahead come from the counts kept in memory; the jobs ahead
         # in its own group are counted on the index, which takes a while at depth.
-        before = self._store.groups_before(model_key, priority, drain_order)
+        before = self._hot.groups_before(model_key, priority, drain_order)
         return before + await self._off_loop(reads.ahead_in_group, job_id, model_key, priority)
 
     async def counts_by_state(self) -> dict[str, int]:
@@ -257,15 +284,21 @@ class SqliteStorage:
 
     async def ping(self) -> None:
         # The connection intake writes on is the one whose health matters; the query takes microseconds.
-        self._store.ping()
+        self._hot.ping()
 
     async def describe(self) -> dict[str, Any]:
         size = await asyncio.get_running_loop().run_in_executor(self._executor, self._store.size_bytes)
         return {"backend": "sqlite", "path": str(self.path), "size_bytes": size}
 
 
-async def _with_position(accepted: Accepted, position: Any) -> Accepted:
-    return Accepted(accepted.job_id, accepted.new, accepted.state, await position)
+def _placed(future: asyncio.Future[Accepted], accepted: Accepted, place: asyncio.Future[int]) -> None:
+    if future.cancelled():
+        return
+    error = place.exception()
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(Accepted(accepted.job_id, accepted.new, accepted.state, place.result()))
 
 
 def _resolve(future: asyncio.Future[Accepted], accepted: Accepted, synced: asyncio.Future[None]) -> None:
