@@ -6,9 +6,11 @@ Where each call runs, and why:
   short indexed statements that each take a tenth of a millisecond or so
   (intake, the claim, the transitions and the finish) and the waiting counts
   kept in memory. Handing each to another thread and back cost three to
-  four times what the statement itself costs (issue 17's profile), and
-  running it here means a job's record is committed to the write-ahead log
-  when `submit` returns, before its 202 is written or the worker sees it.
+  four times what the statement itself costs (issue 17's profile). The
+  submissions of one turn of the loop share a transaction (group commit),
+  committed before any other store call runs and before any of them is
+  answered: a job's record is in the write-ahead log before its 202 leaves
+  and before the worker can claim it.
 - **On the store's thread**, on a second connection: whatever can take
   long (reads of whole jobs and their output, pages of jobs, counts over
   every job, the count of the jobs ahead of one, pruning in short
