@@ -26,7 +26,16 @@ from typing import Any
 import aiohttp
 from overhead import chat, rotations, run_clients, submit_async, timed_chat
 
-from _harness import Proc, Processes, all_listening, cpu_of, free_port, run_in_workdir
+from _harness import (
+    Proc,
+    Processes,
+    all_listening,
+    cpu_of,
+    free_port,
+    lag_between,
+    lag_buckets,
+    run_in_workdir,
+)
 from _report import Row, arg_parser, machine, median, ms, print_report, spread, write_json
 
 
@@ -133,11 +142,19 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         await all_listening(stub, bare, before, after, accept, intake_before, intake_after)
         results: dict[str, Any] = {"machine": machine()}
         async with aiohttp.ClientSession() as http:
+            builds = {"before": before, "after": after}
+            lag_start = {name: await lag_buckets(http, proc.url) for name, proc in builds.items()}
             print("latency ...", file=sys.stderr)
-            targets = {"direct": stub, "bare": bare, "before": before, "after": after}
+            targets = {"direct": stub, "bare": bare, **builds}
             results["latency"] = await latency(http, targets, args)
             print("throughput ...", file=sys.stderr)
-            results["throughput"] = await throughput(http, stub, {"before": before, "after": after}, args)
+            results["throughput"] = await throughput(http, stub, builds, args)
+            # The loop's lag over both phases, where the build has the probe.
+            results["loop_lag"] = {
+                name: lag_between(lag_start[name], await lag_buckets(http, proc.url))
+                for name, proc in builds.items()
+                if lag_start[name]
+            }
         if args.intake_jobs:
             print("intake ...", file=sys.stderr)
             intake_targets = {"bare": accept, "before": intake_before, "after": intake_after}
@@ -166,6 +183,11 @@ def table(results: dict[str, Any]) -> list[Row]:
                 f" {thr[name]['cpu_ms_per_job']:.2f} ms",
             )
         )
+        if name in results.get("loop_lag", {}):
+            lag = results["loop_lag"][name]
+            rows.append(
+                Row(name, "event-loop lag p99 / max (ms)", f"{lag['p99_ms']:.2f} / <={lag['max_ms']:g}")
+            )
         if "intake" in results:
             intake_ = results["intake"]
             rows.append(
