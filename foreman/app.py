@@ -12,11 +12,12 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from foreman import error_middleware, jobs, listing, proxy, queued, security, status
+from foreman import error_middleware, jobs, listing, proxy, queued, security, status, ui
 from foreman.config import Config
 from foreman.driver import PolicyDriver
 from foreman.events import JobEvents
-from foreman.keys import CLOCK, CONFIG, EVENTS, METRICS, ROUTES, STORE, UPSTREAM, WORKER
+from foreman.feed import QueueFeed
+from foreman.keys import CLOCK, CONFIG, EVENTS, FEED, METRICS, ROUTES, STORE, UPSTREAM, WORKER
 from foreman.metrics import Metrics
 from foreman.models import QUEUED_ENDPOINTS
 from foreman.outages import Outages
@@ -53,10 +54,11 @@ def create_app(
         app.middlewares.append(security.host_guard(config.host, config.allowed_hosts))
     security.cors(app, config.origins)
     if config.token:
-        app.middlewares.append(security.bearer_token(config.token))
+        app.middlewares.append(security.bearer_token(config.token, public=ui.PUBLIC_PATHS))
     app[CONFIG] = config
     app[CLOCK] = clock
     app[EVENTS] = JobEvents()
+    app[FEED] = QueueFeed()
     app[METRICS] = Metrics()
     app[ROUTES] = RouteTable(config.routes)
 
@@ -107,6 +109,7 @@ def create_app(
             residency=residency,
             outages=outages,
             wakeups=wakeups,
+            feed=app[FEED],
             clock=clock,
             monotonic=monotonic,
             sleep=sleep,
@@ -121,6 +124,7 @@ def create_app(
             wakeups=wakeups,
             parallel=config.parallel,
             warmer=Warmer(upstream) if config.warm == "auto" else None,
+            feed=app[FEED],
             clock=clock,
             monotonic=monotonic,
             sleep=sleep,
@@ -146,6 +150,7 @@ def create_app(
         # time to finish for the clients waiting on them.
         worker = app[WORKER]
         worker.stop()
+        app[FEED].close()
         app[EVENTS].end_all(queued.SHUTTING_DOWN, sparing=worker.running_jobs)
         await worker.wait_for_running(config.shutdown_grace)
         app[EVENTS].end_all(queued.SHUTTING_DOWN)
@@ -166,6 +171,7 @@ def create_app(
     app.router.add_post("/api/show", listing.show)
     app.router.add_get("/v1/models", listing.openai_models, allow_head=False)
     app.router.add_get("/v1/models/{model}", listing.openai_model, allow_head=False)
+    ui.setup(app)
     app.router.add_route("*", "/{tail:.*}", proxy.passthrough)
     return app
 

@@ -304,7 +304,7 @@ class Config:
     token: str | None = setting(
         "",
         optional,
-        "when set, every endpoint but `/healthz` needs `Authorization: Bearer <token>`; the client commands send it",
+        "when set, every endpoint but `/healthz` and the live page's files needs `Authorization: Bearer <token>`; the client commands send it",
     )
     allowed_hosts: tuple[str, ...] = setting(
         "",

@@ -85,8 +85,8 @@ class PolicyDriver:
         """The policy as things stand, without advancing anything: for drain orders and positions."""
         return Choice(self.policy, replace(self.state, resident=resident), now, self.book.costs())
 
-    def stats(self, resident: frozenset[str]) -> list[ModelStats]:
-        """Per model: residency, scheduling state and learned costs, for /status."""
+    def stats(self, resident: frozenset[str], pinned: frozenset[str] = frozenset()) -> list[ModelStats]:
+        """Per model: residency (`resident`, `pinned`), scheduling state and learned costs, for /status."""
         observed = self.book.observed()
         state = self.state
         keys = set(observed) | resident | ({state.serving} if state.serving else set())
@@ -99,6 +99,7 @@ class PolicyDriver:
                     resident=key in resident,
                     serving=key == state.serving,
                     draining=state.drain is not None and state.drain.model_key == key,
+                    pinned=key in pinned,
                     loads=seen.loads if seen else 0,
                     mean_load_s=seen.mean_load_s if seen and seen.loads else None,
                     last_load_s=seen.last_load_s if seen and seen.loads else None,

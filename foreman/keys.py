@@ -8,6 +8,7 @@ from aiohttp import web
 
 from foreman.config import Config
 from foreman.events import JobEvents
+from foreman.feed import QueueFeed
 from foreman.metrics import Metrics
 from foreman.route_table import RouteTable
 from foreman.storage import Storage
@@ -18,6 +19,7 @@ from foreman.worker import Worker
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 CONFIG = web.AppKey("config", Config)
 EVENTS = web.AppKey("events", JobEvents)
+FEED = web.AppKey("feed", QueueFeed)
 METRICS = web.AppKey("metrics", Metrics)
 ROUTES = web.AppKey("routes", RouteTable)
 STORE: web.AppKey[Storage] = web.AppKey("store")

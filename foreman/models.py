@@ -115,6 +115,7 @@ class ModelStats:
     resident: bool  # Ollama holds it, as foreman last read /api/ps
     serving: bool  # the model of the latest job the worker started
     draining: bool  # a max_wait drain of this model is under way
+    pinned: bool  # foreman asked Ollama to keep it loaded (FOREMAN_PIN_KEEP_ALIVE) while work waits
     loads: int
     mean_load_s: float | None
     last_load_s: float | None

@@ -12,7 +12,7 @@ from foreman.dialects import dialect_for
 from foreman.errors import ForemanError
 from foreman.events import Chunk, Ended, JobEvent, StateChanged
 from foreman.intake import parse_job, parse_priority, request_hash
-from foreman.keys import CLOCK, CONFIG, EVENTS, ROUTES, STORE, WORKER
+from foreman.keys import CLOCK, CONFIG, EVENTS, FEED, ROUTES, STORE, WORKER
 from foreman.models import JobState, NewJob, Priority
 from foreman.storage import Submission
 
@@ -66,7 +66,7 @@ async def _accept(request: web.Request, job: NewJob) -> web.Response:
     accepted = await asyncio.shield(committed)
     if accepted.new:
         app[WORKER].wake(job.model_key)
-        _log_queued(job)
+        _queued(app, job)
     job_id = accepted.job_id
     return web.json_response(
         {"id": job_id, "state": accepted.state, "position": accepted.position},
@@ -94,7 +94,7 @@ async def _serve(request: web.Request, job: NewJob) -> web.StreamResponse:
             worker.wake(job.model_key)
             await asyncio.shield(committed)
             worker.wake(job.model_key)  # a claim that ran ahead of a grouped commit missed the job
-            _log_queued(job)
+            _queued(app, job)
             return await _respond(request, job, inbox, app[CONFIG].early_headers)
         except (asyncio.CancelledError, ConnectionResetError):
             # The client went away: like Ollama, stop working for it.
@@ -102,7 +102,9 @@ async def _serve(request: web.Request, job: NewJob) -> web.StreamResponse:
             raise
 
 
-def _log_queued(job: NewJob) -> None:
+def _queued(app: web.Application, job: NewJob) -> None:
+    """Tell the log and the queue's watchers that a job was committed."""
+    app[FEED].arrived(job.id, job.model_key, job.priority, job.created_at)
     # Sizes, never content: prompts stay out of the log.
     log.info(
         "job.queued",

@@ -106,6 +106,10 @@ class Residency:
     def pinned(self, model_key: str) -> bool:
         return model_key in self._pins
 
+    def pinned_models(self) -> frozenset[str]:
+        """The model keys foreman keeps loaded with FOREMAN_PIN_KEEP_ALIVE now."""
+        return frozenset(self._pins)
+
     def pin(self, job: Job) -> None:
         """The job's requests carry the pin: more work waits for its model."""
         self._pins[job.model_key] = _Pin(job.endpoint, job.model, key_load_options(job.model_key))

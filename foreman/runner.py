@@ -23,6 +23,7 @@ from foreman.dialects import dialect_for
 from foreman.driver import PolicyDriver
 from foreman.errors import TRANSIENT, UpstreamFailed, UpstreamRejected, UpstreamUnreachable, error_message
 from foreman.events import Chunk, Ended, JobEvents, StateChanged
+from foreman.feed import QueueFeed
 from foreman.metrics import Metrics
 from foreman.models import JSON_TYPE, STREAMED_ENDPOINTS, Job, JobState
 from foreman.names import key_load_options
@@ -85,6 +86,7 @@ class JobRunner:
         residency: Residency,
         outages: Outages,
         wakeups: WakeUps,
+        feed: QueueFeed,
         clock: Callable[[], float],
         monotonic: Callable[[], float],
         sleep: Sleep,
@@ -98,6 +100,7 @@ class JobRunner:
         self._residency = residency
         self._outages = outages
         self._wakeups = wakeups
+        self._feed = feed  # the queue's watchers (/events, the live page)
         self._clock = clock
         self._monotonic = monotonic
         self._sleep = sleep
@@ -148,7 +151,7 @@ class JobRunner:
             await self._end(job, JobState.CANCELLED, 499, error_body("request canceled"))
             log.info("job.cancelled", job_id=job.id, before="start")
             return None
-        self._events.publish(job.id, StateChanged(job.state, job.attempt, model=job.model))
+        self._publish(job, StateChanged(job.state, job.attempt, model=job.model))
         task = asyncio.create_task(self._execute(claim))
         self._running[job.id] = running = _Running(job.id, task)
         try:
@@ -182,7 +185,7 @@ class JobRunner:
                 if not await self._swap(claim):
                     return None
                 await self._store.mark_working(job.id)
-                self._events.publish(job.id, StateChanged(JobState.WORKING, job.attempt))
+                self._publish(job, StateChanged(JobState.WORKING, job.attempt))
                 # A load can take a minute; more work may have come for this model meanwhile.
                 waiting = (await self._waiting_by_model()).get(job.model_key, 0)
             bound.info("job.start", wait_s=wait_s, waiting_for_model=waiting)
@@ -300,7 +303,7 @@ class JobRunner:
             await load
         elif await self._abandoned(asyncio.create_task(load), decision):
             await self._store.requeue(job, attempt=job.attempt, error=None)
-            self._events.publish(job.id, StateChanged(JobState.QUEUED, job.attempt))
+            self._publish(job, StateChanged(JobState.QUEUED, job.attempt))
             self._driver.abandoned()
             self._residency.recheck()
             log.info(
@@ -318,6 +321,9 @@ class JobRunner:
         self._wakeups.look_again()  # with FOREMAN_PARALLEL > 1, more jobs for this model may start now
         self.swaps += 1
         self._metrics.swapped(load_s)
+        self._feed.swap(
+            model=key, reason=decision.reason.value, from_models=leaving, load_s=load_s, at=self._clock()
+        )
         log.info(
             "model.swap",
             reason=decision.reason.value,
@@ -386,7 +392,7 @@ class JobRunner:
         else:
             await self._store.requeue(job, attempt=attempt, error=message)
             self._output.pop(job.id, None)
-            self._events.publish(job.id, StateChanged(JobState.QUEUED, attempt))
+            self._publish(job, StateChanged(JobState.QUEUED, attempt))
             self._metrics.retried()
             bound.info("job.retry", error=message)
         await self._sleep(self._retry.delay(attempt))
@@ -434,9 +440,17 @@ class JobRunner:
             record.add_done_callback(partial(self._recorded, job.id))
         else:
             await record
-        self._events.publish(job.id, Ended(state, status, body, content_type, error))
+        self._publish(job, Ended(state, status, body, content_type, error))
         started = job.started_at if job.started_at is not None else now
         self._metrics.job_ended(job, state, wait=started - job.created_at, run=now - started)
+
+    def _publish(self, job: Job, event: StateChanged | Ended) -> None:
+        """Tell the job's waiters, and the queue's watchers, that it moved."""
+        self._events.publish(job.id, event)
+        attempt = event.attempt if isinstance(event, StateChanged) else job.attempt
+        self._feed.job(
+            job.id, event.state, self._clock(), model=job.model_key, priority=job.priority, attempt=attempt
+        )
 
     def _recorded(self, job_id: str, record: asyncio.Future[None]) -> None:
         self._records.discard(record)

@@ -10,7 +10,7 @@ import fnmatch
 import hmac
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
@@ -110,17 +110,19 @@ def cors(app: web.Application, extra_origins: Sequence[str]) -> None:
     app.on_response_prepare.append(add_headers)
 
 
-def bearer_token(token: str) -> Middleware:
-    """Require `Authorization: Bearer <token>` everywhere but /healthz.
+def bearer_token(token: str, public: Collection[str] = ()) -> Middleware:
+    """Require `Authorization: Bearer <token>` everywhere but /healthz and the `public` paths.
 
-    CORS preflights never get here: `cors` answers them first, as browsers
-    send them without credentials.
+    `public` is for files that hold no data, such as the live page's, which
+    asks for the token itself. CORS preflights never get here: `cors` answers
+    them first, as browsers send them without credentials.
     """
     expected = f"Bearer {token}".encode()
+    open_paths = _OPEN_PATHS | frozenset(public)
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in _OPEN_PATHS:
+        if request.path in open_paths:
             return await handler(request)
         given = request.headers.get(hdrs.AUTHORIZATION, "").encode()
         if not hmac.compare_digest(given, expected):

@@ -23,6 +23,7 @@ from foreman.aliases import Why, alias_of, fold, is_alias_key
 from foreman.driver import Choice, PolicyDriver
 from foreman.errors import UpstreamUnreachable
 from foreman.events import Ended, JobEvents
+from foreman.feed import QueueFeed
 from foreman.models import JobState, ModelStats, Priority
 from foreman.names import key_model_name
 from foreman.residency import Residency
@@ -72,6 +73,7 @@ class Worker:
         wakeups: WakeUps,
         parallel: int = 1,
         warmer: Warmer | None = None,
+        feed: QueueFeed | None = None,
         clock: Callable[[], float],
         monotonic: Callable[[], float],
         sleep: Sleep = asyncio.sleep,
@@ -84,6 +86,7 @@ class Worker:
         self._retry = retry
         self._parallel = parallel
         self._warmer = warmer
+        self._feed = feed if feed is not None else QueueFeed()
         self._clock = clock
         self._monotonic = monotonic
         self._sleep = sleep
@@ -136,7 +139,7 @@ class Worker:
 
     def model_stats(self) -> list[ModelStats]:
         """Per model: residency, scheduling state and learned costs, for /status."""
-        return self._driver.stats(self.resident)
+        return self._driver.stats(self.resident, self._residency.pinned_models())
 
     async def run(self) -> None:
         """Work until cancelled; each wake-up drains everything that waits."""
@@ -176,6 +179,7 @@ class Worker:
             requested.discard(job_id)
             ended = Ended(JobState.CANCELLED, 499, error_body("request canceled"), error="request canceled")
             self._events.publish(job_id, ended)
+            self._feed.job(job_id, JobState.CANCELLED, self._clock())
             log.info("job.cancelled", job_id=job_id, before="start")
             return True
         if self._runner.is_running(job_id):
