@@ -169,6 +169,10 @@ class Processes:
         target = ["--upstream", upstream] if upstream is not None else ["--accept"]
         return self.start(name, [str(BARE_PROXY), "--port", "{port}", *target])
 
+    def lag_control(self, name: str = "lag-control") -> Proc:
+        """`bench/lag_control.py`: an idle event loop whose lag is the machine's, for comparison."""
+        return self.start(name, ["-m", "bench.lag_control", "--port", "{port}"])
+
     def __enter__(self) -> Processes:
         return self
 
