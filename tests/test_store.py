@@ -12,6 +12,7 @@ import pytest
 from storage_contract import MakeStorage, StorageContract, new_job, resident
 
 from foreman.models import Priority
+from foreman.scheduler import ModelQueue
 from foreman.sqlite.checkpoints import Checkpointer
 from foreman.sqlite.schema import SCHEMA_VERSION
 from foreman.sqlite.storage import SqliteStorage
@@ -204,3 +205,19 @@ async def test_the_storage_checkpoints_in_the_background(tmp_path: Path) -> None
             await asyncio.sleep(0.05)
     finally:
         await storage.close()
+
+
+def test_positions_in_one_group_commit_are_those_of_one_submission_at_a_time(tmp_path: Path) -> None:
+    """Submissions committed together get the places they would get one by one, new groups included."""
+
+    def alphabetical(queues: list[ModelQueue]) -> list[tuple[str, Priority]]:
+        return sorted((q.model_key, q.priority) for q in queues)
+
+    jobs = [new_job(key) for key in ("b:latest", "a:latest", "b:latest", "c:latest", "a:latest")]
+    together, alone = Store(tmp_path / "together.db"), Store(tmp_path / "alone.db")
+    batch = together.submit([Submission(job, None, alphabetical) for job in jobs])
+    one_by_one = [alone.submit([Submission(job, None, alphabetical)])[0] for job in jobs]
+    positions = [[getattr(a, "position", None) for a in answers] for answers in (batch, one_by_one)]
+    assert positions == [[0, 0, 2, 3, 1]] * 2
+    together.close()
+    alone.close()

@@ -83,13 +83,14 @@ class Store:
         counting the jobs ahead of it may take a while in a long queue.
         """
         results: list[Accepted | ForemanError] = []
+        drain: list[tuple[str, Priority]] = []  # the batch's drain order, for the positions
         # One INSERT is a transaction of its own; every statement saved is a
         # GIL hand-over saved against the busy event loop.
         try:
             with self._waiting.transaction(), self._transaction(begin=len(submissions) > 1):
                 for submission in submissions:
                     try:
-                        results.append(self._accept(submission, positions_of_earlier))
+                        results.append(self._accept(submission, positions_of_earlier, drain))
                     except (IdempotencyConflict, QueueFull) as exc:
                         results.append(exc)  # refused before anything of it was written
         except sqlite3.OperationalError as exc:
@@ -97,7 +98,12 @@ class Store:
             return [refused] * len(submissions)
         return results
 
-    def _accept(self, submission: Submission, positions_of_earlier: bool = True) -> Accepted:
+    def _accept(
+        self,
+        submission: Submission,
+        positions_of_earlier: bool = True,
+        drain: list[tuple[str, Priority]] | None = None,
+    ) -> Accepted:
         job, order = submission.job, submission.drain_order
         job_id = self._insert(job, submission.request_hash)
         if job_id != job.id:
@@ -111,8 +117,19 @@ class Store:
         if order is not None:
             # The newest job of its group: everything in its group is ahead of it.
             group = (job.model_key, job.priority)
-            queues = self.queues()
-            position = waiting_before(queues, group, order(queues)) + self._waiting.of_class(*group) - 1
+            drain = [] if drain is None else drain
+            if not drain or self._waiting.of_class(*group) == 1:
+                # The drain order depends on which groups wait and how long, hardly on
+                # how many jobs each holds (only a swap's eviction victim does): one
+                # batch computes it once, and again when a group appears. Positions
+                # were already exact only to within the jobs of the same moment.
+                drain[:] = order(self.queues())
+            before = 0
+            for ahead in drain:
+                if ahead == group:
+                    break
+                before += self._waiting.of_class(*ahead)
+            position = before + self._waiting.of_class(*group) - 1
         return Accepted(job_id, True, JobState.QUEUED, position)
 
     def _insert(self, job: NewJob, request_hash: str | None) -> str:
