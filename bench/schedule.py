@@ -207,6 +207,33 @@ def first_models(trace: Trace, name: str) -> Trace:
     return replace(trace, name=name, jobs=jobs)
 
 
+def trace_backlogs(seed: int = 6, duration: float = 7200.0, every: float = 900.0) -> Trace:
+    """Trace 7: batch backlogs for 3 models dumped every 15 minutes, Poisson interactive chats for 2 others.
+
+    Each backlog is more than the bound (120 s) can absorb, so max_wait
+    drains of batch work are under way most of the time; an interactive
+    request must not wait for them.
+    """
+    rng = random.Random(seed)
+    items: list[tuple[float, str, float, Priority]] = []
+    t = 0.0
+    while t < duration:
+        for model, count in (("qwen2", 40), ("mixtral", 30), ("codellama", 40)):
+            at = t + rng.uniform(0, 60)
+            items += [(at, model, _run_time(rng, model), Priority.BATCH) for _ in range(count)]
+        t += every
+    chat_mix = {"phi3": 0.5, "llama3": 0.5}
+    items += _poisson(rng, duration, 1 / 60, chat_mix, Priority.INTERACTIVE)
+    models = ("qwen2", "mixtral", "codellama", *chat_mix)
+    return Trace(
+        "7-backlogs",
+        "overdue batch backlogs + interactive chats",
+        _jobs(items),
+        {m: LOAD_S[m] for m in models},
+        max_wait=120.0,
+    )
+
+
 def trace_hot_tight() -> Trace:
     """Trace 2 again with FOREMAN_MAX_WAIT=120, so that the bound binds on it."""
     return replace(trace_hot(), name="2b-hot-w120", title="trace 2 with max_wait 120 s", max_wait=120.0)
@@ -220,6 +247,7 @@ TRACES: dict[str, Callable[[], Trace]] = {
     "4": trace_two_slots,
     "5": trace_starve,
     "6": trace_alias,
+    "7": trace_backlogs,
 }
 
 
@@ -241,7 +269,7 @@ class Chooser(Protocol):
 
     def abandons(self, loading: Decision, queues: list[ModelQueue], now: float) -> bool: ...
 
-    def abandoned(self) -> None: ...
+    def abandoned(self, loading: Decision) -> None: ...
 
 
 class Foreman(PolicyDriver):
@@ -267,7 +295,7 @@ class _Baseline:
     def abandons(self, loading: Decision, queues: list[ModelQueue], now: float) -> bool:
         return False
 
-    def abandoned(self) -> None:
+    def abandoned(self, loading: Decision) -> None:
         pass
 
     @staticmethod
@@ -331,6 +359,7 @@ class Load:
     end: float
     reason: Reason
     slot: int
+    priority: Priority = Priority.BATCH  # the class of the job it was begun for
     abandoned: bool = False  # given up for an interactive job; `end` is when
 
 
@@ -413,7 +442,7 @@ def simulate(trace: Trace, chooser: Chooser) -> Result:
                 result.evicted_at[index] = now
                 del resident[decision.model_key]
                 pending[source, decision.priority].appendleft(job)
-                chooser.abandoned()
+                chooser.abandoned(decision)
                 continue
             now = ready
             chooser.loaded(model, trace.load_s[model], now)
@@ -446,7 +475,7 @@ def _start_load(
     slot = min(set(range(trace.slots)) - slots)
     resident[decision.model_key] = len(result.loads)
     end = now + trace.load_s[decision.model_key]
-    result.loads.append(Load(decision.model_key, now, end, decision.reason, slot))
+    result.loads.append(Load(decision.model_key, now, end, decision.reason, slot, decision.priority))
     return len(result.loads) - 1
 
 
@@ -456,41 +485,87 @@ def _start_load(
 def guarantee_violations(result: Result, max_wait: float, min_residency: float = 0.0) -> list[str]:
     """Every job that breaks the documented guarantee (README, "Scheduling"), explained.
 
-    For a job queued at `a` that the policy had not picked by `a + max_wait`,
-    among the picks after `a + max_wait`:
-    (1) every job picked before it belongs to a max_wait drain, or was picked
-        while the model loaded last had held Ollama for less than `min_residency`;
-    (2) no model other than the job's own began two max_wait drains;
+    For a job of class C queued at `a` that the policy had not picked by
+    `a + max_wait`, among the picks after `a + max_wait`:
+    (1) every job picked before it is interactive (when C is batch), or
+        belongs to a max_wait drain of class C, or was picked while the model
+        loaded last had held Ollama for less than `min_residency`;
+    (2) no model other than the job's own began two max_wait drains of class C;
     (3) the job itself was picked for a max_wait drain (or in that residency time).
     """
     violations = []
     served = sorted(result.served, key=lambda s: s.picked)
-    load_ends = sorted(load.end for load in result.loads)
+    load_ends = sorted(load.end for load in result.loads if not load.abandoned)
 
     def settling(picked: float) -> bool:
         ended = [end for end in load_ends if end <= picked]
         return bool(ended) and picked - ended[-1] < min_residency
 
-    drains = sorted({(s.drain_since, s.served_by) for s in served if s.drain_since is not None})
+    def cuts_in(s: Served, priority: Priority) -> bool:
+        return s.job.priority is Priority.INTERACTIVE and priority is Priority.BATCH
+
+    drains = sorted(
+        {(s.drain_since, s.served_by, s.job.priority) for s in served if s.drain_since is not None}
+    )
     for item in served:
         due = item.job.arrival + max_wait
         if item.picked <= due:
             continue
         what = f"job {item.job.id} ({item.job.model}, waited {item.wait:.1f}s)"
+        priority = item.job.priority
         others = [
             s
             for s in served
-            if due < s.picked < item.picked and s.reason is not Reason.MAX_WAIT and not settling(s.picked)
+            if due < s.picked < item.picked
+            and not cuts_in(s, priority)
+            and not (s.reason is Reason.MAX_WAIT and s.job.priority is priority)
+            and not settling(s.picked)
         ]
         if others:
             first = others[0]
             violations.append(f"{what}: {first.job.model} job {first.job.id} ran first by {first.reason}")
-        begun = [model for since, model in drains if due < since <= item.picked and model != item.served_by]
+        begun = [
+            model
+            for since, model, drained in drains
+            if due < since <= item.picked and model != item.served_by and drained is priority
+        ]
         twice = sorted({m for m in begun if begun.count(m) > 1})
         if twice:
             violations.append(f"{what}: {', '.join(twice)} had two max_wait drains first")
         if item.reason is not Reason.MAX_WAIT and not settling(item.picked):
             violations.append(f"{what}: ran by {item.reason}, not in a max_wait drain")
+    return violations
+
+
+def interactive_violations(result: Result) -> list[str]:
+    """Every interactive job that waited for batch work begun after it arrived, or for a batch load.
+
+    The interactive bound (README, "Scheduling"): an interactive job waits for
+    the job in flight when it came, its own model's load and the interactive
+    jobs ahead of it; never for a batch job picked after it arrived, nor for
+    a batch model's load.
+    """
+    violations = []
+    for item in result.served:
+        if item.job.priority is not Priority.INTERACTIVE:
+            continue
+        arrival = item.job.arrival
+        what = f"interactive job {item.job.id} ({item.job.model}, waited {item.wait:.1f}s)"
+        batch = [
+            s for s in result.served if s.job.priority is Priority.BATCH and arrival < s.picked < item.picked
+        ]
+        if batch:
+            violations.append(f"{what}: batch job {batch[0].job.id} ({batch[0].job.model}) was picked first")
+        loads = [
+            load
+            for load in result.loads
+            if load.priority is Priority.BATCH
+            and not load.abandoned
+            and load.model != item.served_by
+            and load.start < arrival < load.end
+        ]
+        if loads:
+            violations.append(f"{what}: waited for a batch load of {loads[0].model}")
     return violations
 
 
@@ -657,6 +732,20 @@ def targets(results: Sequence[Result]) -> list[Target]:
             info=True,
         )
     )
+    t7, t7_drain = by["7-backlogs", "foreman"], by["7-backlogs", "drain"]
+    p99 = percentile(t7.waits(Priority.INTERACTIVE), 99)
+    chat_models = {j.model for j in t7.trace.jobs if j.priority is Priority.INTERACTIVE}
+    load = max(t7.trace.load_s[m] for m in chat_models)
+    run = max(j.run_s for j in t7.trace.jobs)
+    before = percentile(t7_drain.waits(Priority.INTERACTIVE), 99)
+    checks.append(
+        Target(
+            f"trace 7: interactive p99 wait vs one job + one load (drain-by-model: {before:.0f}s)",
+            f"{p99:.1f}s",
+            f"<= {run:.1f}s + {load:.0f}s",
+            p99 <= run + load,
+        )
+    )
     for r in results:
         if r.policy == "foreman":
             broken = guarantee_violations(r, r.trace.max_wait)
@@ -668,6 +757,16 @@ def targets(results: Sequence[Result]) -> list[Target]:
                     not broken,
                 )
             )
+            waited = interactive_violations(r)
+            if any(j.priority is Priority.INTERACTIVE for j in r.trace.jobs):
+                checks.append(
+                    Target(
+                        f"{r.trace.name}: no interactive job waits for batch work or a batch load",
+                        f"{len(waited)} violations",
+                        "0",
+                        not waited,
+                    )
+                )
         if lower_bound_beaten(r):
             checks.append(
                 Target(f"{r.trace.name}/{r.policy}: lower bound", f"{r.makespan:.0f}s", "not beaten", False)

@@ -91,13 +91,21 @@ class Folded:
     members: Mapping[tuple[str, Priority], Sequence[ModelQueue]]  # the stored queues behind each
     resolved: Mapping[str, tuple[str, Why]]  # alias key → (model key, why)
 
-    def source(self, model_key: str, priority: Priority) -> str:
-        """The stored key whose oldest job is the oldest of the folded group: the one to claim."""
-        return min(self.members[model_key, priority], key=lambda q: q.oldest_id).model_key
+    def source(self, model_key: str, priority: Priority, job_id: str | None = None) -> str:
+        """The stored key to claim from: the one holding `job_id`, else the one with the group's oldest free job."""
+        members = self.members[model_key, priority]
+        for queue in members:
+            if job_id is not None and (
+                (queue.waiting > 0 and queue.oldest_id == job_id)
+                or any(h.job_id == job_id for h in queue.held)
+            ):
+                return queue.model_key
+        free = [q for q in members if q.waiting > 0] or list(members)
+        return min(free, key=lambda q: q.oldest_id).model_key
 
     def waiting(self, model_key: str) -> int:
-        """Jobs of every class that wait for `model_key`, its aliases' included."""
-        return sum(q.waiting for q in self.queues if q.model_key == model_key)
+        """Jobs of every class that wait for `model_key`, its aliases' included (held ones too)."""
+        return sum(q.queued for q in self.queues if q.model_key == model_key)
 
     def stored_order(self, order: Iterable[tuple[str, Priority]]) -> list[tuple[str, Priority]]:
         """A drain order over folded groups, spelled out as the stored groups behind them."""
@@ -110,7 +118,7 @@ class Folded:
 
 def fold(queues: Iterable[ModelQueue], resident: frozenset[str]) -> Folded:
     """Count each alias queue with the model that would serve it if it were picked now."""
-    queues = [q for q in queues if q.waiting > 0]
+    queues = [q for q in queues if q.queued > 0]
     wanted = {q.model_key for q in queues if not is_alias_key(q.model_key)}
     resolved: dict[str, tuple[str, Why]] = {}
     members: dict[tuple[str, Priority], list[ModelQueue]] = {}
@@ -123,9 +131,16 @@ def fold(queues: Iterable[ModelQueue], resident: frozenset[str]) -> Folded:
         members.setdefault((key, queue.priority), []).append(queue)
     folded = []
     for (key, priority), group in members.items():
-        oldest = min(group, key=lambda q: q.oldest_id)
-        waiting = sum(q.waiting for q in group)
-        folded.append(ModelQueue(key, priority, waiting, oldest.oldest_id, oldest.oldest_at))
+        held = tuple(
+            h for q in group for h in q.held
+        )  # jobs held back after a failure keep their not-before times
+        free = [q for q in group if q.waiting > 0]
+        if not free:
+            folded.append(ModelQueue(key, priority, 0, "", 0.0, held))
+            continue
+        oldest = min(free, key=lambda q: q.oldest_id)
+        waiting = sum(q.waiting for q in free)
+        folded.append(ModelQueue(key, priority, waiting, oldest.oldest_id, oldest.oldest_at, held))
     return Folded(folded, members, resolved)
 
 

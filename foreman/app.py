@@ -15,10 +15,25 @@ from aiohttp import web
 from foreman import error_middleware, jobs, listing, proxy, queued, security, status, ui
 from foreman.config import Config
 from foreman.driver import PolicyDriver
+from foreman.embed_batch import EmbedBatcher
+from foreman.embed_cache import EmbedCache
 from foreman.events import JobEvents
 from foreman.feed import QueueFeed
-from foreman.keys import CLOCK, CONFIG, EVENTS, FEED, METRICS, ROUTES, STORE, UPSTREAM, WORKER
+from foreman.keys import (
+    CLOCK,
+    CONFIG,
+    EMBED_CACHE,
+    EVENTS,
+    FEED,
+    METRICS,
+    MODEL_TAGS,
+    ROUTES,
+    STORE,
+    UPSTREAM,
+    WORKER,
+)
 from foreman.metrics import Metrics
+from foreman.model_tags import ModelTags
 from foreman.models import QUEUED_ENDPOINTS
 from foreman.outages import Outages
 from foreman.residency import Residency
@@ -49,10 +64,11 @@ def create_app(
     spells, `sleep` waits out backoffs: tests hand in fakes.
     """
     app = web.Application(client_max_size=config.max_body, middlewares=[error_middleware.errors])
+    # In Ollama's order: CORS first (it answers preflights itself), then the Host guard.
+    security.cors(app, config.origins)
     if security.is_loopback(config.host):
         # DNS rebinding only threatens a server that trusts "local" callers.
-        app.middlewares.append(security.host_guard(config.host, config.allowed_hosts))
-    security.cors(app, config.origins)
+        app.middlewares.append(security.host_guard(config.allowed_hosts))
     if config.token:
         app.middlewares.append(security.bearer_token(config.token, public=ui.PUBLIC_PATHS))
     app[CONFIG] = config
@@ -87,6 +103,22 @@ def create_app(
         async with app[ROUTES].running(config.upstream, lambda: app[UPSTREAM]):
             yield
 
+    async def embed_cache_ctx(app: web.Application) -> AsyncIterator[None]:
+        cache = None
+        tags = ModelTags(app[UPSTREAM])
+        if config.embed_cache > 0:
+            cache = EmbedCache(app[STORE], tags, config.embed_cache, app[METRICS])
+            tags.on_change = cache.invalidate
+            # FOREMAN_EMBED_CACHE may have shrunk since the last run.
+            await app[STORE].cache_evict(config.embed_cache)
+        app[MODEL_TAGS], app[EMBED_CACHE] = tags, cache
+        if cache is None:
+            yield
+            return
+        async with _running(tags.refresh_forever(config.cache_refresh, sleep), "foreman-model-tags"):
+            yield
+        await cache.close()
+
     async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
         store, upstream, events = app[STORE], app[UPSTREAM], app[EVENTS]
         retry = RetryPolicy(config.max_attempts, config.backoff_initial, config.backoff_max)
@@ -110,6 +142,13 @@ def create_app(
             outages=outages,
             wakeups=wakeups,
             feed=app[FEED],
+            embeds=EmbedBatcher(
+                store=app[STORE],
+                upstream=app[UPSTREAM],
+                metrics=app[METRICS],
+                max_inputs=config.embed_batch,
+                cache=app[EMBED_CACHE],
+            ),
             clock=clock,
             monotonic=monotonic,
             sleep=sleep,
@@ -156,7 +195,9 @@ def create_app(
         app[EVENTS].end_all(queued.SHUTTING_DOWN)
 
     # Torn down in reverse: the worker stops before the session and the store close.
-    app.cleanup_ctx.extend([loop_lag_ctx, routes_ctx, store_ctx, upstream_ctx, worker_ctx, retention_ctx])
+    app.cleanup_ctx.extend(
+        [loop_lag_ctx, routes_ctx, store_ctx, upstream_ctx, embed_cache_ctx, worker_ctx, retention_ctx]
+    )
     app.on_shutdown.append(stop_gracefully)
     for endpoint in QUEUED_ENDPOINTS:
         app.router.add_post(endpoint, queued.handle)

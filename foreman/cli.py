@@ -6,6 +6,7 @@ This is the only module that reads sys.argv and os.environ.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,7 @@ from foreman.config import (
     Config,
     client_url,
     config_from,
+    origin_list,
     positive_int,
 )
 from foreman.durations import duration
@@ -39,9 +41,18 @@ def _add_settings(parser: argparse.ArgumentParser, environ: Mapping[str, str], i
         )
 
 
-def serve_config(args: argparse.Namespace) -> Config:
-    """Config from `foreman serve`'s parsed flags; raises ValueError naming a bad setting."""
-    return config_from({setting.name: getattr(args, setting.name) for setting in SETTINGS})
+def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    """Config from `foreman serve`'s parsed flags; raises ValueError naming a bad setting.
+
+    OLLAMA_ORIGINS, when set in foreman's environment, adds its origins as it does to Ollama's.
+    """
+    config = config_from({setting.name: getattr(args, setting.name) for setting in SETTINGS})
+    raw = environ.get("OLLAMA_ORIGINS", "")
+    try:
+        extra = origin_list(raw)
+    except ValueError as exc:
+        raise ValueError(f"OLLAMA_ORIGINS={raw!r}: {exc}") from None
+    return dataclasses.replace(config, origins=(*config.origins, *extra))
 
 
 def build_parser(environ: Mapping[str, str], isatty: bool) -> argparse.ArgumentParser:
@@ -152,7 +163,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     args = parser.parse_args(argv)
     if args.command == "serve":
         try:
-            config = serve_config(args)
+            config = serve_config(args, environ)
         except ValueError as exc:
             # One line and EX_CONFIG, like a database foreman refuses: no usage text, no traceback.
             print(f"foreman serve: {exc}", file=sys.stderr)

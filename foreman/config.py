@@ -93,6 +93,38 @@ def parse_keep_alive(value: str) -> float | str:
     return value
 
 
+def optional_keep_alive(value: str) -> float | str | None:
+    """A keep_alive setting, or None when it is empty."""
+    return parse_keep_alive(value) if value.strip() else None
+
+
+# The schemes an origin without a wildcard may have (gin-contrib/cors with
+# AllowBrowserExtensions, as Ollama sets it). It only decides which
+# OLLAMA_ORIGINS entries Ollama starts with: a browser extension is still
+# refused until its origin is listed (Ollama's FAQ, "allow additional web origins").
+_ORIGIN_SCHEMES = (
+    "http://",
+    "https://",
+    "chrome-extension://",
+    "safari-extension://",
+    "moz-extension://",
+    "ms-browser-extension://",
+)
+
+
+def origin_list(value: str) -> tuple[str, ...]:
+    """Comma-separated CORS origins, refused where Ollama would refuse to start with them (gin-contrib/cors)."""
+    listed = names(value)
+    for origin in listed:
+        if origin.count("*") > 1:
+            raise ValueError(f"{origin!r}: only one * is allowed")
+        if "*" not in origin and not origin.startswith(_ORIGIN_SCHEMES):
+            raise ValueError(
+                f"{origin!r}: an origin must contain '*' or start with {', '.join(_ORIGIN_SCHEMES)}"
+            )
+    return listed
+
+
 def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -135,6 +167,23 @@ def path(value: str) -> Path:
 def optional_path(value: str) -> Path | None:
     """A file's path, where empty means none."""
     return path(value) if value else None
+
+
+_BYTE_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_bytes(value: str) -> int:
+    """A size in bytes from `1048576`, `512M`, `512MiB`, `2G` or `0`."""
+    text = value.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = _BYTE_UNITS.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in _BYTE_UNITS else text
+    try:
+        size = float(number) * scale
+    except ValueError as exc:
+        raise ValueError(f"not a size: {value!r} (use bytes, or a number with K, M or G)") from exc
+    if size < 0:
+        raise ValueError(f"must not be negative, got {value!r}")
+    return int(size)
 
 
 def default_db_path(environ: Mapping[str, str]) -> Path:
@@ -236,10 +285,13 @@ class Config:
         parse_keep_alive,
         "`keep_alive` that pins the loaded model while work waits (seconds or a duration like `24h`)",
     )
-    release_keep_alive: float | str = setting(
-        "5m",
-        parse_keep_alive,
-        "`keep_alive` that ends a pin when the client gave none; set it to your `OLLAMA_KEEP_ALIVE`",
+    # None: a released model gets Ollama's own default (OLLAMA_KEEP_ALIVE), which
+    # foreman reads off the first model it loads; a value overrides it.
+    release_keep_alive: float | str | None = setting(
+        "",
+        optional_keep_alive,
+        "`keep_alive` a model foreman loaded or pinned ends with when the client gave none; unset, it is"
+        " Ollama's own default, which foreman reads off the first model it loads (see Pinning)",
     )
     max_body: int = setting(str(32 * 1024 * 1024), positive_int, "largest queued request body, in bytes")
     # Node's fetch gives up on headers after 300 s; an early 200 keeps such clients waiting.
@@ -309,12 +361,13 @@ class Config:
     allowed_hosts: tuple[str, ...] = setting(
         "",
         names,
-        "comma-separated `Host` names accepted beside the bind address, `localhost` and the loopback addresses",
+        "comma-separated `Host` names accepted beside those Ollama accepts (see [Who gets in](#who-gets-in))",
     )
     origins: tuple[str, ...] = setting(
         "",
-        names,
-        "comma-separated browser origins allowed beside Ollama's defaults, wildcards allowed, like `OLLAMA_ORIGINS`",
+        origin_list,
+        "comma-separated browser origins allowed beside Ollama's defaults and `OLLAMA_ORIGINS`,"
+        " one `*` each, like `OLLAMA_ORIGINS`",
     )
     read_timeout: float = setting(
         "1m", duration, "how long a client may take to send its request body (then 408)"
@@ -323,6 +376,22 @@ class Config:
         "",
         optional_path,
         "TOML file of model aliases and intent routes; SIGHUP reloads it (see [Model routing](#model-routing))",
+    )
+    # Embeddings (README, "Embeddings").
+    embed_batch: int = setting(
+        "64",
+        positive_int,
+        "most inputs one coalesced `/api/embed` call carries; `1` turns coalescing off (see [Embeddings](#embeddings))",
+    )
+    embed_cache: int = setting(
+        "512M",
+        parse_bytes,
+        "bytes of embeddings cached in the database, least recently used out (`K`, `M`, `G`); `0` turns the cache off",
+    )
+    cache_refresh: float = setting(
+        "60s",
+        positive_duration,
+        "how often Ollama's model list is read for digests changed behind foreman (`90s`, `15m`)",
     )
 
     @property

@@ -37,8 +37,8 @@ class Dialect(Protocol):
         """foreman's own error, shaped for this API."""
         ...
 
-    def client_error(self, body: bytes) -> bytes:
-        """An error body from Ollama or the worker, as this API's clients expect it."""
+    def client_error(self, body: bytes, status: int) -> bytes:
+        """An error body from Ollama or the worker, with its status, as this API's clients expect it."""
         ...
 
     def frame(self, chunk: bytes) -> bytes:

@@ -63,9 +63,12 @@ class PolicyDriver:
         """Whether to give up the load begun for `loading`, given what waits now (`Policy.abandons`)."""
         return self.policy.abandons(loading, queues, self.before, now, self.book.costs())
 
-    def abandoned(self) -> None:
-        """The load was given up: back to the state the claim was decided in."""
-        self.state = self.before
+    def abandoned(self, loading: Decision) -> None:
+        """The load begun for `loading` was given up: back to the state the claim was decided in.
+
+        A max_wait drain the load began stays begun (`State.gave_up`).
+        """
+        self.state = self.before.gave_up(loading)
 
     def loaded(self, model_key: str, seconds: float, now: float) -> None:
         """`model_key` finished loading at `now` after `seconds`."""

@@ -85,6 +85,16 @@ class UpstreamRejected(ForemanError):
 # What the worker retries: the request may well succeed a moment later.
 TRANSIENT = (UpstreamUnreachable, UpstreamFailed)
 
+# How Ollama says a model did not fit: its system-memory check, and the
+# allocation failures of its runners (llama.cpp, CUDA).
+_MEMORY_ERRORS = ("model requires more system memory", "out of memory")
+
+
+def is_memory_error(message: str) -> bool:
+    """Whether Ollama's error says the model did not fit in memory."""
+    lowered = message.lower()
+    return any(marker in lowered for marker in _MEMORY_ERRORS)
+
 
 def error_message(body: bytes) -> str | None:
     """The message in an error body, native (`{"error": "..."}`) or OpenAI-shaped; None if it is not one."""

@@ -7,9 +7,11 @@ from collections.abc import Callable
 from aiohttp import web
 
 from foreman.config import Config
+from foreman.embed_cache import EmbedCache
 from foreman.events import JobEvents
 from foreman.feed import QueueFeed
 from foreman.metrics import Metrics
+from foreman.model_tags import ModelTags
 from foreman.route_table import RouteTable
 from foreman.storage import Storage
 from foreman.upstream import Upstream
@@ -18,9 +20,12 @@ from foreman.worker import Worker
 # The clock jobs are stamped and scheduled by: time.time, or a fake one in tests.
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 CONFIG = web.AppKey("config", Config)
+# None when FOREMAN_EMBED_CACHE=0.
+EMBED_CACHE: web.AppKey[EmbedCache | None] = web.AppKey("embed_cache")
 EVENTS = web.AppKey("events", JobEvents)
 FEED = web.AppKey("feed", QueueFeed)
 METRICS = web.AppKey("metrics", Metrics)
+MODEL_TAGS = web.AppKey("model_tags", ModelTags)
 ROUTES = web.AppKey("routes", RouteTable)
 STORE: web.AppKey[Storage] = web.AppKey("store")
 UPSTREAM = web.AppKey("upstream", Upstream)

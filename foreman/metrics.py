@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from foreman.looplag import LoopLag
-from foreman.models import Job, JobState
+from foreman.models import Job, JobState, NewJob
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
@@ -38,8 +38,27 @@ class Metrics:
         )
         self.loop_lag = LoopLag()
         r.register(self.loop_lag)
+        self._cache_lookups = Counter(
+            "foreman_embed_cache_lookups",
+            "Embedding inputs looked up in the cache, by result (hit or miss).",
+            ["result"],
+            registry=r,
+        )
+        self._cache_bytes = Gauge("foreman_embed_cache_bytes", "Bytes the embedding cache holds.", registry=r)
+        self._cache_entries = Gauge(
+            "foreman_embed_cache_entries", "Vectors the embedding cache holds.", registry=r
+        )
+        self._embed_calls = Counter(
+            "foreman_embed_calls", "Embed calls sent to Ollama by the worker.", registry=r
+        )
+        self._embed_jobs = Histogram(
+            "foreman_embed_jobs_per_call",
+            "Jobs one embed call to Ollama carried.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
 
-    def job_ended(self, job: Job, state: JobState, *, wait: float, run: float) -> None:
+    def job_ended(self, job: Job | NewJob, state: JobState, *, wait: float, run: float) -> None:
         self._jobs.labels(job.endpoint, job.model_key, state.value).inc()
         self._wait.observe(max(wait, 0.0))
         self._run.observe(max(run, 0.0))
@@ -54,8 +73,21 @@ class Metrics:
     def retried(self) -> None:
         self._retries.inc()
 
-    def render(self, waiting: Mapping[str, int]) -> bytes:
+    def embed_cache_looked_up(self, hits: int, misses: int) -> None:
+        self._cache_lookups.labels("hit").inc(hits)
+        self._cache_lookups.labels("miss").inc(misses)
+
+    def embed_called(self, jobs: int) -> None:
+        self._embed_calls.inc()
+        self._embed_jobs.observe(jobs)
+
+    def render(
+        self, waiting: Mapping[str, int], cache_entries: int | None = None, cache_bytes: int | None = None
+    ) -> bytes:
         """The text exposition format, with the queue depth (`waiting` jobs per model key) as it is now."""
+        if cache_entries is not None and cache_bytes is not None:
+            self._cache_entries.set(cache_entries)
+            self._cache_bytes.set(cache_bytes)
         self._queue_depth.clear()
         for model_key, count in waiting.items():
             self._queue_depth.labels(model_key).set(count)

@@ -64,6 +64,7 @@ class NewJob:
     idempotency_key: str | None = None
     priority: Priority = Priority.INTERACTIVE
     routing: str | None = None  # for an alias job: JSON {"alias", and "route", "rule" if a route chose it}
+    cache: str | None = None  # "no-cache": the client asked that the embedding cache not answer it
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +89,14 @@ class Job:
     priority: Priority = Priority.INTERACTIVE
     routing: str | None = None  # as NewJob.routing
     served_model: str | None = None  # for an alias job: the model picked to serve it
+    cache: str | None = None  # "no-cache" as asked, or how the embedding cache served it: "hit", "partial"
+    not_before: float | None = None  # held back after a failure until then (while queued)
 
     @property
     def queue_wait(self) -> float | None:
-        """Seconds from arrival to the start of its latest attempt."""
-        return None if self.started_at is None else self.started_at - self.created_at
+        """Seconds from arrival to the start of its latest attempt, or to its end if it never started."""
+        waited_until = self.started_at if self.started_at is not None else self.finished_at
+        return None if waited_until is None else waited_until - self.created_at
 
     @property
     def run_time(self) -> float | None:

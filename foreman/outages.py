@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import structlog
 
 from foreman.errors import UpstreamUnreachable
@@ -15,6 +17,11 @@ class Outages:
     def __init__(self, base_url: str) -> None:
         self._base_url = base_url
         self._down = False
+        self._when_back: list[Callable[[], None]] = []
+
+    def when_back(self, callback: Callable[[], None]) -> None:
+        """Call `callback` each time Ollama answers again after an outage (it may have restarted)."""
+        self._when_back.append(callback)
 
     def down(self, exc: UpstreamUnreachable) -> None:
         if not self._down:
@@ -30,3 +37,5 @@ class Outages:
         if self._down:
             self._down = False
             log.info("upstream.back", url=self._base_url)
+            for callback in self._when_back:
+                callback()

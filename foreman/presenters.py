@@ -27,11 +27,17 @@ def job_view(
         "created_at": iso(job.created_at),
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),
-        "queue_wait_s": _round(job.queue_wait if job.started_at is not None else now - job.created_at),
+        "queue_wait_s": _round(job.queue_wait if job.queue_wait is not None else now - job.created_at),
         "run_s": _round(job.run_time if job.finished_at is not None else _since(job.started_at, now)),
         "status": job.status,
         "error": job.error,
+        # After a failure: the job waits until then while the worker serves others.
+        "not_before": iso(job.not_before) if job.state is JobState.QUEUED else None,
     }
+    if job.cache is not None:
+        view["cache"] = (
+            job.cache
+        )  # embeddings: "hit", "partial" (served from the cache) or "no-cache" (asked)
     if with_result:
         view["result"] = json.loads(job.result) if job.state is JobState.DONE and job.result else None
     return view

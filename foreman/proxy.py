@@ -7,7 +7,8 @@ import structlog
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from foreman.keys import CONFIG, UPSTREAM
+from foreman.keys import CONFIG, MODEL_TAGS, UPSTREAM
+from foreman.model_tags import MODEL_CHANGES
 
 log = structlog.get_logger("foreman.proxy")
 
@@ -34,6 +35,10 @@ def _end_to_end(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 def forwarded_headers(request: web.Request) -> CIMultiDict[str]:
     headers = _end_to_end(request.headers)
+    # foreman's CORS check has let this origin in; Ollama's own would refuse
+    # the origins only foreman knows (FOREMAN_ORIGINS), as it never sees the
+    # ones of queued jobs either.
+    headers.popall(hdrs.ORIGIN, None)
     if request.app[CONFIG].token:
         headers.popall(hdrs.AUTHORIZATION, None)  # foreman's credential, not Ollama's
     return headers
@@ -41,6 +46,17 @@ def forwarded_headers(request: web.Request) -> CIMultiDict[str]:
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
     """Forward any request to Ollama, streaming both ways (pull progress, blob uploads)."""
+    if request.path in MODEL_CHANGES:
+        # From now until the list is read again after it, no digest is trusted.
+        request.app[MODEL_TAGS].stale()
+        try:
+            return await _forward(request)
+        finally:
+            request.app[MODEL_TAGS].stale()
+    return await _forward(request)
+
+
+async def _forward(request: web.Request) -> web.StreamResponse:
     response = await request.app[UPSTREAM].send(
         request.method,
         request.path_qs,

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 
 import structlog
 from aiohttp import web
 
 from foreman.dialects import dialect_for
-from foreman.errors import ForemanError
+from foreman.embed_intake import cache_answer, wants_no_cache
+from foreman.embeddings import EMBED_ENDPOINTS
+from foreman.errors import ForemanError, NotFound
 from foreman.events import Chunk, Ended, JobEvent, StateChanged
 from foreman.intake import parse_job, parse_priority, request_hash
-from foreman.keys import CLOCK, CONFIG, EVENTS, FEED, ROUTES, STORE, WORKER
-from foreman.models import JobState, NewJob, Priority
-from foreman.storage import Submission
+from foreman.keys import CLOCK, CONFIG, EMBED_CACHE, EVENTS, FEED, METRICS, MODEL_TAGS, ROUTES, STORE, WORKER
+from foreman.models import JSON_TYPE, JobState, NewJob, Priority
+from foreman.storage import CacheAnswer, Submission
 
 log = structlog.get_logger("foreman.api")
 
@@ -42,9 +45,35 @@ async def handle(request: web.Request) -> web.StreamResponse:
         idempotency_key=request.headers.get("Idempotency-Key") if respond_async else None,
     )
     job = request.app[ROUTES].current.route(job)
+    await _require_installed(request, job)
+    answer = None
+    if job.endpoint in EMBED_ENDPOINTS:
+        if wants_no_cache(request):
+            job = replace(job, cache="no-cache")
+        else:
+            answer = await cache_answer(request.app, job)
     if respond_async:
-        return await _accept(request, job)
-    return await _serve(request, job)
+        return await _accept(request, job, answer)
+    return await _serve(request, job, answer)
+
+
+async def _require_installed(request: web.Request, job: NewJob) -> None:
+    """Refuse at once, as Ollama does, a model Ollama does not have; queue it when Ollama cannot tell."""
+    if job.routing is not None:
+        return  # an alias or a route: foreman's own name, for models its routes file names
+    source = job.model.rsplit(":", 1)[-1].strip().lower() if ":" in job.model else ""
+    if source in ("cloud", "local") or (source.endswith("-cloud") and "/" not in source):
+        return  # an explicit source (modelref.ParseRef): Ollama decides, maybe in its cloud
+    if await request.app[MODEL_TAGS].has(job.model) is False:
+        raise NotFound(_not_found(request.path, job.model))
+
+
+def _not_found(endpoint: str, model: str) -> str:
+    """Ollama's 404 message for a model it does not have, which differs by handler."""
+    if endpoint == "/api/embeddings":
+        # EmbeddingsHandler goes through handleScheduleError, which quotes with Go's %q.
+        return f"model {json.dumps(model)} not found, try pulling it first"
+    return f"model '{model}' not found"
 
 
 def prefers_async(request: web.Request) -> bool:
@@ -56,15 +85,17 @@ def prefers_async(request: web.Request) -> bool:
     return False
 
 
-async def _accept(request: web.Request, job: NewJob) -> web.Response:
+async def _accept(request: web.Request, job: NewJob, answer: CacheAnswer | None) -> web.Response:
     """Commit an async job and hand back its id and place in line."""
     app = request.app
     fingerprint = request_hash(job) if job.idempotency_key is not None else None
-    submission = Submission(job, fingerprint, app[WORKER].drain_order_now())
+    submission = Submission(job, fingerprint, app[WORKER].drain_order_now(), answer)
     committed = app[STORE].submit(submission)
     app[WORKER].wake(job.model_key)  # as in _serve: the claim queues up behind the commit
     accepted = await asyncio.shield(committed)
-    if accepted.new:
+    if accepted.result is not None and answer is not None:
+        _answered(app, job, answer)
+    elif accepted.new:
         app[WORKER].wake(job.model_key)
         _queued(app, job)
     job_id = accepted.job_id
@@ -81,18 +112,23 @@ async def job_position(app: web.Application, job_id: str, model_key: str, priori
     return await app[STORE].position(job_id, model_key, priority, order)
 
 
-async def _serve(request: web.Request, job: NewJob) -> web.StreamResponse:
+async def _serve(request: web.Request, job: NewJob, answer: CacheAnswer | None) -> web.StreamResponse:
     app = request.app
     worker = app[WORKER]
     with app[EVENTS].subscribe(job.id, client=True) as inbox:
         try:
             # Shielded: once the insert started, it lands even if the client
             # leaves, and the cancel below then finds the job.
-            committed = app[STORE].submit(Submission(job))
-            # The worker's claim lines up on the store's thread right behind
-            # the commit, rather than after the commit's answer comes back.
-            worker.wake(job.model_key)
-            await asyncio.shield(committed)
+            committed = app[STORE].submit(Submission(job, answer=answer))
+            if answer is None:
+                # The worker's claim lines up on the store's thread right behind
+                # the commit, rather than after the commit's answer comes back.
+                worker.wake(job.model_key)
+            accepted = await asyncio.shield(committed)
+            if accepted.result is not None and answer is not None:
+                _answered(app, job, answer)
+                headers = {"Content-Type": JSON_TYPE, JOB_HEADER: job.id}
+                return web.Response(body=accepted.result, headers=headers)
             worker.wake(job.model_key)  # a claim that ran ahead of a grouped commit missed the job
             _queued(app, job)
             return await _respond(request, job, inbox, app[CONFIG].early_headers)
@@ -100,6 +136,18 @@ async def _serve(request: web.Request, job: NewJob) -> web.StreamResponse:
             # The client went away: like Ollama, stop working for it.
             await asyncio.shield(worker.cancel(job.id))
             raise
+
+
+def _answered(app: web.Application, job: NewJob, answer: CacheAnswer) -> None:
+    """The embedding cache answered the job as it was written (see foreman.embed_intake)."""
+    cache = app[EMBED_CACHE]
+    if cache is not None:
+        cache.count(len(answer.keys), 0)
+    app[METRICS].job_ended(job, JobState.DONE, wait=0.0, run=0.0)
+    app[FEED].job(
+        job.id, JobState.DONE, job.created_at, model=job.model_key, priority=job.priority, attempt=0
+    )
+    log.info("job.done", model=job.model_key, job_id=job.id, endpoint=job.endpoint, cache="hit")
 
 
 def _queued(app: web.Application, job: NewJob) -> None:
@@ -170,7 +218,7 @@ async def _finish(
             headers["x-should-retry"] = "false"
         return web.Response(
             status=ended.status,
-            body=dialect.client_error(ended.body) if failed else ended.body,
+            body=dialect.client_error(ended.body, ended.status) if failed else ended.body,
             headers=headers,
         )
     if ended.state is JobState.DONE:

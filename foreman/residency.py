@@ -3,12 +3,17 @@
 foreman reads `/api/ps` at start, after a swap, after an idle spell, and when
 a reply shows Ollama loaded a model behind its back (`recheck`). While a
 model has more work waiting, its requests carry `FOREMAN_PIN_KEEP_ALIVE`
-(a pin); the last one hands Ollama back its own expiry. Before a load, pins
-are moved so that Ollama evicts the model the policy chose (`make_room`).
+(a pin); the last one hands Ollama back its own expiry. No pin outlives its
+work: a load sets the expiry the model will have after its drain, a pin is
+forgotten only once the request that hands it back was accepted, and
+leftovers are released when the queue empties and on SIGTERM
+(`release_pins`). Before a load, pins are moved so that Ollama evicts the
+model the policy chose (`make_room`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -22,6 +27,9 @@ from foreman.retry import RetryPolicy, Sleep
 from foreman.upstream import Upstream
 
 log = structlog.get_logger("foreman.worker")
+
+# Ollama's keep_alive when OLLAMA_KEEP_ALIVE is unset (envconfig.KeepAlive).
+_OLLAMA_DEFAULT_KEEP_ALIVE = "5m"
 
 
 @dataclass(slots=True)
@@ -37,16 +45,27 @@ class Residency:
     """Ollama's resident models as foreman last read them, and foreman's pins on them."""
 
     def __init__(
-        self, upstream: Upstream, outages: Outages, *, pin_keep_alive: object, release_keep_alive: object
+        self,
+        upstream: Upstream,
+        outages: Outages,
+        *,
+        pin_keep_alive: object,
+        release_keep_alive: object | None,
     ) -> None:
         self._upstream = upstream
         self._outages = outages
         self.pin_keep_alive = pin_keep_alive
-        self.release_keep_alive = release_keep_alive
+        self.release_keep_alive = release_keep_alive  # None: Ollama's own default, as learned
+        self._server_keep_alive: object | None = None  # Ollama's default, read off a model foreman loaded
+        self._learning: str | None = None  # the model key whose load lets Ollama apply its default
+        outages.when_back(self._forget_server_keep_alive)
         self._models: frozenset[str] = frozenset()
         self._due = True  # read /api/ps before the next pick
         # /api/ps names models, not load options: remember which key we loaded each name as.
         self._loaded_as: dict[str, str] = {}
+        # Models foreman has asked Ollama to hold beyond their own expiry. Each
+        # stays here until a request that hands the model back was accepted,
+        # so no pin outlives the work it was set for (see release_pins).
         self._pins: dict[str, _Pin] = {}
         # How to load each model key foreman has loaded, to pin or unpin it later.
         self._known: dict[str, _Pin] = {}
@@ -92,16 +111,55 @@ class Residency:
                 await self.read()
 
     async def load(self, job: Job) -> None:
-        """Ask Ollama to load the job's model, pinned."""
-        options = key_load_options(job.model_key)
-        await self._upstream.load(job.endpoint, job.model, options, self.pin_keep_alive)
+        """Ask Ollama to load the job's model, with the expiry it will have after its drain.
 
-    def loaded(self, job: Job) -> None:
-        """The job's model finished loading, pinned: remember how, and read /api/ps again."""
+        The jobs pin it while work waits, so a load that is given up or whose
+        job fails leaves no pin behind. Until foreman knows Ollama's default,
+        it lets Ollama apply it, and reads it off the loaded model (`loaded`).
+        """
         key = job.model_key
-        self._pins[key] = self._known[key] = _Pin(job.endpoint, job.model, key_load_options(key))
+        options = key_load_options(key)
+        learning = self.release_keep_alive is None and self._server_keep_alive is None
+        self._learning = key if learning else None
+        keep_alive = None if learning else self.release_value()
+        if keep_alive in (0, "0", "0s"):
+            keep_alive = self.pin_keep_alive  # expiring at once would unload it before its job
+            self._pins[key] = self._known[key] = _Pin(job.endpoint, job.model, options)
+        await self._upstream.load(job.endpoint, job.model, options, keep_alive)
+
+    async def loaded(self, job: Job) -> None:
+        """The job's model finished loading: remember how, learn Ollama's default if due, read /api/ps again."""
+        key = job.model_key
+        if self._learning == key:
+            self._learning = None
+            await self._learn_server_keep_alive(key)
+        self._known[key] = _Pin(job.endpoint, job.model, key_load_options(key))
         self._loaded_as[key_model_name(key)] = key
         self._due = True
+
+    async def _learn_server_keep_alive(self, key: str) -> None:
+        """Read Ollama's default keep_alive off a model it has just loaded without one."""
+        try:
+            left = await self._upstream.expires_in(key_model_name(key))
+        except (UpstreamUnreachable, UpstreamFailed, UpstreamRejected):
+            return  # next time
+        # Not listed: Ollama unloaded it as soon as the load ended (OLLAMA_KEEP_ALIVE=0).
+        # Otherwise the time left falls short of the default by the moments since
+        # Ollama set it: rounding up gives back a default of whole seconds.
+        learned: object = 0 if left is None else -1 if math.isinf(left) else max(math.ceil(left), 0)
+        self._server_keep_alive = learned
+        log.info("ollama.keep_alive", default=learned, model=key)
+
+    def _forget_server_keep_alive(self) -> None:
+        self._server_keep_alive = None  # a restarted Ollama may have another default
+
+    def release_value(self) -> object:
+        """The keep_alive a released model gets: FOREMAN_RELEASE_KEEP_ALIVE, else Ollama's own default."""
+        if self.release_keep_alive is not None:
+            return self.release_keep_alive
+        if self._server_keep_alive is not None:
+            return self._server_keep_alive
+        return _OLLAMA_DEFAULT_KEEP_ALIVE  # not learned yet: what Ollama uses when OLLAMA_KEEP_ALIVE is unset
 
     def pinned(self, model_key: str) -> bool:
         return model_key in self._pins
@@ -110,13 +168,52 @@ class Residency:
         """The model keys foreman keeps loaded with FOREMAN_PIN_KEEP_ALIVE now."""
         return frozenset(self._pins)
 
-    def pin(self, job: Job) -> None:
-        """The job's requests carry the pin: more work waits for its model."""
-        self._pins[job.model_key] = _Pin(job.endpoint, job.model, key_load_options(job.model_key))
+    def pin(self, job: Job, endpoint: str | None = None) -> None:
+        """The job's requests carry the pin: more work waits for its model (loaded through `endpoint`, else the job's).
+
+        Recorded before the request goes, so that whatever becomes of it the pin is known.
+        """
+        key = job.model_key
+        self._pins[key] = self._known[key] = _Pin(endpoint or job.endpoint, job.model, key_load_options(key))
 
     def release(self, model_key: str) -> bool:
         """The last job of a drain hands Ollama back its expiry; False if the model was not pinned."""
         return self._pins.pop(model_key, None) is not None
+
+    def releasing(self, model_key: str) -> _Pin | None:
+        """The pin a request that hands `model_key` back releases, if it is pinned; forget it with `unpinned`."""
+        return self._pins.get(model_key)
+
+    def unpinned(self, model_key: str, released: object | None) -> None:
+        """A request that hands the model back was accepted: forget the pin, unless a later job pinned it anew."""
+        if released is not None and self._pins.get(model_key) is released:
+            del self._pins[model_key]
+
+    async def release_pins(self, reason: str) -> None:
+        """Hand every model foreman still pins back to Ollama's expiry (idle, or shutting down).
+
+        A release is a load request, so only models Ollama still holds get
+        one: the others have no pin left to release, and would be loaded.
+        """
+        if not self._pins:
+            return
+        try:
+            await self.read()
+        except UpstreamUnreachable:
+            self._pins.clear()  # an Ollama that comes back has nothing loaded
+            return
+        resident = self._models
+        for key, pin in sorted(self._pins.items()):
+            del self._pins[key]
+            if key not in resident:
+                continue
+            keep_alive = self.release_value()
+            try:
+                await self._upstream.load(pin.endpoint, pin.model, pin.options, keep_alive)
+            except (UpstreamUnreachable, UpstreamFailed, UpstreamRejected) as exc:
+                log.warning("model.unpin_failed", model=key, reason=reason, error=exc.message)
+                continue
+            log.info("model.unpinned", model=key, keep_alive=keep_alive, reason=reason)
 
     async def make_room(self, keep: str, evict: str | None, waiting: Mapping[str, int]) -> None:
         """Before a load: leave only the policy's victim and idle models without a pin.
@@ -132,9 +229,12 @@ class Residency:
                 continue
             pinned = key in self._pins
             left = waiting.get(key, 0)
+            if pinned and key not in self.models:
+                del self._pins[key]  # gone already; a release would load it again
+                continue
             if pinned and (key == evict or left == 0):
                 pin = self._pins.pop(key)
-                keep_alive = self.release_keep_alive
+                keep_alive = self.release_value()
                 event, why = "model.unpinned", "make_room" if key == evict else "idle"
             elif not pinned and key != evict and left > 0 and key in self._known:
                 pin = self._pins[key] = self._known[key]
@@ -144,3 +244,29 @@ class Residency:
                 continue
             await self._upstream.load(pin.endpoint, pin.model, pin.options, keep_alive)
             log.info(event, model=key, keep_alive=keep_alive, reason=why)
+
+    async def free_memory(self, keep: str, busy: set[str]) -> None:
+        """Ollama ran out of memory for `keep`: unload every other model foreman loaded that has no job running.
+
+        `busy` are the model keys with a job running. Ollama frees memory
+        only by evicting idle models, and a model pinned by foreman, or
+        released with a long keep_alive, may stay; unloading them (keep_alive
+        0) gives the retry room. /api/ps is read again before the next pick.
+        """
+        try:
+            names = await self._upstream.resident_models()
+        except (UpstreamUnreachable, UpstreamFailed, UpstreamRejected) as exc:
+            log.warning("model.unpin_failed", reason="memory", error=exc.message)
+            return
+        held = {self._loaded_as.get(name, name) for name in names} | set(self._pins)
+        for key in sorted(held - busy - {keep}):
+            pin = self._pins.pop(key, None) or self._known.get(key)
+            if pin is None:
+                continue  # loaded by another program: not foreman's to unload
+            try:
+                await self._upstream.load(pin.endpoint, pin.model, pin.options, 0)
+            except (UpstreamUnreachable, UpstreamFailed, UpstreamRejected) as exc:
+                log.warning("model.unpin_failed", model=key, reason="memory", error=exc.message)
+                continue
+            log.info("model.unpinned", model=key, keep_alive=0, reason="memory", for_model=keep)
+        self._due = True

@@ -1,9 +1,12 @@
-"""The run of one claimed job: load its model if the claim was a swap, call Ollama, stream, finish or back off.
+"""The run of one claimed job: load its model if the claim was a swap, call Ollama, stream, finish or put back.
 
 `JobRunner` is what the worker hands each claim to. It tells the job's
 waiters (`JobEvents`) what happens, records the outcome in the store, feeds
 observed load and run times to the policy driver, and keeps the output of
-running jobs for watchers who come late.
+running jobs for watchers who come late. An embed job may lead a batch
+(`foreman.embed_batch`): the queued jobs that share its call are taken with
+it and run as jobs of their own, started through the worker. A job that
+fails on its own goes back with a not-before time (see `_put_back`).
 """
 
 from __future__ import annotations
@@ -11,17 +14,27 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 import structlog
 
 from foreman.aliases import fold, waiting_for
 from foreman.dialects import dialect_for
 from foreman.driver import PolicyDriver
-from foreman.errors import TRANSIENT, UpstreamFailed, UpstreamRejected, UpstreamUnreachable, error_message
+from foreman.embed_batch import Batch, EmbedBatcher
+from foreman.embeddings import EmbedRequest
+from foreman.errors import (
+    TRANSIENT,
+    UpstreamFailed,
+    UpstreamRejected,
+    UpstreamUnreachable,
+    error_message,
+    is_memory_error,
+)
 from foreman.events import Chunk, Ended, JobEvents, StateChanged
 from foreman.feed import QueueFeed
 from foreman.metrics import Metrics
@@ -43,6 +56,9 @@ log = structlog.get_logger("foreman.worker")
 _RELOAD_HINT_NS = 500_000_000
 _LOAD_DURATION = re.compile(rb'"load_duration":\s*(\d+)')
 
+# Starts a job's run as a task of the worker's (which counts it among the jobs in flight).
+Start = Callable[[Coroutine[Any, Any, None], Job], None]
+
 
 class StreamBroken(Exception):
     """Ollama failed after output already reached a client: the job cannot be retried.
@@ -60,6 +76,7 @@ class StreamBroken(Exception):
 @dataclass(slots=True)
 class _Running:
     job_id: str
+    model_key: str
     task: asyncio.Task[Exception | None]
     aborted: bool = False
 
@@ -87,6 +104,7 @@ class JobRunner:
         outages: Outages,
         wakeups: WakeUps,
         feed: QueueFeed,
+        embeds: EmbedBatcher | None = None,
         clock: Callable[[], float],
         monotonic: Callable[[], float],
         sleep: Sleep,
@@ -101,6 +119,8 @@ class JobRunner:
         self._outages = outages
         self._wakeups = wakeups
         self._feed = feed  # the queue's watchers (/events, the live page)
+        self._embeds = embeds
+        self._stopping = False
         self._clock = clock
         self._monotonic = monotonic
         self._sleep = sleep
@@ -137,29 +157,48 @@ class JobRunner:
         """Wait until the outcomes on their way to the store are written."""
         await asyncio.gather(*self._records, return_exceptions=True)
 
-    async def run(self, claim: Claim) -> None:
-        """Run the claimed job to its end, or back in line after a transient failure and a backoff."""
-        failure = await self._run(claim)
-        if failure is not None:
-            await self._back_off(claim.job, failure)
+    def stop(self) -> None:
+        """foreman is stopping: a batch gathered from now on sends its companions back to their places."""
+        self._stopping = True
 
-    async def _run(self, claim: Claim) -> Exception | None:
-        """Run one claimed job; returns the transient failure to back off from, if any."""
+    async def run(self, claim: Claim, start: Start) -> None:
+        """Run the claimed job to its end, or put it back after a transient failure.
+
+        Jobs taken to share its call (an embedding batch) are run through
+        `start`, each as a job of its own.
+        """
+        await self._job(claim, start)
+
+    async def _job(self, claim: Claim, start: Start, batch: Batch | None = None) -> None:
+        try:
+            failure = await self._run(claim, start, batch)
+        finally:
+            if batch is not None:
+                batch.leave(claim.job.id)  # a member that ended without the call must not hold it up
+        if failure is not None:
+            await self._put_back(claim.job, failure)
+
+    async def _run(self, claim: Claim, start: Start, batch: Batch | None) -> Exception | None:
+        """Run one claimed job; returns the transient failure to put it back for, if any."""
         job = claim.job
         if job.id in self.cancel_requested:
             self.cancel_requested.discard(job.id)
             await self._end(job, JobState.CANCELLED, 499, error_body("request canceled"))
-            log.info("job.cancelled", job_id=job.id, before="start")
+            log.info(
+                "job.cancelled", job_id=job.id, model=job.model_key, endpoint=job.endpoint, before="start"
+            )
             return None
         self._publish(job, StateChanged(job.state, job.attempt, model=job.model))
-        task = asyncio.create_task(self._execute(claim))
-        self._running[job.id] = running = _Running(job.id, task)
+        task = asyncio.create_task(self._execute(claim, start, batch))
+        self._running[job.id] = running = _Running(job.id, job.model_key, task)
         try:
             return await task
         except asyncio.CancelledError:
             if running.aborted:
                 await self._end(job, JobState.CANCELLED, 499, error_body("request canceled"))
-                log.info("job.cancelled", job_id=job.id, before="end")
+                log.info(
+                    "job.cancelled", job_id=job.id, model=job.model_key, endpoint=job.endpoint, before="end"
+                )
                 return None
             # foreman is stopping: the job keeps its place and runs after the restart.
             await asyncio.shield(self._store.requeue(job, attempt=job.attempt, error=None))
@@ -169,7 +208,7 @@ class JobRunner:
         finally:
             del self._running[job.id]
 
-    async def _execute(self, claim: Claim) -> Exception | None:
+    async def _execute(self, claim: Claim, start: Start, batch: Batch | None) -> Exception | None:
         job = claim.job
         bound = log.bind(
             model=job.model_key,
@@ -188,9 +227,19 @@ class JobRunner:
                 self._publish(job, StateChanged(JobState.WORKING, job.attempt))
                 # A load can take a minute; more work may have come for this model meanwhile.
                 waiting = (await self._waiting_by_model()).get(job.model_key, 0)
+            request = self._embeds.takes(job) if self._embeds is not None and batch is None else None
+            if request is not None:
+                # The leader of a batch: the queued jobs that may share its call come along.
+                batch = await self._lead(claim, request, waiting, start)
+                waiting = max(waiting - len(batch.companions), 0)
             bound.info("job.start", wait_s=wait_s, waiting_for_model=waiting)
             started = self._monotonic()
-            result, load_ns = await self._call(job, waiting)
+            cache = None
+            if batch is not None:
+                done = await batch.run(job)
+                result, load_ns, cache = _Result(done.body, JSON_TYPE, done.body), done.load_ns, done.cache
+            else:
+                result, load_ns = await self._call(job, waiting)
         except UpstreamRejected as exc:
             await self._end(job, JobState.FAILED, exc.status, exc.body)
             bound.info("job.failed", status=exc.status, error=exc.message)
@@ -201,25 +250,82 @@ class JobRunner:
             bound.warning("job.failed", status=200, error=exc.error, after="output")
             return None
         except TRANSIENT as exc:
+            if claim.decision.swap:
+                self._residency.recheck()  # the load failed: what Ollama holds now is for /api/ps to say
             return exc
         self._outages.up()
         if not claim.decision.swap and load_ns > _RELOAD_HINT_NS:
             self._residency.recheck()
         run_s = self._monotonic() - started
-        self._driver.ran(job.model_key, run_s)
+        # A job that shared a call costs its share of it.
+        self._driver.ran(job.model_key, run_s / (batch.size if batch is not None else 1))
         await self._end(
-            job, JobState.DONE, 200, result.body, content_type=result.content_type, result=result.result
+            job,
+            JobState.DONE,
+            200,
+            result.body,
+            content_type=result.content_type,
+            result=result.result,
+            cache=cache,
         )
-        bound.info("job.done", wait_s=wait_s, run_s=round(run_s, 3))
+        bound.info("job.done", wait_s=wait_s, run_s=round(run_s, 3), **({"cache": cache} if cache else {}))
         return None
+
+    async def _lead(self, claim: Claim, request: EmbedRequest, waiting: int, start: Start) -> Batch:
+        """Gather the batch `claim`'s job leads, and start its companions.
+
+        The companions are taken from the store in one step that runs to its
+        end even if the leader is cancelled meanwhile: once taken, they run,
+        and the leader leaves the batch instead of holding them up.
+        """
+        job = claim.job
+        gathering = asyncio.ensure_future(self._gather(claim, request, waiting, start))
+        try:
+            return await asyncio.shield(gathering)
+        except asyncio.CancelledError:
+            gathering.add_done_callback(
+                lambda task: None if task.cancelled() or task.exception() else task.result().leave(job.id)
+            )
+            raise
+
+    async def _gather(self, claim: Claim, request: EmbedRequest, waiting: int, start: Start) -> Batch:
+        assert self._embeds is not None
+        job = claim.job
+        batch = await self._embeds.gather(job, request, self._clock())
+        batch.keep_alive = self._batch_keep_alive(job, request, max(waiting - len(batch.companions), 0))
+        if self._stopping:
+            # foreman is stopping: the companions go back to their places, uncharged.
+            for companion in batch.companions:
+                await self._store.requeue(companion, attempt=companion.attempt, error=None)
+                batch.leave(companion.id)
+            return batch
+        # The companions run as jobs of their own, meeting in the batch's call.
+        decision = replace(claim.decision, swap=False)
+        for companion in batch.companions:
+            joined = Claim(companion, decision, claim.waiting_after)
+            start(self._job(joined, start, batch), companion)
+        return batch
+
+    def _batch_keep_alive(self, job: Job, request: EmbedRequest, waiting_after: int) -> object | None:
+        """The keep_alive of a batch's call: the pin while work waits, else the release (see _dispatch_body)."""
+        residency = self._residency
+        if waiting_after > 0:
+            residency.pin(job, endpoint="/api/embed")  # the batch's call goes to /api/embed
+            return residency.pin_keep_alive
+        if residency.release(job.model_key):
+            return request.keep_alive if request.keep_alive is not None else residency.release_keep_alive
+        return request.keep_alive
 
     async def _call(self, job: Job, waiting_after: int) -> tuple[_Result, int]:
         """Send the job to Ollama; stream chunks to its waiters as they arrive."""
-        body, keep_alive = self._dispatch_body(job, waiting_after)
+        body, keep_alive, releases = self._dispatch_body(job, waiting_after)
         if keep_alive is not None:
             # The endpoint takes no keep_alive (Ollama's /v1): a load request sets it first.
             await self._upstream.load(job.endpoint, job.model, key_load_options(job.model_key), keep_alive)
+            self._residency.unpinned(job.model_key, releases)
         async with self._upstream.post(job.endpoint, body) as reply:
+            # Accepted: Ollama has applied the request's keep_alive to the model.
+            self._residency.unpinned(job.model_key, releases)
             if not reply.streamed:
                 data = await reply.read()
                 return _Result(data, reply.content_type, data), _load_ns(data)
@@ -246,19 +352,22 @@ class JobRunner:
         last = output[-1] if output else b""
         return _Result(b"", reply.content_type, dialect.merge(job.endpoint, output)), _load_ns(last)
 
-    def _dispatch_body(self, job: Job, waiting_after: int) -> tuple[bytes, object | None]:
+    def _dispatch_body(self, job: Job, waiting_after: int) -> tuple[bytes, object | None, object | None]:
         """The job's body with the keep_alive that pins or releases its model.
 
         Where the endpoint takes no keep_alive (Ollama's /v1), the keep_alive
         comes back beside the body instead, for a load request to set first.
+        The third value is the pin the request releases: it is forgotten once
+        Ollama has accepted the request, and released later if not.
         """
         residency = self._residency
         if not job.respond_async and waiting_after == 0 and not residency.pinned(job.model_key):
-            return job.body, None  # nothing to pin, release or ask for: send it as it came
+            return job.body, None, None  # nothing to pin, release or ask for: send it as it came
         dialect = dialect_for(job.endpoint)
         body = json.loads(job.body)
         if _is_unload(job.endpoint, body):
-            return job.body, None  # the client asked Ollama to unload: do exactly that
+            # The client asked Ollama to unload: do exactly that.
+            return job.body, None, residency.releasing(job.model_key)
         changed = False
         if job.respond_async and not job.stream and job.endpoint in STREAMED_ENDPOINTS:
             # Nobody holds a connection for the reply: stream it anyway, so the
@@ -266,6 +375,7 @@ class JobRunner:
             dialect.ask_stream(body)
             changed = True
         keep_alive: object | None = None
+        releases = None
         if waiting_after > 0:
             if dialect.carries_keep_alive:
                 body["keep_alive"] = residency.pin_keep_alive
@@ -273,17 +383,18 @@ class JobRunner:
             elif not residency.pinned(job.model_key):
                 keep_alive = residency.pin_keep_alive  # once: the requests that follow leave it alone
             residency.pin(job)
-        elif residency.release(job.model_key):
+        elif (releases := residency.releasing(job.model_key)) is not None:
             # The last job of this drain hands Ollama back its own expiry.
             if dialect.carries_keep_alive:
-                body.setdefault("keep_alive", residency.release_keep_alive)
+                body.setdefault("keep_alive", residency.release_value())
                 changed = True
             else:
-                keep_alive = residency.release_keep_alive
-        return json.dumps(body, separators=(",", ":")).encode() if changed else job.body, keep_alive
+                keep_alive = residency.release_value()
+        body_bytes = json.dumps(body, separators=(",", ":")).encode() if changed else job.body
+        return body_bytes, keep_alive, releases
 
     async def _swap(self, claim: Claim) -> bool:
-        """Load the claimed job's model, pinned, and log why and what the swap cost.
+        """Load the claimed job's model (with the release keep_alive), and log why and what the swap cost.
 
         Returns False when the load was given up for an interactive job that
         arrived meanwhile (`Policy.abandons`); the job is back in the queue,
@@ -304,7 +415,7 @@ class JobRunner:
         elif await self._abandoned(asyncio.create_task(load), decision):
             await self._store.requeue(job, attempt=job.attempt, error=None)
             self._publish(job, StateChanged(JobState.QUEUED, job.attempt))
-            self._driver.abandoned()
+            self._driver.abandoned(decision)
             self._residency.recheck()
             log.info(
                 "model.load_abandoned",
@@ -317,7 +428,7 @@ class JobRunner:
             return False
         load_s = self._monotonic() - started
         self._driver.loaded(key, load_s, self._clock())
-        self._residency.loaded(job)  # and read /api/ps again before the next pick
+        await self._residency.loaded(job)  # and read /api/ps again before the next pick
         self._wakeups.look_again()  # with FOREMAN_PARALLEL > 1, more jobs for this model may start now
         self.swaps += 1
         self._metrics.swapped(load_s)
@@ -372,16 +483,25 @@ class JobRunner:
             resident = self._driver.state.resident
         return waiting_for(await self._store.waiting_by_model(), resident)
 
-    async def _back_off(self, job: Job, failure: Exception) -> None:
-        """Requeue (or finally fail) a job after a transient failure, then wait."""
+    async def _put_back(self, job: Job, failure: Exception) -> None:
+        """Requeue (or finally fail) a job after a transient failure.
+
+        A failure of the job's own (Ollama's 5xx, a stream broken before any
+        output went out) holds back only that job: it goes back with a
+        not-before time, keeps its place, and the worker serves other work
+        meanwhile. Only an unreachable Ollama holds the whole queue: the
+        runner waits out the backoff before the worker goes on.
+        """
         attempt = job.attempt + 1
         bound = log.bind(model=job.model_key, job_id=job.id, endpoint=job.endpoint, attempt=attempt)
+        unreachable = isinstance(failure, UpstreamUnreachable)
         if isinstance(failure, UpstreamUnreachable):
             self._outages.down(failure)
             self._residency.recheck()  # Ollama may come back with nothing loaded
         message = getattr(failure, "message", str(failure))
-        self._metrics.upstream_error("unreachable" if isinstance(failure, UpstreamUnreachable) else "failed")
+        self._metrics.upstream_error("unreachable" if unreachable else "failed")
         self.last_error = (self._clock(), message)
+        delay = self._retry.delay(attempt)
         if attempt >= self._retry.max_attempts:
             if isinstance(failure, UpstreamFailed) and failure.body:
                 status, body = failure.status, failure.body
@@ -390,12 +510,17 @@ class JobRunner:
             await self._end(job, JobState.FAILED, status, body, error=message, attempt=attempt)
             bound.warning("job.failed", status=status, error=message)
         else:
-            await self._store.requeue(job, attempt=attempt, error=message)
+            if is_memory_error(message):
+                busy = {running.model_key for running in self._running.values()}
+                await self._residency.free_memory(keep=job.model_key, busy=busy)
+            not_before = None if unreachable else self._clock() + delay
+            await self._store.requeue(job, attempt=attempt, error=message, not_before=not_before)
             self._output.pop(job.id, None)
             self._publish(job, StateChanged(JobState.QUEUED, attempt))
             self._metrics.retried()
-            bound.info("job.retry", error=message)
-        await self._sleep(self._retry.delay(attempt))
+            bound.info("job.retry", error=message, retry_in_s=round(delay, 3), holds_queue=unreachable)
+        if unreachable:
+            await self._sleep(delay)
 
     async def _end(
         self,
@@ -408,6 +533,7 @@ class JobRunner:
         result: bytes | None = None,
         error: str | None = None,
         attempt: int | None = None,
+        cache: str | None = None,
     ) -> None:
         """Record how the job ended, with its output, and tell whoever waits for it.
 
@@ -433,6 +559,7 @@ class JobRunner:
                 error=error,
                 attempt=attempt,
                 chunks=chunks,
+                cache=cache,
             )
         )
         if state is JobState.DONE:

@@ -6,19 +6,26 @@ Ollama holds, the policy's own small state and `now`; they get back the model
 advance the state with `State.after` and feed observed load and run times to a
 `CostBook`, so the daemon and the simulator run exactly the same rules.
 
+Jobs put back after a failure carry a not-before time (`Held`): until it
+comes they are invisible to the rules below, and then they count again with
+their original arrival, so they keep their place.
+
 The rules, in the order they apply (README, "Scheduling"):
 
-1. A max_wait drain in progress runs to its end: the jobs its model had queued
-   when the drain began, and nothing that came later.
-2. Bounded wait: when a model's oldest job has waited longer than `max_wait`,
-   its model is served next (a max_wait drain), unless the model loaded last
-   has held Ollama for less than `min_residency`. Among several overdue models,
-   the worst wait per second of learned swap cost goes first, but a model that
-   already had a max_wait drain while another has been overdue waits for it.
-3. Priority: interactive jobs before batch jobs; a load begun for batch work
-   is given up when an interactive job arrives for another model (`abandons`).
-4. Within a class, residency first: the oldest job of a model Ollama holds;
-   only when none is left, the oldest job of the class, which costs a swap.
+1. Priority: every interactive job is picked before any batch job, also in
+   the middle of a max_wait drain of batch work (which resumes after them);
+   a load begun for batch work is given up when an interactive job arrives
+   for another model (`abandons`). The rules below then apply within a class.
+2. A max_wait drain in progress runs to its end: the jobs of its class its
+   model had queued when the drain began, and nothing that came later.
+3. Bounded wait: when a model's oldest job of the class has waited longer than
+   `max_wait`, its model is served next (a max_wait drain), unless the model
+   loaded last has held Ollama for less than `min_residency`. Among several
+   overdue models, the worst wait per second of learned swap cost goes first,
+   but a model that already had a max_wait drain while another has been
+   overdue waits for it.
+4. Residency first: the oldest job of a model Ollama holds; only when none is
+   left, the oldest job of the class, which costs a swap.
 """
 
 from __future__ import annotations
@@ -36,14 +43,62 @@ DEFAULT_RUN_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
+class Held:
+    """A queued job put back after a failure of its own: it may not run before `not_before`."""
+
+    job_id: str
+    queued_at: float
+    not_before: float
+
+
+@dataclass(frozen=True, slots=True)
 class ModelQueue:
-    """What waits for one model key in one priority class."""
+    """What waits for one model key in one priority class.
+
+    `waiting` counts the jobs free to run, `oldest_id` and `oldest_at` name
+    the oldest of them (meaningless when there is none), and `held` lists the
+    jobs put back with a not-before time.
+    """
 
     model_key: str
     priority: Priority
     waiting: int
     oldest_id: str  # a ULID, so it sorts by arrival
     oldest_at: float  # when that job was queued, on the clock `now` comes from
+    held: tuple[Held, ...] = ()
+
+    @property
+    def queued(self) -> int:
+        """Every queued job of the group, held ones included."""
+        return self.waiting + len(self.held)
+
+    @property
+    def first(self) -> tuple[str, float]:
+        """(id, queued_at) of the group's oldest job, held or not."""
+        jobs = [(h.job_id, h.queued_at) for h in self.held]
+        if self.waiting > 0:
+            jobs.append((self.oldest_id, self.oldest_at))
+        return min(jobs)
+
+    def at(self, now: float) -> ModelQueue | None:
+        """The jobs free to run at `now`; held ones whose time has come join in their own place."""
+        if not self.held:
+            return self if self.waiting > 0 else None
+        due = [h for h in self.held if h.not_before <= now]
+        if not due:
+            return replace(self, held=()) if self.waiting > 0 else None
+        oldest = min(due, key=lambda h: h.job_id)
+        if self.waiting > 0 and self.oldest_id < oldest.job_id:
+            head = (self.oldest_id, self.oldest_at)
+        else:
+            head = (oldest.job_id, oldest.queued_at)
+        return ModelQueue(self.model_key, self.priority, self.waiting + len(due), *head)
+
+
+def next_due(queues: Iterable[ModelQueue], now: float) -> float | None:
+    """When the next held job's time comes, if one is still held at `now`."""
+    times = [h.not_before for q in queues for h in q.held if h.not_before > now]
+    return min(times, default=None)
 
 
 class Reason(StrEnum):
@@ -58,10 +113,11 @@ class Reason(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Drain:
-    """A max_wait drain: the jobs `model_key` had queued at `since`, served before anything else."""
+    """A max_wait drain: the `priority` jobs `model_key` had queued at `since`, served before the rest of their class."""
 
     model_key: str
     since: float
+    priority: Priority = Priority.BATCH
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +131,8 @@ class Decision:
     evict: str | None = None
     drain: Drain | None = None  # the max_wait drain this job belongs to
     waited: float = 0.0  # how long the model's oldest job had waited
+    # The job to take: the oldest of its group free to run (follows from the rest).
+    job_id: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,21 +143,33 @@ class State:
     serving: str | None = None  # the model of the latest job started
     loaded_at: float | None = None  # when `serving` finished loading; None if foreman found it loaded
     drain: Drain | None = None
-    # When each model's latest max_wait drain began: a model drained while
-    # another was overdue waits for that one (this keeps the bound exact).
-    drained_at: Mapping[str, float] = field(default_factory=dict)
+    # When each (model, class)'s latest max_wait drain began: a model drained
+    # while another was overdue waits for that one (this keeps the bound exact).
+    drained_at: Mapping[tuple[str, Priority], float] = field(default_factory=dict)
 
     def after(self, decision: Decision, now: float) -> State:
         """The state once a job was claimed per `decision` at `now`."""
-        drained_at = self.drained_at
-        if decision.drain is not None and decision.drain != self.drain:
-            drained_at = {**drained_at, decision.model_key: now}
+        drained_at = _drain_begun(self, decision)
+        drain = decision.drain
+        if drain is None and _cuts_in(decision, self.drain):
+            drain = self.drain  # interactive work cut in; the batch drain resumes after it
         resident = self.resident
         loaded_at = self.loaded_at if decision.model_key == self.serving else None
         if decision.swap:
             resident = (resident - {decision.evict}) | {decision.model_key}
             loaded_at = now  # until `loaded` says when the load really ended
-        return State(resident, decision.model_key, loaded_at, decision.drain, drained_at)
+        return State(resident, decision.model_key, loaded_at, drain, drained_at)
+
+    def gave_up(self, loading: Decision) -> State:
+        """This state (the one `loading` was decided in) once its load was given up.
+
+        Nothing was loaded and no job claimed, but a max_wait drain the load
+        began stays begun: it resumes after the interactive work, with the jobs
+        it had, instead of starting over with everything queued meanwhile.
+        """
+        if loading.drain is None or loading.drain == self.drain:
+            return self
+        return replace(self, drain=loading.drain, drained_at=_drain_begun(self, loading))
 
     def loaded(self, model_key: str, now: float) -> State:
         """`model_key` finished loading at `now`: minimum residency counts from here."""
@@ -120,6 +190,19 @@ class Costs:
 
     def run(self, model_key: str) -> float:
         return _learned(self.run_s, model_key, DEFAULT_RUN_S)
+
+
+def _cuts_in(decision: Decision, drain: Drain | None) -> bool:
+    return (
+        drain is not None and decision.priority is Priority.INTERACTIVE and drain.priority is Priority.BATCH
+    )
+
+
+def _drain_begun(state: State, decision: Decision) -> Mapping[tuple[str, Priority], float]:
+    drain = decision.drain
+    if drain is None or drain == state.drain:
+        return state.drained_at
+    return {**state.drained_at, (drain.model_key, drain.priority): drain.since}
 
 
 def _learned(table: Mapping[str, float], key: str, default: float) -> float:
@@ -168,30 +251,17 @@ class CostBook:
 
 @dataclass(frozen=True, slots=True)
 class _Work:
-    """Everything that waits for one model, by class."""
+    """Everything free to run for one model, by class."""
 
     model_key: str
     queues: Mapping[Priority, ModelQueue]
 
     @property
-    def oldest_at(self) -> float:
-        return min(q.oldest_at for q in self.queues.values())
-
-    @property
-    def oldest_id(self) -> str:
-        return min(q.oldest_id for q in self.queues.values())
-
-    @property
     def waiting(self) -> int:
         return sum(q.waiting for q in self.queues.values())
 
-    def head(self, until: float = math.inf) -> ModelQueue | None:
-        """The class to serve next for this model: interactive first, only jobs queued by `until`."""
-        for priority in Priority:
-            queue = self.queues.get(priority)
-            if queue is not None and queue.oldest_at <= until:
-                return queue
-        return None
+    def oldest_at(self) -> float:
+        return min(q.oldest_at for q in self.queues.values())
 
 
 NO_COSTS = Costs()
@@ -207,42 +277,51 @@ class Policy:
     def pick(
         self, queues: Iterable[ModelQueue], state: State, now: float, costs: Costs = NO_COSTS
     ) -> Decision | None:
-        """The next job's model and class, or None when nothing waits."""
-        work = _by_model(queues)
-        if not work:
-            return None
-        if state.drain is not None:
-            draining = work.get(state.drain.model_key)
-            queue = draining.head(until=state.drain.since) if draining else None
-            if queue is not None:
-                return self._decide(queue, Reason.MAX_WAIT, state, work, now, costs, state.drain)
-        overdue = [w for w in work.values() if now - w.oldest_at > self.max_wait]
+        """The next job's model and class, or None when nothing is free to run at `now`."""
+        work = _by_model(queues, now)
+        for priority in Priority:  # interactive first
+            in_class = {key: w.queues[priority] for key, w in work.items() if priority in w.queues}
+            if in_class:
+                return self._pick_in(in_class, priority, state, work, now, costs)
+        return None
+
+    def _pick_in(
+        self,
+        in_class: Mapping[str, ModelQueue],
+        priority: Priority,
+        state: State,
+        work: Mapping[str, _Work],
+        now: float,
+        costs: Costs,
+    ) -> Decision:
+        """Rules 2 to 4 within one class."""
+        drain = state.drain
+        if drain is not None and drain.priority is priority:
+            queue = in_class.get(drain.model_key)
+            if queue is not None and queue.oldest_at <= drain.since:
+                return self._decide(queue, Reason.MAX_WAIT, state, work, now, costs, drain)
+        overdue = [q for q in in_class.values() if now - q.oldest_at > self.max_wait]
         if overdue:
-            serving = work.get(state.serving or "")
+            serving = in_class.get(state.serving or "")
             if serving is not None and serving not in overdue and self._settling(state, now):
                 # Nothing else may take the worker either, or the overdue job would slip further.
-                return self._decide(_head(serving), Reason.RESIDENT, state, work, now, costs)
+                return self._decide(serving, Reason.RESIDENT, state, work, now, costs)
             # max() keeps the first of equals: on a tie, the model whose job came first.
             chosen = max(
-                sorted(_eligible(overdue, state, self.max_wait), key=lambda w: w.oldest_id),
-                key=lambda w: self._urgency(w, state, now, costs),
+                sorted(_eligible(overdue, state, self.max_wait), key=_age),
+                key=lambda q: self._urgency(q, state, now, costs),
             )
-            drain = Drain(chosen.model_key, now)
-            return self._decide(_head(chosen), Reason.MAX_WAIT, state, work, now, costs, drain)
-        for priority in Priority:
-            candidates = [w.queues[priority] for w in work.values() if priority in w.queues]
-            if not candidates:
-                continue
-            loaded = [q for q in candidates if q.model_key in state.resident]
-            if loaded:
-                return self._decide(min(loaded, key=_age), Reason.RESIDENT, state, work, now, costs)
-            return self._decide(min(candidates, key=_age), _leaving(state, work), state, work, now, costs)
-        raise AssertionError("work without queues")  # _by_model keeps only non-empty queues
+            began = Drain(chosen.model_key, now, priority)
+            return self._decide(chosen, Reason.MAX_WAIT, state, work, now, costs, began)
+        loaded = [q for q in in_class.values() if q.model_key in state.resident]
+        if loaded:
+            return self._decide(min(loaded, key=_age), Reason.RESIDENT, state, work, now, costs)
+        return self._decide(min(in_class.values(), key=_age), _leaving(state, work), state, work, now, costs)
 
     @staticmethod
     def may_abandon(loading: Decision) -> bool:
         """Whether a load begun for `loading` could ever be given up (see `abandons`)."""
-        return loading.swap and loading.priority is Priority.BATCH and loading.drain is None
+        return loading.swap and loading.priority is Priority.BATCH
 
     def abandons(
         self,
@@ -254,8 +333,9 @@ class Policy:
     ) -> bool:
         """Whether to give up the load `loading` started: an interactive job now waits elsewhere.
 
-        Only a load for batch work that no max_wait drain asked for is given
-        up, so an interactive job never waits for a batch model's load. `state`
+        Every load for batch work is given up then, a max_wait drain's too
+        (the drain resumes after the interactive work, see `State.gave_up`),
+        so an interactive job never waits for a batch model's load. `state`
         is the one `loading` was decided in; `queues` what waits now.
         """
         if not self.may_abandon(loading):
@@ -284,11 +364,11 @@ class Policy:
         )
 
     @staticmethod
-    def _urgency(work: _Work, state: State, now: float, costs: Costs) -> float:
+    def _urgency(queue: ModelQueue, state: State, now: float, costs: Costs) -> float:
         """Seconds waited per second of swap cost; a loaded model costs no swap."""
-        if work.model_key in state.resident:
+        if queue.model_key in state.resident:
             return math.inf
-        return (now - work.oldest_at) / max(costs.load(work.model_key), 1e-3)
+        return (now - queue.oldest_at) / max(costs.load(queue.model_key), 1e-3)
 
     @staticmethod
     def _decide(
@@ -303,32 +383,31 @@ class Policy:
         key = queue.model_key
         swap = key not in state.resident
         evict = _victim(state.resident, work, costs) if swap and state.resident else None
-        return Decision(key, reason, queue.priority, swap, evict, drain, now - work[key].oldest_at)
+        waited = now - work[key].oldest_at()
+        return Decision(key, reason, queue.priority, swap, evict, drain, waited, queue.oldest_id)
 
 
-def _by_model(queues: Iterable[ModelQueue]) -> dict[str, _Work]:
+def _by_model(queues: Iterable[ModelQueue], now: float) -> dict[str, _Work]:
+    """What is free to run at `now`, per model."""
     grouped: dict[str, dict[Priority, ModelQueue]] = {}
     for queue in queues:
-        if queue.waiting > 0:
-            grouped.setdefault(queue.model_key, {})[queue.priority] = queue
+        free = queue.at(now)
+        if free is not None:
+            grouped.setdefault(queue.model_key, {})[queue.priority] = free
     return {key: _Work(key, by_class) for key, by_class in grouped.items()}
 
 
-def _head(work: _Work) -> ModelQueue:
-    queue = work.head()
-    assert queue is not None  # a _Work always has a non-empty queue
-    return queue
-
-
-def _eligible(overdue: list[_Work], state: State, max_wait: float) -> list[_Work]:
+def _eligible(overdue: list[ModelQueue], state: State, max_wait: float) -> list[ModelQueue]:
     """Overdue models that have not had a max_wait drain since another one became overdue.
 
     The model overdue longest always qualifies (its jobs all came after its
     last drain began), so the list is never empty.
     """
-    since = {w.model_key: w.oldest_at + max_wait for w in overdue}
+    since = {q.model_key: q.oldest_at + max_wait for q in overdue}
     first_overdue = min(since.values())
-    return [w for w in overdue if state.drained_at.get(w.model_key, -math.inf) <= first_overdue] or overdue
+    return [
+        q for q in overdue if state.drained_at.get((q.model_key, q.priority), -math.inf) <= first_overdue
+    ] or overdue
 
 
 def _leaving(state: State, work: Mapping[str, _Work]) -> Reason:
@@ -353,8 +432,11 @@ def _victim(resident: frozenset[str], work: Mapping[str, _Work], costs: Costs) -
 def drain_order(
     policy: Policy, queues: Iterable[ModelQueue], state: State, now: float, costs: Costs = NO_COSTS
 ) -> list[tuple[str, Priority]]:
-    """The (model, class) queues in the order `policy` serves them if nothing else arrives by `now`."""
-    remaining = [q for q in queues if q.waiting > 0]
+    """The (model, class) queues in the order `policy` serves them if nothing else arrives by `now`.
+
+    Held jobs count as free to run: they keep their place in the order.
+    """
+    remaining = [_released(q) for q in queues if q.queued > 0]
     order = []
     while (decision := policy.pick(remaining, state, now, costs)) is not None:
         group = (decision.model_key, decision.priority)
@@ -375,6 +457,14 @@ def waiting_before(
             break
         before += waiting[ahead]
     return before
+
+
+def _released(queue: ModelQueue) -> ModelQueue:
+    """The queue with its held jobs free to run."""
+    if not queue.held:
+        return queue
+    oldest_id, oldest_at = queue.first
+    return ModelQueue(queue.model_key, queue.priority, queue.queued, oldest_id, oldest_at)
 
 
 def _age(queue: ModelQueue) -> str:

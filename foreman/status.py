@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from foreman import __version__
 from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable
-from foreman.keys import CLOCK, CONFIG, METRICS, STORE, UPSTREAM, WORKER
+from foreman.keys import CLOCK, CONFIG, EMBED_CACHE, METRICS, STORE, UPSTREAM, WORKER
 from foreman.presenters import iso, job_view
 from foreman.storage import Storage
 
@@ -34,9 +34,9 @@ async def status(request: web.Request) -> web.Response:
         {
             "model": key,
             "priority": priority,
-            "waiting": waiting[key, priority].waiting,
-            "oldest_job": waiting[key, priority].oldest_id,
-            "oldest_at": iso(waiting[key, priority].oldest_at),
+            "waiting": waiting[key, priority].queued,
+            "oldest_job": waiting[key, priority].first[0],
+            "oldest_at": iso(waiting[key, priority].first[1]),
         }
         for key, priority in worker.drain_order_now()(queues)
     ]
@@ -60,8 +60,24 @@ async def status(request: web.Request) -> web.Response:
             "swaps": worker.swaps,
             "last_error": last_error,
             "db": await store.describe(),
+            "embed_cache": await _embed_cache(app),
         }
     )
+
+
+async def _embed_cache(app: web.Application) -> dict[str, Any] | None:
+    """The embedding cache's counts since start and its size now; None when it is off."""
+    cache = app[EMBED_CACHE]
+    if cache is None:
+        return None
+    stats = await cache.stats()
+    return {
+        "hits": cache.hits,
+        "misses": cache.misses,
+        "entries": stats.entries,
+        "bytes": stats.bytes,
+        "limit_bytes": cache.limit,
+    }
 
 
 async def _view(store: Storage, job_id: str, now: float) -> dict[str, Any] | None:
@@ -81,9 +97,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     waiting = await request.app[STORE].waiting_by_model()
-    return web.Response(
-        body=request.app[METRICS].render(waiting), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    cache = request.app[EMBED_CACHE]
+    stats = await cache.stats() if cache is not None else None
+    body = request.app[METRICS].render(
+        waiting, stats.entries if stats else None, stats.bytes if stats else None
     )
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def _probe_ollama(request: web.Request) -> tuple[bool, list[str]]:

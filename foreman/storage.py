@@ -31,12 +31,53 @@ Chooser = Callable[[list[ModelQueue]], Decision | None]
 
 
 @dataclass(frozen=True, slots=True)
+class CachedVector:
+    """An embedding the cache holds: the vector as Ollama's JSON array, and its input's token count."""
+
+    vector: bytes
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """An embedding to cache under `key` (model digest, parameters and input hashed), for the model `digest`."""
+
+    key: bytes
+    digest: str
+    vector: bytes
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    entries: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class CacheAnswer:
+    """An embed job the cache may answer as it is written: the storage looks `keys` up itself.
+
+    When every key is cached, the job is written done (`cache = 'hit'`) with
+    `reply(vectors)` as its result, in the transaction that writes it, and
+    never queues. `reply` gets the vectors in the order of `keys` and builds
+    the client's reply from them alone: no I/O and no storage, so any backend
+    can call it wherever its transaction runs. Should it raise, the job queues
+    as if nothing were cached.
+    """
+
+    keys: tuple[bytes, ...]
+    reply: Callable[[list[CachedVector]], bytes]
+
+
+@dataclass(frozen=True, slots=True)
 class Submission:
     """A job to write; with `drain_order`, its place in line comes back too."""
 
     job: NewJob
     request_hash: str | None = None  # tells a retried submission (same idempotency key) from a different one
     drain_order: DrainOrder | None = None
+    answer: CacheAnswer | None = None  # the embedding cache may answer it at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +88,7 @@ class Accepted:
     new: bool  # False: an earlier submission with the same idempotency key
     state: JobState
     position: int | None  # queued jobs ahead of it, when the submission asked
+    result: bytes | None = None  # the reply, when the cache answered it (`Submission.answer`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +126,9 @@ class Storage(Protocol):
         The write is under way when this returns (not when it is awaited), so
         a claim asked for after it, for example by the worker it wakes, is
         ordered behind it and finds the job once the awaitable resolved.
-        Refusals come as exceptions: `IdempotencyConflict` when the job's
+        With `submission.answer`, a job the cache can answer whole is written
+        done with its reply instead (`CacheAnswer`), and `Accepted.result`
+        carries the reply. Refusals come as exceptions: `IdempotencyConflict` when the job's
         idempotency key was used for a different request (the same request
         resolves to the earlier job with `new=False`), `QueueFull` when the
         queue holds `max_queue` waiting jobs, `Unavailable` when the store
@@ -104,15 +148,43 @@ class Storage(Protocol):
         ...
 
     async def queues(self) -> list[ModelQueue]:
-        """What waits, one entry per (model key, class) with at least one queued job."""
+        """What waits, one entry per (model key, class) with at least one queued job.
+
+        Jobs put back with a not-before time (`requeue`) are listed in
+        `ModelQueue.held` with it, whether or not it has come, and not counted
+        in `waiting` nor named by `oldest_id`: when they may run is the
+        policy's to say.
+        """
         ...
 
     async def claim(self, choose: Chooser, now: float) -> Claim | None:
-        """Let `choose` pick from what waits now, and take the oldest queued job of its choice.
+        """Let `choose` pick from what waits now, and take the job of its choice.
 
-        The job is `loading` if the decision is a swap, `working` otherwise,
-        with `started_at = now`; None when `choose` returns None. Choosing and
-        taking are one step: no other claim takes the job in between.
+        That is the job `Decision.job_id` names if it does (held or not, as
+        long as it is queued), else the oldest queued job of the decision's
+        (model key, class). The job is `loading` if the decision is a swap,
+        `working` otherwise, with `started_at = now` and its not-before time
+        cleared; None when `choose` returns None. Choosing and taking are one
+        step: no other claim takes the job in between.
+        """
+        ...
+
+    async def claim_companions(
+        self,
+        model_key: str,
+        endpoints: Sequence[str],
+        pick: Callable[[list[Job]], list[str]],
+        now: float,
+        scan: int,
+    ) -> list[Job]:
+        """Take queued jobs of `model_key` to run beside a running one (an embedding batch); `working` now.
+
+        `pick` is shown up to `scan` queued jobs of `model_key` for
+        `endpoints`, interactive before batch and each class oldest first,
+        leaving out jobs whose not-before time is after `now`; it returns the
+        ids to take. They come back taken, oldest first, as one step (no other
+        claim takes them), with `started_at = now` and not-before cleared.
+        `pick` is pure: no I/O and no storage.
         """
         ...
 
@@ -128,11 +200,16 @@ class Storage(Protocol):
         """A claimed job's model finished loading: the job is `working` now."""
         ...
 
-    async def requeue(self, job: Job, *, attempt: int, error: str | None) -> None:
+    async def requeue(
+        self, job: Job, *, attempt: int, error: str | None, not_before: float | None = None
+    ) -> None:
         """Put a running job back in line at its old place (it keeps its id); a no-op once it ended.
 
         It waits under the model key it was stored with (an alias job's, not
         that of the model it was about to run on), and forgets `served_model`.
+        With `not_before` it is held until then (it failed, and other work is
+        served meanwhile): `queues` lists it in `ModelQueue.held`, durably, so
+        a restart finds it held too.
         """
         ...
 
@@ -151,11 +228,14 @@ class Storage(Protocol):
         error: str | None = None,
         attempt: int | None = None,
         chunks: Sequence[bytes] = (),
+        cache: str | None = None,
     ) -> None:
         """End a running job for good with its output: the reply `result` or the streamed `chunks`.
 
         A job that already ended (cancelled meanwhile) stays as it ended,
-        chunks included. `attempt`, if given, replaces the job's count.
+        chunks included. `attempt`, if given, replaces the job's count;
+        `cache`, if given, says how the embedding cache served it
+        (`Job.cache`: 'hit' or 'partial').
         """
         ...
 
@@ -190,6 +270,28 @@ class Storage(Protocol):
 
     async def counts_by_state(self) -> dict[str, int]:
         """How many jobs are in each state; states with none are left out."""
+        ...
+
+    # The embedding cache: vectors beside the jobs, so they survive restarts (see foreman/embed_cache.py)
+
+    async def cache_get(self, keys: Sequence[bytes]) -> dict[bytes, CachedVector]:
+        """The vectors cached under `keys` (those found), each marked as just used."""
+        ...
+
+    async def cache_put(self, entries: Sequence[CacheEntry], limit: int) -> int:
+        """Store vectors, then evict the least recently used down to `limit` bytes; returns how many went."""
+        ...
+
+    async def cache_evict(self, limit: int) -> int:
+        """Evict the least recently used vectors down to `limit` bytes (a smaller FOREMAN_EMBED_CACHE)."""
+        ...
+
+    async def cache_invalidate(self, digests: Sequence[str]) -> int:
+        """Drop every vector of the models with these digests; returns how many."""
+        ...
+
+    async def cache_stats(self) -> CacheStats:
+        """How many vectors the cache holds, and the bytes they count against its bound."""
         ...
 
     # Upkeep

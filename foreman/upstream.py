@@ -8,8 +8,11 @@ Every failure is sorted here into what the worker does with it: retry
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -18,6 +21,7 @@ from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable
 from foreman.models import JSON_TYPE
 from foreman.names import normalise_model
 
+_CENTURY_S = 100 * 365 * 86400
 NDJSON = "application/x-ndjson"
 EVENT_STREAM = "text/event-stream"  # how Ollama's /v1 endpoints stream
 
@@ -96,6 +100,31 @@ class Upstream:
         except (ValueError, KeyError, TypeError) as exc:
             raise UpstreamFailed(f"Ollama's /api/ps answer is not what foreman expects: {exc}") from exc
 
+    async def installed_models(self, **kwargs: Any) -> dict[str, str]:
+        """Normalised name → digest of every model Ollama has installed (`/api/tags`)."""
+        async with self._request("GET", "/api/tags", **kwargs) as reply:
+            body = await reply.read()
+        try:
+            models = json.loads(body)["models"] or []
+            return {normalise_model(m["name"]): str(m["digest"]) for m in models}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UpstreamFailed(f"Ollama's /api/tags answer is not what foreman expects: {exc}") from exc
+
+    async def expires_in(self, model: str) -> float | None:
+        """Seconds until Ollama unloads `model` as `/api/ps` tells it (inf: never); None if not loaded."""
+        async with self._request("GET", "/api/ps") as reply:
+            body = await reply.read()
+        now = time.time()
+        try:
+            for entry in json.loads(body)["models"] or []:
+                if normalise_model(entry["name"]) == normalise_model(model):
+                    expires = datetime.fromisoformat(entry["expires_at"]).timestamp()
+                    # Ollama's "forever" is the year 2318 (now + the longest Go duration).
+                    return math.inf if expires - now > _CENTURY_S else expires - now
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UpstreamFailed(f"Ollama's /api/ps answer is not what foreman expects: {exc}") from exc
+        return None
+
     async def blob_path(self, model: str) -> str | None:
         """The weights file `/api/show` names after FROM in the modelfile, if it names one."""
         async with self.post("/api/show", json.dumps({"model": model}).encode()) as reply:
@@ -111,10 +140,14 @@ class Upstream:
                     return target
         return None
 
-    async def load(self, endpoint: str, model: str, options: Mapping[str, Any], keep_alive: object) -> None:
-        """Ask Ollama to load `model` with `options` and hold it for `keep_alive`."""
+    async def load(
+        self, endpoint: str, model: str, options: Mapping[str, Any], keep_alive: object | None
+    ) -> None:
+        """Ask Ollama to load `model` with `options` and hold it for `keep_alive` (None: Ollama's default)."""
         family = _LOAD_ENDPOINT[endpoint]
-        body: dict[str, Any] = {"model": model, **_LOAD_BODIES[family], "keep_alive": keep_alive}
+        body: dict[str, Any] = {"model": model, **_LOAD_BODIES[family]}
+        if keep_alive is not None:
+            body["keep_alive"] = keep_alive
         if options:
             body["options"] = dict(options)
         async with self.post(family, json.dumps(body).encode()) as reply:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -24,12 +24,12 @@ from foreman.driver import Choice, PolicyDriver
 from foreman.errors import UpstreamUnreachable
 from foreman.events import Ended, JobEvents
 from foreman.feed import QueueFeed
-from foreman.models import JobState, ModelStats, Priority
+from foreman.models import Job, JobState, ModelStats, Priority
 from foreman.names import key_model_name
 from foreman.residency import Residency
 from foreman.retry import RetryPolicy, Sleep
 from foreman.runner import error_body
-from foreman.scheduler import Decision, ModelQueue
+from foreman.scheduler import Decision, ModelQueue, next_due
 from foreman.storage import Claim, Storage
 from foreman.wakeups import WakeUps
 from foreman.warm import Warmer
@@ -41,6 +41,8 @@ log = structlog.get_logger("foreman.worker")
 # Ollama holds. A shorter gap (a client sending requests one after another)
 # is not worth an extra round trip per request.
 _IDLE_RECHECK_S = 2.0
+# On SIGTERM, the pins foreman set are released within this many seconds.
+_RELEASE_TIMEOUT_S = 5.0
 
 
 class Runner(Protocol):
@@ -50,7 +52,8 @@ class Runner(Protocol):
     last_error: tuple[float, str] | None
     cancel_requested: set[str]
 
-    async def run(self, claim: Claim) -> None: ...
+    async def run(self, claim: Claim, start: Callable[[Coroutine[Any, Any, None], Job], None]) -> None: ...
+    def stop(self) -> None: ...
     def is_running(self, job_id: str) -> bool: ...
     def running_jobs(self) -> list[str]: ...
     def abort(self, job_id: str) -> bool: ...
@@ -96,6 +99,7 @@ class Worker:
         self._crashed: list[BaseException] = []
         self._stopping = False
         self._idle_since: float | None = None  # when the queue last ran dry
+        self._due: float | None = None  # when the next held job may run, if only held jobs wait
 
     @property
     def running_jobs(self) -> list[str]:
@@ -148,7 +152,7 @@ class Worker:
                 await self._residency.read()
             self._work.set()  # jobs may be waiting from before a restart
             while True:
-                await self._work.wait()
+                await self._wait_for_work()
                 self._work.clear()
                 try:
                     await self._drain()
@@ -165,6 +169,10 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._runner.recorded()
+            # A pin must not outlive foreman: the jobs it was set for wait for the restart.
+            with suppress(TimeoutError):
+                async with asyncio.timeout(_RELEASE_TIMEOUT_S):
+                    await self._residency.release_pins("shutdown")
             if self._warmer is not None:
                 await self._warmer.close()
 
@@ -180,7 +188,9 @@ class Worker:
             ended = Ended(JobState.CANCELLED, 499, error_body("request canceled"), error="request canceled")
             self._events.publish(job_id, ended)
             self._feed.job(job_id, JobState.CANCELLED, self._clock())
-            log.info("job.cancelled", job_id=job_id, before="start")
+            job = await self._store.get(job_id)
+            model, endpoint = (job.model_key, job.endpoint) if job is not None else (None, None)
+            log.info("job.cancelled", job_id=job_id, model=model, endpoint=endpoint, before="start")
             return True
         if self._runner.is_running(job_id):
             return True  # claimed meanwhile: the flag cancels it before it reaches Ollama
@@ -190,6 +200,7 @@ class Worker:
     def stop(self) -> None:
         """Take no new jobs (foreman is shutting down)."""
         self._stopping = True
+        self._runner.stop()
         self._work.set()
 
     async def wait_for_running(self, grace: float) -> None:
@@ -222,26 +233,44 @@ class Worker:
             choice = self._driver.choice(self._residency.models, now)
             upcoming: list[str | None] = []
             picked: list[_Picked] = []
-            claim = await self._store.claim(self._chooser(choice, upcoming, picked), now)
+            due: list[float] = []
+            claim = await self._store.claim(self._chooser(choice, upcoming, picked, due), now)
             if claim is None:
+                self._due = due[0] if due else None
                 if not self._tasks:
                     # Idle: other clients and keep_alive expiry may change what
-                    # Ollama holds before the next job comes.
+                    # Ollama holds before the next job comes. A pin left by a
+                    # job that failed or was cancelled has no work left.
+                    await self._residency.release_pins("idle")
                     self._idle_since = self._monotonic()
                     return
-                await self._work.wait()
+                await self._wait_for_work()
                 continue
             claim = await self._resolved(claim, picked[0])
             self._driver.claimed(claim.decision, now)
             job = claim.job
-            # Every line logged while the job runs, here or in the store, upstream or warmer, names it.
-            with structlog.contextvars.bound_contextvars(job_id=job.id, model=job.model_key):
-                task = asyncio.create_task(self._runner.run(claim), name=f"foreman-job {job.id}")
-                following = upcoming[0] if upcoming else None
-                if self._warmer is not None and following not in (None, job.model_key):
+            self._start(self._runner.run(claim, self._start), job)
+            following = upcoming[0] if upcoming else None
+            if self._warmer is not None and following not in (None, job.model_key):
+                with structlog.contextvars.bound_contextvars(job_id=job.id, model=job.model_key):
                     self._warmer.prepare(following)
-            self._tasks.add(task)
-            task.add_done_callback(self._job_ended)
+
+    def _start(self, run: Coroutine[Any, Any, None], job: Job) -> None:
+        """Run `job` as one of those in flight (a claim, or a job taken to share a claim's call)."""
+        # Every line logged while the job runs, here or in the store, upstream or warmer, names it.
+        with structlog.contextvars.bound_contextvars(job_id=job.id, model=job.model_key):
+            task = asyncio.create_task(run, name=f"foreman-job {job.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._job_ended)
+
+    async def _wait_for_work(self) -> None:
+        """Until something wakes the worker, or the time of the next held job comes."""
+        if self._due is None:
+            await self._work.wait()
+            return
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._work.wait(), max(0.0, self._due - self._clock()))
+        self._due = None
 
     async def _wait_for_a_slot(self) -> None:
         """Wait until a job in flight ends; meanwhile, new work may change the model to warm."""
@@ -266,13 +295,14 @@ class Worker:
                 self._warmer.prepare(following)
 
     def _chooser(
-        self, choice: Choice, upcoming: list[str | None], picked: list[_Picked]
+        self, choice: Choice, upcoming: list[str | None], picked: list[_Picked], due: list[float]
     ) -> Callable[[list[ModelQueue]], Decision | None]:
         """The pick the store runs (on its own thread) against what waits.
 
         Alias jobs count with the model that would serve them now (see
         `foreman.aliases`). The policy's decision, which names that model, goes
         to `picked`; the store gets one that names the stored key to claim from.
+        When nothing is free to run, `due` gets the time the next held job may.
         """
         busy = bool(self._tasks)
         serving = choice.state.serving
@@ -282,6 +312,8 @@ class Worker:
             folded = fold(queues, choice.state.resident)
             decision = choice.pick(folded.queues)
             if decision is None:
+                if (when := next_due(queues, choice.now)) is not None:
+                    due.append(when)
                 return None
             if busy and (decision.swap or decision.model_key != serving):
                 # Never two models at once: this one waits until the jobs in flight end.
@@ -289,7 +321,7 @@ class Worker:
             if want_upcoming:
                 # The model after this one: the one this claim serves counts as loaded.
                 upcoming.append(choice.upcoming_after(folded.queues, decision))
-            source = folded.source(decision.model_key, decision.priority)
+            source = folded.source(decision.model_key, decision.priority, decision.job_id)
             why = folded.resolved[source][1] if is_alias_key(source) else None
             picked.append(_Picked(decision, folded.waiting(decision.model_key) - 1, why))
             return replace(decision, model_key=source)

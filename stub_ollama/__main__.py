@@ -15,9 +15,11 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 
+from .faults import DEFAULT_ERROR
 from .keepalive import KeepAliveError, parse_env_keep_alive
 from .names import normalise
 from .server import StubServer
@@ -89,14 +91,53 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--keep-alive",
         type=_keep_alive,
-        default=defaults.default_keep_alive,
-        help="default keep_alive, e.g. 5m or 300 (default: 300 s)",
+        # argparse converts a string default with `type`, so a bad value is a usage error.
+        default=os.environ.get("OLLAMA_KEEP_ALIVE") or defaults.default_keep_alive,
+        help="default keep_alive, e.g. 5m or 300 (default: OLLAMA_KEEP_ALIVE, else 300 s)",
+    )
+    parser.add_argument(
+        "--fail-model",
+        type=_names,
+        default=[],
+        help="comma-separated models every inference request for which fails (Faults.fail_model)",
+    )
+    parser.add_argument(
+        "--fail-status",
+        type=int,
+        default=500,
+        help="status of --fail-model's failures (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--fail-error",
+        default=DEFAULT_ERROR,
+        help="error message of --fail-model's failures (default: %(default)r)",
+    )
+    parser.add_argument(
+        "--fail-loads", action="store_true", help="--fail-model's load requests fail too, not only its jobs"
     )
     parser.add_argument(
         "--num-parallel",
         type=int,
         default=defaults.num_parallel,
         help="parallel requests per model (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--embedding-dims",
+        type=int,
+        default=defaults.embedding_dims,
+        help="floats per embedding vector (default: %(default)s; nomic-embed-text has 768)",
+    )
+    parser.add_argument(
+        "--embed-call-delay",
+        type=float,
+        default=defaults.embed_call_delay,
+        help="seconds every embed call costs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--embed-input-delay",
+        type=float,
+        default=defaults.embed_input_delay,
+        help="seconds each input of an embed call adds (default: %(default)s)",
     )
     return parser
 
@@ -113,12 +154,18 @@ def settings_from_args(args: argparse.Namespace) -> StubSettings:
         tokens=args.tokens,
         default_keep_alive=args.keep_alive,
         num_parallel=args.num_parallel,
+        embedding_dims=args.embedding_dims,
+        embed_call_delay=args.embed_call_delay,
+        embed_input_delay=args.embed_input_delay,
     )
 
 
-async def _serve(settings: StubSettings, host: str, port: int) -> None:
+async def _serve(settings: StubSettings, host: str, port: int, args: argparse.Namespace) -> None:
     server = StubServer(settings)
     await server.start(host, port)
+    for name in args.fail_model:
+        model = normalise(name) or name
+        server.stub.faults.fail_model(model, args.fail_status, args.fail_error, include_loads=args.fail_loads)
     logging.getLogger("stub_ollama").info(
         "stub Ollama listening on %s (models: %s)", server.url, ", ".join(server.stub.installed())
     )
@@ -145,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(settings, args.host, args.port))
+        asyncio.run(_serve(settings, args.host, args.port, args))
     return 0
 
 

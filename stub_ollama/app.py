@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .catalog import Installed
+from .catalog import Installed, next_digest
 from .hosts import guard_middleware, origin_allowed
 from .inference import serve_inference
 from .names import normalise
@@ -186,7 +186,8 @@ async def pull(request: web.Request) -> web.StreamResponse:
             if existing
             else StubModel(canonical, kind="embedding" if "embed" in canonical else "completion")
         )
-        entry = stub.install(spec)
+        # A pull of an installed model fetches what the registry holds now: new weights, new digest.
+        entry = stub.install(spec, digest=next_digest(existing.digest) if existing else "")
         progress = _pull_progress(canonical, entry.size, entry.digest)
         if body.get("stream") is False:
             return json_response({"status": "success"})
@@ -232,7 +233,8 @@ async def copy(request: web.Request) -> web.StreamResponse:
         model = stub.find(source)
         if model is None:
             raise RequestError(404, f'model "{source}" not found')
-        stub.install(dataclasses.replace(model.spec, name=target))
+        # A copy is a second name for the same manifest.
+        stub.install(dataclasses.replace(model.spec, name=target), digest=model.digest)
         return web.Response(status=200)
 
     return await _answer_errors(request, work)

@@ -19,6 +19,16 @@ _KNOWN: dict[str, tuple[str, str, int, str]] = {
 }
 
 
+def first_digest(name: str) -> str:
+    """The digest a model has before anything re-pulls it."""
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def next_digest(digest: str) -> str:
+    """The digest after a pull: a different one, derived so runs stay reproducible."""
+    return hashlib.sha256(f"{digest}+pull".encode()).hexdigest()
+
+
 @dataclass(slots=True)
 class Installed:
     """An installed model as the stub tracks it."""
@@ -26,11 +36,13 @@ class Installed:
     name: str  # canonical display name, e.g. "llama3:latest"
     spec: StubModel
     modified_at: datetime  # local zone, like Ollama's manifest times
+    # The manifest digest: sha256 hex of the name at first, a new one after
+    # every pull (the registry may hold newer weights), the source's after a copy.
+    digest: str = ""
 
-    @property
-    def digest(self) -> str:
-        """sha256 hex of the name, standing in for the manifest digest."""
-        return hashlib.sha256(self.name.encode()).hexdigest()
+    def __post_init__(self) -> None:
+        if not self.digest:
+            self.digest = first_digest(self.name)
 
     @property
     def kind(self) -> str:

@@ -10,6 +10,9 @@ to. Where in a request's life each fault strikes:
   the status and ``{"error": ...}`` go out before any output. With
   ``after_chunks`` set, a streamed request instead sends that many chunks and then
   an ``{"error": ...}`` line with status 200, like a runner failing mid-stream.
+* **fail_model** strikes where **fail** does, for every request naming that
+  model, until :meth:`Faults.clear`: a model Ollama can never run (a runner
+  that crashes on it, weights that do not fit in memory).
 * **drop** after the runner and a slot are acquired (the model loads): the
   stream sends ``after_chunks`` lines and then the connection is aborted without
   finishing the chunked body; ``after_chunks=0`` aborts before the headers.
@@ -52,6 +55,7 @@ class Faults:
         self._fails: collections.deque[Fail] = collections.deque()
         self._drops: collections.deque[Drop] = collections.deque()
         self._hangs = 0
+        self._broken: dict[str, Fail] = {}  # model name -> the failure every request for it meets
         self._release = asyncio.Event()
         self._on_change = on_change or (lambda: None)
         self.hung = 0
@@ -74,6 +78,15 @@ class Faults:
         """
         if n > 0:
             self._fails.append(Fail(n, status, error, include_loads, after_chunks))
+
+    def fail_model(
+        self, model: str, status: int = 500, error: str = DEFAULT_ERROR, *, include_loads: bool = False
+    ) -> None:
+        """Make every inference request for ``model`` (a normalised name) answer ``status`` with ``{"error": error}``.
+
+        Load requests fail too with ``include_loads``; unload requests never do.
+        """
+        self._broken[model] = Fail(0, status, error, include_loads, None)
 
     def drop_next(self, n: int = 1, after_chunks: int = 2, *, streamed_only: bool = True) -> None:
         """Abort the connection of the next ``n`` streamed inference requests.
@@ -98,13 +111,14 @@ class Faults:
         """Forget every queued fault and release hung requests."""
         self._fails.clear()
         self._drops.clear()
+        self._broken.clear()
         self._hangs = 0
         self.release_hung()
 
     @property
     def armed(self) -> bool:
         """Whether any fault is still queued."""
-        return bool(self._fails or self._drops or self._hangs)
+        return bool(self._fails or self._drops or self._hangs or self._broken)
 
     # ------------------------------------------------------ used by handlers
 
@@ -125,8 +139,11 @@ class Faults:
             self.hung -= 1
             self._on_change()
 
-    def take_fail(self, is_load: bool) -> Fail | None:
-        """Consume one ``fail_next`` fault if the head of the queue applies."""
+    def take_fail(self, is_load: bool, model: str | None = None) -> Fail | None:
+        """The ``fail_model`` fault of ``model``, else consume one ``fail_next`` fault if the head of the queue applies."""
+        broken = self._broken.get(model or "")
+        if broken is not None and (broken.include_loads or not is_load):
+            return broken
         if not self._fails:
             return None
         head = self._fails[0]

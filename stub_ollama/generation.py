@@ -59,15 +59,19 @@ def token_ids(text: str) -> list[int]:
 
 
 def embedding(model: str, text: str, dims: int) -> list[float]:
-    """An L2-normalised vector of ``dims`` floats derived from a hash of ``text``."""
-    raw: list[float] = []
-    block = 0
-    while len(raw) < dims:
-        digest = _digest(model, text, str(block))
-        for (value,) in struct.iter_unpack(">I", digest):
-            raw.append(value / 0xFFFFFFFF * 2.0 - 1.0)
-        block += 1
-    return normalise(raw[:dims])
+    """An L2-normalised vector of ``dims`` floats derived from a hash of ``model`` and ``text``.
+
+    The stub passes the model's digest as ``model``, so the vectors change when
+    a pull changes the digest.
+    """
+    seed = hashlib.sha256(_digest(model, text))
+    blocks = []
+    for block in range((dims + 7) // 8):
+        hasher = seed.copy()
+        hasher.update(block.to_bytes(4, "big"))
+        blocks.append(hasher.digest())
+    values = struct.unpack(f">{len(blocks) * 8}I", b"".join(blocks))[:dims]
+    return normalise([value / 0xFFFFFFFF * 2.0 - 1.0 for value in values])
 
 
 def normalise(vector: list[float]) -> list[float]:
@@ -76,4 +80,5 @@ def normalise(vector: list[float]) -> list[float]:
     if norm < 1e-12:
         return vector
     # Round through float32, as Ollama's vectors are float32.
-    return [struct.unpack("f", struct.pack("f", v / norm))[0] for v in vector]
+    count = len(vector)
+    return list(struct.unpack(f"{count}f", struct.pack(f"{count}f", *(v / norm for v in vector))))

@@ -7,9 +7,11 @@
   loopback, private or unspecified IP. Anything else: 403 with an empty body.
 * Origin: a request with an ``Origin`` header that is neither same-host nor on
   the allow-list (localhost, 127.0.0.1, 0.0.0.0 on http/https with any port,
-  app/file/tauri/vscode schemes, browser extensions, plus
-  ``StubSettings.allowed_origins``) gets 403 with an empty body.
-* An allowed ``OPTIONS`` request gets 204.
+  app/file/tauri/vscode schemes, plus ``StubSettings.allowed_origins``) gets
+  403 with an empty body. Browser extensions are not on the default list: as
+  Ollama's FAQ says, they need ``OLLAMA_ORIGINS``.
+* An ``OPTIONS`` request from an allowed cross origin (a preflight), or for a
+  Host that is a name rather than an address, gets 204.
 """
 
 from __future__ import annotations
@@ -35,45 +37,60 @@ _DEFAULT_ORIGINS: tuple[str, ...] = (
     "vscode-file://*",
 )
 
-_EXTENSION_SCHEMES = (
-    "chrome-extension://",
-    "safari-extension://",
-    "moz-extension://",
-    "ms-browser-extension://",
+# Go's netip IsPrivate: narrower than Python's is_private.
+_PRIVATE = tuple(
+    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _split_host(header: str) -> str:
-    host = header.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[1:end] if end > 0 else host
-    if host.count(":") == 1:
-        host = host.split(":", 1)[0]
+    """The host part as Go's ``net.SplitHostPort`` gives it, or the whole header where it fails."""
+    colon = header.rfind(":")
+    if colon < 0:
+        return header
+    if header.startswith("["):
+        end = header.find("]")
+        if end < 0 or end + 1 != colon:
+            return header  # "[::1]" without a port fails, and stays as it is
+        host, after_host = header[1:end], end + 1
+    else:
+        host, after_host = header[:colon], 0
+        if ":" in host:
+            return header
+    if "[" in header[1 if header.startswith("[") else 0 :] or "]" in header[after_host:]:
+        return header
     return host
 
 
 def host_allowed(header: str) -> bool:
     """Whether Ollama would serve a request with this ``Host`` header on loopback."""
-    host = _split_host(header)
+    host = _split_host(header).lower()
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         address = None
     if address is not None:
-        return address.is_loopback or address.is_private or address.is_unspecified
+        plain = address.ipv4_mapped or address if isinstance(address, ipaddress.IPv6Address) else address
+        private = any(plain in net for net in _PRIVATE if net.version == plain.version)
+        return plain.is_loopback or private or address.is_unspecified
     if host in ("", "localhost", socket.gethostname().lower()):
         return True
     return host.endswith((".localhost", ".local", ".internal"))
 
 
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def origin_allowed(origin: str, host: str, extra: tuple[str, ...]) -> bool:
     """Whether the CORS check lets a request with this ``Origin`` through."""
     if origin in (f"http://{host}", f"https://{host}"):
-        return True
-    if origin.startswith(_EXTENSION_SCHEMES):
         return True
     patterns = _DEFAULT_ORIGINS + extra
     return any(p == "*" or fnmatch.fnmatchcase(origin, p) for p in patterns)
@@ -96,12 +113,17 @@ def guard_middleware(check_host: bool, extra_origins: tuple[str, ...]) -> Middle
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin", "")
-        if origin and not origin_allowed(origin, request.host, extra_origins):
+        cross = origin not in ("", f"http://{request.host}", f"https://{request.host}")
+        if cross and not origin_allowed(origin, request.host, extra_origins):
             return web.Response(status=403)
-        if check_host and _arrived_on_loopback(request) and not host_allowed(request.headers.get("Host", "")):
-            return web.Response(status=403)
-        if request.method == "OPTIONS":
-            return web.Response(status=204)
+        if cross and request.method == "OPTIONS":
+            return web.Response(status=204)  # a preflight
+        if check_host and _arrived_on_loopback(request):
+            host = request.headers.get("Host", "")
+            if not host_allowed(host):
+                return web.Response(status=403)
+            if request.method == "OPTIONS" and not _is_address(_split_host(host)):
+                return web.Response(status=204)
         return await handler(request)
 
     return guard

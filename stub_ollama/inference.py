@@ -297,7 +297,9 @@ async def _parse(
     inputs = _embed_inputs(body.get("input")) if endpoint == "embed" else []
     installed = stub.find(model_sent)
     if installed is None:
-        raise RequestError(404, f'model "{model_sent}" not found, try pulling it first')
+        if endpoint == "embeddings":  # handleScheduleError, with Go's %q
+            raise RequestError(404, f'model "{model_sent}" not found, try pulling it first')
+        raise RequestError(404, f"model '{model_sent}' not found")  # the handler's own check
     stream_value = body.get("stream")
     return Call(
         endpoint=endpoint,
@@ -441,43 +443,64 @@ async def _generate(
 async def _embed(
     request: web.Request, stub: Stub, call: Call, record: StubRequest, t_start: int, t_loaded: int
 ) -> web.StreamResponse:
-    dims = stub.settings.embedding_dims
+    settings = stub.settings
+    dims = settings.embedding_dims
+    texts = [call.text] if call.endpoint == "embeddings" else call.inputs
+    # The call takes what it costs on Ollama's GPU; the stub's own work counts towards it.
+    done_at = asyncio.get_running_loop().time() + (
+        settings.embed_call_delay + settings.embed_input_delay * len(texts)
+    )
+    # Vectors come from the weights, so from the model's digest: a re-pulled
+    # model gives other vectors for the same text, as a new version would.
+    digest = call.model.digest
     if call.endpoint == "embeddings":
-        vector = embedding(call.model.name, call.text, dims)
+        vector = embedding(digest, call.text, dims)
+        await _until(done_at)
         record.outcome = "ok"
         return await send(request, call.writer.reply({"embedding": vector}))
+    num_ctx = _int_option(call.options, "num_ctx", settings.num_ctx) or settings.num_ctx
+    if call.body.get("truncate") is False and any(count_tokens(t) > num_ctx for t in texts):
+        record.outcome = "error"
+        raise RequestError(400, "the input length exceeds the context length")
     wanted = call.body.get("dimensions")
     cut = int(wanted) if is_go_int(wanted) else 0
     vectors = []
-    for text in call.inputs:
-        vector = embedding(call.model.name, text, dims)
+    for text in texts:
+        vector = embedding(digest, text, dims)
         if 0 < cut < len(vector):
             # Ollama truncates to `dimensions` and normalises again.
             vector = normalise_vector(vector[:cut])
         vectors.append(vector)
+    await _until(done_at)
     reply = {
         "model": call.model_sent,
         "embeddings": vectors,
         "total_duration": max(now_ns() - t_start, 1),
         "load_duration": max(t_loaded - t_start, 1),
-        "prompt_eval_count": sum(count_tokens(t) for t in call.inputs),
+        "prompt_eval_count": sum(count_tokens(t) for t in texts),
     }
     record.outcome = "ok"
     return await send(request, call.writer.reply({k: v for k, v in reply.items() if v != 0}))
+
+
+async def _until(when: float) -> None:
+    delay = when - asyncio.get_running_loop().time()
+    if delay > 0:
+        await asyncio.sleep(delay)
 
 
 async def _run(
     request: web.Request, stub: Stub, call: Call, record: StubRequest, t_start: int
 ) -> web.StreamResponse:
     faults = stub.faults
-    if call.model.kind == "embedding" and call.endpoint in ("chat", "generate"):
-        unloading = call.is_load and call.keep_alive == 0
-        if not unloading:
-            raise RequestError(400, f'"{call.model_sent}" does not support {call.endpoint}')
+    unloading = call.is_load and call.keep_alive == 0
+    if call.model.kind == "embedding" and call.endpoint in ("chat", "generate") and not unloading:
+        raise RequestError(400, f'"{call.model_sent}" does not support {call.endpoint}')
     release = faults.take_hang(call.is_load)
     if release is not None:
         await faults.hang(release)
-    fail = faults.take_fail(call.is_load)
+    # A broken model still unloads: that is how a client makes room.
+    fail = faults.take_fail(call.is_load, None if unloading else call.model.name)
     mid_stream = call.stream and not call.is_load
     if fail is not None and not (mid_stream and fail.after_chunks):
         record.outcome = "failed"

@@ -12,7 +12,8 @@ every object the handler writes into OpenAI's shape. What follows from that:
   ``stream_options.include_usage`` a last chunk with empty ``choices`` carries usage.
 * Errors are ``{"error": {"message", "type", "param", "code"}}``. The middleware's
   own 400s have type ``invalid_request_error``; errors of the native handler keep
-  their status but always have type ``api_error`` (``writeError`` builds them as 500s).
+  their status, and ``writeError`` gives them the type of that status, as
+  ``openai.NewError`` does (since Ollama 0.18: a 404 is ``not_found_error``).
 * A mid-stream failure reaches the client as Ollama sends it: the native
   ``{"error": ...}`` line decodes as an empty response, so one chunk with an empty
   delta and an empty ``model``, and the stream ends without ``[DONE]``.
@@ -275,8 +276,7 @@ class _OpenAIDialect:
             raise MiddlewareError(err.status, err.message) from err
 
     def error(self, err: RequestError) -> web.Response:
-        error_type = _error_type(err.status) if isinstance(err, MiddlewareError) else "api_error"
-        return error_response(err.status, err.message, error_type)
+        return error_response(err.status, err.message, _error_type(err.status))
 
 
 class _Generating(_OpenAIDialect):
@@ -560,7 +560,7 @@ async def retrieve_model(request: web.Request) -> web.StreamResponse:
         status, message = (
             (404, f"model '{name}' not found") if normalise(name) else (400, "model is required")
         )
-        return await send(request, error_response(status, message, "api_error"))
+        return await send(request, error_response(status, message, _error_type(status)))
     created = int(model.modified_at.timestamp())
     return await send(
         request, _json({"id": name, "object": "model", "created": created, "owned_by": _namespace(name)})

@@ -51,6 +51,11 @@ class StubSettings:
     default_keep_alive: float = 300.0
     num_parallel: int = 1
     embedding_dims: int = 8
+    # An embed call's cost, as Ollama's: a fixed part per call (the request, the
+    # batch set-up) plus a part per input, paid while the call holds a runner
+    # slot, so with num_parallel=1 calls run one at a time.
+    embed_call_delay: float = 0.0
+    embed_input_delay: float = 0.0
     version: str = "0.33.0"
     max_queue: int = 512
     num_ctx: int = 4096
@@ -64,5 +69,7 @@ class StubSettings:
             raise ValueError("num_parallel must be at least 1")
         if self.tokens < 0:
             raise ValueError("tokens must not be negative")
+        if self.embed_call_delay < 0 or self.embed_input_delay < 0:
+            raise ValueError("embed delays must not be negative")
         if self.embedding_dims < 1:
             raise ValueError("embedding_dims must be at least 1")

@@ -191,12 +191,12 @@ class Stub:
 
     # --------------------------------------------------------------- controls
 
-    def install(self, spec: StubModel, modified_at: datetime | None = None) -> Installed:
-        """Add (or replace) an installed model."""
+    def install(self, spec: StubModel, modified_at: datetime | None = None, digest: str = "") -> Installed:
+        """Add (or replace) an installed model; `digest` defaults to one derived from the name."""
         name = normalise(spec.name)
         if name is None:
             raise ValueError(f"invalid model name {spec.name!r}")
-        entry = Installed(name, spec, modified_at or datetime.now().astimezone())
+        entry = Installed(name, spec, modified_at or datetime.now().astimezone(), digest)
         self.models[name] = entry
         self._changed()
         return entry

@@ -10,15 +10,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import pytest
 from ulid import ULID
 
 from foreman.errors import QueueFull
-from foreman.models import JobState, NewJob, Priority
+from foreman.models import Job, JobState, NewJob, Priority
 from foreman.scheduler import Decision, ModelQueue, Policy, Reason, State, drain_order
-from foreman.storage import IdempotencyConflict, Storage, Submission
+from foreman.storage import (
+    CacheAnswer,
+    CachedVector,
+    CacheEntry,
+    CacheStats,
+    IdempotencyConflict,
+    Storage,
+    Submission,
+)
 
 MakeStorage = Callable[..., Awaitable[Storage]]
 
@@ -363,3 +373,142 @@ class StorageContract:
         described: dict[str, Any] = await storage.describe()
         assert isinstance(described["backend"], str)
         assert all(isinstance(value, str | int | float | bool | None) for value in described.values())
+
+    # Jobs held back after a failure
+
+    async def test_a_held_job_waits_for_its_time_then_goes_first_again(self, storage: Storage) -> None:
+        """Put back with a not-before time, a job lets the younger ones run, then takes its place again."""
+        first, second, third = (new_job("a:latest", created=t) for t in (1.0, 2.0, 3.0))
+        await self.submit(storage, first, second, third)
+        claim = await storage.claim(resident("a:latest"), now=5)
+        assert claim is not None and claim.job.id == first.id
+        await storage.requeue(claim.job, attempt=1, error="Ollama answered 500", not_before=20.0)
+        [queue] = await storage.queues()
+        assert (queue.waiting, queue.oldest_id, [h.job_id for h in queue.held]) == (2, second.id, [first.id])
+        held = await storage.get(first.id)
+        assert held is not None and held.not_before == 20.0 and held.state is JobState.QUEUED
+        assert await storage.waiting("a:latest") == 3  # held jobs still wait
+
+        def at(now: float) -> Callable[[list[ModelQueue]], Decision | None]:
+            return lambda queues: Policy().pick(queues, State(resident=frozenset({"a:latest"})), now=now)
+
+        during = await storage.claim(at(10), now=10)
+        assert during is not None and during.job.id == second.id
+        after = await storage.claim(at(20), now=20)
+        assert after is not None and after.job.id == first.id and after.job.not_before is None
+        [queue] = await storage.queues()
+        assert queue.held == () and queue.oldest_id == third.id
+
+    async def test_a_held_job_can_be_cancelled_and_leaves_the_queue(self, storage: Storage) -> None:
+        """Cancelling a held job takes it out of the held set too: nothing is left waiting."""
+        job = new_job("a:latest", created=1.0)
+        await self.submit(storage, job)
+        claim = await storage.claim(resident("a:latest"), now=2)
+        assert claim is not None
+        await storage.requeue(claim.job, attempt=1, error="boom", not_before=50.0)
+        assert await storage.claim(lambda queues: Policy().pick(queues, State(), now=49), now=49) is None
+        assert await storage.cancel_queued(job.id, now=49)
+        assert await storage.queues() == []
+        assert await storage.waiting_by_model() == {}
+        later = new_job("a:latest", created=60.0)
+        await self.submit(storage, later)
+        [queue] = await storage.queues()
+        assert (queue.waiting, queue.oldest_id, queue.held) == (1, later.id, ())
+
+    async def test_a_claim_takes_the_job_the_decision_names(self, storage: Storage) -> None:
+        """`Decision.job_id` claims that job by its id, not its group's oldest."""
+        older, younger = new_job("a:latest", created=1.0), new_job("a:latest", created=2.0)
+        await self.submit(storage, older, younger)
+        claim = await storage.claim(lambda _: Decision("a:latest", Reason.COLD, job_id=younger.id), now=3)
+        assert claim is not None and claim.job.id == younger.id and claim.waiting_after == 1
+
+    # Embedding batches and the cache
+
+    async def test_companions_are_taken_as_picked_and_held_ones_only_when_due(self, storage: Storage) -> None:
+        """claim_companions shows queued embed jobs of the model, interactive first, skipping those still held."""
+        embed = partial(replace, endpoint="/api/embed")
+        held, batch, interactive = (
+            embed(new_job("e:latest", created=1.0)),
+            embed(new_job("e:latest", created=2.0, priority=Priority.BATCH)),
+            embed(new_job("e:latest", created=3.0)),
+        )
+        await self.submit(storage, held, batch, interactive, new_job("e:latest", created=4.0))
+        claim = await storage.claim(resident("e:latest"), now=5)
+        assert claim is not None and claim.job.id == held.id
+        await storage.requeue(claim.job, attempt=1, error="boom", not_before=20.0)
+        shown: list[list[str]] = []
+
+        def every(jobs: list[Job]) -> list[str]:
+            shown.append([job.id for job in jobs])
+            return [job.id for job in jobs]
+
+        early = await storage.claim_companions("e:latest", ["/api/embed"], every, now=10, scan=10)
+        assert shown == [[interactive.id, batch.id]]  # the chat job is not shown; the held one not yet
+        assert [job.id for job in early] == [batch.id, interactive.id]  # oldest first
+        assert all(job.state is JobState.WORKING and job.started_at == 10 for job in early)
+        late = await storage.claim_companions("e:latest", ["/api/embed"], every, now=20, scan=10)
+        assert [job.id for job in late] == [held.id] and late[0].not_before is None
+        assert await storage.waiting("e:latest") == 1  # the chat job
+        assert await storage.claim_companions("e:latest", ["/api/embed"], lambda _: [], now=20, scan=10) == []
+
+    async def test_the_cache_keeps_vectors_evicts_the_least_recently_used_and_drops_a_digest(
+        self, storage: Storage
+    ) -> None:
+        """cache_put/get/evict/invalidate/stats: the bound holds, a read refreshes, a digest goes whole."""
+        entries = [CacheEntry(bytes([i]) * 32, "d1" if i < 3 else "d2", b"[0.5,0.25]", i) for i in range(4)]
+        assert await storage.cache_put(entries, limit=1 << 20) == 0
+        found = await storage.cache_get([entries[1].key, b"x" * 32])
+        assert found == {entries[1].key: CachedVector(b"[0.5,0.25]", 1)}
+        stats = await storage.cache_stats()
+        assert stats.entries == 4 and stats.bytes > 0
+        assert await storage.cache_evict(limit=stats.bytes) == 0
+        assert await storage.cache_invalidate(["d1"]) == 3
+        assert set(await storage.cache_get([e.key for e in entries])) == {entries[3].key}
+        assert await storage.cache_evict(limit=0) == 1
+        assert await storage.cache_stats() == CacheStats(0, 0)
+
+    async def test_a_submission_the_cache_answers_is_written_done_with_its_reply(
+        self, storage: Storage
+    ) -> None:
+        """With every vector cached, the job is done at once with `reply`'s bytes; else it queues as usual."""
+        entry = CacheEntry(b"k" * 32, "d", b"[1.0]", 3)
+        await storage.cache_put([entry], limit=1 << 20)
+
+        def reply(vectors: list[CachedVector]) -> bytes:
+            return b'{"embeddings":[' + b",".join(v.vector for v in vectors) + b"]}"
+
+        hit = replace(new_job("e:latest", created=7.0), endpoint="/api/embed")
+        accepted = await storage.submit(Submission(hit, answer=CacheAnswer((entry.key, entry.key), reply)))
+        assert (accepted.new, accepted.state, accepted.result) == (
+            True,
+            JobState.DONE,
+            b'{"embeddings":[[1.0],[1.0]]}',
+        )
+        done = await storage.get(hit.id)
+        assert done is not None and done.state is JobState.DONE and done.cache == "hit"
+        assert (done.status, done.result, done.finished_at) == (200, accepted.result, 7.0)
+        miss = replace(new_job("e:latest"), endpoint="/api/embed")
+        accepted = await storage.submit(Submission(miss, answer=CacheAnswer((entry.key, b"m" * 32), reply)))
+        assert (accepted.state, accepted.result) == (JobState.QUEUED, None)
+
+        def broken(vectors: list[CachedVector]) -> bytes:
+            raise ValueError("a bug in the reply")
+
+        queued = replace(new_job("e:latest"), endpoint="/api/embed")
+        accepted = await storage.submit(Submission(queued, answer=CacheAnswer((entry.key,), broken)))
+        assert accepted.state is JobState.QUEUED  # a bug must not refuse the job
+        assert await storage.waiting("e:latest") == 2
+        assert await storage.counts_by_state() == {"done": 1, "queued": 2}
+
+    async def test_finish_records_how_the_cache_served_a_job(self, storage: Storage) -> None:
+        """finish(cache=...) keeps 'partial'; a job asked with no-cache keeps it when finished without."""
+        partial_job = replace(new_job("e:latest"), endpoint="/api/embed")
+        fresh = replace(new_job("e:latest"), endpoint="/api/embed", cache="no-cache")
+        await self.submit(storage, partial_job, fresh)
+        for cache in ("partial", None):
+            claim = await storage.claim(resident("e:latest"), now=1)
+            assert claim is not None
+            await storage.finish(claim.job, JobState.DONE, 2.0, status=200, result=b"{}", cache=cache)
+        first, second = await storage.get(partial_job.id), await storage.get(fresh.id)
+        assert first is not None and first.cache == "partial"
+        assert second is not None and second.cache == "no-cache"

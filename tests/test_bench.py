@@ -13,6 +13,7 @@ from bench.schedule import (
     Served,
     end_to_end,
     guarantee_violations,
+    interactive_violations,
     lower_bound_beaten,
     run_all,
     served_as,
@@ -58,6 +59,19 @@ def test_the_guarantee_check_can_fail(results: list[Result]) -> None:
     assert guarantee_violations(Result("bent", honest.trace, bent, honest.loads), honest.trace.max_wait)
     late = Served(honest.served[0].job, 10_000, 10_000, 10_001, Reason.RESIDENT, False, None)
     assert guarantee_violations(Result("late", honest.trace, [late], []), 600)
+
+
+def test_no_interactive_job_waits_for_batch_work_on_any_trace(results: list[Result]) -> None:
+    """The interactive bound's check finds no interactive job behind batch work or a batch load."""
+    for r in results:
+        if r.policy == "foreman":
+            assert interactive_violations(r) == [], r.trace.name
+
+
+def test_the_interactive_check_can_fail(results: list[Result]) -> None:
+    """Plain drain-by-model on trace 7 makes chats wait for the batch backlogs, and the check says so."""
+    plain = next(r for r in results if r.trace.name == "7-backlogs" and r.policy == "drain")
+    assert len(interactive_violations(plain)) > 50
 
 
 def test_simulation_is_deterministic() -> None:

@@ -72,3 +72,33 @@ def test_crash_test_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     assert result["acknowledged"] == 60
     assert (result["lost"], result["duplicated"], result["failed"], result["unfinished"]) == (0, 0, 0, 0)
     assert result["states"] == {"done": 60}
+
+
+def test_embed_bench_runs_and_reports_every_target(tmp_path: Path) -> None:
+    """embed.py measures both passes against direct calls, counts Ollama's calls and foreman's memory."""
+    sizes = "--calls 40 --clients 4 --rounds 1 --fill-inputs 128 --fill-dims 8"
+    result = run_script("embed.py", tmp_path, *sizes.split())
+    passes = result["passes"]
+    assert passes["per_s"]["foreman_first"] > 0 and passes["first_pass_ratio"] > 0
+    assert passes["ollama_calls"]["foreman_second"] == [0]  # the second pass is answered by the cache
+    assert 0 < passes["ollama_calls"]["foreman_first"][0] <= 40
+    assert result["memory"]["cache_bytes"]["end"] > result["memory"]["cache_bytes"]["start"]
+
+
+def test_failing_bench_runs_and_the_failing_job_ends_failed(tmp_path: Path) -> None:
+    """failing.py times the other jobs with and without a job Ollama always fails; that job fails after 4 attempts."""
+    result = run_script(
+        "failing.py",
+        tmp_path,
+        "--rounds",
+        "1",
+        "--jobs",
+        "4",
+        "--load-delay",
+        "0.05",
+        "--token-delay",
+        "0.005",
+    )
+    broken = next(r for r in result["rounds"] if r["case"] == "broken")
+    assert broken["others_done"] == 4
+    assert (broken["failing"]["state"], broken["failing"]["attempt"]) == ("failed", 4)

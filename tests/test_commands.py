@@ -79,7 +79,7 @@ async def test_status_shows_the_queue_by_model_in_drain_order(
     assert (ran.code, ran.err) == (0, "")
     assert field(ran.out, "ollama") == f"{foreman.config.upstream} (reachable)"
     assert field(ran.out, "resident") == "llama3:latest"
-    assert field(ran.out, "running").startswith(f"{foreman.jobs()[0]['id']}  llama3 chat  working for")
+    assert field(ran.out, "running").startswith(f"{foreman.jobs()[0]['id']}  llama3 /api/chat  working for")
     assert field(ran.out, "jobs") == "4 queued, 1 working"
     assert field(ran.out, "swaps") == "1" and field(ran.out, "last error") == "none"
     queue = ran.out.split("QUEUE (drain order)")[1].splitlines()[1:]
@@ -99,9 +99,11 @@ async def test_status_json_is_the_daemons_own(foreman: Foreman) -> None:
     assert status["upstream"]["url"] == foreman.config.upstream and status["queue"] == []
 
 
-async def test_jobs_lists_newest_first_with_filters(foreman: Foreman) -> None:
+async def test_jobs_lists_newest_first_with_filters(foreman: Foreman, stub: Stub) -> None:
     """`foreman jobs` filters by state and model, limits the page and says how to get the next one."""
-    for model, content in [("llama3", "a"), ("mistral", "b"), ("llama3", "c"), ("nope", "d")]:
+    for model, content in [("llama3", "a"), ("mistral", "b"), ("llama3", "c"), ("qwen2", "d")]:
+        if content == "d":
+            stub.faults.fail_next(1, status=404, error="model 'qwen2' not found")
         await foreman.client.post("/api/chat", json=chat_body(model, content))
     ids = [job["id"] for job in foreman.jobs()]
     everything = await ctl(foreman.url, "jobs")
@@ -238,14 +240,19 @@ async def test_queued_ids_pages_back_to_the_oldest_job_asked_for(
 async def test_submit_goes_on_past_a_rejected_line_and_exits_1(foreman: Foreman, tmp_path: Path) -> None:
     """A line the daemon refuses is reported by its line number; the others run; a failed job is exit 1."""
     batch = tmp_path / "batch.jsonl"
+    unable = '{"model": "nomic-embed-text", "messages": [{"role": "user", "content": "x"}]}'  # cannot chat
     batch.write_text(
-        '{"messages": []}\n{"model": "nope", "messages": []}\n{"model": "llama3", "prompt": "ok"}\n'
+        f'{{"messages": []}}\n{{"model": "nope", "messages": []}}\n{unable}\n{{"model": "llama3", "prompt": "ok"}}\n'
     )
     ran = await ctl(foreman.url, "submit", "--file", str(batch), "--wait", "--json", "--interval", "0.01")
     assert ran.code == 1
     assert "foreman: batch.jsonl:1: model is required\n" in ran.err
+    assert "foreman: batch.jsonl:2: model 'nope' not found\n" in ran.err
     ended = [json.loads(line) for line in ran.out.splitlines()]
-    assert [(job["model"], job["state"]) for job in ended] == [("nope", "failed"), ("llama3", "done")]
+    assert [(job["model"], job["state"]) for job in ended] == [
+        ("nomic-embed-text", "failed"),
+        ("llama3", "done"),
+    ]
     assert ran.err.splitlines()[-1].endswith("] 2/2 finished, 1 failed")
 
 

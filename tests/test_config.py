@@ -26,7 +26,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 def config_for(argv: list[str], environ: dict[str, str]) -> Config:
     args = build_parser(environ, isatty=False).parse_args(["serve", *argv])
-    return serve_config(args)
+    return serve_config(args, environ)
 
 
 def test_defaults_match_the_documented_ones(tmp_path: Path) -> None:
@@ -36,7 +36,7 @@ def test_defaults_match_the_documented_ones(tmp_path: Path) -> None:
     assert config.upstream == "http://127.0.0.1:11434"
     assert config.db_path == tmp_path / "foreman" / "foreman.db"
     assert config.log_format == "json"  # not a terminal
-    assert config.max_attempts == 8 and config.pin_keep_alive == -1 and config.release_keep_alive == "5m"
+    assert config.max_attempts == 8 and config.pin_keep_alive == -1 and config.release_keep_alive is None
     assert (config.max_wait, config.min_residency, config.parallel) == (600, 0, 1)
     assert config.sync_priority == "interactive" and config.warm == "auto"
 
@@ -60,6 +60,23 @@ def test_scheduling_settings_come_from_flags_and_variables() -> None:
     assert config.sync_priority == "batch" and config.warm == "off"
     with pytest.raises(ValueError, match="FOREMAN_SYNC_PRIORITY"):
         config_for([], {"FOREMAN_SYNC_PRIORITY": "urgent"})
+
+
+def test_embedding_settings_come_from_flags_and_variables() -> None:
+    """FOREMAN_EMBED_BATCH, _EMBED_CACHE (bytes, with K/M/G) and _CACHE_REFRESH reach the Config; bad ones are refused."""
+    defaults = config_for([], {})
+    assert (defaults.embed_batch, defaults.embed_cache, defaults.cache_refresh) == (64, 512 * 2**20, 60)
+    environ = {"FOREMAN_EMBED_BATCH": "1", "FOREMAN_EMBED_CACHE": "2G", "FOREMAN_CACHE_REFRESH": "5m"}
+    config = config_for(["--embed-cache", "0"], environ)
+    assert (config.embed_batch, config.embed_cache, config.cache_refresh) == (1, 0, 300)
+    assert config_for([], {"FOREMAN_EMBED_CACHE": "1048576"}).embed_cache == 2**20
+    for name, value in (
+        ("FOREMAN_EMBED_BATCH", "0"),
+        ("FOREMAN_EMBED_CACHE", "lots"),
+        ("FOREMAN_CACHE_REFRESH", "0"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            config_for([], {name: value})
 
 
 def test_environment_sets_and_flags_override() -> None:

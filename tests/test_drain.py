@@ -80,11 +80,11 @@ async def test_waiting_work_pins_the_model_and_the_last_job_releases_it(
     sent = [
         (r.prompt, r.body.get("keep_alive"), "keep_alive" in r.body.get("options", {})) for r in stub.requests
     ]
-    # The swap loads pinned; "first" ran alone (so it released), "a" and "b"
-    # had work behind them, and "c" ends the drain with the client's value.
+    # The swap loads with Ollama's default; "first" ran alone (as it came),
+    # "a" and "b" had work behind them, and "c" ends the drain with the client's value.
     assert sent == [
-        (None, -1, False),
-        ("first", "5m", False),
+        (None, None, False),
+        ("first", None, False),
         ("a", -1, False),
         ("b", -1, False),
         ("c", "10m", False),
@@ -92,15 +92,34 @@ async def test_waiting_work_pins_the_model_and_the_last_job_releases_it(
     assert stub.keep_alive("llama3") == 600
 
 
-async def test_release_restores_the_default_when_the_client_gave_none(
-    http: aiohttp.ClientSession, foreman: Foreman, stub: Stub
+async def test_release_restores_ollamas_own_default_when_the_client_gave_none(
+    http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman
 ) -> None:
-    """Without a client keep_alive, the last job hands back FOREMAN_RELEASE_KEEP_ALIVE."""
+    """Without a client keep_alive, the last job hands the model back to Ollama's OLLAMA_KEEP_ALIVE (24h here)."""
+    server = await make_stub(default_keep_alive=86400)
+    foreman, stub = await make_foreman(server.url), server.stub
     first = await hold_worker(http, foreman, stub, "llama3")
     pinned = await submit(http, foreman, chat_body("llama3", "pinned"))
     last = await submit(http, foreman, chat_body("llama3", "last"))
     stub.faults.release_hung()
     await asyncio.gather(first, pinned, last)
+    assert "keep_alive" not in stub.requests[0].body  # the swap: Ollama applies its default
+    assert [r.body.get("keep_alive") for r in stub.requests[-2:]] == [-1, 86400]
+    assert stub.keep_alive("llama3") == 86400
+
+
+async def test_foreman_release_keep_alive_overrides_ollamas_default(
+    http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman
+) -> None:
+    """FOREMAN_RELEASE_KEEP_ALIVE, when set, is what a model foreman loaded or pinned ends with."""
+    server = await make_stub(default_keep_alive=86400)
+    foreman, stub = await make_foreman(server.url, release_keep_alive="5m"), server.stub
+    first = await hold_worker(http, foreman, stub, "llama3")
+    pinned = await submit(http, foreman, chat_body("llama3", "pinned"))
+    last = await submit(http, foreman, chat_body("llama3", "last"))
+    stub.faults.release_hung()
+    await asyncio.gather(first, pinned, last)
+    assert stub.requests[0].body["keep_alive"] == "5m"  # the swap
     assert [r.body.get("keep_alive") for r in stub.requests[-2:]] == [-1, "5m"]
     assert stub.keep_alive("llama3") == 300
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from foreman.sqlite.store import Store
 from helpers import (
@@ -270,13 +271,15 @@ async def test_metrics_count_jobs_swaps_and_queue_depth(
 ) -> None:
     """/metrics is Prometheus text with jobs by final state, swaps, and the queue depth now."""
     await foreman.client.post("/api/chat", json=chat_body("llama3"))
-    await foreman.client.post("/api/chat", json=chat_body("nope"))
+    await foreman.client.post("/api/chat", json=chat_body("nomic-embed-text"))  # cannot chat: fails
     first = await hold_worker(http, foreman, stub, "mistral")
     await submit_async(foreman, chat_body("qwen2"))
     await submit_async(foreman, chat_body("qwen2"), **{"X-Foreman-Priority": "interactive"})
     text = await (await foreman.client.get("/metrics")).text()
     assert 'foreman_jobs_total{endpoint="/api/chat",model="llama3:latest",state="done"} 1.0' in text
-    assert 'foreman_jobs_total{endpoint="/api/chat",model="nope:latest",state="failed"} 1.0' in text
+    assert (
+        'foreman_jobs_total{endpoint="/api/chat",model="nomic-embed-text:latest",state="failed"} 1.0' in text
+    )
     assert 'foreman_queue_depth{model="qwen2:latest"} 2.0' in text  # both classes
     assert "foreman_swaps_total 2.0" in text
     assert "foreman_model_load_seconds_count 2.0" in text
@@ -327,6 +330,46 @@ async def test_job_ages_are_told_by_the_clock_that_stamped_them(
     assert listed["queue_wait_s"] == 42
     server.stub.faults.release_hung()
     await first
+
+
+async def test_a_job_cancelled_before_it_ran_stops_waiting(
+    http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman
+) -> None:
+    """queue_wait_s of a job cancelled in the queue is its time in the queue, not a wait that grows for ever."""
+    server = await make_stub()
+    clock = FakeClock()
+    foreman = await make_foreman(server.url, clock=clock)
+    first = await hold_worker(http, foreman, server.stub, "llama3")
+    _, queued = await submit_async(foreman, chat_body("mistral", "never runs"))
+    clock.now += 5
+    with capture_logs() as logs:
+        assert (await foreman.client.delete(f"/jobs/{queued['id']}")).status == 200
+    clock.now += 3600
+    assert (await job(foreman, queued["id"]))["queue_wait_s"] == 5
+    [listed] = [
+        j for j in (await (await foreman.client.get("/jobs")).json())["jobs"] if j["id"] == queued["id"]
+    ]
+    assert listed["queue_wait_s"] == 5 and listed["run_s"] is None
+    [cancelled] = [e for e in logs if e["event"] == "job.cancelled"]
+    assert (cancelled["model"], cancelled["endpoint"]) == ("mistral:latest", "/api/chat")
+    server.stub.faults.release_hung()
+    await first
+
+
+async def test_cancel_logs_carry_the_model_and_endpoint_as_every_job_event(
+    foreman: Foreman, stub: Stub
+) -> None:
+    """job.cancelled of a running /v1 job names its model and endpoint, for the README's jq recipe."""
+    stub.faults.hang_next(1)
+    body = {"model": "llama3", "messages": [{"role": "user", "content": "abort me"}]}
+    answer = await foreman.client.post("/v1/chat/completions", json=body, headers=ASYNC)
+    accepted = await answer.json()
+    await stub.wait_for(lambda s: s.faults.hung == 1)
+    with capture_logs() as logs:
+        assert (await foreman.client.delete(f"/jobs/{accepted['id']}")).status == 200
+        await eventually(lambda: any(e["event"] == "job.cancelled" for e in logs), what="job.cancelled")
+    [cancelled] = [e for e in logs if e["event"] == "job.cancelled"]
+    assert (cancelled["model"], cancelled["endpoint"]) == ("llama3:latest", "/v1/chat/completions")
 
 
 async def test_old_finished_jobs_are_pruned_and_waiting_ones_kept(

@@ -104,7 +104,7 @@ def test_status_shows_the_daemon_then_the_queue_in_drain_order() -> None:
             "foreman     0.1.0, database /var/lib/foreman/foreman.db (1.2 MB)",
             "ollama      http://127.0.0.1:11434 (reachable)",
             "resident    llama3:latest",
-            "running     01JQ0000000000000000000001  llama3 chat  working for 4.2s",
+            "running     01JQ0000000000000000000001  llama3 /api/chat  working for 4.2s",
             "jobs        4 queued, 1 working, 12 done, 1 failed",
             "swaps       3",
             "last error  2m05s ago: upstream unreachable: connection refused",
@@ -152,14 +152,22 @@ def test_jobs_table_adds_an_error_column_only_when_needed() -> None:
     )
     text = layout.format_jobs({"jobs": [done], "next": None}, NOW)
     assert text.splitlines() == [
-        "ID                          STATE  MODEL   ENDPOINT    AGE  WAIT   RUN",
-        "01JQ0000000000000000000001  done   llama3  chat      1m30s   30s  2.0s",
+        "ID                          STATE  MODEL   ENDPOINT     AGE  WAIT   RUN",
+        "01JQ0000000000000000000001  done   llama3  /api/chat  1m30s   30s  2.0s",
     ]
     text = layout.format_jobs({"jobs": [done, failed], "next": failed["id"]}, NOW)
     lines = text.splitlines()
     assert lines[0].endswith("ERROR") and lines[2].endswith('model "nope" not found')
     assert lines[-1] == "(more: the same command with --after 01JQ0000000000000000000000)"
     assert layout.format_jobs({"jobs": [], "next": None}, NOW) == "no jobs"
+
+
+def test_native_and_v1_endpoints_show_in_one_form() -> None:
+    """`foreman jobs` shows every endpoint as its path, whether native or /v1."""
+    native = job_view()
+    v1 = job_view(id="01JQ0000000000000000000002", endpoint="/v1/chat/completions")
+    rows = layout.format_jobs({"jobs": [v1, native], "next": None}, NOW).splitlines()[1:]
+    assert [row.split()[3] for row in rows] == ["/v1/chat/completions", "/api/chat"]
 
 
 def test_a_done_job_shows_its_fields_and_its_text() -> None:

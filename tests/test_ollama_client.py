@@ -65,14 +65,12 @@ async def test_legacy_embeddings(client: ollama.AsyncClient) -> None:
 
 
 async def test_unknown_model_is_ollamas_404(client: ollama.AsyncClient, foreman: Foreman, stub: Stub) -> None:
-    """Ollama's 404 reaches the client as sent, and the job fails without a retry."""
+    """A model Ollama does not have gets Ollama's own 404 at once; no job is made."""
     with pytest.raises(ollama.ResponseError) as raised:
         await client.chat(model="nope", messages=[{"role": "user", "content": "hi"}])
-    assert raised.value.status_code == 404
-    assert "not found" in raised.value.error
-    [job] = foreman.jobs()
-    assert job["state"] == "failed" and job["status"] == 404 and job["attempt"] == 0
-    assert len([r for r in stub.requests if r.model == "nope"]) == 1
+    assert (raised.value.status_code, raised.value.error) == (404, "model 'nope' not found")
+    assert foreman.jobs() == []
+    assert [r for r in stub.requests if r.model == "nope"] == []
 
 
 async def test_list_and_ps_pass_through(client: ollama.AsyncClient) -> None:

@@ -126,16 +126,14 @@ async def test_models_pass_through(foreman: Foreman, openai_client: OpenAIClient
 
 
 async def test_unknown_model_is_not_found(foreman: Foreman, openai_client: OpenAIClient) -> None:
-    """The SDK raises NotFoundError with Ollama's message; the job fails without a retry."""
+    """The SDK raises NotFoundError with Ollama's message and type, at once; no job is made."""
     with pytest.raises(openai.NotFoundError) as info:
         await openai_client(foreman.url).chat.completions.create(
             model="ghost", messages=[{"role": "user", "content": "hi"}]
         )
-    assert info.value.message == 'Error code: 404 - model "ghost" not found, try pulling it first'
-    assert info.value.type == "api_error"
-    [job] = foreman.jobs()
-    assert (job["state"], job["attempt"]) == ("failed", 0)
-    assert job["error"] == 'model "ghost" not found, try pulling it first'
+    assert info.value.message == "Error code: 404 - model 'ghost' not found"
+    assert info.value.type == "not_found_error"
+    assert foreman.jobs() == []
 
 
 async def test_foreman_refuses_bad_requests_in_openais_shape(
@@ -268,12 +266,12 @@ async def test_v1_jobs_are_pinned_by_load_requests(
     await asyncio.gather(first, *tasks)
     sent = [(r.path, r.prompt, (r.body or {}).get("keep_alive")) for r in stub.requests]
     assert sent == [
-        ("/api/chat", None, -1),  # the swap loads the model pinned
-        ("/api/chat", "first", "5m"),  # alone when it started: releases
-        ("/api/chat", None, -1),  # "a" has work behind it: pin again, once
+        ("/api/chat", None, None),  # the swap loads the model with Ollama's default
+        ("/api/chat", "first", None),  # alone when it started: as it came
+        ("/api/chat", None, -1),  # "a" has work behind it: pin, once
         (CHAT, "a", None),
         (CHAT, "b", None),
-        ("/api/chat", None, "5m"),  # before the last /v1 job of the drain: release
+        ("/api/chat", None, 300),  # before the last /v1 job of the drain: release to Ollama's default
         (CHAT, "c", None),
     ]
     assert stub.loads == ["llama3:latest"] and stub.keep_alive("llama3") == 300

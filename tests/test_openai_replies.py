@@ -128,11 +128,12 @@ def test_a_stream_is_whole_only_with_done() -> None:
 
 
 def test_native_errors_become_api_errors_and_openai_errors_pass() -> None:
-    """A native {"error": "..."} becomes Ollama's writeError shape; an OpenAI error body is left alone."""
-    converted = json.loads(as_openai_error(b'{"error":"model \\"x\\" not found"}'))
+    """A native {"error": "..."} becomes Ollama's writeError shape for its status; an OpenAI error body is left alone."""
+    converted = json.loads(as_openai_error(b'{"error":"model \\"x\\" not found"}', 404))
     assert converted == {
-        "error": {"message": 'model "x" not found', "type": "api_error", "param": None, "code": None}
+        "error": {"message": 'model "x" not found', "type": "not_found_error", "param": None, "code": None}
     }
+    assert json.loads(as_openai_error(b'{"error":"boom"}'))["error"]["type"] == "api_error"
     already = b'{"error":{"message":"m","type":"invalid_request_error","param":null,"code":null}}\n'
     assert as_openai_error(already) == already
     assert json.loads(as_openai_error(b"bad gateway"))["error"]["message"] == "bad gateway"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import aiohttp
 from structlog.testing import capture_logs
 
-from helpers import Foreman, MakeForeman, MakeStub, chat_body, eventually, post, reply_text, submit
+from helpers import ASYNC, Foreman, MakeForeman, MakeStub, chat_body, eventually, post, reply_text, submit
 from stub_ollama import Stub
 
 
@@ -129,3 +130,95 @@ async def test_jobs_wait_out_an_ollama_outage(
     assert unreachable["url"] == server.url and "foreman keeps accepting jobs" in unreachable["hint"]
     assert [j["attempt"] for j in foreman.jobs()] == [0, 0, 0]
     assert server.stub.loads == ["llama3:latest", "mistral:latest"]
+
+
+async def _submit_async(foreman: Foreman, model: str, prompt: str) -> str:
+    answer = await foreman.client.post("/api/chat", json=chat_body(model, prompt), headers=ASYNC)
+    assert answer.status == 202
+    return str((await answer.json())["id"])
+
+
+async def test_a_failing_job_waits_out_its_backoff_alone(
+    make_stub: MakeStub, make_foreman: MakeForeman
+) -> None:
+    """A job Ollama answers with 500 goes back with a not-before time; the other models' jobs run meanwhile."""
+    server = await make_stub(capacity=2)
+    server.stub.faults.fail_model("qwen2:latest")
+    foreman = await make_foreman(server.url, backoff_initial=30, backoff_max=30, max_attempts=3)
+    broken = await _submit_async(foreman, "qwen2", "never")
+    others = [await _submit_async(foreman, m, f"{m}-{i}") for i in range(3) for m in ("llama3", "mistral")]
+    # Without the change the one worker sleeps 15 to 30 s after the first failure.
+    await eventually(
+        lambda: (
+            {j["id"]: j["state"] for j in foreman.jobs() if j["id"] in others}
+            == dict.fromkeys(others, "done")
+        ),
+        what="the other models' jobs",
+    )
+    view = await (await foreman.client.get(f"/jobs/{broken}")).json()
+    assert (view["state"], view["attempt"]) == ("queued", 1)
+    assert view["error"] == "Ollama answered 500: llama runner process has terminated: exit status 2"
+    row = next(j for j in foreman.jobs() if j["id"] == broken)
+    assert 15 <= row["not_before"] - time.time() <= 30 and view["not_before"] is not None
+
+
+async def test_a_held_job_keeps_its_place_when_its_time_comes(
+    make_stub: MakeStub, make_foreman: MakeForeman
+) -> None:
+    """Back from its backoff, a job runs before the jobs of its model that came after it."""
+    server = await make_stub(token_delay=0.06)  # each job takes about half a second
+    foreman = await make_foreman(server.url, backoff_initial=0.2, backoff_max=0.2)
+    server.stub.faults.fail_next(1)
+    ids = [await _submit_async(foreman, "llama3", p) for p in ("a1", "a2", "a3")]
+    await eventually(lambda: foreman.states() == ["done"] * 3, what="the three jobs")
+    assert [(r.prompt, r.outcome) for r in server.stub.inference_requests()] == [
+        ("a1", "failed"),
+        ("a2", "ok"),  # a1 is held back for 0.1 to 0.2 s: a2 goes first...
+        ("a1", "ok"),  # ... and a1 is due again before a3
+        ("a3", "ok"),
+    ]
+    assert [j["attempt"] for j in foreman.jobs() if j["id"] in ids] == [1, 0, 0]
+
+
+async def test_a_job_that_keeps_failing_ends_failed_with_ollamas_last_error(
+    make_stub: MakeStub, make_foreman: MakeForeman
+) -> None:
+    """With nothing else to wake the worker, each backoff still ends and the job fails after the last attempt."""
+    server = await make_stub()
+    server.stub.faults.fail_model("llama3:latest", error="llama runner process has terminated: exit status 2")
+    foreman = await make_foreman(server.url, max_attempts=3, backoff_initial=0.05, backoff_max=0.05)
+    answer = await foreman.client.post("/api/chat", json=chat_body("llama3"))
+    assert answer.status == 500
+    assert await answer.json() == {"error": "llama runner process has terminated: exit status 2"}
+    [job] = foreman.jobs()
+    assert (job["state"], job["attempt"]) == ("failed", 3)
+    assert [r.outcome for r in server.stub.inference_requests()] == ["failed"] * 3
+
+
+async def test_a_memory_error_unloads_the_other_idle_models_before_the_retry(
+    make_stub: MakeStub, make_foreman: MakeForeman
+) -> None:
+    """Ollama's "requires more system memory" makes foreman unload what else it loaded, so the retry fits."""
+    server = await make_stub(capacity=2)
+    foreman = await make_foreman(server.url)
+    assert (await foreman.client.post("/api/chat", json=chat_body("llama3"))).status == 200
+    assert server.stub.loaded() == ["llama3:latest"]
+    memory = "model requires more system memory (9.1 GiB) than is available (4.0 GiB)"
+    server.stub.faults.fail_next(1, error=memory, include_loads=True)
+    with capture_logs() as logs:
+        answer = await foreman.client.post("/api/chat", json=chat_body("mistral"))
+    assert answer.status == 200
+    unpinned = [e for e in logs if e["event"] == "model.unpinned" and e["reason"] == "memory"]
+    assert unpinned == [
+        {
+            "event": "model.unpinned",
+            "model": "llama3:latest",
+            "keep_alive": 0,
+            "reason": "memory",
+            "for_model": "mistral:latest",
+            "log_level": "info",
+        }
+    ]
+    assert server.stub.loaded() == ["mistral:latest"]
+    [_, job] = foreman.jobs()
+    assert (job["state"], job["attempt"]) == ("done", 1)

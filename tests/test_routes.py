@@ -11,7 +11,7 @@ from foreman.aliases import Why, alias_key, candidates, fold, resolve, waiting_f
 from foreman.intake import parse_job
 from foreman.models import Priority
 from foreman.routes import Routes, RoutesError, intent_text, load, parse
-from foreman.scheduler import ModelQueue, Policy, Reason, State
+from foreman.scheduler import Held, ModelQueue, Policy, Reason, State
 
 EXAMPLE = """
 [alias.fast]
@@ -217,3 +217,22 @@ def test_the_policy_counts_alias_jobs_with_the_resident_models_drain() -> None:
         "llama3:8b": 5,
         "mistral:latest": 1,
     }
+
+
+def test_an_alias_job_held_after_a_failure_stays_held_when_folded_and_keeps_its_place() -> None:
+    """Folding keeps not-before times; once due, the held alias job is the one claimed, from the alias's queue."""
+    fast = alias_key("fast", ["qwen2:1.5b", "llama3:8b"])
+    held = (Held("01", 0.0, 50.0),)
+    queues = [
+        ModelQueue(fast, Priority.BATCH, 0, "", 0.0, held),
+        ModelQueue("llama3:8b", Priority.BATCH, 2, "02", 1.0),
+    ]
+    state = State(resident=frozenset({"llama3:8b"}))
+    folded = fold(queues, state.resident)
+    assert folded.waiting("llama3:8b") == 3
+    early = Policy().pick(folded.queues, state, 10.0)
+    assert early is not None and early.job_id == "02"
+    assert folded.source(early.model_key, early.priority, early.job_id) == "llama3:8b"
+    due = Policy().pick(folded.queues, state, 50.0)
+    assert due is not None and due.job_id == "01"
+    assert folded.source(due.model_key, due.priority, due.job_id) == fast

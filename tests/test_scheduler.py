@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from bench.schedule import Drain as PlainDrain
-from bench.schedule import Foreman, SimJob, Trace, guarantee_violations, simulate
+from bench.schedule import Foreman, SimJob, Trace, guarantee_violations, interactive_violations, simulate
 from foreman.models import Priority
 from foreman.scheduler import (
     DEFAULT_LOAD_S,
@@ -16,10 +16,13 @@ from foreman.scheduler import (
     Costs,
     Decision,
     Drain,
+    Held,
     ModelQueue,
     Policy,
     Reason,
     State,
+    drain_order,
+    next_due,
 )
 
 I, B = Priority.INTERACTIVE, Priority.BATCH  # noqa: E741 (short names keep the queues readable)
@@ -99,22 +102,51 @@ def test_overdue_model_is_served_next_with_reason_max_wait() -> None:
     assert decision.drain is not None and decision.drain.since == 91
 
 
-def test_overdue_batch_beats_waiting_interactive() -> None:
-    """Batch jobs keep the bounded-wait promise, even against interactive work."""
+def test_waiting_interactive_beats_overdue_batch() -> None:
+    """An interactive job is picked before any batch job, overdue ones included."""
     queues = [q("chat", 3, 95, I), q("bulk", 1, 10, B)]
     decision = POLICY.pick(queues, loaded("chat"), now=100)
+    assert decision is not None and (decision.model_key, decision.priority) == ("chat", I)
+    decision = POLICY.pick([q("bulk", 1, 10, B)], loaded("chat"), now=100)
     assert decision is not None and (decision.model_key, decision.reason) == ("bulk", Reason.MAX_WAIT)
 
 
 def test_a_max_wait_drain_serves_what_was_queued_when_it_began_and_nothing_later() -> None:
-    """During the drain nothing else runs; jobs that arrive later are not part of it."""
-    state = loaded("cold").after(Decision("cold", Reason.MAX_WAIT, B, True, None, Drain("cold", 100)), 100)
-    # An interactive job elsewhere does not interrupt the drain.
-    decision = POLICY.pick([q("cold", 2, 50), q("chat", 1, 101, I)], state, now=102)
+    """During the drain no other batch work runs; jobs that arrive later are not part of it."""
+    state = loaded("cold").after(Decision("cold", Reason.MAX_WAIT, B, True, None, Drain("cold", 100, B)), 100)
+    decision = POLICY.pick([q("cold", 2, 50), q("hot", 9, 1)], state, now=102)
     assert decision is not None and (decision.model_key, decision.reason) == ("cold", Reason.MAX_WAIT)
     # Once only jobs queued after it began are left, the drain is over.
-    decision = POLICY.pick([q("cold", 2, 100.5), q("chat", 1, 101, I)], state, now=103)
-    assert decision is not None and (decision.model_key, decision.reason) == ("chat", Reason.PRIORITY)
+    decision = POLICY.pick([q("cold", 2, 100.5), q("other", 1, 101)], state, now=103)
+    assert decision is not None and (decision.model_key, decision.reason) == ("cold", Reason.RESIDENT)
+
+
+def test_interactive_jobs_cut_into_a_batch_drain_which_then_resumes() -> None:
+    """At a job boundary interactive work goes first; then the batch drain goes on with what it had."""
+    drain = Drain("cold", 100, B)
+    state = loaded("cold").after(Decision("cold", Reason.MAX_WAIT, B, True, None, drain), 100)
+    queues = [q("cold", 2, 50), q("chat", 1, 101, I)]
+    cut = POLICY.pick(queues, state, now=102)
+    assert cut is not None and (cut.model_key, cut.priority, cut.reason) == ("chat", I, Reason.PRIORITY)
+    state = state.after(cut, 102)
+    assert state.drain == drain  # kept while the interactive job runs
+    resumed = POLICY.pick([q("cold", 2, 50), q("chat", 1, 103, B)], state, now=110)
+    assert resumed is not None and (resumed.model_key, resumed.reason, resumed.drain) == (
+        "cold",
+        Reason.MAX_WAIT,
+        drain,
+    )
+
+
+def test_a_max_wait_drain_of_interactive_work_runs_to_its_end() -> None:
+    """Overdue interactive work gets its own drain, which other interactive jobs do not interrupt."""
+    queues = [q("chat", 1, 101, I), q("slow", 2, 10, I)]
+    decision = POLICY.pick(queues, loaded("chat"), now=150)
+    assert decision is not None and (decision.model_key, decision.reason) == ("slow", Reason.MAX_WAIT)
+    assert decision.drain == Drain("slow", 150, I)
+    state = loaded("chat").after(decision, 150)
+    again = POLICY.pick(queues, state, now=152)
+    assert again is not None and (again.model_key, again.drain) == ("slow", decision.drain)
 
 
 def test_overdue_models_go_by_wait_per_unit_of_learned_swap_cost() -> None:
@@ -132,7 +164,7 @@ def test_a_model_drained_while_another_was_overdue_waits_for_that_one() -> None:
     """The cost rule cannot serve a cheap model twice while a costly one stays overdue."""
     queues = [q("cheap", 1, 150), q("costly", 1, 0)]  # costly overdue since 60
     costs = Costs(load_s={"cheap": 2.0, "costly": 20.0})
-    state = loaded("hot", drained_at={"cheap": 100.0})
+    state = loaded("hot", drained_at={("cheap", B): 100.0})
     decision = POLICY.pick(queues, state, now=220, costs=costs)
     assert decision is not None and decision.model_key == "costly"
 
@@ -141,11 +173,14 @@ def test_minimum_residency_holds_off_the_bound_and_every_other_swap() -> None:
     """A model loaded less than FOREMAN_MIN_RESIDENCY ago keeps the worker; then the bound applies."""
     policy = Policy(max_wait=60, min_residency=30)
     state = loaded("new", serving="new", loaded_at=100.0)
-    queues = [q("new", 5, 100), q("old", 1, 0), q("chat", 1, 110, I)]
+    queues = [q("new", 5, 100), q("old", 1, 0), q("other", 1, 110)]
     decision = policy.pick(queues, state, now=120)
     assert decision is not None and (decision.model_key, decision.reason) == ("new", Reason.RESIDENT)
     decision = policy.pick(queues, state, now=131)
     assert decision is not None and (decision.model_key, decision.reason) == ("old", Reason.MAX_WAIT)
+    # Interactive work is not held off: it goes before every batch job.
+    decision = policy.pick([*queues, q("chat", 1, 110, I)], state, now=120)
+    assert decision is not None and (decision.model_key, decision.priority) == ("chat", I)
 
 
 def test_a_swap_evicts_the_resident_model_with_the_least_waiting_work() -> None:
@@ -181,11 +216,11 @@ def test_learned_costs_are_means_and_stand_in_for_unseen_models() -> None:
 
 def test_state_remembers_drains_and_residency() -> None:
     """after() records a new max_wait drain once; loaded() restarts the residency clock."""
-    drain = Drain("b", 50)
+    drain = Drain("b", 50, B)
     state = loaded("a").after(Decision("b", Reason.MAX_WAIT, B, True, "a", drain), 50)
-    assert state.resident == {"b"} and state.drained_at == {"b": 50} and state.serving == "b"
+    assert state.resident == {"b"} and state.drained_at == {("b", B): 50} and state.serving == "b"
     again = state.after(Decision("b", Reason.MAX_WAIT, B, False, None, drain), 70)
-    assert again.drained_at == {"b": 50}
+    assert again.drained_at == {("b", B): 50}
     assert state.loaded("b", 58).loaded_at == 58
 
 
@@ -218,7 +253,7 @@ def test_the_bound_serves_it_after_max_wait_plus_the_job_in_flight_and_its_load(
 
 
 def test_bound_holds_for_every_job_of_a_mixed_overloaded_trace() -> None:
-    """Four models, priorities and bursts at 130% load: the guarantee's checker finds no violation."""
+    """Four models, priorities and bursts at 130% load: the checkers of both bounds find no violation."""
     import random
 
     rng = random.Random(7)
@@ -232,8 +267,10 @@ def test_bound_holds_for_every_job_of_a_mixed_overloaded_trace() -> None:
     for policy in (Policy(max_wait=120), Policy(max_wait=120, min_residency=40)):
         result = simulate(trace, Foreman(policy))
         assert guarantee_violations(result, 120, policy.min_residency) == []
-    # The check can fail: plain drain-by-model breaks it on the same trace.
-    assert guarantee_violations(simulate(trace, PlainDrain()), 120)
+        assert interactive_violations(result) == []
+    # The checks can fail: plain drain-by-model breaks them on the same trace.
+    plain = simulate(trace, PlainDrain())
+    assert guarantee_violations(plain, 120) and interactive_violations(plain)
 
 
 def test_policy_is_pure() -> None:
@@ -255,14 +292,59 @@ def test_policy_is_pure() -> None:
 
 
 def test_a_load_for_batch_work_is_given_up_for_an_interactive_job_elsewhere() -> None:
-    """Interactive jobs never wait for a batch model's load; max_wait and interactive loads are kept."""
+    """Interactive jobs never wait for a batch model's load, a max_wait drain's included; interactive loads are kept."""
     before = loaded("old")
     batch_load = Decision("bulk", Reason.DRAINED, B, swap=True)
     chat = [q("bulk", 3, 1, B), q("chat", 1, 9, I)]
     assert POLICY.abandons(batch_load, chat, before, now=10)
     assert not POLICY.abandons(batch_load, [q("bulk", 3, 1, B), q("bulk", 1, 9, I)], before, now=10)
     assert not POLICY.abandons(batch_load, [q("bulk", 3, 1, B), q("other", 1, 9, B)], before, now=10)
-    overdue_load = replace(batch_load, reason=Reason.MAX_WAIT, drain=Drain("bulk", 5))
-    assert not POLICY.abandons(overdue_load, chat, before, now=10)
+    overdue_load = replace(batch_load, reason=Reason.MAX_WAIT, drain=Drain("bulk", 5, B))
+    assert POLICY.abandons(overdue_load, chat, before, now=10)
     chat_load = replace(batch_load, priority=I)
     assert not POLICY.abandons(chat_load, chat, before, now=10)
+
+
+def test_a_drain_whose_load_was_given_up_resumes_with_the_jobs_it_had() -> None:
+    """gave_up() keeps the drain begun, so jobs queued during the interactive work stay out of it."""
+    drain = Drain("bulk", 5, B)
+    overdue_load = Decision("bulk", Reason.MAX_WAIT, B, swap=True, drain=drain)
+    state = loaded("old").gave_up(overdue_load)
+    assert state.drain == drain and state.drained_at == {("bulk", B): 5} and state.resident == {"old"}
+    decision = POLICY.pick([q("bulk", 3, 1, B), q("old", 1, 2, B)], state, now=40)
+    assert decision is not None and (decision.model_key, decision.drain) == ("bulk", drain)
+
+
+# ------------------------------------------------------------- jobs held after a failure
+
+
+def held(key: str, job_at: float, not_before: float, priority: Priority = B) -> ModelQueue:
+    """A queue whose only job was put back after a failure, not to run before `not_before`."""
+    return ModelQueue(key, priority, 0, "", 0.0, (Held(f"{job_at:012.3f}", job_at, not_before),))
+
+
+def test_a_held_job_is_not_picked_before_its_time_and_others_go_meanwhile() -> None:
+    """Until its not-before time a held job is invisible; the other work runs."""
+    queues = [held("broken", 1, not_before=20), q("fine", 3, 5)]
+    decision = POLICY.pick(queues, loaded("broken"), now=10)
+    assert decision is not None and decision.model_key == "fine"
+    assert POLICY.pick([held("broken", 1, not_before=20)], loaded("broken"), now=10) is None
+    assert next_due(queues, now=10) == 20 and next_due(queues, now=20) is None
+
+
+def test_a_held_job_keeps_its_place_when_its_time_comes() -> None:
+    """Once due, the held job is its group's oldest again: it runs before the jobs that came after it."""
+    later = ModelQueue("m", B, 2, f"{5:012.3f}", 5.0, (Held(f"{1:012.3f}", 1.0, 20.0),))
+    early = POLICY.pick([later], loaded("m"), now=10)
+    assert early is not None and early.job_id == f"{5:012.3f}"
+    due = POLICY.pick([later], loaded("m"), now=20)
+    assert due is not None and due.job_id == f"{1:012.3f}" and due.waited == 19
+    # And the drain order (for positions) counts it in its place all along.
+    assert drain_order(POLICY, [later, q("other", 1, 3)], loaded("x"), now=10) == [("m", B), ("other", B)]
+
+
+def test_a_held_job_that_is_due_counts_toward_the_bound() -> None:
+    """An old job back from its backoff makes its model overdue by its original arrival."""
+    queues = [held("broken", 1, not_before=100), q("hot", 5, 90)]
+    decision = POLICY.pick(queues, loaded("hot"), now=100)
+    assert decision is not None and (decision.model_key, decision.reason) == ("broken", Reason.MAX_WAIT)

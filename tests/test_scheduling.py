@@ -45,6 +45,35 @@ async def test_an_overdue_job_takes_the_worker_from_the_hot_model_and_the_log_sa
     assert swap["oldest_wait_s"] == 61 and swap["from_models"] == ["llama3:latest"]
 
 
+async def test_an_interactive_request_cuts_into_a_max_wait_drain_of_batch_work(
+    http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman
+) -> None:
+    """At the next job boundary the interactive job runs; then the batch drain resumes where it was."""
+    server = await make_stub()
+    clock = FakeClock()
+    foreman = await make_foreman(server.url, clock=clock, max_wait=60)
+    batch = {"X-Foreman-Priority": "batch"}
+    with capture_logs() as logs:
+        first = await hold_worker(http, foreman, server.stub, "llama3")
+        tasks = [await submit(http, foreman, chat_body("mistral", f"m{i}"), headers=batch) for i in range(3)]
+        clock.now += 61  # mistral's batch jobs are overdue: a max_wait drain comes next
+        server.stub.faults.hang_next(1)  # hold the drain's first job
+        server.stub.faults.release_hung()
+        assert (await first).status == 200
+        await server.stub.wait_for(lambda s: s.faults.hung == 1)
+        tasks.append(await submit(http, foreman, chat_body("qwen2", "chat")))
+        server.stub.faults.release_hung()
+        await asyncio.gather(*tasks)
+    served = [r.prompt for r in server.stub.inference_requests()]
+    assert served == ["first", "m0", "chat", "m1", "m2"]
+    assert swaps(logs) == [
+        ("llama3:latest", "cold"),
+        ("mistral:latest", "max_wait"),
+        ("qwen2:latest", "priority"),
+        ("mistral:latest", "max_wait"),
+    ]
+
+
 async def test_interactive_requests_overtake_batch_work_at_the_cost_of_a_swap(
     http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman
 ) -> None:
@@ -113,7 +142,9 @@ async def test_a_load_makes_room_by_evicting_the_resident_model_with_least_waiti
     http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman
 ) -> None:
     """Two slots full, both with work: loading a third evicts the less busy, not the least recently used."""
-    server = await make_stub(capacity=2)
+    # Equal token times: the victim is chosen by waiting jobs x learned run time, and one
+    # job's run time on a busy machine is noise unless generation dominates it.
+    server = await make_stub(capacity=2, token_delay=0.005)
     stub = server.stub
     foreman = await make_foreman(server.url, backoff_initial=0.005, backoff_max=0.01)
     for model in ("llama3", "mistral"):  # mistral is the most recently used

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
+import ollama
 import pytest
 
-from foreman.cli import main
+from foreman.cli import build_parser, main, serve_config
 from helpers import Foreman, MakeForeman, chat_body
 from stub_ollama import StubServer
 
 
 @pytest.mark.parametrize(
-    "host", ["evil.example", "evil.example:11435", "192.168.1.10", "localhost.evil.example"]
+    "host",
+    ["evil.example", "evil.example.com:11435", "localhost.evil.example", "8.8.8.8", "[::1]", "local"],
 )
 async def test_foreign_host_headers_are_refused(foreman: Foreman, host: str) -> None:
     """A request naming another server in Host (DNS rebinding) gets 403 with an empty body."""
@@ -24,18 +27,58 @@ async def test_foreign_host_headers_are_refused(foreman: Foreman, host: str) -> 
 
 
 @pytest.mark.parametrize(
-    "host", ["localhost:11435", "127.0.0.1", "[::1]:11435", "app.localhost", "LOCALHOST"]
+    "host",
+    [
+        "localhost:11435",
+        "LOCALHOST",
+        "127.0.0.1",
+        "127.0.0.2:11435",
+        "[::1]:11435",
+        "::1",
+        "0.0.0.0:11435",
+        "192.168.1.5",
+        "10.0.0.7:11435",
+        "[fd00::5]:11435",
+        "app.localhost",
+        "myhost.local",
+        "host.docker.internal:11435",
+        "",
+    ],
 )
-async def test_local_host_headers_pass(foreman: Foreman, host: str) -> None:
-    """localhost, the loopback addresses and *.localhost are this machine."""
+async def test_hosts_ollama_accepts_pass(foreman: Foreman, host: str) -> None:
+    """Loopback, private and unspecified addresses and local names are this machine, as for Ollama."""
     answer = await foreman.client.get("/api/version", headers={"Host": host})
     assert answer.status == 200
 
 
+async def test_the_machines_own_hostname_passes(foreman: Foreman) -> None:
+    """The hostname the machine calls itself is accepted, in any case."""
+    answer = await foreman.client.get(
+        "/api/version", headers={"Host": socket.gethostname().upper() + ":11435"}
+    )
+    assert answer.status == 200
+
+
+async def test_a_client_with_ollama_host_0_0_0_0_works(
+    foreman: Foreman, ollama_client: Callable[[str], ollama.AsyncClient]
+) -> None:
+    """OLLAMA_HOST=0.0.0.0:PORT, the common way to write it, reaches foreman through the official client."""
+    client = ollama_client(f"0.0.0.0:{foreman.client.port}")
+    assert [m.model for m in (await client.list()).models]
+    reply = await client.chat(model="llama3", messages=[{"role": "user", "content": "hi"}])
+    assert reply.done
+
+
+async def test_options_for_a_local_name_gets_204(foreman: Foreman) -> None:
+    """Ollama answers an OPTIONS request for an accepted name itself, with 204 and no body."""
+    answer = await foreman.client.options("/api/tags", headers={"Host": "localhost:11435"})
+    assert answer.status == 204 and await answer.read() == b""
+
+
 async def test_configured_hosts_pass(stub_server: StubServer, make_foreman: MakeForeman) -> None:
     """FOREMAN_ALLOWED_HOSTS adds names, e.g. for a reverse proxy in front."""
-    foreman = await make_foreman(stub_server.url, allowed_hosts=("gpu.lan",))
-    assert (await foreman.client.get("/api/version", headers={"Host": "gpu.lan:8080"})).status == 200
+    foreman = await make_foreman(stub_server.url, allowed_hosts=("gpu.example.org",))
+    assert (await foreman.client.get("/api/version", headers={"Host": "gpu.example.org:8080"})).status == 200
 
 
 async def test_cors_allows_ollamas_default_origins(foreman: Foreman) -> None:
@@ -44,11 +87,16 @@ async def test_cors_allows_ollamas_default_origins(foreman: Foreman) -> None:
     answer = await foreman.client.post("/api/chat", json=chat_body("llama3"), headers={"Origin": origin})
     assert answer.status == 200
     assert answer.headers["Access-Control-Allow-Origin"] == origin
+    assert answer.headers["Vary"] == "Origin"
     assert "X-Foreman-Job" in answer.headers["Access-Control-Expose-Headers"]
     preflight = await foreman.client.options(
         "/api/chat", headers={"Origin": origin, "Access-Control-Request-Method": "POST"}
     )
     assert preflight.status == 204 and "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    assert preflight.headers["Access-Control-Allow-Origin"] == origin
+    allowed = preflight.headers["Access-Control-Allow-Headers"].split(",")
+    assert {"Authorization", "Content-Type", "X-Stainless-Os", "X-Foreman-Priority"} <= set(allowed)
+    assert preflight.headers["Access-Control-Max-Age"] == "43200"
 
 
 async def test_cors_refuses_other_origins(foreman: Foreman) -> None:
@@ -58,6 +106,45 @@ async def test_cors_refuses_other_origins(foreman: Foreman) -> None:
     )
     assert answer.status == 403 and await answer.read() == b""
     assert foreman.jobs() == []
+
+
+@pytest.mark.parametrize(
+    "origin", ["chrome-extension://abcdef", "moz-extension://0f1e2d", "safari-web-extension://x1"]
+)
+async def test_browser_extensions_need_listing_as_in_ollama(foreman: Foreman, origin: str) -> None:
+    """Ollama refuses extension origins until OLLAMA_ORIGINS lists them (its FAQ); so does foreman."""
+    answer = await foreman.client.get("/api/version", headers={"Origin": origin})
+    assert answer.status == 403
+
+
+@pytest.mark.parametrize(
+    "origin", ["chrome-extension://abcdef", "moz-extension://0f1e2d", "safari-web-extension://x1"]
+)
+async def test_ollama_origins_in_foremans_environment_count(
+    stub_server: StubServer, make_foreman: MakeForeman, tmp_path: Path, origin: str
+) -> None:
+    """OLLAMA_ORIGINS as Ollama's FAQ writes it for extensions lets them in, beside FOREMAN_ORIGINS."""
+    environ = {
+        "OLLAMA_ORIGINS": "chrome-extension://*,moz-extension://*,safari-web-extension://*",
+        "FOREMAN_ORIGINS": "https://app.example.org",
+        "XDG_STATE_HOME": str(tmp_path),
+    }
+    args = build_parser(environ, isatty=False).parse_args(["serve"])
+    origins = serve_config(args, environ).origins
+    foreman = await make_foreman(stub_server.url, origins=origins)
+    for allowed in (origin, "https://app.example.org"):
+        answer = await foreman.client.get("/api/version", headers={"Origin": allowed})
+        assert answer.status == 200 and answer.headers["Access-Control-Allow-Origin"] == allowed
+
+
+@pytest.mark.parametrize("variable", ["OLLAMA_ORIGINS", "FOREMAN_ORIGINS"])
+def test_an_origin_ollama_would_not_start_with_stops_foreman(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], variable: str
+) -> None:
+    """An origin with no scheme and no wildcard stops the start with one line, as it stops Ollama."""
+    assert main(["serve", "--db", str(tmp_path / "q.db")], environ={variable: "example.org"}) == 78
+    err = capsys.readouterr().err
+    assert variable in err and "example.org" in err and "Traceback" not in err
 
 
 async def test_extra_origins_take_wildcards(stub_server: StubServer, make_foreman: MakeForeman) -> None:

@@ -12,12 +12,13 @@ import pytest
 from storage_contract import MakeStorage, StorageContract, new_job, resident
 
 from foreman.models import Priority
-from foreman.scheduler import ModelQueue
+from foreman.scheduler import ModelQueue, Policy, State
+from foreman.sqlite import embed_cache, schema
 from foreman.sqlite.checkpoints import Checkpointer
 from foreman.sqlite.schema import SCHEMA_VERSION
 from foreman.sqlite.storage import SqliteStorage
 from foreman.sqlite.store import Store
-from foreman.storage import Storage, Submission
+from foreman.storage import CacheEntry, Storage, Submission
 
 
 class TestSqliteStorage(StorageContract):
@@ -110,6 +111,36 @@ def test_class_counts_follow_cancel_requeue_and_recovery(tmp_path: Path) -> None
     reopened.close()
 
 
+def test_a_held_job_stays_held_across_a_restart(tmp_path: Path) -> None:
+    """The not-before time is in the database: a reopened store holds the job back just the same."""
+    store = Store(tmp_path / "q.db")
+    job = new_job("a:latest", created=1.0)
+    store.insert(job)
+    claim = store.claim(resident("a:latest"), now=2)
+    assert claim is not None
+    store.requeue(claim.job, attempt=1, error="boom", not_before=50.0)
+    store.close()
+    reopened = Store(tmp_path / "q.db")
+    [queue] = reopened.queues()
+    assert (queue.waiting, [(h.job_id, h.not_before) for h in queue.held]) == (0, [(job.id, 50.0)])
+    assert reopened.claim(lambda queues: Policy().pick(queues, State(), now=49), now=49) is None
+    assert reopened.cancel_queued(job.id, now=49)
+    assert reopened.queues() == []
+    reopened.close()
+
+
+def test_the_embedding_cache_survives_a_restart(tmp_path: Path) -> None:
+    """The vectors live in the jobs' file: a reopened store finds them, with their bytes counted."""
+    store = Store(tmp_path / "q.db")
+    store.cache_put([CacheEntry(b"k" * 32, "d", b"[1.0]", 2)], limit=10_000)
+    stats = store.cache_stats()
+    store.close()
+    reopened = Store(tmp_path / "q.db")
+    assert reopened.cache_stats() == stats
+    assert reopened.cache_get([b"k" * 32])[b"k" * 32].tokens == 2
+    reopened.close()
+
+
 def test_a_schema_1_database_is_migrated_with_its_jobs_interactive(tmp_path: Path) -> None:
     """Jobs queued before priorities existed keep their place, as interactive jobs."""
     path = tmp_path / "old.db"
@@ -149,9 +180,14 @@ def test_hot_path_queries_search_the_index_and_never_scan(store: Store, tmp_path
     reads_and_claims = [sql for sql in statements if sql.lstrip().startswith(("SELECT", "UPDATE"))]
     assert len(reads_and_claims) == 2, statements  # the snapshot of what waits, then the claim
     with closing(sqlite3.connect(tmp_path / "q.db")) as db:
-        for sql in reads_and_claims:
-            plan = " | ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}"))
-            assert "jobs_queued_by_class" in plan and "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
+        plans = [
+            " | ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}")) for sql in reads_and_claims
+        ]
+    snapshot, claim = plans
+    assert "jobs_queued_by_class" in snapshot, snapshot
+    assert "sqlite_autoindex_jobs_1 (id=?)" in claim, claim  # the policy names the job: a key lookup
+    for plan in plans:
+        assert "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
 
 
 def test_insert_many_writes_all_or_nothing(store: Store, tmp_path: Path) -> None:
@@ -221,3 +257,34 @@ def test_positions_in_one_group_commit_are_those_of_one_submission_at_a_time(tmp
     assert positions == [[0, 0, 2, 3, 1]] * 2
     together.close()
     alone.close()
+
+
+def test_a_schema_5_database_gains_not_before_times(tmp_path: Path) -> None:
+    """The migration to schema 6 adds the column and its index; queued jobs stay free to run."""
+    # Schema 5 is today's schema without the column and its index.
+    lines = schema._SCHEMA.splitlines()
+    kept = [line for line in lines if "not_before" not in line]
+    schema_5 = "\n".join(kept).replace("cache           TEXT,", "cache           TEXT")
+    assert len(kept) == len(lines) - 2
+    path = tmp_path / "v5.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        schema_5
+        + embed_cache.SCHEMA
+        + f"""
+        INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at, priority)
+            VALUES ('01OLD', 'queued', '/api/chat', 'a', 'a:latest', 0, X'7B7D', 5.0, 'batch');
+        PRAGMA user_version = 5;
+        PRAGMA application_id = {schema.APPLICATION_ID};
+        """
+    )
+    db.close()
+    store = Store(path)
+    [queue] = store.queues()
+    assert (queue.waiting, queue.oldest_id, queue.held) == (1, "01OLD", ())
+    store.close()
+    with closing(sqlite3.connect(path)) as db:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "not_before" in columns and "jobs_held" in indexes
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6

@@ -21,6 +21,7 @@ from stub_ollama import (
     StubServer,
     StubSettings,
     create_app,
+    embedding,
     normalise,
     parse_go_duration,
     parse_keep_alive,
@@ -432,7 +433,9 @@ async def test_streamed_chat_and_generate_shapes(start_stub: StartStub, http: ai
         ("/api/chat", {"model": "llama3", "keep_alive": True}, 400, "Unsupported type: 'bool'"),
         ("/api/chat", {"messages": []}, 400, "model is required"),
         ("/api/generate", {"model": ""}, 400, "invalid model name"),
-        ("/api/chat", {"model": "ghost"}, 404,
+        ("/api/chat", {"model": "ghost"}, 404, "model 'ghost' not found"),
+        ("/api/embed", {"model": "ghost", "input": "x"}, 404, "model 'ghost' not found"),
+        ("/api/embeddings", {"model": "ghost", "prompt": "x"}, 404,
          'model "ghost" not found, try pulling it first'),
         ("/api/chat", {"model": "llama3", "messages": "hi"}, 400,
          "json: cannot unmarshal string into Go struct field ChatRequest.messages of type "
@@ -579,3 +582,54 @@ async def test_stub_server_stop_and_resume() -> None:
         assert status == 200
         assert server.stub.loads == [A, A]
         assert server.app[STUB] is server.stub
+
+
+# ------------------------------------------------------------------ embeddings
+
+
+async def test_an_embed_call_costs_a_fixed_part_plus_a_part_per_input(
+    start_stub: StartStub, http: aiohttp.ClientSession
+) -> None:
+    """Like Ollama: each call pays its fixed cost and each input its own, one call at a time per slot."""
+    url, stub = await start_stub(embed_call_delay=0.05, embed_input_delay=0.02)
+    await post(http, url, "/api/embed", {"model": EMBED, "input": []})  # load first
+    started = asyncio.get_running_loop().time()
+    status, reply, _ = await post(http, url, "/api/embed", {"model": EMBED, "input": ["a"] * 5})
+    assert status == 200 and len(reply["embeddings"]) == 5
+    assert asyncio.get_running_loop().time() - started >= 0.05 + 5 * 0.02
+    await asyncio.gather(*(post(http, url, "/api/embed", {"model": EMBED, "input": "x"}) for _ in range(3)))
+    assert stub.max_in_flight >= 3 and stub.max_generating == 1
+
+
+async def test_vectors_follow_the_digest_and_a_pull_changes_it(
+    start_stub: StartStub, http: aiohttp.ClientSession
+) -> None:
+    """The same text embeds differently after a pull (new digest); a copy shares its source's digest and vectors."""
+    url, stub = await start_stub()
+    digests = {}
+    async with http.get(url + "/api/tags") as response:
+        digests = {m["name"]: m["digest"] for m in (await response.json())["models"]}
+    _, before, _ = await post(http, url, "/api/embed", {"model": EMBED, "input": "x"})
+    await post(http, url, "/api/pull", {"model": EMBED, "stream": False})
+    async with http.get(url + "/api/tags") as response:
+        after_pull = {m["name"]: m["digest"] for m in (await response.json())["models"]}
+    assert after_pull[EMBED] != digests[EMBED] and after_pull[A] == digests[A]
+    _, after, _ = await post(http, url, "/api/embed", {"model": EMBED, "input": "x"})
+    assert after["embeddings"] != before["embeddings"]
+    assert after["embeddings"][0] == pytest.approx(embedding(after_pull[EMBED], "x", 8))
+    await post(http, url, "/api/copy", {"source": EMBED, "destination": "copied-embed"})
+    assert stub.find("copied-embed").digest == after_pull[EMBED]  # type: ignore[union-attr]
+    _, copied, _ = await post(http, url, "/api/embed", {"model": "copied-embed", "input": "x"})
+    assert copied["embeddings"] == after["embeddings"]
+
+
+async def test_an_input_over_the_context_is_refused_without_truncate(
+    start_stub: StartStub, http: aiohttp.ClientSession
+) -> None:
+    """truncate: false and an input longer than num_ctx: Ollama's 400 for the whole call."""
+    url, _ = await start_stub(num_ctx=3)
+    body = {"model": EMBED, "input": ["short", "one two three four"], "truncate": False}
+    status, reply, _ = await post(http, url, "/api/embed", body)
+    assert (status, reply) == (400, {"error": "the input length exceeds the context length"})
+    status, _, _ = await post(http, url, "/api/embed", {**body, "truncate": True})
+    assert status == 200

@@ -14,6 +14,7 @@ import pytest
 
 from helpers import reply_text
 from stub_ollama import FOREVER, Stub, StubServer, embedding
+from stub_ollama.catalog import first_digest
 
 OpenAIClient = Callable[[str], openai.AsyncOpenAI]
 USER = [{"role": "user", "content": "hi"}]
@@ -65,7 +66,9 @@ async def test_completions_embeddings_and_models(
 
     floats = await client.embeddings.create(model="nomic-embed-text", input=["a", "b"])
     assert [e.index for e in floats.data] == [0, 1] and floats.model == "nomic-embed-text"
-    assert floats.data[0].embedding == pytest.approx(embedding("nomic-embed-text:latest", "a", 8))
+    assert floats.data[0].embedding == pytest.approx(
+        embedding(first_digest("nomic-embed-text:latest"), "a", 8)
+    )
     packed = await client.embeddings.with_raw_response.create(
         model="nomic-embed-text", input="a", encoding_format="base64"
     )
@@ -81,7 +84,7 @@ async def test_completions_embeddings_and_models(
 
 
 async def test_errors_have_openais_shape(stub_server: StubServer, http: aiohttp.ClientSession) -> None:
-    """The middleware's 400s are invalid_request_error; handler errors keep their status as api_error."""
+    """Errors take their type from their status (openai.NewError), the handlers' ones too since Ollama 0.18."""
     url = stub_server.url + "/v1/chat/completions"
     cases = [
         ({"model": "llama3", "messages": []}, 400, "[] is too short - 'messages'", "invalid_request_error"),
@@ -94,10 +97,10 @@ async def test_errors_have_openais_shape(stub_server: StubServer, http: aiohttp.
         (
             {"model": "ghost", "messages": USER},
             404,
-            'model "ghost" not found, try pulling it first',
-            "api_error",
+            "model 'ghost' not found",
+            "not_found_error",
         ),
-        ({"messages": USER}, 400, "model is required", "api_error"),
+        ({"messages": USER}, 400, "model is required", "invalid_request_error"),
     ]
     for body, status, message, kind in cases:
         async with http.post(url, json=body) as response:

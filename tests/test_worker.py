@@ -43,6 +43,9 @@ class FakeResidency:
     async def read_until_answered(self, retry: object, sleep: object) -> None:
         pass
 
+    async def release_pins(self, reason: str) -> None:
+        pass
+
 
 class FakeRunner:
     """Runs a claim by holding it until the test lets it go, then marks it done in the store."""
@@ -57,7 +60,7 @@ class FakeRunner:
         self.cancel_requested: set[str] = set()
         self._running: set[str] = set()
 
-    async def run(self, claim: Claim) -> None:
+    async def run(self, claim: Claim, start: object) -> None:
         self.claims.append(claim)
         self._running.add(claim.job.id)
         await self.release.wait()
@@ -65,6 +68,9 @@ class FakeRunner:
         self._residency.models = frozenset({claim.job.model_key})
         await self._store.finish(claim.job, JobState.DONE, 0.0, status=200)
         self._running.discard(claim.job.id)
+
+    def stop(self) -> None:
+        pass
 
     def is_running(self, job_id: str) -> bool:
         return job_id in self._running

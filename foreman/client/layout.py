@@ -75,10 +75,6 @@ def one_line(text: str, width: int = _ERROR_WIDTH) -> str:
     return line if len(line) <= width else line[: width - 3] + "..."
 
 
-def endpoint_name(endpoint: str) -> str:
-    return endpoint.removeprefix("/api/")
-
-
 def format_status(status: Json, now: float) -> str:
     """`foreman status`: the daemon, the running job, then the queue by model in drain order."""
     upstream, db = status["upstream"], status["db"]
@@ -124,8 +120,7 @@ def _running(job: Json | None) -> str:
         return "nothing"
     attempt = f", attempt {job['attempt'] + 1}" if job["attempt"] else ""
     return (
-        f"{job['id']}  {job['model']} {endpoint_name(job['endpoint'])}"
-        f"  {job['state']} for {duration(job['run_s'])}{attempt}"
+        f"{job['id']}  {job['model']} {job['endpoint']}  {job['state']} for {duration(job['run_s'])}{attempt}"
     )
 
 
@@ -145,7 +140,7 @@ def format_jobs(page: Json, now: float) -> str:
             job["id"],
             job["state"],
             job["model"],
-            endpoint_name(job["endpoint"]),
+            job["endpoint"],  # the path, one form for native and /v1 jobs
             age(job["created_at"], now),
             duration(job["queue_wait_s"]),
             duration(job["run_s"]),

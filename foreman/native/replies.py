@@ -56,7 +56,7 @@ class Native:
     def error_body(self, status: int, message: str) -> bytes:
         return json.dumps({"error": message}).encode()
 
-    def client_error(self, body: bytes) -> bytes:
+    def client_error(self, body: bytes, status: int) -> bytes:
         return body
 
     def frame(self, chunk: bytes) -> bytes:

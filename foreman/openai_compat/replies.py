@@ -11,7 +11,8 @@ The shapes are Ollama's own (`openai/openai.go`, `middleware/openai.go`):
   `data: {"error": {...}}` frame, which the openai SDKs raise as an APIError.
 - Errors are `{"error": {"message", "type", "param": null, "code": null}}`.
   `openai.NewError` sets `type` from the status; Ollama's native handlers' errors
-  reach /v1 clients through `writeError`, always as `api_error`.
+  reach /v1 clients through `writeError`, which keeps their status and (since
+  Ollama 0.18) gives them its type: a 404 is `not_found_error`.
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ def error_body(status: int, message: str, kind: str | None = None) -> bytes:
     return json.dumps({"error": error}).encode()
 
 
-def as_openai_error(body: bytes) -> bytes:
+def as_openai_error(body: bytes, status: int = 500) -> bytes:
     """An error body as a /v1 client expects it.
 
     Ollama's /v1 errors pass unchanged. A native `{"error": "..."}` (from the
-    load step on /api/*, or made by foreman) becomes the `api_error` that Ollama's
-    `writeError` would have made of it.
+    load step on /api/*, or made by foreman) becomes what Ollama's `writeError`
+    would have made of it with this status.
     """
     message = body.decode("utf-8", "replace")
     with suppress(ValueError):
@@ -53,7 +54,7 @@ def as_openai_error(body: bytes) -> bytes:
                 return body
             if error is not None:
                 message = str(error)
-    return error_body(500, message, "api_error")
+    return error_body(status, message)
 
 
 class SSEReader:
@@ -95,8 +96,8 @@ class OpenAI:
     def error_body(self, status: int, message: str) -> bytes:
         return error_body(status, message)
 
-    def client_error(self, body: bytes) -> bytes:
-        return as_openai_error(body)
+    def client_error(self, body: bytes, status: int) -> bytes:
+        return as_openai_error(body, status)
 
     def frame(self, chunk: bytes) -> bytes:
         return b"data: " + chunk.rstrip(b"\n") + b"\n\n"

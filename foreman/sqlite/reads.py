@@ -47,11 +47,16 @@ def counts_by_state(db: sqlite3.Connection) -> dict[str, int]:
     return {state: count for state, count in db.execute("SELECT state, count(*) FROM jobs GROUP BY state")}
 
 
-def oldest_queued(db: sqlite3.Connection, model_key: str, priority: Priority) -> tuple[str, float]:
-    """The id and arrival time of the oldest queued job of a group: one index lookup."""
+def oldest_queued(
+    db: sqlite3.Connection, model_key: str, priority: Priority, *, skip_held: bool = False
+) -> tuple[str, float]:
+    """The id and arrival time of the oldest queued job of a group (with `skip_held`, not held back).
+
+    One index lookup; held jobs are few, so skipping them in the index costs little.
+    """
     oldest_id, oldest_at = db.execute(
         "SELECT id, created_at FROM jobs WHERE state = 'queued' AND model_key = ? AND priority = ?"
-        " ORDER BY id LIMIT 1",
+        f" {'AND not_before IS NULL' if skip_held else ''} ORDER BY id LIMIT 1",
         (model_key, priority),
     ).fetchone()
     return oldest_id, oldest_at

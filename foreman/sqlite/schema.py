@@ -8,8 +8,9 @@ from pathlib import Path
 
 from foreman.errors import StoreError
 from foreman.models import Job, JobState, Priority
+from foreman.sqlite import embed_cache
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 # Marks the file as foreman's (PRAGMA application_id): "FRMN".
 APPLICATION_ID = 0x46524D4E
 
@@ -34,7 +35,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     request_hash    TEXT,           -- tells a retried submission from a different one
     priority        TEXT NOT NULL DEFAULT 'interactive',  -- interactive or batch
     routing         TEXT,           -- alias jobs: JSON {alias, route, rule}
-    served_model    TEXT            -- alias jobs: the model picked to serve it
+    served_model    TEXT,           -- alias jobs: the model picked to serve it
+    cache           TEXT,           -- embeddings: 'no-cache' (asked), 'hit' or 'partial' (served from the cache)
+    not_before      REAL            -- put back after a failure: not to run before this time
 );
 -- The pick: the oldest queued job of a model in a class is the first entry under (key, class).
 CREATE INDEX IF NOT EXISTS jobs_queued_by_class ON jobs (model_key, priority, id) WHERE state = 'queued';
@@ -42,6 +45,8 @@ CREATE INDEX IF NOT EXISTS jobs_queued_by_class ON jobs (model_key, priority, id
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+-- The jobs held back after a failure, read at boot: few, so a small partial index.
+CREATE INDEX IF NOT EXISTS jobs_held ON jobs (not_before) WHERE state = 'queued' AND not_before IS NOT NULL;
 -- Retention finds old finished jobs without scanning the queue.
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE state IN ('done', 'failed', 'cancelled');
 
@@ -72,8 +77,16 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE jobs ADD COLUMN routing TEXT;
     ALTER TABLE jobs ADD COLUMN served_model TEXT;
     """,
+    # The embedding cache: its table comes with the schema; jobs say how the cache served them.
+    5: """
+    ALTER TABLE jobs ADD COLUMN cache TEXT;
+    """,
+    # Not-before times: no job was held back before them.
+    6: """
+    ALTER TABLE jobs ADD COLUMN not_before REAL;
+    """,
 }
-_OUR_TABLES = frozenset({"jobs", "chunks"})
+_OUR_TABLES = frozenset({"jobs", "chunks", "embed_cache"})
 
 # A Job is read from the columns of its own fields' names.
 _JOB_COLUMNS = tuple(field.name for field in dataclasses.fields(Job))
@@ -141,7 +154,7 @@ def _prepare(db: sqlite3.Connection, path: Path, sync: str) -> None:
     migrations = "".join(_MIGRATIONS[v] for v in pending)
     try:
         db.executescript(
-            f"BEGIN IMMEDIATE; {migrations} {_SCHEMA}"
+            f"BEGIN IMMEDIATE; {migrations} {_SCHEMA} {embed_cache.SCHEMA}"
             f" PRAGMA user_version = {SCHEMA_VERSION}; PRAGMA application_id = {APPLICATION_ID}; COMMIT;"
         )
     except BaseException:
@@ -200,6 +213,8 @@ def job_from_row(row: sqlite3.Row) -> Job:
         priority=Priority(row["priority"]),
         routing=row["routing"],
         served_model=row["served_model"],
+        cache=row["cache"],
+        not_before=row["not_before"],
     )
 
 

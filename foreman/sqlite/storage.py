@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -43,7 +44,17 @@ from foreman.sqlite import reads
 from foreman.sqlite.checkpoints import Checkpointer
 from foreman.sqlite.schema import connect_beside, wal_path
 from foreman.sqlite.store import Store, prune
-from foreman.storage import Accepted, Chooser, Claim, DrainOrder, Recovered, Submission
+from foreman.storage import (
+    Accepted,
+    CachedVector,
+    CacheEntry,
+    CacheStats,
+    Chooser,
+    Claim,
+    DrainOrder,
+    Recovered,
+    Submission,
+)
 
 T = TypeVar("T")
 
@@ -215,6 +226,16 @@ class SqliteStorage:
     async def claim(self, choose: Chooser, now: float) -> Claim | None:
         return self._hot.claim(choose, now)
 
+    async def claim_companions(
+        self,
+        model_key: str,
+        endpoints: Sequence[str],
+        pick: Callable[[list[Job]], list[str]],
+        now: float,
+        scan: int,
+    ) -> list[Job]:
+        return self._hot.claim_companions(model_key, endpoints, pick, now, scan)
+
     async def waiting(self, model_key: str) -> int:
         return self._hot.waiting(model_key)
 
@@ -224,8 +245,10 @@ class SqliteStorage:
     async def mark_working(self, job_id: str) -> None:
         self._hot.mark_working(job_id)
 
-    async def requeue(self, job: Job, *, attempt: int, error: str | None) -> None:
-        self._hot.requeue(job, attempt=attempt, error=error)
+    async def requeue(
+        self, job: Job, *, attempt: int, error: str | None, not_before: float | None = None
+    ) -> None:
+        self._hot.requeue(job, attempt=attempt, error=error, not_before=not_before)
 
     async def finish(
         self,
@@ -238,9 +261,18 @@ class SqliteStorage:
         error: str | None = None,
         attempt: int | None = None,
         chunks: Sequence[bytes] = (),
+        cache: str | None = None,
     ) -> None:
         self._hot.finish(
-            job, state, now, status=status, result=result, error=error, attempt=attempt, chunks=chunks
+            job,
+            state,
+            now,
+            status=status,
+            result=result,
+            error=error,
+            attempt=attempt,
+            chunks=chunks,
+            cache=cache,
         )
 
     async def set_served(self, job_id: str, model: str) -> None:
@@ -273,6 +305,26 @@ class SqliteStorage:
     async def counts_by_state(self) -> dict[str, int]:
         return await self._off_loop(reads.counts_by_state)
 
+    # The embedding cache: its table keeps its counts in memory beside `Store`'s
+    # connection, so it runs where that connection does, on the loop. A put or
+    # an eviction of a large batch holds the loop for milliseconds (see README,
+    # "Performance": moving the table to the store's thread is left to do).
+
+    async def cache_get(self, keys: Sequence[bytes]) -> dict[bytes, CachedVector]:
+        return self._hot.cache_get(keys)
+
+    async def cache_put(self, entries: Sequence[CacheEntry], limit: int) -> int:
+        return self._hot.cache_put(entries, limit)
+
+    async def cache_evict(self, limit: int) -> int:
+        return self._hot.cache_evict(limit)
+
+    async def cache_invalidate(self, digests: Sequence[str]) -> int:
+        return self._hot.cache_invalidate(digests)
+
+    async def cache_stats(self) -> CacheStats:
+        return self._hot.cache_stats()
+
     # Upkeep
 
     async def prune(self, cutoff: float, batch: int) -> int:
@@ -300,7 +352,7 @@ def _placed(future: asyncio.Future[Accepted], accepted: Accepted, place: asyncio
     if error is not None:
         future.set_exception(error)
     else:
-        future.set_result(Accepted(accepted.job_id, accepted.new, accepted.state, place.result()))
+        future.set_result(dataclasses.replace(accepted, position=place.result()))
 
 
 def _resolve(future: asyncio.Future[Accepted], accepted: Accepted, synced: asyncio.Future[None]) -> None:

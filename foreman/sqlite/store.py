@@ -8,17 +8,34 @@ its own). The file's vetting and schema live in `schema`, the read models in
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import structlog
+
 from foreman.errors import ForemanError, QueueFull, Unavailable
 from foreman.models import Job, JobState, NewJob, Priority
-from foreman.scheduler import ModelQueue, waiting_before
+from foreman.scheduler import Held, ModelQueue, waiting_before
 from foreman.sqlite import reads
 from foreman.sqlite.counts import WaitingCounts
+from foreman.sqlite.embed_cache import EmbedCacheTable
 from foreman.sqlite.schema import ENDED, JOB, job_from_row, open_database, wal_path
-from foreman.storage import Accepted, Chooser, Claim, DrainOrder, IdempotencyConflict, Recovered, Submission
+from foreman.storage import (
+    Accepted,
+    CacheAnswer,
+    CachedVector,
+    CacheEntry,
+    CacheStats,
+    Chooser,
+    Claim,
+    DrainOrder,
+    IdempotencyConflict,
+    Recovered,
+    Submission,
+)
+
+log = structlog.get_logger("foreman.store")
 
 
 class Store:
@@ -43,6 +60,12 @@ class Store:
             " WHERE state = 'queued' GROUP BY model_key, priority"
         ):
             self._waiting.add(row[0], Priority(row[1]), row[2])
+        for job_id, key, priority, created_at, not_before in self._db.execute(
+            "SELECT id, model_key, priority, created_at, not_before FROM jobs INDEXED BY jobs_held"
+            " WHERE state = 'queued' AND not_before IS NOT NULL"
+        ):
+            self._waiting.hold(key, Priority(priority), Held(job_id, created_at, not_before))
+        self._cache = EmbedCacheTable(self._db)
 
     def close(self) -> None:
         self._db.close()
@@ -87,7 +110,9 @@ class Store:
         # One INSERT is a transaction of its own; every statement saved is a
         # GIL hand-over saved against the busy event loop.
         try:
-            with self._waiting.transaction(), self._transaction(begin=len(submissions) > 1):
+            # A job answered at once is inserted and ended in one transaction.
+            grouped = len(submissions) > 1 or any(s.answer is not None for s in submissions)
+            with self._waiting.transaction(), self._transaction(begin=grouped):
                 for submission in submissions:
                     try:
                         results.append(self._accept(submission, positions_of_earlier, drain))
@@ -113,6 +138,15 @@ class Store:
             if existing.state is JobState.QUEUED and order is not None and positions_of_earlier:
                 position = self.position(job_id, existing.model_key, existing.priority, order)
             return Accepted(job_id, False, existing.state, position)
+        if submission.answer is not None and (result := self._answer(submission.answer, job)) is not None:
+            now = job.created_at
+            self._db.execute(
+                "UPDATE jobs SET state = 'done', started_at = ?, finished_at = ?, status = 200,"
+                " result = ?, cache = 'hit' WHERE id = ?",
+                (now, now, result, job.id),
+            )
+            self._waiting.add(job.model_key, job.priority, -1)
+            return Accepted(job_id, True, JobState.DONE, None, result)
         position = None
         if order is not None:
             # The newest job of its group: everything in its group is ahead of it.
@@ -132,6 +166,18 @@ class Store:
             position = before + self._waiting.of_class(*group) - 1
         return Accepted(job_id, True, JobState.QUEUED, position)
 
+    def _answer(self, answer: CacheAnswer, job: NewJob) -> bytes | None:
+        """The cache's reply to the job if it holds every vector, else None (the job queues)."""
+        found = self._cache.get(answer.keys)
+        if len(found) < len(set(answer.keys)):
+            return None  # the worker looks again, and sends only what is missing
+        try:
+            return answer.reply([found[key] for key in answer.keys])
+        except Exception:
+            # A bug here must not refuse the job: it queues, and the worker serves it.
+            log.exception("embed_cache.answer_failed", job_id=job.id)
+            return None
+
     def _insert(self, job: NewJob, request_hash: str | None) -> str:
         if job.idempotency_key is not None:
             row = self._db.execute(
@@ -145,8 +191,8 @@ class Store:
             raise QueueFull(self.max_queue)
         self._db.execute(
             "INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at,"
-            " respond_async, idempotency_key, request_hash, priority, routing)"
-            " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " respond_async, idempotency_key, request_hash, priority, routing, cache)"
+            " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 job.id,
                 job.endpoint,
@@ -160,6 +206,7 @@ class Store:
                 request_hash,
                 job.priority,
                 job.routing,
+                job.cache,
             ),
         )
         self._waiting.add(job.model_key, job.priority, 1)
@@ -190,31 +237,82 @@ class Store:
         return Recovered(len(requeued), failed)
 
     def queues(self) -> list[ModelQueue]:
-        """What waits, per model key and class: one index lookup each for the oldest job."""
+        """What waits, per model key and class: one index lookup each for the oldest job not held back.
+
+        Held jobs (put back after a failure, with a not-before time) come as
+        they are; whether their time has come is the policy's to say.
+        """
         queues = []
         for (key, priority), waiting in self._waiting.by_class().items():
-            oldest_id, oldest_at = reads.oldest_queued(self._db, key, priority)
-            queues.append(ModelQueue(key, priority, waiting, oldest_id, oldest_at))
+            held = self._waiting.held(key, priority)
+            free = waiting - len(held)
+            oldest_id, oldest_at = "", 0.0
+            if free > 0:
+                oldest_id, oldest_at = reads.oldest_queued(self._db, key, priority, skip_held=bool(held))
+            queues.append(ModelQueue(key, priority, free, oldest_id, oldest_at, held))
         return queues
 
     def claim(self, choose: Chooser, now: float) -> Claim | None:
-        """Let `choose` pick a model from what waits, and take that model's oldest job."""
+        """Let `choose` pick from what waits, and take the job it names (else its group's oldest)."""
         decision = choose(self.queues())
         if decision is None:
             return None
         state = JobState.LOADING if decision.swap else JobState.WORKING
-        row = self._db.execute(
-            f"UPDATE jobs SET state = ?, started_at = ?"
-            f" WHERE id = (SELECT id FROM jobs WHERE state = 'queued' AND model_key = ? AND priority = ?"
-            f" ORDER BY id LIMIT 1) RETURNING {JOB}",
-            (state, now, decision.model_key, decision.priority),
-        ).fetchone()
+        if decision.job_id is not None:
+            row = self._db.execute(
+                f"UPDATE jobs SET state = ?, started_at = ?, not_before = NULL"
+                f" WHERE id = ? AND state = 'queued' RETURNING {JOB}",
+                (state, now, decision.job_id),
+            ).fetchone()
+        else:
+            row = self._db.execute(
+                f"UPDATE jobs SET state = ?, started_at = ?, not_before = NULL"
+                f" WHERE id = (SELECT id FROM jobs WHERE state = 'queued' AND model_key = ? AND priority = ?"
+                f" ORDER BY id LIMIT 1) RETURNING {JOB}",
+                (state, now, decision.model_key, decision.priority),
+            ).fetchone()
         if row is None:
             raise RuntimeError(
                 f"no queued {decision.priority} job for {decision.model_key!r} although one was counted"
             )
-        self._waiting.add(decision.model_key, decision.priority, -1)
-        return Claim(job_from_row(row), decision, self._waiting.of_model(decision.model_key))
+        job = job_from_row(row)
+        self._taken(job)
+        return Claim(job, decision, self._waiting.of_model(decision.model_key))
+
+    def claim_companions(
+        self,
+        model_key: str,
+        endpoints: Sequence[str],
+        pick: Callable[[list[Job]], list[str]],
+        now: float,
+        scan: int,
+    ) -> list[Job]:
+        """Take queued jobs of `model_key` to run beside a running one (see `Storage.claim_companions`)."""
+        marks = ",".join("?" * len(endpoints))
+        # A job held back after a failure joins only once its time has come.
+        rows = self._db.execute(
+            f"SELECT {JOB} FROM jobs WHERE state = 'queued' AND model_key = ? AND endpoint IN ({marks})"
+            f" AND (not_before IS NULL OR not_before <= ?) ORDER BY priority = 'batch', id LIMIT ?",
+            (model_key, *endpoints, now, scan),
+        ).fetchall()
+        chosen = set(pick([job_from_row(row) for row in rows]))
+        if not chosen:
+            return []
+        ids = sorted(chosen)
+        taken = self._db.execute(
+            f"UPDATE jobs SET state = 'working', started_at = ?, not_before = NULL WHERE state = 'queued'"
+            f" AND id IN ({','.join('?' * len(ids))}) RETURNING {JOB}",
+            (now, *ids),
+        ).fetchall()
+        jobs = sorted((job_from_row(row) for row in taken), key=lambda job: job.id)
+        for job in jobs:
+            self._taken(job)
+        return jobs
+
+    def _taken(self, job: Job) -> None:
+        """A queued job left the queue to run."""
+        self._waiting.add(job.model_key, job.priority, -1)
+        self._waiting.release(job.model_key, job.priority, job.id)
 
     def waiting(self, model_key: str) -> int:
         return self._waiting.of_model(model_key)
@@ -226,19 +324,21 @@ class Store:
     def mark_working(self, job_id: str) -> None:
         self._db.execute("UPDATE jobs SET state = 'working' WHERE id = ?", (job_id,))
 
-    def requeue(self, job: Job, *, attempt: int, error: str | None) -> None:
-        """Put a running job back in line, keeping its place (its id).
+    def requeue(self, job: Job, *, attempt: int, error: str | None, not_before: float | None = None) -> None:
+        """Put a running job back in line, keeping its place (its id); with `not_before`, held until then.
 
         It is counted under the key it is stored with: an alias job's, not
         that of the model it was about to run on.
         """
         row = self._db.execute(
-            "UPDATE jobs SET state = 'queued', attempt = ?, error = ?, served_model = NULL"
+            "UPDATE jobs SET state = 'queued', attempt = ?, error = ?, served_model = NULL, not_before = ?"
             " WHERE id = ? AND state IN ('loading', 'working') RETURNING model_key",
-            (attempt, error, job.id),
+            (attempt, error, not_before, job.id),
         ).fetchone()
         if row is not None:
             self._waiting.add(row["model_key"], job.priority, 1)
+            if not_before is not None:
+                self._waiting.hold(row["model_key"], job.priority, Held(job.id, job.created_at, not_before))
 
     def set_served(self, job_id: str, model: str) -> None:
         """Record which model serves an alias job."""
@@ -255,13 +355,18 @@ class Store:
         error: str | None = None,
         attempt: int | None = None,
         chunks: Sequence[bytes] = (),
+        cache: str | None = None,
     ) -> None:
-        """End a running job for good, with its output; a job that already ended stays as it ended."""
+        """End a running job for good, with its output; a job that already ended stays as it ended.
+
+        `cache` says how the embedding cache served it ('hit', 'partial'), if it did.
+        """
         with self._transaction(begin=bool(chunks)):
             ended = self._db.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, status = ?, result = ?, error = ?,"
-                " attempt = coalesce(?, attempt) WHERE id = ? AND state IN ('loading', 'working')",
-                (state, now, status, result, error, attempt, job.id),
+                " attempt = coalesce(?, attempt), cache = coalesce(?, cache)"
+                " WHERE id = ? AND state IN ('loading', 'working')",
+                (state, now, status, result, error, attempt, cache, job.id),
             ).rowcount
             if ended and chunks:
                 self._db.executemany(
@@ -280,6 +385,7 @@ class Store:
         if row is None:
             return False
         self._waiting.add(row["model_key"], Priority(row["priority"]), -1)
+        self._waiting.release(row["model_key"], Priority(row["priority"]), job_id)
         return True
 
     # Reads
@@ -307,6 +413,27 @@ class Store:
 
     def counts_by_state(self) -> dict[str, int]:
         return reads.counts_by_state(self._db)
+
+    # The embedding cache (see foreman/sqlite/embed_cache.py).
+
+    def cache_get(self, keys: Sequence[bytes]) -> dict[bytes, CachedVector]:
+        """The cached vectors found under `keys`, each marked as just used."""
+        return self._cache.get(keys)
+
+    def cache_put(self, entries: Sequence[CacheEntry], limit: int) -> int:
+        """Store vectors, then evict the least recently used down to `limit` bytes; returns how many went."""
+        return self._cache.put(entries, limit)
+
+    def cache_evict(self, limit: int) -> int:
+        """Evict the least recently used vectors down to `limit` bytes (a smaller FOREMAN_EMBED_CACHE)."""
+        return self._cache.evict(limit)
+
+    def cache_invalidate(self, digests: Sequence[str]) -> int:
+        """Drop every vector of the models with these digests."""
+        return self._cache.invalidate(digests)
+
+    def cache_stats(self) -> CacheStats:
+        return self._cache.stats()
 
     # Upkeep
 
