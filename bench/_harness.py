@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -24,11 +25,13 @@ from typing import Any, TypeVar
 
 PYTHON = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
+# The scripts run as `python bench/x.py`, which puts only bench/ on the path: import
+# foreman and stub_ollama from this checkout, installed or not (the children, run
+# with `-m` from ROOT, do the same).
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))
 BARE_PROXY = Path(__file__).resolve().parent / "bare_proxy.py"
 _TICKS = os.sysconf("SC_CLK_TCK")
-# The scripts that import foreman import this checkout's, whatever the environment has installed.
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 T = TypeVar("T")
 
 
@@ -143,10 +146,11 @@ class Processes:
         return proc
 
     def stub(self, name: str = "stub", **flags: object) -> Proc:
-        """`python -m stub_ollama`; keyword flags become `--flag value` (load_delay → --load-delay)."""
+        """`python -m stub_ollama`; keyword flags become `--flag value` (load_delay → --load-delay), `--flag` if True."""
         args = ["-m", "stub_ollama", "--port", "{port}"]
         for flag, value in flags.items():
-            args += [f"--{flag.replace('_', '-')}", str(value)]
+            option = f"--{flag.replace('_', '-')}"
+            args += [option] if value is True else [option, str(value)]
         return self.start(name, args)
 
     def foreman(self, name: str, upstream: str, *, env: Mapping[str, str] = {}, source: Path = ROOT) -> Proc:
@@ -204,6 +208,19 @@ def run_in_workdir(prefix: str, workdir: Path | None, main: Callable[[Path], Cor
         path = workdir or Path(tmp)
         path.mkdir(parents=True, exist_ok=True)
         return asyncio.run(main(path))
+
+
+async def run_clients(clients: int, jobs: int, one: Callable[[int], Awaitable[None]]) -> float:
+    """Seconds for `clients` loops to share `jobs` calls of `one(i)`."""
+    counter = itertools.count()
+
+    async def client() -> None:
+        while (i := next(counter)) < jobs:
+            await one(i)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return time.perf_counter() - start
 
 
 async def all_listening(*procs: Proc) -> None:

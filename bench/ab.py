@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from overhead import chat, rotations, run_clients, submit_async, timed_chat
+from overhead import chat, rotations, submit_async, timed_chat
 
 from _harness import (
     Proc,
@@ -34,6 +34,7 @@ from _harness import (
     free_port,
     lag_between,
     lag_buckets,
+    run_clients,
     run_in_workdir,
 )
 from _report import Row, arg_parser, machine, median, ms, print_report, spread, write_json
@@ -81,13 +82,12 @@ async def throughput(
     for _ in range(args.rounds):
         for name in next(order):
             if name == "direct":
-                rates[name].append(await run_clients(1, args.jobs, lambda i: call(stub.url, i)))
+                rates[name].append(args.jobs / await run_clients(1, args.jobs, lambda i: call(stub.url, i)))
                 continue
             proc = builds[name]
             with cpu_of(proc) as used:
-                rates[name].append(
-                    await run_clients(args.clients, args.jobs, lambda i, u=proc.url: call(u, i))
-                )
+                took = await run_clients(args.clients, args.jobs, lambda i, u=proc.url: call(u, i))
+            rates[name].append(args.jobs / took)
             cpu[name].append(used[proc.name] / args.jobs)
     direct = median(rates["direct"])
     return {

@@ -28,18 +28,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from _harness import Proc, Processes, all_listening, cpu_of, run_in_workdir
+from _harness import Proc, Processes, all_listening, cpu_of, run_clients, run_in_workdir
 from _report import Row, arg_parser, machine, median, ms, print_report, write_json
 
 MODEL = "nomic-embed-text"
@@ -77,19 +74,6 @@ async def embed(http: aiohttp.ClientSession, url: str, inputs: str | list[str]) 
         data = await response.read()
         if response.status != 200:
             raise RuntimeError(f"{url} answered {response.status}: {data[:200]!r}")
-
-
-async def run_clients(clients: int, jobs: int, one: Callable[[int], Awaitable[None]]) -> float:
-    """Seconds for `clients` loops to share `jobs` calls of `one(i)`."""
-    counter = itertools.count()
-
-    async def client() -> None:
-        while (i := next(counter)) < jobs:
-            await one(i)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return time.perf_counter() - start
 
 
 def stub_calls(stub: Proc) -> int:

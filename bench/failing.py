@@ -52,12 +52,9 @@ async def one_round(procs: Processes, case: str, index: int, args: argparse.Name
     }
     if case != "baseline":
         flags["fail_model"] = FAILING
-    stub_args = ["-m", "stub_ollama", "--port", "{port}"]
-    for flag, value in flags.items():
-        stub_args += [f"--{flag.replace('_', '-')}", str(value)]
     if case == "broken":
-        stub_args.append("--fail-loads")
-    stub = procs.start(f"stub-{case}-{index}", stub_args)
+        flags["fail_loads"] = True
+    stub = procs.stub(f"stub-{case}-{index}", **flags)
     foreman = procs.foreman(f"foreman-{case}-{index}", stub.url, env=FOREMAN_ENV)
     try:
         await all_listening(stub, foreman)

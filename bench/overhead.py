@@ -27,7 +27,7 @@ import itertools
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from _harness import (
     free_port,
     lag_between,
     lag_buckets,
+    run_clients,
     run_in_workdir,
 )
 from _report import Row, arg_parser, machine, median, ms, print_report, spread, write_json
@@ -171,19 +172,6 @@ async def as_produced(
 # ------------------------------------------------------------------ 3. throughput
 
 
-async def run_clients(clients: int, jobs: int, one: Callable[[int], Awaitable[None]]) -> float:
-    """Jobs per second when `clients` loops share `jobs` calls of `one(i)`."""
-    counter = itertools.count()
-
-    async def client() -> None:
-        while (i := next(counter)) < jobs:
-            await one(i)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return jobs / (time.perf_counter() - start)
-
-
 async def throughput(
     http: aiohttp.ClientSession, stub: Proc, foreman: Proc, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -194,12 +182,13 @@ async def throughput(
         await timed_chat(http, url, chat(f"throughput {i}", stream=False, num_predict=8))
 
     async def direct() -> None:
-        rates["direct_serial"].append(await run_clients(1, args.throughput_jobs, lambda i: call(stub.url, i)))
+        took = await run_clients(1, args.throughput_jobs, lambda i: call(stub.url, i))
+        rates["direct_serial"].append(args.throughput_jobs / took)
 
     async def through_foreman() -> None:
         with cpu_of(foreman, stub) as used:
-            rate = await run_clients(args.clients, args.throughput_jobs, lambda i: call(foreman.url, i))
-        rates["foreman"].append(rate)
+            took = await run_clients(args.clients, args.throughput_jobs, lambda i: call(foreman.url, i))
+        rates["foreman"].append(args.throughput_jobs / took)
         cpu["foreman"].append(used["foreman"] / args.throughput_jobs)
         cpu["stub"].append(used["stub"] / args.throughput_jobs)
 

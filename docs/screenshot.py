@@ -11,28 +11,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import tempfile
 from pathlib import Path
 
-import aiohttp
-from aiohttp import web
-from playwright.async_api import async_playwright
+ROOT = Path(__file__).resolve().parent.parent
+# Run as `python docs/screenshot.py`: foreman from this checkout, and the UI test's browser.
+sys.path[1:1] = [str(ROOT), str(ROOT / "tests")]
 
-from foreman.app import create_app
-from foreman.config import Config
-from stub_ollama import StubModel, StubServer, StubSettings
+import aiohttp  # noqa: E402
+from aiohttp import web  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+from browser import headless_chromium  # noqa: E402
+from foreman.app import create_app  # noqa: E402
+from foreman.config import Config  # noqa: E402
+from stub_ollama import StubModel, StubServer, StubSettings  # noqa: E402
+
 MODELS = ("llama3", "mistral", "qwen2")
 
 
@@ -49,8 +43,7 @@ async def main(out: Path, width: int, height: int) -> None:
         port = runner.addresses[0][1]
         url = f"http://127.0.0.1:{port}"
         try:
-            async with async_playwright() as playwright, aiohttp.ClientSession() as http:
-                browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            async with headless_chromium() as browser, aiohttp.ClientSession() as http:
                 page = await browser.new_page(viewport={"width": width, "height": height})
                 await page.goto(url + "/ui")
                 await page.wait_for_selector("#connection:text('live')")
@@ -66,7 +59,6 @@ async def main(out: Path, width: int, height: int) -> None:
                 await page.locator("#running .running-job").first.wait_for(timeout=30_000)
                 await page.locator("#output:text-matches('.{20}')").wait_for(timeout=30_000)
                 await page.screenshot(path=str(out))
-                await browser.close()
         finally:
             await runner.cleanup()
             await stub.close()

@@ -27,6 +27,7 @@ from .settings import StubModel, StubSettings
 
 
 def _names(text: str) -> list[str]:
+    """Comma-separated model names, normalised as Ollama does (the defaults are strings so they pass here too)."""
     names = []
     for raw in text.split(","):
         if not raw.strip():
@@ -58,13 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--models",
         type=_names,
-        default=["llama3", "mistral", "qwen2"],
+        default="llama3,mistral,qwen2",
         help="comma-separated completion models (default: %(default)s)",
     )
     parser.add_argument(
         "--embed-models",
         type=_names,
-        default=["nomic-embed-text"],
+        default="nomic-embed-text",
         help="comma-separated embedding models (default: %(default)s)",
     )
     parser.add_argument(
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fail-model",
         type=_names,
-        default=[],
+        default="",
         help="comma-separated models every inference request for which fails (Faults.fail_model)",
     )
     parser.add_argument(
@@ -144,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> StubSettings:
     """Turn parsed arguments into settings."""
-    models = [StubModel(normalise(n) or n) for n in args.models]
-    models += [StubModel(normalise(n) or n, kind="embedding") for n in args.embed_models]
+    models = [StubModel(n) for n in args.models]
+    models += [StubModel(n, kind="embedding") for n in args.embed_models]
     return StubSettings(
         models=tuple(models),
         capacity=args.capacity,
@@ -163,8 +164,7 @@ def settings_from_args(args: argparse.Namespace) -> StubSettings:
 async def _serve(settings: StubSettings, host: str, port: int, args: argparse.Namespace) -> None:
     server = StubServer(settings)
     await server.start(host, port)
-    for name in args.fail_model:
-        model = normalise(name) or name
+    for model in args.fail_model:
         server.stub.faults.fail_model(model, args.fail_status, args.fail_error, include_loads=args.fail_loads)
     logging.getLogger("stub_ollama").info(
         "stub Ollama listening on %s (models: %s)", server.url, ", ".join(server.stub.installed())

@@ -15,14 +15,15 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the benchmarks read /proc")
 
 
-def run_script(script: str, tmp_path: Path, *args: str) -> dict[str, Any]:
+def run_script(script: str, tmp_path: Path, *args: str, exit_codes: tuple[int, ...] = (0,)) -> dict[str, Any]:
     """Run `bench/<script>` as its own process; returns the JSON it wrote."""
     out = tmp_path / "results.json"
     workdir = tmp_path / "work"
     command = [sys.executable, str(BENCH / script), *args, "--workdir", str(workdir), "--json", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(workdir.glob("*.log")))
-    assert done.returncode == 0, f"{script} exited {done.returncode}\n{done.stdout}\n{done.stderr}\n{logs}"
+    failed = f"{script} exited {done.returncode}\n{done.stdout}\n{done.stderr}\n{logs}"
+    assert done.returncode in exit_codes and out.exists(), failed
     result: dict[str, Any] = json.loads(out.read_text())
     return result
 
@@ -87,6 +88,7 @@ def test_embed_bench_runs_and_reports_every_target(tmp_path: Path) -> None:
 
 def test_failing_bench_runs_and_the_failing_job_ends_failed(tmp_path: Path) -> None:
     """failing.py times the other jobs with and without a job Ollama always fails; that job fails after 4 attempts."""
+    # It exits 1 when a timing target is missed, as on a busy machine; timing is bench's business, not the test's.
     result = run_script(
         "failing.py",
         tmp_path,
@@ -98,6 +100,7 @@ def test_failing_bench_runs_and_the_failing_job_ends_failed(tmp_path: Path) -> N
         "0.05",
         "--token-delay",
         "0.005",
+        exit_codes=(0, 1),
     )
     broken = next(r for r in result["rounds"] if r["case"] == "broken")
     assert broken["others_done"] == 4

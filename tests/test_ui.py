@@ -14,8 +14,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
+from playwright.async_api import Browser, ConsoleMessage, Page, expect
 
+from browser import CHROMIUM, headless_chromium
 from foreman import feed
 from foreman.feed import QueueFeed
 from foreman.models import JobState, Priority
@@ -23,17 +24,6 @@ from foreman.ui import CONTENT_SECURITY_POLICY
 from helpers import Foreman, MakeForeman, MakeStub, eventually
 from stub_ollama import StubModel
 
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; .ci/run installs it
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 STATIC = Path(__file__).parent.parent / "foreman" / "ui" / "static"
 MODELS = ("llama3:latest", "mistral:latest", "qwen2:latest")
 WAIT_MS = 15_000  # the deadline for anything the page shows
@@ -240,10 +230,8 @@ def chromium() -> Path:
 
 @pytest.fixture
 async def browser(chromium: Path) -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+    async with headless_chromium() as launched:
         yield launched
-        await launched.close()
 
 
 @pytest.fixture

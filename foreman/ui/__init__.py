@@ -50,10 +50,11 @@ KEEPALIVE_S = 15.0
 def setup(app: web.Application) -> None:
     """Serve the page and the queue's event stream on `app`."""
     static = resources.files(__name__).joinpath("static")
+    # Read once; each request gets a response of its own (aiohttp responses are one-shot).
     files = {
-        name: web.Response(
-            body=static.joinpath(name).read_bytes(),
-            headers={**_PAGE_HEADERS, "Content-Type": _TYPES[name.rsplit(".", 1)[1]]},
+        name: (
+            static.joinpath(name).read_bytes(),
+            {**_PAGE_HEADERS, "Content-Type": _TYPES[name.rsplit(".", 1)[1]]},
         )
         for name in _FILES
     }
@@ -62,9 +63,8 @@ def setup(app: web.Application) -> None:
         name = request.match_info.get("name") or "index.html"
         if name not in files:
             raise NotFound(f"no such file: /ui/{name}")
-        file = files[name]
-        # A fresh response each time: aiohttp responses are one-shot.
-        return web.Response(body=file.body, headers=file.headers)
+        body, headers = files[name]
+        return web.Response(body=body, headers=headers)
 
     app.router.add_get("/ui", page)
     app.router.add_get("/ui/{name:.*}", page)

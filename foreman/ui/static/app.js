@@ -488,39 +488,34 @@
     const height = top + lane + 22;
     const chart = svg('svg', { width: String(width), height: String(height), viewBox: `0 0 ${width} ${height}`, 'aria-hidden': 'true' });
     chart.append(svg('rect', { x: '0', y: String(top), width: String(width), height: String(lane), class: 'lane' }));
+    // A run or a load on the lane, at least `minWidth` pixels wide so a short one still shows.
+    const bar = (model, from, until, minWidth, kind, data, title) => {
+      const rect = svg('rect', {
+        x: x(from).toFixed(1),
+        y: String(top),
+        width: Math.max(minWidth, x(until) - x(from)).toFixed(1),
+        height: String(lane),
+        fill: colour(model),
+        class: kind,
+        'data-model': model || '',
+        ...data,
+      });
+      rect.append(svg('title', {}, title));
+      chart.append(rect);
+    };
     for (const run of timeline.runs) {
       const until = run.end === null ? end : run.end;
       if (until < start) continue;
-      const rect = svg('rect', {
-        x: x(run.start).toFixed(1),
-        y: String(top),
-        width: Math.max(1, x(until) - x(run.start)).toFixed(1),
-        height: String(lane),
-        fill: colour(run.model),
-        class: 'run',
-        'data-model': run.model || '',
-        'data-job': run.id,
-      });
-      rect.append(svg('title', {}, `${run.model} · job ${run.id} · ${duration((until - run.start) / 1000)}`));
-      chart.append(rect);
+      bar(run.model, run.start, until, 1, 'run', { 'data-job': run.id },
+        `${run.model} · job ${run.id} · ${duration((until - run.start) / 1000)}`);
     }
     const loads = timeline.pending ? [...timeline.loads, { model: timeline.pending.model, start: timeline.pending.start, end: null }] : timeline.loads;
     let lastLabel = -Infinity;
     for (const load of loads) {
       const until = load.end === null ? end : load.end;
       if (until < start) continue;
-      const rect = svg('rect', {
-        x: x(load.start).toFixed(1),
-        y: String(top),
-        width: Math.max(2, x(until) - x(load.start)).toFixed(1),
-        height: String(lane),
-        fill: colour(load.model),
-        class: 'load',
-        'data-model': load.model || '',
-        'data-reason': load.reason || 'loading',
-      });
-      rect.append(svg('title', {}, `load ${load.model}` + (load.reason ? ` (${load.reason}, ${load.loadS} s)` : ' (under way)')));
-      chart.append(rect);
+      bar(load.model, load.start, until, 2, 'load', { 'data-reason': load.reason || 'loading' },
+        `load ${load.model}` + (load.reason ? ` (${load.reason}, ${load.loadS} s)` : ' (under way)'));
       const at = x(load.start);
       chart.append(svg('line', { x1: at.toFixed(1), x2: at.toFixed(1), y1: '12', y2: String(top + lane), class: 'swap-mark' }));
       if (load.reason && at - lastLabel > 64) {
