@@ -51,6 +51,7 @@ class Proc:
     port: int
     log: Path
     env: dict[str, str]
+    cwd: Path = ROOT  # `python -m foreman` runs the foreman found here
     process: subprocess.Popen[bytes] = field(init=False)
     spawned_at: float = field(init=False)  # time.monotonic() just before the spawn
 
@@ -62,7 +63,7 @@ class Proc:
         with self.log.open("ab") as log:
             self.spawned_at = time.monotonic()
             self.process = subprocess.Popen(
-                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd
             )
 
     @property
@@ -136,11 +137,11 @@ class Processes:
         self.workdir = workdir
         self._started: list[Proc] = []
 
-    def start(self, name: str, args: Sequence[str], *, env: Mapping[str, str] = {}) -> Proc:
-        """Run `python args...` with `{port}` in args replaced by a free port."""
+    def start(self, name: str, args: Sequence[str], *, env: Mapping[str, str] = {}, cwd: Path = ROOT) -> Proc:
+        """Run `python args...` in `cwd` with `{port}` in args replaced by a free port."""
         port = free_port()
         argv = [PYTHON, *(a.replace("{port}", str(port)) for a in args)]
-        proc = Proc(name, argv, port, self.workdir / f"{name}.log", {**os.environ, **env})
+        proc = Proc(name, argv, port, self.workdir / f"{name}.log", {**os.environ, **env}, cwd)
         self._started.append(proc)
         return proc
 
@@ -152,20 +153,29 @@ class Processes:
             args += [option] if value is True else [option, str(value)]
         return self.start(name, args)
 
-    def foreman(self, name: str, upstream: str, *, env: Mapping[str, str] = {}) -> Proc:
-        """`python -m foreman serve` with its database in the work directory; `env` adds FOREMAN_* settings."""
+    def foreman(self, name: str, upstream: str, *, env: Mapping[str, str] = {}, source: Path = ROOT) -> Proc:
+        """`python -m foreman serve` with its database in the work directory; `env` adds FOREMAN_* settings.
+
+        `source` is the checkout whose foreman runs (another build, for A/B runs).
+        """
         settings = {
             "FOREMAN_DB": str(self.workdir / f"{name}.db"),
             "FOREMAN_UPSTREAM": upstream,
             "FOREMAN_LOG_FORMAT": "json",
             **env,
         }
-        return self.start(name, ["-m", "foreman", "serve", "--host", "127.0.0.1:{port}"], env=settings)
+        return self.start(
+            name, ["-m", "foreman", "serve", "--host", "127.0.0.1:{port}"], env=settings, cwd=source
+        )
 
     def bare(self, name: str, upstream: str | None = None) -> Proc:
         """The floor: `bench/bare_proxy.py` forwarding to `upstream`, or answering 202 when it is None."""
         target = ["--upstream", upstream] if upstream is not None else ["--accept"]
         return self.start(name, [str(BARE_PROXY), "--port", "{port}", *target])
+
+    def lag_control(self, name: str = "lag-control") -> Proc:
+        """`bench/lag_control.py`: an idle event loop whose lag is the machine's, for comparison."""
+        return self.start(name, ["-m", "bench.lag_control", "--port", "{port}"])
 
     def __enter__(self) -> Processes:
         return self
@@ -226,3 +236,44 @@ def cpu_of(*procs: Proc) -> Iterator[dict[str, float]]:
     yield used
     used.update({p.name: p.cpu_seconds() - before[p.name] for p in procs})
     used["client"] = time.process_time() - client
+
+
+async def lag_buckets(http: Any, url: str) -> dict[float, float]:
+    """foreman's `foreman_event_loop_lag_seconds` histogram now: cumulative count per upper bound."""
+    async with http.get(url + "/metrics") as response:
+        text = await response.text()
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("foreman_event_loop_lag_seconds_bucket{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def lag_between(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
+    """The loop lag seen between two scrapes: samples, p99 (interpolated in its bucket), and the max's bucket.
+
+    `max_ms` is the upper bound of the highest bucket that got a sample: the
+    longest lag was at most that (and more than the bound below it).
+    """
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]  # cumulative
+    total = counts[-1] if counts else 0.0
+    if not total:
+        return {"n": 0, "p99_ms": float("nan"), "max_ms": float("nan")}
+    rank = 0.99 * total
+    p99 = bounds[-1]
+    lower, below = 0.0, 0.0
+    for bound, cumulative in zip(bounds, counts, strict=True):
+        if cumulative >= rank:
+            share = (rank - below) / (cumulative - below) if cumulative > below else 1.0
+            p99 = lower + (bound - lower) * share if bound != float("inf") else lower
+            break
+        lower, below = bound, cumulative
+    highest = 0.0
+    previous = 0.0
+    for bound, cumulative in zip(bounds, counts, strict=True):
+        if cumulative > previous:
+            highest = bound
+        previous = cumulative
+    return {"n": int(total), "p99_ms": round(p99 * 1000, 3), "max_ms": round(highest * 1000, 3)}

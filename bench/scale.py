@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from overhead import submit_async
 from ulid import ULID
 
-from _harness import Proc, Processes, free_port, run_in_workdir
+from _harness import Proc, Processes, free_port, lag_between, lag_buckets, run_in_workdir
 from _report import Row, arg_parser, machine, median, ms, print_report, spread, write_json
 from foreman import scheduler
 from foreman.models import JobState, NewJob, Priority
@@ -144,9 +145,10 @@ async def sample_rss(proc: Proc, seconds: float) -> float:
     return round(highest, 1)
 
 
-async def idle(procs: Processes, db: Path, args: argparse.Namespace) -> dict[str, Any]:
+async def idle(procs: Processes, db: Path, control: Proc, args: argparse.Namespace) -> dict[str, Any]:
     """foreman on the full queue with nowhere to send it: boot time, RSS, and the answers a person asks for."""
-    env = {"FOREMAN_DB": str(db)}
+    # Room for the jobs submitted on top of the queue while the loop's lag is watched.
+    env = {"FOREMAN_DB": str(db), "FOREMAN_MAX_QUEUE": str(args.jobs + args.lag_jobs + 1)}
     proc = procs.foreman("foreman-idle", f"http://127.0.0.1:{free_port()}", env=env)
     try:
         await proc.listening(within=120)
@@ -159,6 +161,7 @@ async def idle(procs: Processes, db: Path, args: argparse.Namespace) -> dict[str
                     await response.read()
                     assert response.status == 200, (path, response.status)
                 figures[f"GET {path} ms"] = ms(time.perf_counter() - start)
+            figures["loop_lag_busy"] = await lag_under_load(http, proc, control, args)
         figures["rss_mib"] = await sample_rss(proc, args.sample_seconds)
         figures["peak_rss_mib"] = round(proc.peak_rss_mib(), 1)
         return figures
@@ -166,12 +169,43 @@ async def idle(procs: Processes, db: Path, args: argparse.Namespace) -> dict[str
         proc.stop()
 
 
+async def lag_under_load(
+    http: aiohttp.ClientSession, proc: Proc, control: Proc, args: argparse.Namespace
+) -> dict[str, Any]:
+    """foreman's event-loop lag while it takes async jobs on top of the full queue and answers /status and /jobs.
+
+    The intake keeps the write-ahead log growing, so checkpoints run
+    throughout; the reads count and list over every job.
+    """
+    stop = asyncio.Event()
+
+    async def reader() -> int:
+        answered = 0
+        while not stop.is_set():
+            for path in ("/status", "/jobs?limit=50", "/jobs?state=queued&limit=50"):
+                async with http.get(proc.url + path) as response:
+                    await response.read()
+                answered += 1
+        return answered
+
+    before, control_before = await lag_buckets(http, proc.url), await lag_buckets(http, control.url)
+    start = time.perf_counter()
+    reading = asyncio.create_task(reader())
+    rate = await submit_async(proc.port, 16, args.lag_jobs, first=10**9)
+    stop.set()
+    reads = await reading
+    seconds = time.perf_counter() - start
+    lag = lag_between(before, await lag_buckets(http, proc.url))
+    lag["control"] = lag_between(control_before, await lag_buckets(http, control.url))
+    return {**lag, "seconds": round(seconds, 1), "intake_per_s": round(rate, 1), "reads": reads}
+
+
 def job_arrived_since(seen: int) -> Callable[[Stub], bool]:
     """Whether the stub got a request for a job (not a load) after its first `seen` requests."""
     return lambda stub: any(not r.is_load for r in stub.requests[seen:])
 
 
-async def restarts(procs: Processes, db: Path, args: argparse.Namespace) -> dict[str, Any]:
+async def restarts(procs: Processes, db: Path, control: Proc, args: argparse.Namespace) -> dict[str, Any]:
     """Start foreman `--restarts` times on the queue, killing it with SIGKILL once the first job reached the stub."""
     models = tuple(StubModel(f"{m}:latest") for m in MODELS)
     to_load, to_job = [], []
@@ -189,9 +223,16 @@ async def restarts(procs: Processes, db: Path, args: argparse.Namespace) -> dict
             to_job.append(job.arrived_at - proc.spawned_at)
             if attempt < args.restarts - 1:
                 proc.kill()
-        # The last one keeps draining while its memory is watched.
+        # The last one keeps draining while its memory and its loop are watched.
         done_before = len(stub.inference_requests())
-        rss = await sample_rss(proc, args.sample_seconds)
+        async with aiohttp.ClientSession() as http:
+            lag_before, control_before = (
+                await lag_buckets(http, proc.url),
+                await lag_buckets(http, control.url),
+            )
+            rss = await sample_rss(proc, args.sample_seconds)
+            lag = lag_between(lag_before, await lag_buckets(http, proc.url))
+            lag["control"] = lag_between(control_before, await lag_buckets(http, control.url))
         drained = len(stub.inference_requests()) - done_before
         peak = round(proc.peak_rss_mib(), 1)
         proc.stop()
@@ -203,6 +244,7 @@ async def restarts(procs: Processes, db: Path, args: argparse.Namespace) -> dict
         "draining_rss_mib": rss,
         "draining_peak_rss_mib": peak,
         "drained_per_s": round(drained / args.sample_seconds, 1),
+        "loop_lag_draining": lag,
     }
 
 
@@ -217,9 +259,11 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     results["store"] = time_store(db, args.picks)
     with Processes(workdir) as procs:
         print("foreman idle ...", file=sys.stderr)
-        results["idle"] = await idle(procs, db, args)
+        control = procs.lag_control()
+        await control.listening()
+        results["idle"] = await idle(procs, db, control, args)
         print("restarts ...", file=sys.stderr)
-        results["restart"] = await restarts(procs, db, args)
+        results["restart"] = await restarts(procs, db, control, args)
     results["machine"]["loadavg_end"] = machine()["loadavg"]
     return results
 
@@ -260,6 +304,21 @@ def table(results: dict[str, Any]) -> list[Row]:
             restart["median_to_first_job_s"] < 2,
         ),
         Row(
+            "lag",
+            "event-loop lag p99 / max (ms), 1M queued",
+            f"taking {idle_['loop_lag_busy']['intake_per_s']:.0f} async jobs/s for"
+            f" {idle_['loop_lag_busy']['seconds']} s while /status and /jobs are read:"
+            f" {idle_['loop_lag_busy']['p99_ms']:.2f} / <={idle_['loop_lag_busy']['max_ms']:g}"
+            f" (idle control loop {idle_['loop_lag_busy']['control']['p99_ms']:.2f}"
+            f" / <={idle_['loop_lag_busy']['control']['max_ms']:g});"
+            f" draining: {restart['loop_lag_draining']['p99_ms']:.2f} / <={restart['loop_lag_draining']['max_ms']:g}"
+            f" (control {restart['loop_lag_draining']['control']['p99_ms']:.2f}"
+            f" / <={restart['loop_lag_draining']['control']['max_ms']:g})",
+            "p99 < 2, max < 10",
+            max(idle_["loop_lag_busy"]["p99_ms"], restart["loop_lag_draining"]["p99_ms"]) < 2
+            and max(idle_["loop_lag_busy"]["max_ms"], restart["loop_lag_draining"]["max_ms"]) < 10,
+        ),
+        Row(
             "5 scale",
             "other answers at this size (ms)",
             f"position of the newest job {store['position_of_newest_ms']:.1f},"
@@ -276,6 +335,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--picks", type=int, default=2000, help="timed claims of each kind (default %(default)s)")
     add("--restarts", type=int, default=3, help="foreman starts timed on the queue (default %(default)s)")
     add("--sample-seconds", type=float, default=5.0, help="seconds of RSS sampling (default %(default)s)")
+    add(
+        "--lag-jobs",
+        type=int,
+        default=20000,
+        help="async jobs submitted on top of the queue while the loop's lag is watched (default %(default)s)",
+    )
     return parser.parse_args(argv)
 
 

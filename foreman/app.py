@@ -180,6 +180,12 @@ def create_app(
             log.info("foreman.ready", upstream=config.upstream, db=_where(config))
             yield
 
+    async def loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
+        lag = app[METRICS].loop_lag
+        lag.start()
+        yield
+        lag.stop()
+
     async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
         async with _running(prune_forever(app[STORE], config.retention, clock, sleep), "foreman-prune"):
             yield
@@ -196,7 +202,9 @@ def create_app(
         app[EVENTS].end_all(queued.SHUTTING_DOWN)
 
     # Torn down in reverse: the worker stops before the session and the store close.
-    app.cleanup_ctx.extend([routes_ctx, store_ctx, upstream_ctx, embed_cache_ctx, worker_ctx, retention_ctx])
+    app.cleanup_ctx.extend(
+        [loop_lag_ctx, routes_ctx, store_ctx, upstream_ctx, embed_cache_ctx, worker_ctx, retention_ctx]
+    )
     app.on_shutdown.append(stop_gracefully)
     for endpoint in QUEUED_ENDPOINTS:
         app.router.add_post(endpoint, queued.handle)

@@ -377,7 +377,14 @@ class Config:
     sync: str = setting(
         "normal",
         choice("normal", "full"),
-        "`normal` survives a crash of foreman; `full` also survives power loss, with an fsync per commit",
+        "`normal` survives a crash of foreman; `full` also survives power loss: a job's record is fsynced"
+        " before its answer (see [Reliability](#reliability))",
+    )
+    loop: str = setting(
+        "uvloop",
+        choice("uvloop", "asyncio"),
+        "the event loop: `uvloop` (libuv's, faster; see [Performance](#performance)) or `asyncio`"
+        " (the standard library's)",
     )
     max_queue: int = setting(
         "100000",

@@ -52,7 +52,7 @@ class PolicyDriver:
         return Choice(self.policy, self.state, now, self.book.costs())
 
     def choose(self, queues: list[ModelQueue], resident: frozenset[str], now: float) -> Decision | None:
-        """Pick here and now (the simulator's way; the worker picks on the store's thread)."""
+        """Pick here and now (the simulator's way; the worker's pick runs inside the store's claim)."""
         return self.choice(resident, now).pick(queues)
 
     def claimed(self, decision: Decision, now: float) -> None:

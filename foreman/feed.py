@@ -58,8 +58,8 @@ class QueueFeed:
 
     def arrived(self, job_id: str, model: str, priority: Priority, at: float) -> None:
         """A new job was committed to the queue (said once, and never after the worker moved it)."""
-        if job_id in self._moved:
-            return
+        if not self._watchers or job_id in self._moved:
+            return  # arrivals are only for watchers: with none, there is nothing to build
         # Arrivals are many and draw nothing on the timeline: watchers get them, the history does not.
         self._emit(
             FeedEvent("job", at, _job_data(job_id, JobState.QUEUED, at, model, priority, 0)), keep=False

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from foreman.looplag import LoopLag
 from foreman.models import Job, JobState, NewJob
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -35,6 +36,8 @@ class Metrics:
         self._retries = Counter(
             "foreman_retries", "Jobs put back in the queue after a transient failure.", registry=r
         )
+        self.loop_lag = LoopLag()
+        r.register(self.loop_lag)
         self._cache_lookups = Counter(
             "foreman_embed_cache_lookups",
             "Embedding inputs looked up in the cache, by result (hit or miss).",

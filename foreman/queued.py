@@ -121,8 +121,8 @@ async def _serve(request: web.Request, job: NewJob, answer: CacheAnswer | None) 
             # leaves, and the cancel below then finds the job.
             committed = app[STORE].submit(Submission(job, answer=answer))
             if answer is None:
-                # The worker's claim lines up on the store's thread right behind
-                # the commit, rather than after the commit's answer comes back.
+                # The store orders a claim asked for now behind this commit
+                # (`Storage.submit`), so the worker need not wait for the answer.
                 worker.wake(job.model_key)
             accepted = await asyncio.shield(committed)
             if accepted.result is not None and answer is not None:

@@ -538,7 +538,7 @@ class JobRunner:
         """Record how the job ended, with its output, and tell whoever waits for it.
 
         A job that succeeded is answered first and recorded right after: the
-        record is already on its way to the store's thread, so any later store
+        record is already on its way to the store, so any later store
         call (GET /jobs/{id}, the next claim) sees it, and neither the client
         nor the next job waits for the commit. If foreman dies in between,
         the job runs again after the restart, as if it had died a moment earlier.

@@ -127,7 +127,7 @@ class Worker:
     def drain_order_now(self) -> Callable[[list[ModelQueue]], list[tuple[str, Priority]]]:
         """The order (model, class) queues will be served in if nothing else arrives, as things stand now.
 
-        A pure function of a snapshot, so the store's thread can run it.
+        A pure function of a snapshot, so the store can run it wherever it runs (another thread, for some backends).
         """
         choice = self._driver.frozen(self.resident, self._clock())
 
@@ -298,7 +298,7 @@ class Worker:
     def _chooser(
         self, choice: Choice, upcoming: list[str | None], picked: list[_Picked], due: list[float]
     ) -> Callable[[list[ModelQueue]], Decision | None]:
-        """The pick the store runs (on its own thread) against what waits.
+        """The pick the store runs against what waits, inside its claim (on another thread, for some backends).
 
         Alias jobs count with the model that would serve them now (see
         `foreman.aliases`). The policy's decision, which names that model, goes

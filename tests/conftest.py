@@ -25,8 +25,18 @@ from stub_ollama import Stub, StubServer, StubSettings
 
 
 @pytest.fixture(autouse=True)
-def _reset_structlog() -> Iterator[None]:
-    """Tests that run the CLI configure structlog for the process; undo it after each."""
+def _reset_structlog(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tests that run the CLI configure structlog for the process; undo it after each.
+
+    `foreman serve` caches its loggers for the life of the process; here a
+    cached logger would outlive the test's stdout and ignore capture_logs.
+    """
+    configure = structlog.configure
+
+    def without_cache(**settings: Any) -> None:
+        configure(**{**settings, "cache_logger_on_first_use": False})
+
+    monkeypatch.setattr(structlog, "configure", without_cache)
     yield
     structlog.reset_defaults()
 

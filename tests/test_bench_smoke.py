@@ -37,16 +37,45 @@ def test_overhead_runs_and_reports_every_item(tmp_path: Path) -> None:
     assert result["as_produced"]["foreman"]["chunks"] == 10
     assert result["throughput"]["foreman_per_s"] > 0
     assert result["intake"]["sync_full"]["per_s"] > 0
+    assert result["loop_lag"]["throughput"]["n"] > 0
+
+
+def test_ab_compares_two_builds(tmp_path: Path) -> None:
+    """ab.py runs two foremans (here the same checkout, one on asyncio's loop) side by side and reports both."""
+    sizes = "--requests 10 --warmup 3 --jobs 20 --rounds 1 --intake-jobs 30 --submitters 4"
+    before = str(BENCH.parent)
+    result = run_script(
+        "ab.py", tmp_path, "--before", before, "--env-before", "FOREMAN_LOOP=asyncio", *sizes.split()
+    )
+    for build in ("before", "after"):
+        assert result["latency"][build]["n"] == 10
+        assert result["throughput"][build]["per_s"] > 0
+        assert result["intake"][build]["per_s"] > 0
+        assert result["loop_lag"][build]["n"] > 0
 
 
 def test_scale_runs_on_a_small_queue(tmp_path: Path) -> None:
     """scale.py queues jobs through the store, times the pick, and restarts foreman on them."""
     result = run_script(
-        "scale.py", tmp_path, "--jobs", "2000", "--picks", "20", "--restarts", "2", "--sample-seconds", "0.3"
+        "scale.py",
+        tmp_path,
+        *[
+            "--jobs",
+            "2000",
+            "--picks",
+            "20",
+            "--restarts",
+            "2",
+            "--sample-seconds",
+            "0.3",
+            "--lag-jobs",
+            "200",
+        ],
     )
     assert result["build"]["jobs"] == 2000
     assert len(result["restart"]["to_first_job_s"]) == 2
     assert result["idle"]["rss_mib"] > 0
+    assert result["idle"]["loop_lag_busy"]["n"] > 0
 
 
 def test_crash_test_loses_and_duplicates_nothing(tmp_path: Path) -> None:

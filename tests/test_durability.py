@@ -179,17 +179,22 @@ async def test_a_full_queue_answers_like_a_busy_ollama(
     assert len(foreman.jobs()) == 2
 
 
-async def test_sync_full_asks_sqlite_for_an_fsync_per_commit(
+async def test_sync_full_answers_only_after_an_fsync_of_the_log(
     stub_server: StubServer, make_foreman: MakeForeman
 ) -> None:
-    """FOREMAN_SYNC=full turns on synchronous=FULL; the default is NORMAL."""
+    """FOREMAN_SYNC=full fsyncs the write-ahead log before a job's 202 leaves; the default does not."""
     from foreman.keys import STORE
 
-    full = await make_foreman(stub_server.url, sync="full")
-    assert await full.app[STORE].run(lambda s: s._db.execute("PRAGMA synchronous").fetchone()[0]) == 2
-    await full.close()
-    normal = await make_foreman(stub_server.url)
-    assert await normal.app[STORE].run(lambda s: s._db.execute("PRAGMA synchronous").fetchone()[0]) == 1
+    for sync, fsyncs in (("full", 1), ("normal", 0)):
+        foreman = await make_foreman(stub_server.url, sync=sync)
+        await stub_server.stop_listening()  # nothing drains
+        answer = await foreman.client.post(
+            "/api/chat", json=chat_body("llama3"), headers={"Prefer": "respond-async"}
+        )
+        assert answer.status == 202
+        assert foreman.app[STORE].fsyncs == fsyncs, sync
+        await foreman.close()
+        await stub_server.resume_listening()
 
 
 async def test_too_many_messages_is_a_400(foreman: Foreman) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from typing import Any
 
 import aiohttp
@@ -387,3 +388,21 @@ async def test_old_finished_jobs_are_pruned_and_waiting_ones_kept(
     server.stub.faults.release_hung()
     await first
     await wait_done(foreman, queued["id"])
+
+
+async def test_metrics_show_how_long_the_event_loop_was_held(foreman: Foreman) -> None:
+    """/metrics' loop-lag histogram counts a moment the event loop could not run anything."""
+
+    def lag_over_1s(text: str) -> float:
+        line = next(
+            x for x in text.splitlines() if x.startswith('foreman_event_loop_lag_seconds_bucket{le="1.0"}')
+        )
+        count = next(x for x in text.splitlines() if x.startswith("foreman_event_loop_lag_seconds_count"))
+        return float(count.split()[-1]) - float(line.split()[-1])
+
+    before = lag_over_1s(await (await foreman.client.get("/metrics")).text())
+    time.sleep(1.2)  # noqa: ASYNC251 - blocking the loop on purpose: that is what the metric measures
+    deadline = time.monotonic() + 10
+    while lag_over_1s(await (await foreman.client.get("/metrics")).text()) == before:
+        assert time.monotonic() < deadline, "the blocked loop never showed in foreman_event_loop_lag_seconds"
+        await asyncio.sleep(0.01)

@@ -1,6 +1,8 @@
 """The SQLite store: the storage contract, plus what is SQLite's own (the file, its pragmas, plans, counts)."""
 
+import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
 from pathlib import Path
@@ -10,12 +12,13 @@ import pytest
 from storage_contract import MakeStorage, StorageContract, new_job, resident
 
 from foreman.models import Priority
-from foreman.scheduler import Policy, State
+from foreman.scheduler import ModelQueue, Policy, State
 from foreman.sqlite import embed_cache, schema
+from foreman.sqlite.checkpoints import Checkpointer
 from foreman.sqlite.schema import SCHEMA_VERSION
 from foreman.sqlite.storage import SqliteStorage
 from foreman.sqlite.store import Store
-from foreman.storage import CacheEntry, Storage
+from foreman.storage import CacheEntry, Storage, Submission
 
 
 class TestSqliteStorage(StorageContract):
@@ -198,6 +201,62 @@ def test_insert_many_writes_all_or_nothing(store: Store, tmp_path: Path) -> None
     assert store.waiting("c:latest") == 1
     with closing(sqlite3.connect(tmp_path / "q.db")) as other:
         assert other.execute("SELECT count(*) FROM jobs").fetchone()[0] == 4
+
+
+def rows_in_the_main_file(path: Path, copy: Path) -> int:
+    """Jobs in the database file itself, leaving out what is only in its write-ahead log."""
+    copy.write_bytes(path.read_bytes())
+    with closing(sqlite3.connect(copy)) as db:
+        if db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'jobs'").fetchone()[0] == 0:
+            return 0  # even the schema is still only in the log
+        return int(db.execute("SELECT count(*) FROM jobs").fetchone()[0])
+
+
+def test_commits_never_checkpoint_the_checkpointer_does(tmp_path: Path) -> None:
+    """With the automatic checkpoint off, no commit copies the log into the file; a PASSIVE checkpoint does."""
+    path = tmp_path / "q.db"
+    store = Store(path, autocheckpoint=False)
+    checkpointer = Checkpointer(path, interval=3600)  # never on its own during the test
+    try:
+        for i in range(3000):  # well past SQLite's automatic threshold of 1000 pages
+            store.insert(new_job("a:latest", body=b"x" * 1000 + str(i).encode()))
+        assert rows_in_the_main_file(path, tmp_path / "copy.db") == 0
+        checkpointer.checkpoint()
+        assert rows_in_the_main_file(path, tmp_path / "copy2.db") == 3000
+    finally:
+        checkpointer.close()
+        store.close()
+
+
+async def test_the_storage_checkpoints_in_the_background(tmp_path: Path) -> None:
+    """Jobs submitted through SqliteStorage reach the database file without a commit checkpointing."""
+    path = tmp_path / "q.db"
+    storage = await SqliteStorage.open(path)
+    try:
+        for _ in range(20):
+            await storage.submit(Submission(new_job("a:latest")))
+        deadline = time.monotonic() + 10
+        while rows_in_the_main_file(path, tmp_path / "copy.db") < 20:
+            assert time.monotonic() < deadline, "no checkpoint copied the jobs into the file"
+            await asyncio.sleep(0.05)
+    finally:
+        await storage.close()
+
+
+def test_positions_in_one_group_commit_are_those_of_one_submission_at_a_time(tmp_path: Path) -> None:
+    """Submissions committed together get the places they would get one by one, new groups included."""
+
+    def alphabetical(queues: list[ModelQueue]) -> list[tuple[str, Priority]]:
+        return sorted((q.model_key, q.priority) for q in queues)
+
+    jobs = [new_job(key) for key in ("b:latest", "a:latest", "b:latest", "c:latest", "a:latest")]
+    together, alone = Store(tmp_path / "together.db"), Store(tmp_path / "alone.db")
+    batch = together.submit([Submission(job, None, alphabetical) for job in jobs])
+    one_by_one = [alone.submit([Submission(job, None, alphabetical)])[0] for job in jobs]
+    positions = [[getattr(a, "position", None) for a in answers] for answers in (batch, one_by_one)]
+    assert positions == [[0, 0, 2, 3, 1]] * 2
+    together.close()
+    alone.close()
 
 
 def test_a_schema_5_database_gains_not_before_times(tmp_path: Path) -> None:

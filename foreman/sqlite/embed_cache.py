@@ -1,7 +1,7 @@
 """The embedding cache's table: vectors keyed by model digest, parameters and input, least recently used out.
 
 It lives in the jobs' database (its own table beside theirs), so it survives
-restarts and is written on the store's thread like everything else; `Store`
+restarts and is written on `Store`'s connection like the rest of the hot path; `Store`
 exposes it through its `cache_*` methods, as `Storage` asks.
 """
 

@@ -99,21 +99,42 @@ JOB_SUMMARY = ", ".join(_LEFT_OUT.get(column, column) for column in _JOB_COLUMNS
 ENDED = "('done', 'failed', 'cancelled')"
 
 
-def open_database(path: Path, sync: str) -> sqlite3.Connection:
+def open_database(
+    path: Path, sync: str, *, autocheckpoint: bool = True, busy_timeout_ms: int = 5000
+) -> sqlite3.Connection:
     """A connection to the queue at `path`, created or migrated; StoreError if it is not a sound foreman queue.
 
     `sync` is "normal" (survives a process crash; in WAL mode only power loss
     can undo the last commits) or "full" (an fsync per commit, which also
-    survives power loss). Rows come as `sqlite3.Row`, readable by name.
+    survives power loss). With `autocheckpoint` off, a commit never copies the
+    write-ahead log into the database: someone else must checkpoint (see
+    `checkpoints.Checkpointer`). A write waits up to `busy_timeout_ms` for
+    another connection's write to end. Rows come as `sqlite3.Row`, readable by name.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     # Autocommit: each statement is its own transaction unless we BEGIN.
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         _prepare(db, path, sync)
+        if not autocheckpoint:
+            db.execute("PRAGMA wal_autocheckpoint = 0")
+        db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     except BaseException:
         db.close()
         raise
+    db.row_factory = sqlite3.Row
+    return db
+
+
+def connect_beside(path: Path) -> sqlite3.Connection:
+    """Another connection to a queue `open_database` has opened: for reads, upkeep and checkpoints.
+
+    It never checkpoints on its own commits either; rows come as `sqlite3.Row`.
+    """
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA busy_timeout = 5000")
+    db.execute("PRAGMA foreign_keys = ON")  # pruning a job deletes its chunks
+    db.execute("PRAGMA wal_autocheckpoint = 0")
     db.row_factory = sqlite3.Row
     return db
 

@@ -41,9 +41,17 @@ log = structlog.get_logger("foreman.store")
 class Store:
     """Jobs in one SQLite database. Not thread-safe: one thread owns it."""
 
-    def __init__(self, path: Path, *, sync: str = "normal", max_queue: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        sync: str = "normal",
+        max_queue: int = 0,
+        autocheckpoint: bool = True,
+        busy_timeout_ms: int = 5000,
+    ) -> None:
         """Open or create the queue at `path` (see `schema.open_database`); `max_queue` > 0 caps the waiting jobs."""
-        self._db = open_database(path, sync)
+        self._db = open_database(path, sync, autocheckpoint=autocheckpoint, busy_timeout_ms=busy_timeout_ms)
         self.path = path
         self.max_queue = max_queue
         self._waiting = WaitingCounts()
@@ -85,15 +93,20 @@ class Store:
             raise accepted
         return accepted.job_id
 
-    def submit(self, submissions: Sequence[Submission]) -> list[Accepted | ForemanError]:
+    def submit(
+        self, submissions: Sequence[Submission], *, positions_of_earlier: bool = True
+    ) -> list[Accepted | ForemanError]:
         """Write new jobs in one transaction: one commit (and one fsync) for the lot.
 
         Each comes back accepted or refused on its own, as `Storage.submit`
         describes. If the database cannot be written at all (disk full, or
         locked by another program), every one is refused with Unavailable and
-        nothing of them is kept.
+        nothing of them is kept. Without `positions_of_earlier`, a submission
+        that stands for an earlier job comes back without its position:
+        counting the jobs ahead of it may take a while in a long queue.
         """
         results: list[Accepted | ForemanError] = []
+        drain: list[tuple[str, Priority]] = []  # the batch's drain order, for the positions
         # One INSERT is a transaction of its own; every statement saved is a
         # GIL hand-over saved against the busy event loop.
         try:
@@ -102,7 +115,7 @@ class Store:
             with self._waiting.transaction(), self._transaction(begin=grouped):
                 for submission in submissions:
                     try:
-                        results.append(self._accept(submission))
+                        results.append(self._accept(submission, positions_of_earlier, drain))
                     except (IdempotencyConflict, QueueFull) as exc:
                         results.append(exc)  # refused before anything of it was written
         except sqlite3.OperationalError as exc:
@@ -110,14 +123,19 @@ class Store:
             return [refused] * len(submissions)
         return results
 
-    def _accept(self, submission: Submission) -> Accepted:
+    def _accept(
+        self,
+        submission: Submission,
+        positions_of_earlier: bool = True,
+        drain: list[tuple[str, Priority]] | None = None,
+    ) -> Accepted:
         job, order = submission.job, submission.drain_order
         job_id = self._insert(job, submission.request_hash)
         if job_id != job.id:
             existing = self.get(job_id)
             assert existing is not None
             position = None
-            if existing.state is JobState.QUEUED and order is not None:
+            if existing.state is JobState.QUEUED and order is not None and positions_of_earlier:
                 position = self.position(job_id, existing.model_key, existing.priority, order)
             return Accepted(job_id, False, existing.state, position)
         if submission.answer is not None and (result := self._answer(submission.answer, job)) is not None:
@@ -133,8 +151,19 @@ class Store:
         if order is not None:
             # The newest job of its group: everything in its group is ahead of it.
             group = (job.model_key, job.priority)
-            queues = self.queues()
-            position = waiting_before(queues, group, order(queues)) + self._waiting.of_class(*group) - 1
+            drain = [] if drain is None else drain
+            if not drain or self._waiting.of_class(*group) == 1:
+                # The drain order depends on which groups wait and how long, hardly on
+                # how many jobs each holds (only a swap's eviction victim does): one
+                # batch computes it once, and again when a group appears. Positions
+                # were already exact only to within the jobs of the same moment.
+                drain[:] = order(self.queues())
+            before = 0
+            for ahead in drain:
+                if ahead == group:
+                    break
+                before += self._waiting.of_class(*ahead)
+            position = before + self._waiting.of_class(*group) - 1
         return Accepted(job_id, True, JobState.QUEUED, position)
 
     def _answer(self, answer: CacheAnswer, job: NewJob) -> bytes | None:
@@ -374,9 +403,13 @@ class Store:
 
     def position(self, job_id: str, model_key: str, priority: Priority, drain_order: DrainOrder) -> int:
         """How many queued jobs run before this one if the queue drains in `drain_order`."""
-        queues = self.queues()
-        before = waiting_before(queues, (model_key, priority), drain_order(queues))
+        before = self.groups_before(model_key, priority, drain_order)
         return before + reads.ahead_in_group(self._db, job_id, model_key, priority)
+
+    def groups_before(self, model_key: str, priority: Priority, drain_order: DrainOrder) -> int:
+        """The queued jobs of the (model, class) groups that drain before this one: from the counts."""
+        queues = self.queues()
+        return waiting_before(queues, (model_key, priority), drain_order(queues))
 
     def counts_by_state(self) -> dict[str, int]:
         return reads.counts_by_state(self._db)
@@ -406,11 +439,7 @@ class Store:
 
     def prune(self, cutoff: float, batch: int = 1000) -> int:
         """Delete up to `batch` jobs that ended before `cutoff`, with their chunks; returns how many."""
-        return self._db.execute(
-            f"DELETE FROM jobs WHERE id IN"
-            f" (SELECT id FROM jobs WHERE state IN {ENDED} AND finished_at < ? LIMIT ?)",
-            (cutoff, batch),
-        ).rowcount
+        return prune(self._db, cutoff, batch)
 
     def size_bytes(self) -> int:
         """The database's size on disk, write-ahead log included."""
@@ -418,4 +447,17 @@ class Store:
 
     def ping(self) -> None:
         """Fail unless the database answers a query."""
-        self._db.execute("SELECT count(*) FROM jobs WHERE rowid = 0").fetchone()
+        ping(self._db)
+
+
+def prune(db: sqlite3.Connection, cutoff: float, batch: int) -> int:
+    """Delete up to `batch` jobs that ended before `cutoff`, with their chunks; returns how many."""
+    return db.execute(
+        f"DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state IN {ENDED} AND finished_at < ? LIMIT ?)",
+        (cutoff, batch),
+    ).rowcount
+
+
+def ping(db: sqlite3.Connection) -> None:
+    """Fail unless the database answers a query."""
+    db.execute("SELECT count(*) FROM jobs WHERE rowid = 0").fetchone()
