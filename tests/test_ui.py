@@ -406,3 +406,29 @@ async def test_the_page_works_by_keyboard_with_readable_contrast_on_a_desktop_an
         await expect(dialog).to_be_hidden()
         assert console.errors == []
         await page.context.close()
+
+
+async def test_on_a_shared_queue_the_page_lists_every_node_with_its_ollama(
+    make_stub: MakeStub, make_foreman: MakeForeman, pg_url: str, open_page: OpenPage
+) -> None:
+    """Two nodes on one PostgreSQL queue: either node's page shows both, each with its own Ollama."""
+    stubs = [await make_stub(capacity=1), await make_stub(capacity=1)]
+    a = await make_foreman(stubs[0].url, db_path=pg_url, node="node-a")
+    await make_foreman(stubs[1].url, db_path=pg_url, node="node-b")
+    page, console = await open_page(a)
+    await _live(page)
+    panel = page.locator("#nodes-panel")
+    await expect(panel).to_be_visible(timeout=WAIT_MS)
+    for name, stub in zip(("node-a", "node-b"), stubs, strict=True):
+        row = page.locator(f'#nodes tr[data-node="{name}"]')
+        await expect(row).to_contain_text("alive", timeout=WAIT_MS)
+        await expect(row.locator("td").nth(1)).to_contain_text(stub.url, timeout=WAIT_MS)
+    assert console.errors == []
+
+
+async def test_with_sqlite_the_page_shows_no_nodes_panel(foreman: Foreman, open_page: OpenPage) -> None:
+    """One file, one node: the nodes panel stays hidden."""
+    page, console = await open_page(foreman)
+    await _live(page)
+    await expect(page.locator("#nodes-panel")).to_be_hidden()
+    assert console.errors == []

@@ -230,6 +230,7 @@
 
   function renderState() {
     renderOverview();
+    renderNodes();
     renderResident();
     renderRunning();
     renderQueue();
@@ -257,6 +258,25 @@
     $('overview').replaceChildren(
       ...items.map(([term, value]) =>
         el('div', { class: 'stat', 'data-stat': term.toLowerCase().split(' ')[0] }, el('dt', { text: term }), el('dd', {}, value)),
+      ),
+    );
+  }
+
+  // Only a shared PostgreSQL queue has nodes; with SQLite the panel stays hidden.
+  function renderNodes() {
+    const nodes = status.nodes || [];
+    $('nodes-panel').hidden = !nodes.length;
+    $('nodes').tBodies[0].replaceChildren(
+      ...nodes.map((node) =>
+        el(
+          'tr',
+          { 'data-node': node.name },
+          el('td', {}, node.name + ' ', badge(node.alive ? 'alive' : 'gone', node.alive ? 'reachable' : 'unreachable')),
+          el('td', {}, node.upstream + ' ', badge(node.reachable === false ? 'unreachable' : 'reachable')),
+          el('td', { text: (node.resident || []).join(', ') || 'none' }),
+          el('td', { text: (node.running || []).join(', ') || 'nothing' }),
+          el('td', { text: duration(node.heartbeat_age_s) + ' ago' }),
+        ),
       ),
     );
   }
