@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -264,3 +265,13 @@ def test_progress_bar() -> None:
     assert layout.progress(0, 4, 0, width=8) == "[--------] 0/4 finished"
     assert layout.progress(3, 4, 1, width=8) == "[######--] 3/4 finished, 1 failed"
     assert layout.progress(4, 4, 0, width=8) == "[########] 4/4 finished"
+
+
+def test_an_alias_job_shows_the_model_that_served_it() -> None:
+    """`foreman jobs` and `foreman job` name the alias asked for and the model picked for it."""
+    routed = job_view(model="fast", model_key="@fast(qwen2:1.5b|llama3:8b)", served_model="qwen2:1.5b")
+    row = layout.format_jobs({"jobs": [routed], "next": None}, NOW).splitlines()[1]
+    assert "fast → qwen2:1.5b" in row
+    assert re.search(r"^served by +qwen2:1\.5b$", layout.format_job(routed, NOW), re.M)
+    plain = layout.format_job(job_view(served_model=None), NOW)
+    assert "served by" not in plain

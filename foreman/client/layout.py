@@ -158,7 +158,7 @@ def format_jobs(page: Json, now: float) -> str:
         [
             job["id"],
             job["state"],
-            job["model"],
+            _model(job),
             job["endpoint"],  # the path, one form for native and /v1 jobs
             age(job["created_at"], now),
             duration(job["queue_wait_s"]),
@@ -176,6 +176,13 @@ def format_jobs(page: Json, now: float) -> str:
     return "\n".join(lines)
 
 
+def _model(job: Json) -> str:
+    """The model asked for, and for an alias the model that served it: `fast → qwen2:1.5b`."""
+    model: str = job["model"]
+    served = job.get("served_model")
+    return model + (f" → {served}" if served and served != model else "")
+
+
 def format_job(job: Json, now: float) -> str:
     """`foreman job ID`: every field that has a value, then the result's text."""
     state = job["state"] + (f", {job['position']} jobs run before it" if job["position"] is not None else "")
@@ -190,6 +197,8 @@ def format_job(job: Json, now: float) -> str:
         ("queue wait", duration(job["queue_wait_s"])),
         ("run", duration(job["run_s"])),
     ]
+    if job.get("served_model") and job["served_model"] != job["model"]:
+        pairs.insert(3, ("served by", job["served_model"]))
     if job["status"] is not None:
         pairs.append(("status", str(job["status"])))
     if job["error"] is not None:
