@@ -174,12 +174,21 @@ async def test_status_says_which_model_foreman_pins_while_work_waits_for_it(
             answer: dict[str, Any] = await response.json()
             return answer
 
+    def pinned(answer: dict[str, Any]) -> list[tuple[str, bool]]:
+        return [(m["model_key"], m["pinned"]) for m in answer["models"]]
+
+    # The job is marked working a moment before its request (which pins the model) is
+    # sent: poll for the pin while the first job runs, its 40 tokens leave time for it.
     deadline = time.monotonic() + 5
-    while ((now := await status())["running"] or {}).get("state") != "working":
-        assert time.monotonic() < deadline, "the first job never ran"
+    while ((now := await status())["running"] or {}).get("state") != "working" or not any(
+        pin for _, pin in pinned(now)
+    ):
+        running = now["running"] or {"id": first}
+        assert running["id"] == first, f"llama3 was not shown pinned while the first job ran: {now}"
+        assert time.monotonic() < deadline, f"the first job never ran with its model pinned: {now}"
         await asyncio.sleep(0.005)
     assert now["running"]["id"] == first
-    assert [(m["model_key"], m["pinned"]) for m in now["models"]] == [("llama3:latest", True)]
+    assert pinned(now) == [("llama3:latest", True)]
     await eventually(lambda: foreman.states() == ["done", "done"], what="both jobs to finish")
     assert [(m["model_key"], m["pinned"]) for m in (await status())["models"]] == [("llama3:latest", False)]
 
