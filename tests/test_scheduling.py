@@ -142,8 +142,9 @@ async def test_a_load_makes_room_by_evicting_the_resident_model_with_least_waiti
     http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman
 ) -> None:
     """Two slots full, both with work: loading a third evicts the less busy, not the least recently used."""
-    # Equal token times: the victim is chosen by waiting jobs x learned run time, and one
-    # job's run time on a busy machine is noise unless generation dominates it.
+    # Equal token times: the victim is chosen by waiting jobs x learned run time, learned
+    # here from one job each, which a busy machine can stretch. Six jobs against one keep
+    # the choice clear of that noise (five if one llama3 job slips in as Ollama comes back).
     server = await make_stub(capacity=2, token_delay=0.005)
     stub = server.stub
     foreman = await make_foreman(server.url, backoff_initial=0.005, backoff_max=0.01)
@@ -155,7 +156,7 @@ async def test_a_load_makes_room_by_evicting_the_resident_model_with_least_waiti
         await server.stop_listening(reset_state=False)
         tasks = [
             await submit(http, foreman, chat_body(m, f"{m} {i}"), headers=batch)
-            for i, m in enumerate(["llama3", "llama3", "llama3", "mistral"])
+            for i, m in enumerate(["llama3"] * 6 + ["mistral"])
         ]
         tasks.append(await submit(http, foreman, chat_body("qwen2", "chat")))
         await server.resume_listening()
