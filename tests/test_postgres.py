@@ -197,8 +197,9 @@ def test_swap_decisions_take_turns(pg_url: str) -> None:
 
 async def test_an_expired_lease_puts_the_job_back_and_its_old_node_cannot_end_it(open_node: OpenNode) -> None:
     """A node that stops renewing loses its job to the others; its late finish changes nothing."""
-    a = await open_node("a", node_timeout=0.2)
-    b = await open_node("b", node_timeout=0.2)
+    # A lease long enough that a busy machine cannot outlast it between the claim and the first reap.
+    a = await open_node("a", node_timeout=1.0)
+    b = await open_node("b", node_timeout=1.0)
     await a.insert_many([new_job("m1")])
     claim = await a.claim(holding("m1"), 1.0)
     assert claim is not None
