@@ -194,8 +194,10 @@ async def test_status_lists_every_node_with_its_ollama(
 ) -> None:
     """/status on any node shows every node, what its Ollama holds, and its heartbeat."""
     stub = await make_stub()
-    a = await node(make_foreman, stub, pg_url, "a", node_timeout=0.6)
-    b = await node(make_foreman, down_url(), pg_url, "b", node_timeout=0.6)
+    # Alive means a heartbeat (every third of the timeout) within the timeout: long enough
+    # that a busy machine cannot stall a heartbeat past it, short enough that a's models show soon.
+    a = await node(make_foreman, stub, pg_url, "a", node_timeout=3.0)
+    b = await node(make_foreman, down_url(), pg_url, "b", node_timeout=3.0)
     assert (await post(http, a.url + "/api/chat", chat_body("llama3"))).status == 200
 
     async def nodes() -> dict[str, Any]:
