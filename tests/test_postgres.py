@@ -115,12 +115,18 @@ async def test_nodes_claiming_at_once_never_take_the_same_job(open_node: OpenNod
     jobs = [new_job(f"m{i % 2}") for i in range(120)]
     await nodes[0].insert_many(jobs)
 
+    # On a busy machine one node could drain the queue before another's first round trip:
+    # each waits, after its first job, until all three are claiming, so they race from there.
+    all_claiming = asyncio.Barrier(len(nodes))
+
     async def drain(store: PostgresStorage) -> list[str]:
         taken = []
         # Every node holds both models: nobody leaves anything to the others.
         while (claim := await store.claim(holding("m0", "m1"), 1.0)) is not None:
             taken.append(claim.job.id)
             await store.finish(claim.job, JobState.DONE, 2.0, status=200)
+            if len(taken) == 1:
+                await asyncio.wait_for(all_claiming.wait(), 30)
         return taken
 
     taken = await asyncio.gather(*(drain(node) for node in nodes))
