@@ -53,15 +53,8 @@ class ModelTags:
 
     async def digest(self, model_key: str) -> str | None:
         """The digest of the model in `model_key` now; None if Ollama cannot say (unreachable, not installed)."""
-        if not self._fresh:
-            if self._failed_at is not None and time.monotonic() - self._failed_at < _RETRY_AFTER_S:
-                return None
-            try:
-                await self.refresh()
-            except (UpstreamUnreachable, UpstreamFailed, UpstreamRejected) as exc:
-                # The worker reports outages; here it only means no cache for now.
-                log.debug("models.read_failed", error=exc.message)
-                return None
+        if not self._fresh and not await self._read_again():
+            return None
         return self._digests.get(key_model_name(model_key))
 
     async def has(self, model: str) -> bool | None:
@@ -74,14 +67,21 @@ class ModelTags:
         name = normalise_model(model)
         if self._fresh and name in self._digests:
             return True
-        if self._failed_at is not None and time.monotonic() - self._failed_at < _RETRY_AFTER_S:
+        if not await self._read_again():
             return None
+        return name in self._digests
+
+    async def _read_again(self) -> bool:
+        """Read the list again unless a read failed moments ago; False when Ollama cannot say."""
+        if self._failed_at is not None and time.monotonic() - self._failed_at < _RETRY_AFTER_S:
+            return False
         try:
             await self.refresh()
         except (UpstreamUnreachable, UpstreamFailed, UpstreamRejected) as exc:
+            # The worker reports outages; here it only means no cache and no intake check for now.
             log.debug("models.read_failed", error=exc.message)
-            return None
-        return name in self._digests
+            return False
+        return True
 
     async def refresh(self) -> None:
         """Read `/api/tags` (one read at a time: callers that come meanwhile share it)."""
