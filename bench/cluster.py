@@ -17,7 +17,7 @@ Targets (issue 14):
 The jobs are written into the queue in one transaction (as the trace has them
 all arrive at t = 0), with the nodes up and idle; the clock runs from that
 commit until the last job has ended. Swaps are the `model.swap` lines of the
-nodes' logs. PostgreSQL is a throwaway server (bench/_postgres.py) unless
+nodes' logs. PostgreSQL is a throwaway server (tests/support/postgres.py) unless
 --db-url names one (each run gets a database of its own on it).
 
     python bench/cluster.py                 # 2 rounds of 1/2/3 nodes, then the kill run
@@ -40,12 +40,12 @@ from typing import Any
 
 import psycopg
 
-import _postgres
 from _harness import Proc, Processes, all_listening, run_in_workdir, until
 from _report import Row, arg_parser, machine, median, print_report, write_json
-from foreman.intake import parse_job
-from foreman.models import NewJob, Priority
-from foreman.postgres.storage import PostgresStorage
+from foreman.dialects.intake import parse_job
+from foreman.job import NewJob, Priority
+from foreman.storage.postgres.storage import PostgresStorage
+from tests.support import postgres as postgres_server
 
 MODELS = ["phi3", "llama3", "qwen2", "mixtral", "gemma2", "codellama", "mistral", "tinyllama"]
 # The stubs' delay between tokens: a job's run time is its tokens times this. Ten chunks a job
@@ -91,14 +91,14 @@ class Database:
     """Where the runs' databases live: a throwaway server, or the one --db-url names."""
 
     def __init__(self, url: str | None) -> None:
-        self._server: _postgres.Server | None = None
+        self._server: postgres_server.Server | None = None
         if url is None:
-            bindir = _postgres.server_bindir()
+            bindir = postgres_server.server_bindir()
             if bindir is None:
                 raise SystemExit(
                     "no PostgreSQL server installed (apt-get install postgresql), and no --db-url"
                 )
-            self._server = _postgres.start(bindir)
+            self._server = postgres_server.start(bindir)
             url = self._server.url()
         self._admin = url
 

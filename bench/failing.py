@@ -1,7 +1,7 @@
 """A job Ollama always fails, beside work for other models: the others must not wait for its backoff.
 
     python bench/failing.py                       # 3 rounds of each case, alternating, about 90 s
-    python bench/failing.py --rounds 1 --jobs 6   # the size tests/test_bench_smoke.py runs
+    python bench/failing.py --rounds 1 --jobs 6   # the size tests/bench/test_scripts.py runs
 
 Each round starts a stub Ollama process and a real `foreman serve` (issue 12's
 settings: FOREMAN_BACKOFF_INITIAL=2, FOREMAN_MAX_ATTEMPTS=4), submits one async

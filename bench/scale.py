@@ -6,7 +6,7 @@
 Queues `--jobs` async jobs across 8 models through foreman's store API (not
 HTTP), then measures:
 
-- the time to pick the next job: `Store.claim` with the real
+- the time to pick the next job: `QueueFile.claim` with the real
   drain-by-model policy, with a model resident and cold (target < 1 ms);
 - the RSS of a `foreman serve` process on that database, idle (its upstream
   is a closed port, so the jobs wait) and draining into a stub Ollama
@@ -36,10 +36,10 @@ from ulid import ULID
 
 from _harness import Proc, Processes, free_port, lag_between, lag_buckets, run_in_workdir
 from _report import Row, arg_parser, machine, median, ms, print_report, spread, write_json
-from foreman import scheduler
-from foreman.models import JobState, NewJob, Priority
-from foreman.names import model_key
-from foreman.sqlite.store import Store
+from foreman.job import JobState, NewJob, Priority
+from foreman.ollama.names import model_key
+from foreman.scheduling import policy as scheduler
+from foreman.storage.sqlite.queue_file import QueueFile
 from stub_ollama import Stub, StubModel, StubServer, StubSettings
 
 MODELS = [f"model{i}" for i in range(8)]
@@ -70,7 +70,7 @@ def new_jobs(first: int, count: int) -> Iterator[NewJob]:
 
 def build(path: Path, jobs: int) -> dict[str, Any]:
     start = time.perf_counter()
-    store = Store(path)
+    store = QueueFile(path)
     try:
         for first in range(0, jobs, BATCH):
             store.insert_many(new_jobs(first, min(BATCH, jobs - first)))
@@ -91,7 +91,7 @@ POLICY = scheduler.Policy()
 
 def time_store(path: Path, picks: int) -> dict[str, Any]:
     """Claim the next job `picks` times each with a resident model and cold; every claim is put back."""
-    store = Store(path)
+    store = QueueFile(path)
     figures: dict[str, Any] = {}
     try:
         for name, resident in (("resident", frozenset({model_key(MODELS[3], None)})), ("cold", frozenset())):

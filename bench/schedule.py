@@ -4,8 +4,8 @@
     python bench/schedule.py --e2e             # trace 1 again through the real daemon and stub_ollama
 
 The simulated worker is foreman's: one job at a time, a swap is a load that
-takes the model's load time, and the pick is `foreman.scheduler.Policy.pick`
-driven by the daemon worker's own `foreman.driver.PolicyDriver` (its `State`
+takes the model's load time, and the pick is `foreman.scheduling.policy.Policy.pick`
+driven by the daemon worker's own `foreman.scheduling.driver.PolicyDriver` (its `State`
 and `CostBook` bookkeeping).
 The clock is simulated, so a two-hour trace takes well under a second.
 
@@ -38,10 +38,10 @@ import aiohttp
 
 from _harness import until
 from _report import machine
-from foreman.aliases import alias_key, candidates, fold, is_alias_key
-from foreman.driver import PolicyDriver
-from foreman.models import Priority
-from foreman.scheduler import Decision, ModelQueue, Policy, Reason
+from foreman.job import Priority
+from foreman.routing.aliases import alias_key, candidates, fold, is_alias_key
+from foreman.scheduling.driver import PolicyDriver
+from foreman.scheduling.policy import Decision, ModelQueue, Policy, Reason
 
 HERE = Path(__file__).resolve().parent
 
@@ -273,7 +273,7 @@ class Chooser(Protocol):
 
 
 class Foreman(PolicyDriver):
-    """foreman's policy, driven exactly as the daemon's worker drives it (`foreman.driver.PolicyDriver`)."""
+    """foreman's policy, driven exactly as the daemon's worker drives it (`foreman.scheduling.driver.PolicyDriver`)."""
 
     def __init__(self, policy: Policy, name: str = "foreman") -> None:
         super().__init__(policy)
@@ -829,9 +829,9 @@ async def end_to_end(trace: Trace, scale: float) -> tuple[int, list[str]]:
 
     from aiohttp import web
 
+    from foreman.api.keys import WORKER
     from foreman.app import create_app
     from foreman.config import Config
-    from foreman.keys import WORKER
     from stub_ollama import StubModel, StubServer, StubSettings
 
     token_s = 0.002

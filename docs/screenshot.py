@@ -22,10 +22,10 @@ sys.path[1:1] = [str(ROOT), str(ROOT / "tests")]
 import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
 
-from browser import headless_chromium  # noqa: E402
 from foreman.app import create_app  # noqa: E402
 from foreman.config import Config  # noqa: E402
 from stub_ollama import StubModel, StubServer, StubSettings  # noqa: E402
+from tests.support.browser import headless_chromium  # noqa: E402
 
 MODELS = ("llama3", "mistral", "qwen2")
 

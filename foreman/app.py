@@ -13,43 +13,44 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from foreman import error_middleware, jobs, listing, proxy, queued, security, status, ui
-from foreman.config import Config, redact_url
-from foreman.driver import PolicyDriver
-from foreman.embed_batch import EmbedBatcher
-from foreman.embed_cache import EmbedCache
-from foreman.errors import StoreError
-from foreman.events import JobEvents
-from foreman.feed import QueueFeed
-from foreman.keys import (
+from foreman import ui
+from foreman.api import error_shape, inference, job_api, model_lists, passthrough, security, status
+from foreman.api.keys import (
     CLOCK,
     CONFIG,
     EMBED_CACHE,
     EVENTS,
-    FEED,
     METRICS,
     MODEL_TAGS,
+    PAGE_FEED,
     ROUTES,
-    STORE,
+    STORAGE,
     UPSTREAM,
     WORKER,
 )
+from foreman.config import Config, redact_url
+from foreman.embeddings.batch import EmbedBatcher
+from foreman.embeddings.cache import EmbedCache
+from foreman.errors import StoreError
+from foreman.job import QUEUED_ENDPOINTS
 from foreman.metrics import Metrics
-from foreman.model_tags import ModelTags
-from foreman.models import QUEUED_ENDPOINTS
-from foreman.outages import Outages
-from foreman.residency import Residency
-from foreman.retention import prune_forever
+from foreman.ollama.client import Upstream
+from foreman.ollama.outages import Outages
+from foreman.ollama.tags import ModelTags
+from foreman.queue.job_events import JobEvents
+from foreman.queue.page_feed import PageFeed
+from foreman.queue.retention import prune_forever
 from foreman.retry import RetryPolicy, Sleep
-from foreman.route_table import RouteTable
-from foreman.runner import JobRunner
-from foreman.scheduler import Policy
-from foreman.sqlite.storage import SqliteStorage
+from foreman.routing.table import RouteTable
+from foreman.scheduling.driver import PolicyDriver
+from foreman.scheduling.policy import Policy
 from foreman.storage import Storage
-from foreman.upstream import Upstream
-from foreman.wakeups import WakeUps
-from foreman.warm import Warmer
-from foreman.worker import Worker
+from foreman.storage.sqlite.storage import SqliteStorage
+from foreman.worker.loop import Worker
+from foreman.worker.residency import Residency
+from foreman.worker.runner import JobRunner
+from foreman.worker.wakeups import WakeUps
+from foreman.worker.warm import Warmer
 
 log = structlog.get_logger("foreman")
 
@@ -66,7 +67,7 @@ def create_app(
     `clock` stamps and schedules jobs, `monotonic` times loads, runs and idle
     spells, `sleep` waits out backoffs: tests hand in fakes.
     """
-    app = web.Application(client_max_size=config.max_body, middlewares=[error_middleware.errors])
+    app = web.Application(client_max_size=config.max_body, middlewares=[error_shape.errors])
     # In Ollama's order: CORS first (it answers preflights itself), then the Host guard.
     security.cors(app, config.origins)
     if security.is_loopback(config.host):
@@ -77,7 +78,7 @@ def create_app(
     app[CONFIG] = config
     app[CLOCK] = clock
     app[EVENTS] = JobEvents()
-    app[FEED] = QueueFeed()
+    app[PAGE_FEED] = PageFeed()
     app[METRICS] = Metrics()
     app[ROUTES] = RouteTable(config.routes)
 
@@ -90,7 +91,7 @@ def create_app(
         requeued, failed = await store.recover(clock(), config.max_attempts)
         if requeued or failed:
             log.info("queue.recovered", requeued=requeued, failed=failed, db=_where(config))
-        app[STORE] = store
+        app[STORAGE] = store
         yield
         await store.close()
 
@@ -114,10 +115,10 @@ def create_app(
         cache = None
         tags = ModelTags(app[UPSTREAM])
         if config.embed_cache > 0:
-            cache = EmbedCache(app[STORE], tags, config.embed_cache, app[METRICS])
+            cache = EmbedCache(app[STORAGE], tags, config.embed_cache, app[METRICS])
             tags.on_change = cache.invalidate
             # FOREMAN_EMBED_CACHE may have shrunk since the last run.
-            await app[STORE].cache_evict(config.embed_cache)
+            await app[STORAGE].cache_evict(config.embed_cache)
         app[MODEL_TAGS], app[EMBED_CACHE] = tags, cache
         if cache is None:
             yield
@@ -127,7 +128,7 @@ def create_app(
         await cache.close()
 
     async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
-        store, upstream, events = app[STORE], app[UPSTREAM], app[EVENTS]
+        store, upstream, events = app[STORAGE], app[UPSTREAM], app[EVENTS]
         retry = RetryPolicy(config.max_attempts, config.backoff_initial, config.backoff_max)
         driver = PolicyDriver(Policy(max_wait=config.max_wait, min_residency=config.min_residency))
         outages = Outages(upstream.base_url)
@@ -148,9 +149,9 @@ def create_app(
             residency=residency,
             outages=outages,
             wakeups=wakeups,
-            feed=app[FEED],
+            feed=app[PAGE_FEED],
             embeds=EmbedBatcher(
-                store=app[STORE],
+                store=app[STORAGE],
                 upstream=app[UPSTREAM],
                 metrics=app[METRICS],
                 max_inputs=config.embed_batch,
@@ -170,7 +171,7 @@ def create_app(
             wakeups=wakeups,
             parallel=config.parallel,
             warmer=Warmer(upstream) if config.warm == "auto" else None,
-            feed=app[FEED],
+            feed=app[PAGE_FEED],
             clock=clock,
             monotonic=monotonic,
             sleep=sleep,
@@ -187,7 +188,7 @@ def create_app(
         lag.stop()
 
     async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
-        async with _running(prune_forever(app[STORE], config.retention, clock, sleep), "foreman-prune"):
+        async with _running(prune_forever(app[STORAGE], config.retention, clock, sleep), "foreman-prune"):
             yield
 
     async def stop_gracefully(app: web.Application) -> None:
@@ -196,10 +197,10 @@ def create_app(
         # time to finish for the clients waiting on them.
         worker = app[WORKER]
         worker.stop()
-        app[FEED].close()
-        app[EVENTS].end_all(queued.SHUTTING_DOWN, sparing=worker.running_jobs)
+        app[PAGE_FEED].close()
+        app[EVENTS].end_all(inference.SHUTTING_DOWN, sparing=worker.running_jobs)
         await worker.wait_for_running(config.shutdown_grace)
-        app[EVENTS].end_all(queued.SHUTTING_DOWN)
+        app[EVENTS].end_all(inference.SHUTTING_DOWN)
 
     # Torn down in reverse: the worker stops before the session and the store close.
     app.cleanup_ctx.extend(
@@ -207,27 +208,27 @@ def create_app(
     )
     app.on_shutdown.append(stop_gracefully)
     for endpoint in QUEUED_ENDPOINTS:
-        app.router.add_post(endpoint, queued.handle)
-    app.router.add_get("/jobs", jobs.list_jobs)
-    app.router.add_get("/jobs/{id}", jobs.get_job)
-    app.router.add_delete("/jobs/{id}", jobs.cancel_job)
-    app.router.add_get("/jobs/{id}/events", jobs.job_events)
+        app.router.add_post(endpoint, inference.handle)
+    app.router.add_get("/jobs", job_api.list_jobs)
+    app.router.add_get("/jobs/{id}", job_api.get_job)
+    app.router.add_delete("/jobs/{id}", job_api.cancel_job)
+    app.router.add_get("/jobs/{id}/events", job_api.job_events)
     app.router.add_get("/status", status.status)
     app.router.add_get("/healthz", status.healthz)
     app.router.add_get("/metrics", status.metrics)
-    app.router.add_get("/api/tags", listing.tags)
-    app.router.add_post("/api/show", listing.show)
-    app.router.add_get("/v1/models", listing.openai_models, allow_head=False)
-    app.router.add_get("/v1/models/{model}", listing.openai_model, allow_head=False)
+    app.router.add_get("/api/tags", model_lists.tags)
+    app.router.add_post("/api/show", model_lists.show)
+    app.router.add_get("/v1/models", model_lists.openai_models, allow_head=False)
+    app.router.add_get("/v1/models/{model}", model_lists.openai_model, allow_head=False)
     ui.setup(app)
-    app.router.add_route("*", "/{tail:.*}", proxy.passthrough)
+    app.router.add_route("*", "/{tail:.*}", passthrough.passthrough)
     return app
 
 
 async def open_shared(config: Config) -> Storage:
     """The PostgreSQL queue named by FOREMAN_DB, for this node; StoreError if it cannot be used."""
     try:
-        from foreman.postgres.storage import PostgresStorage
+        from foreman.storage.postgres.storage import PostgresStorage
     except ImportError as exc:
         raise StoreError(
             f"FOREMAN_DB is a PostgreSQL URL, but its driver is missing ({exc}): pip install 'foreman[postgres]'"
@@ -257,10 +258,10 @@ async def _member(
     if config.db_url is None:
         yield
         return
-    from foreman.postgres.node import Node
-    from foreman.postgres.storage import PostgresStorage
+    from foreman.storage.postgres.node import Node
+    from foreman.storage.postgres.storage import PostgresStorage
 
-    store = app[STORE]
+    store = app[STORAGE]
     assert isinstance(store, PostgresStorage)  # store_ctx opened it from db_url
     node = Node(
         store,

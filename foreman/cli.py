@@ -23,7 +23,7 @@ from foreman.config import (
     positive_int,
 )
 from foreman.durations import duration
-from foreman.models import MAX_PAGE, JobState
+from foreman.job import MAX_PAGE, JobState
 
 DEFAULT_HOST = f"127.0.0.1:{DEFAULT_PORT}"
 

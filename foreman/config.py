@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from foreman.durations import duration, is_keep_alive, positive_duration
-from foreman.models import Priority
+from foreman.job import Priority
 
 DEFAULT_PORT = 11435
 OLLAMA_PORT = 11434

@@ -10,11 +10,11 @@ import uvloop
 from aiohttp import web
 
 from foreman import log as logging_setup
+from foreman.api.security import is_loopback
 from foreman.app import create_app
 from foreman.config import EXIT_CONFIG, Config, redact_url
 from foreman.errors import StoreError, StoreUnreachable
-from foreman.routes import RoutesError
-from foreman.security import is_loopback
+from foreman.routing.routes_file import RoutesError
 
 log = structlog.get_logger("foreman")
 

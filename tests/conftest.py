@@ -17,11 +17,11 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-import _postgres as postgres
 from foreman.app import create_app
 from foreman.config import Config
-from helpers import Foreman, MakeForeman, MakeStub
 from stub_ollama import Stub, StubServer, StubSettings
+from tests.support import postgres
+from tests.support.helpers import Foreman, MakeForeman, MakeStub
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from typing import TextIO
 from foreman.client import layout
 from foreman.client.daemon import Daemon, DaemonError, Json, Rejected
 from foreman.client.submit import BadInput, SubmitRequest, from_jsonl, from_prompt
-from foreman.models import JobState
+from foreman.job import JobState
 
 Command = Callable[[Daemon, argparse.Namespace, TextIO, TextIO], Awaitable[int]]
 

@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from foreman.models import MAX_PAGE
+from foreman.job import MAX_PAGE
 
 Json = dict[str, Any]
 

@@ -11,7 +11,7 @@ from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime
 
 from foreman.client.daemon import Json
-from foreman.models import JobState
+from foreman.job import JobState
 
 _STATES = [state.value for state in JobState]  # lifecycle order
 _ERROR_WIDTH = 60

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from foreman.models import QUEUED_ENDPOINTS
+from foreman.job import QUEUED_ENDPOINTS
 
 DEFAULT_ENDPOINT = "/api/chat"
 

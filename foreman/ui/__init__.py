@@ -16,10 +16,10 @@ from typing import Any
 
 from aiohttp import web
 
+from foreman.api.keys import CLOCK, PAGE_FEED
+from foreman.api.views import iso
 from foreman.errors import NotFound
-from foreman.feed import FeedEvent
-from foreman.keys import CLOCK, FEED
-from foreman.presenters import iso
+from foreman.queue.page_feed import FeedEvent
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self';"
@@ -74,9 +74,9 @@ def setup(app: web.Application) -> None:
 async def queue_events(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: `hello` with the last minutes' transitions, then each `job` and `swap` as it happens."""
     app = request.app
-    with app[FEED].watch() as inbox:
+    with app[PAGE_FEED].watch() as inbox:
         now = app[CLOCK]()
-        history = [_event_view(event) for event in app[FEED].history(now)]
+        history = [_event_view(event) for event in app[PAGE_FEED].history(now)]
         response = web.StreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
         with suppress(ConnectionResetError):  # the watcher left

@@ -1,0 +1,250 @@
+"""The queued endpoints: each request becomes a job, then waits for it or is handed its id."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+
+import structlog
+from aiohttp import web
+
+from foreman.api.keys import (
+    CLOCK,
+    CONFIG,
+    EMBED_CACHE,
+    EVENTS,
+    METRICS,
+    MODEL_TAGS,
+    PAGE_FEED,
+    ROUTES,
+    STORAGE,
+    WORKER,
+)
+from foreman.dialects import dialect_for
+from foreman.dialects.intake import parse_job, parse_priority, request_hash
+from foreman.embeddings.cache_answer import cache_answer, wants_no_cache
+from foreman.embeddings.requests import EMBED_ENDPOINTS
+from foreman.errors import ForemanError, NotFound
+from foreman.job import JSON_TYPE, JobState, NewJob, Priority
+from foreman.queue.job_events import Chunk, Ended, JobEvent, StateChanged
+from foreman.storage import CacheAnswer, Submission
+
+log = structlog.get_logger("foreman.api")
+
+JOB_HEADER = "X-Foreman-Job"
+MODEL_HEADER = "X-Foreman-Model"  # the model that served the job (for an alias: the one picked)
+PRIORITY_HEADER = "X-Foreman-Priority"
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    """Write the request as a job; answer 202 at once, or with what the worker produces for it."""
+    respond_async = prefers_async(request)
+    config = request.app[CONFIG]
+    try:
+        async with asyncio.timeout(config.read_timeout):
+            raw = await request.read()
+    except TimeoutError as exc:
+        raise ForemanError("the request body did not arrive in time", 408) from exc
+    default_priority = config.async_priority if respond_async else config.sync_priority
+    job = parse_job(
+        request.path,
+        raw,
+        request.app[CLOCK](),
+        priority=parse_priority(request.headers.get(PRIORITY_HEADER), default_priority),
+        respond_async=respond_async,
+        idempotency_key=request.headers.get("Idempotency-Key") if respond_async else None,
+    )
+    job = request.app[ROUTES].current.route(job)
+    await _require_installed(request, job)
+    answer = None
+    if job.endpoint in EMBED_ENDPOINTS:
+        if wants_no_cache(request):
+            job = replace(job, cache="no-cache")
+        else:
+            answer = await cache_answer(request.app, job)
+    if respond_async:
+        return await _accept(request, job, answer)
+    return await _serve(request, job, answer)
+
+
+async def _require_installed(request: web.Request, job: NewJob) -> None:
+    """Refuse at once, as Ollama does, a model Ollama does not have; queue it when Ollama cannot tell."""
+    if job.routing is not None:
+        return  # an alias or a route: foreman's own name, for models its routes file names
+    source = job.model.rsplit(":", 1)[-1].strip().lower() if ":" in job.model else ""
+    if source in ("cloud", "local") or (source.endswith("-cloud") and "/" not in source):
+        return  # an explicit source (modelref.ParseRef): Ollama decides, maybe in its cloud
+    if await request.app[MODEL_TAGS].has(job.model) is False:
+        raise NotFound(_not_found(request.path, job.model))
+
+
+def _not_found(endpoint: str, model: str) -> str:
+    """Ollama's 404 message for a model it does not have, which differs by handler."""
+    if endpoint == "/api/embeddings":
+        # EmbeddingsHandler goes through handleScheduleError, which quotes with Go's %q.
+        return f"model {json.dumps(model)} not found, try pulling it first"
+    return f"model '{model}' not found"
+
+
+def prefers_async(request: web.Request) -> bool:
+    """Whether the client sent `Prefer: respond-async` (RFC 7240)."""
+    for header in request.headers.getall("Prefer", ()):
+        for preference in header.split(","):
+            if preference.split(";")[0].split("=")[0].strip().lower() == "respond-async":
+                return True
+    return False
+
+
+async def _accept(request: web.Request, job: NewJob, answer: CacheAnswer | None) -> web.Response:
+    """Commit an async job and hand back its id and place in line."""
+    app = request.app
+    fingerprint = request_hash(job) if job.idempotency_key is not None else None
+    submission = Submission(job, fingerprint, app[WORKER].drain_order_now(), answer)
+    committed = app[STORAGE].submit(submission)
+    app[WORKER].wake(job.model_key)  # as in _serve: the claim queues up behind the commit
+    accepted = await asyncio.shield(committed)
+    if accepted.result is not None and answer is not None:
+        _answered(app, job, answer)
+    elif accepted.new:
+        app[WORKER].wake(job.model_key)
+        _queued(app, job)
+    job_id = accepted.job_id
+    return web.json_response(
+        {"id": job_id, "state": accepted.state, "position": accepted.position},
+        status=202 if accepted.new else 200,
+        headers={"Location": f"/jobs/{job_id}", "Preference-Applied": "respond-async", JOB_HEADER: job_id},
+    )
+
+
+async def job_position(app: web.Application, job_id: str, model_key: str, priority: Priority) -> int:
+    """How many queued jobs run before this one in the current drain order."""
+    order = app[WORKER].drain_order_now()
+    return await app[STORAGE].position(job_id, model_key, priority, order)
+
+
+async def _serve(request: web.Request, job: NewJob, answer: CacheAnswer | None) -> web.StreamResponse:
+    app = request.app
+    worker = app[WORKER]
+    with app[EVENTS].subscribe(job.id, client=True) as inbox:
+        try:
+            # Shielded: once the insert started, it lands even if the client
+            # leaves, and the cancel below then finds the job.
+            committed = app[STORAGE].submit(Submission(job, answer=answer))
+            if answer is None:
+                # The store orders a claim asked for now behind this commit
+                # (`Storage.submit`), so the worker need not wait for the answer.
+                worker.wake(job.model_key)
+            accepted = await asyncio.shield(committed)
+            if accepted.result is not None and answer is not None:
+                _answered(app, job, answer)
+                headers = {"Content-Type": JSON_TYPE, JOB_HEADER: job.id}
+                return web.Response(body=accepted.result, headers=headers)
+            worker.wake(job.model_key)  # a claim that ran ahead of a grouped commit missed the job
+            _queued(app, job)
+            return await _respond(request, job, inbox, app[CONFIG].early_headers)
+        except (asyncio.CancelledError, ConnectionResetError):
+            # The client went away: like Ollama, stop working for it.
+            await asyncio.shield(worker.cancel(job.id))
+            raise
+
+
+def _answered(app: web.Application, job: NewJob, answer: CacheAnswer) -> None:
+    """The embedding cache answered the job as it was written (see foreman.embeddings.cache_answer)."""
+    cache = app[EMBED_CACHE]
+    if cache is not None:
+        cache.count(len(answer.keys), 0)
+    app[METRICS].job_ended(job, JobState.DONE, wait=0.0, run=0.0)
+    app[PAGE_FEED].job(
+        job.id, JobState.DONE, job.created_at, model=job.model_key, priority=job.priority, attempt=0
+    )
+    log.info("job.done", model=job.model_key, job_id=job.id, endpoint=job.endpoint, cache="hit")
+
+
+def _queued(app: web.Application, job: NewJob) -> None:
+    """Tell the log and the queue's watchers that a job was committed."""
+    app[PAGE_FEED].arrived(job.id, job.model_key, job.priority, job.created_at)
+    # Sizes, never content: prompts stay out of the log.
+    log.info(
+        "job.queued",
+        model=job.model_key,
+        job_id=job.id,
+        endpoint=job.endpoint,
+        priority=job.priority.value,
+        respond_async=job.respond_async,
+        body_bytes=len(job.body),
+    )
+
+
+async def _respond(
+    request: web.Request, job: NewJob, inbox: asyncio.Queue[JobEvent], early_headers: float
+) -> web.StreamResponse:
+    dialect = dialect_for(job.endpoint)
+    stream: web.StreamResponse | None = None
+    # An alias job's model is known once it is picked; until then, no header names one.
+    served = None if job.routing else job.model
+    while True:
+        if stream is None and job.stream:
+            try:
+                event = await asyncio.wait_for(inbox.get(), early_headers)
+            except TimeoutError:
+                stream = await _start_stream(request, job, served)
+                continue
+        else:
+            event = await inbox.get()
+        if isinstance(event, Chunk):
+            if stream is None:
+                stream = await _start_stream(request, job, served)
+            await stream.write(dialect.frame(event.data))
+        elif isinstance(event, StateChanged):
+            served = event.model or served
+        elif isinstance(event, Ended):
+            return await _finish(request, job, stream, event, served)
+
+
+def _headers(job: NewJob, served: str | None) -> dict[str, str]:
+    headers = {JOB_HEADER: job.id}
+    if served is not None:
+        headers[MODEL_HEADER] = served
+    return headers
+
+
+async def _start_stream(request: web.Request, job: NewJob, served: str | None) -> web.StreamResponse:
+    content_type = dialect_for(job.endpoint).stream_type
+    stream = web.StreamResponse(headers={"Content-Type": content_type, **_headers(job, served)})
+    await stream.prepare(request)
+    return stream
+
+
+async def _finish(
+    request: web.Request, job: NewJob, stream: web.StreamResponse | None, ended: Ended, served: str | None
+) -> web.StreamResponse:
+    dialect = dialect_for(job.endpoint)
+    if stream is None:
+        failed = ended.state is not JobState.DONE
+        headers = {"Content-Type": ended.content_type, **_headers(job, served)}
+        if ended.state is JobState.QUEUED:
+            # The job stays queued and runs later: a client retry would run it twice.
+            # (The openai SDKs retry 5xx unless told not to.)
+            headers["x-should-retry"] = "false"
+        return web.Response(
+            status=ended.status,
+            body=dialect.client_error(ended.body, ended.status) if failed else ended.body,
+            headers=headers,
+        )
+    if ended.state is JobState.DONE:
+        if ended.body:  # a whole reply after early headers, such as a load's
+            await stream.write(dialect.frame(ended.body.rstrip(b"\n") + b"\n"))
+        await stream.write(dialect.end())
+    elif ended.body:
+        # Headers are gone: like Ollama, report a late failure as the last line.
+        await stream.write(dialect.late_error(ended.body))
+    await stream.write_eof()
+    return stream
+
+
+# What handlers still waiting at shutdown tell their clients.
+_SHUTTING_DOWN = "foreman is shutting down; the job stays queued and runs after the restart"
+SHUTTING_DOWN = Ended(
+    JobState.QUEUED, 503, json.dumps({"error": _SHUTTING_DOWN}).encode(), error=_SHUTTING_DOWN
+)

@@ -1,0 +1,32 @@
+"""Typed slots on the aiohttp application, so modules share them without importing each other."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+
+from foreman.config import Config
+from foreman.embeddings.cache import EmbedCache
+from foreman.metrics import Metrics
+from foreman.ollama.client import Upstream
+from foreman.ollama.tags import ModelTags
+from foreman.queue.job_events import JobEvents
+from foreman.queue.page_feed import PageFeed
+from foreman.routing.table import RouteTable
+from foreman.storage import Storage
+from foreman.worker.loop import Worker
+
+# The clock jobs are stamped and scheduled by: time.time, or a fake one in tests.
+CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
+CONFIG = web.AppKey("config", Config)
+# None when FOREMAN_EMBED_CACHE=0.
+EMBED_CACHE: web.AppKey[EmbedCache | None] = web.AppKey("embed_cache")
+EVENTS = web.AppKey("events", JobEvents)
+PAGE_FEED = web.AppKey("feed", PageFeed)
+METRICS = web.AppKey("metrics", Metrics)
+MODEL_TAGS = web.AppKey("model_tags", ModelTags)
+ROUTES = web.AppKey("routes", RouteTable)
+STORAGE: web.AppKey[Storage] = web.AppKey("store")
+UPSTREAM = web.AppKey("upstream", Upstream)
+WORKER = web.AppKey("worker", Worker)

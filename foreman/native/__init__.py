@@ -1,1 +1,0 @@
-"""Ollama's own API, `/api/*`: what its replies look like."""

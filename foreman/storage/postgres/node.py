@@ -1,0 +1,294 @@
+"""One foreman node among several sharing a PostgreSQL queue: heartbeat, leases, and LISTEN/NOTIFY.
+
+- **Heartbeat.** Every third of `FOREMAN_NODE_TIMEOUT` the node writes what its
+  Ollama holds and runs to its row in `nodes`, renews the leases of its running
+  jobs, and puts back the jobs of any node whose lease ran out (one node at a
+  time does that). A node whose row has not been written for the timeout is
+  dead to the others: they no longer leave its models to it.
+- **Wake-ups.** A job written, put back or claimed for a swap sends a NOTIFY
+  at commit; every other node's worker then looks at the queue.
+- **Replies cross over.** A job records the nodes where a client waits for
+  it (`jobs.watchers`: the node a synchronous request came to, and any node
+  where someone follows its events later). The node that runs it sends each
+  of its events (state, chunk, end) to them as a NOTIFY, in order, and they
+  hand them to the waiting handlers as if their own worker had run the job;
+  the end of every job goes to every node. An event too big for a payload
+  (8000 bytes) goes through the `relay` table. A client that leaves cancels
+  its job where it runs: the cancel travels the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Callable, Coroutine
+from contextlib import suppress
+from dataclasses import replace
+from typing import Any, Protocol
+
+import psycopg
+import structlog
+
+from foreman.job import JobState
+from foreman.queue.job_events import Chunk, Ended, JobEvent, JobEvents, StateChanged
+from foreman.storage.postgres.schema import CHANNEL
+from foreman.storage.postgres.storage import PostgresStorage
+
+log = structlog.get_logger("foreman.node")
+
+# A NOTIFY payload must be shorter than 8000 bytes; bigger events go through the relay table.
+_PAYLOAD_LIMIT = 7800
+
+
+class LocalWorker(Protocol):
+    """What the node needs of its own worker."""
+
+    @property
+    def running_jobs(self) -> list[str]: ...
+
+    @property
+    def resident(self) -> frozenset[str]: ...
+
+    def wake(self, model_key: str) -> None: ...
+
+    async def cancel(self, job_id: str) -> bool: ...
+
+
+class Node:
+    """This process's membership in the cluster; `run()` until cancelled."""
+
+    def __init__(
+        self,
+        store: PostgresStorage,
+        events: JobEvents,
+        worker: LocalWorker,
+        *,
+        upstream: str,
+        max_attempts: int,
+        clock: Callable[[], float],
+        reachable: Callable[[], bool | None] = lambda: None,
+    ) -> None:
+        self._store = store
+        self._events = events
+        self._worker = worker
+        self._upstream = upstream
+        self._max_attempts = max_attempts
+        self._clock = clock
+        self._reachable = reachable
+        # What to send, in order: an event of a job run here, or a watch of a job run elsewhere.
+        self._outbox: asyncio.Queue[tuple[str, JobEvent | None]] = asyncio.Queue()
+        self._listening = asyncio.Event()
+        self._alive: frozenset[str] = frozenset()
+        self.name = store.node
+
+    @property
+    def interval(self) -> float:
+        return self._store.node_timeout / 3
+
+    def forward(self, job_id: str, event: JobEvent) -> None:
+        """Send an event of a job this node runs to the nodes that wait for it (in order, in the background).
+
+        The end of a job goes to every node, so that one that began to follow
+        it a moment ago does not wait for ever; its reply only where it is awaited.
+        """
+        watched = self._store.watchers.get(job_id)
+        if isinstance(event, Ended):
+            self._store.watchers.pop(job_id, None)
+            self._outbox.put_nowait((job_id, event if watched else replace(event, body=b"")))
+        elif watched:
+            self._outbox.put_nowait((job_id, event))
+
+    def waits_elsewhere(self, job_id: str) -> bool:
+        """Whether a client on another node waits for this job, which this node runs."""
+        return bool(self._store.watchers.get(job_id))
+
+    def watch(self, job_id: str) -> None:
+        """Someone here follows a job: have the node that runs it send its events here too."""
+        self._outbox.put_nowait((job_id, None))
+
+    async def listening(self) -> None:
+        """Return once the node hears the others' notifications."""
+        await self._listening.wait()
+
+    async def register(self) -> None:
+        async with self._store.connection() as conn:
+            await conn.execute(
+                "INSERT INTO nodes (name, upstream) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE"
+                " SET upstream = excluded.upstream, started_at = now(), heartbeat_at = now(), left_at = NULL,"
+                " resident = '{}', serving = NULL, running = '{}'",
+                (self.name, self._upstream),
+            )
+
+    async def run(self) -> None:
+        """Heartbeat, listen and send until cancelled."""
+        tasks = [
+            asyncio.create_task(self._forever(self._listen, "listen"), name="foreman-node-listen"),
+            asyncio.create_task(self._forever(self._send, "send"), name="foreman-node-send"),
+            asyncio.create_task(self._heartbeats(), name="foreman-node-heartbeat"),
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def leave(self) -> None:
+        """A clean stop: the others need not wait for this node's lease to run out."""
+        with suppress(psycopg.Error):
+            async with self._store.connection() as conn:
+                await conn.execute(
+                    "UPDATE nodes SET left_at = now(), running = '{}' WHERE name = %s",
+                    (self.name,),
+                )
+
+    async def _forever(self, step: Callable[[], Coroutine[Any, Any, None]], what: str) -> None:
+        """Run `step` again after the database goes away and comes back."""
+        while True:
+            try:
+                await step()
+            except (psycopg.Error, OSError) as exc:
+                self._listening.clear()
+                log.warning("node.db_lost", task=what, error=str(exc).strip())
+                await asyncio.sleep(self.interval)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            pause = self.interval
+            try:
+                await self.beat()
+                # Wake when the next lease of another node runs out, not up to a beat later.
+                pause = min(pause, await self._next_expiry())
+            except (psycopg.Error, OSError) as exc:
+                log.warning("node.heartbeat_failed", error=str(exc).strip())
+            await asyncio.sleep(pause)
+
+    async def _next_expiry(self) -> float:
+        async with self._store.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT extract(epoch FROM min(lease_until) - now()) FROM jobs"
+                " WHERE state IN ('loading', 'working') AND node <> %s",
+                (self.name,),
+            )
+            row = await cursor.fetchone()
+        if row is None or row[0] is None:
+            return self.interval
+        return max(float(row[0]) + 0.01, 0.01)
+
+    async def beat(self) -> None:
+        """Write this node's row and renew its leases; put back the jobs of dead nodes."""
+        running = self._worker.running_jobs
+        async with self._store.connection() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO nodes (name, upstream, reachable, resident, running) VALUES (%s, %s, %s, %s, %s)"
+                " ON CONFLICT (name) DO UPDATE SET heartbeat_at = now(), left_at = NULL, upstream = excluded.upstream,"
+                " reachable = excluded.reachable, resident = excluded.resident, running = excluded.running",
+                (self.name, self._upstream, self._reachable(), sorted(self._worker.resident), running),
+            )
+            await conn.execute(
+                "UPDATE jobs SET lease_until = now() + make_interval(secs => %s)"
+                " WHERE state IN ('loading', 'working') AND node = %s",
+                (self._store.node_timeout, self.name),
+            )
+            cursor = await conn.execute(
+                "SELECT name FROM nodes WHERE left_at IS NULL AND heartbeat_at > now() - make_interval(secs => %s)",
+                (self._store.node_timeout,),
+            )
+            alive = frozenset(str(name) for (name,) in await cursor.fetchall())
+        for job_id, node in await self._store.reap(self._clock(), self._max_attempts):
+            log.warning("job.lease_expired", job_id=job_id, node=node, timeout_s=self._store.node_timeout)
+        if alive != self._alive:
+            if self._alive:
+                log.info("node.members", alive=sorted(alive), gone=sorted(self._alive - alive))
+            self._alive = alive
+            # A node that left frees its models, one that came may take some: look again.
+            self._worker.wake("")
+
+    async def _listen(self) -> None:
+        conn = await psycopg.AsyncConnection.connect(self._store.url, autocommit=True)
+        async with conn:
+            await conn.execute(f"LISTEN {CHANNEL}")
+            self._listening.set()
+            # Wake-ups sent while the node was not listening are lost: look at the queue now.
+            self._worker.wake("")
+            async for notice in conn.notifies():
+                await self._heard(notice.payload)
+
+    async def _heard(self, payload: str) -> None:
+        message = json.loads(payload)
+        if message.get("n") == self.name:
+            return  # our own: the worker and the local handlers know already
+        if "wake" in message:
+            self._worker.wake(message["wake"])
+        elif "watch" in message:
+            if message["watch"] in self._store.watchers:
+                self._store.watchers[message["watch"]].add(message["n"])
+        elif "cancel" in message:
+            if message.get("to") == self.name:
+                await self._worker.cancel(message["cancel"])
+        elif "relay" in message:
+            async with self._store.connection() as conn:
+                cursor = await conn.execute("SELECT data FROM relay WHERE id = %s", (message["relay"],))
+                row = await cursor.fetchone()
+            if row is not None:
+                inner = json.loads(bytes(row[0]))
+                self._events.deliver(inner["j"], _decode(inner["e"]))
+        elif "j" in message:
+            self._events.deliver(message["j"], _decode(message["e"]))
+
+    async def _send(self) -> None:
+        """Send the outbox in order, as many events a transaction as are waiting."""
+        while True:
+            batch = [await self._outbox.get()]
+            while not self._outbox.empty():
+                batch.append(self._outbox.get_nowait())
+            async with self._store.connection() as conn, conn.transaction():
+                for job_id, event in batch:
+                    if event is None:
+                        await conn.execute(
+                            "UPDATE jobs SET watchers = array_append(watchers, %s)"
+                            " WHERE id = %s AND NOT %s = ANY(watchers)",
+                            (self.name, job_id, self.name),
+                        )
+                        payload = json.dumps({"n": self.name, "watch": job_id})
+                        await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+                        continue
+                    payload = json.dumps({"n": self.name, "j": job_id, "e": _encode(event)})
+                    if len(payload) > _PAYLOAD_LIMIT:
+                        cursor = await conn.execute(
+                            "INSERT INTO relay (job_id, data) VALUES (%s, %s) RETURNING id",
+                            (job_id, payload.encode()),
+                        )
+                        row = await cursor.fetchone()
+                        assert row is not None
+                        payload = json.dumps({"n": self.name, "relay": row[0]})
+                    await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+
+
+def _encode(event: JobEvent) -> dict[str, Any]:
+    if isinstance(event, Chunk):
+        return {"k": "chunk", "d": _b64(event.data)}
+    if isinstance(event, StateChanged):
+        return {"k": "state", "s": event.state.value, "a": event.attempt}
+    return {
+        "k": "end",
+        "s": event.state.value,
+        "st": event.status,
+        "b": _b64(event.body),
+        "ct": event.content_type,
+        "er": event.error,
+    }
+
+
+def _decode(data: dict[str, Any]) -> JobEvent:
+    kind = data["k"]
+    if kind == "chunk":
+        return Chunk(base64.b64decode(data["d"]))
+    if kind == "state":
+        return StateChanged(JobState(data["s"]), int(data["a"]))
+    return Ended(JobState(data["s"]), int(data["st"]), base64.b64decode(data["b"]), data["ct"], data["er"])
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

@@ -1,0 +1,272 @@
+"""What Ollama holds for foreman: the resident models, the pins that keep them, the loads that swap them.
+
+foreman reads `/api/ps` at start, after a swap, after an idle spell, and when
+a reply shows Ollama loaded a model behind its back (`recheck`). While a
+model has more work waiting, its requests carry `FOREMAN_PIN_KEEP_ALIVE`
+(a pin); the last one hands Ollama back its own expiry. No pin outlives its
+work: a load sets the expiry the model will have after its drain, a pin is
+forgotten only once the request that hands it back was accepted, and
+leftovers are released when the queue empties and on SIGTERM
+(`release_pins`). Before a load, pins are moved so that Ollama evicts the
+model the policy chose (`make_room`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import structlog
+
+from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable
+from foreman.job import Job
+from foreman.ollama.client import Upstream
+from foreman.ollama.names import key_load_options, key_model_name
+from foreman.ollama.outages import Outages
+from foreman.retry import RetryPolicy, Sleep
+
+log = structlog.get_logger("foreman.worker")
+
+# Ollama's keep_alive when OLLAMA_KEEP_ALIVE is unset (envconfig.KeepAlive).
+_OLLAMA_DEFAULT_KEEP_ALIVE = "5m"
+
+
+@dataclass(slots=True)
+class _Pin:
+    """How to load a model key, to pin or unpin it later."""
+
+    endpoint: str
+    model: str
+    options: dict[str, object] = field(default_factory=dict)
+
+
+class Residency:
+    """Ollama's resident models as foreman last read them, and foreman's pins on them."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        outages: Outages,
+        *,
+        pin_keep_alive: object,
+        release_keep_alive: object | None,
+    ) -> None:
+        self._upstream = upstream
+        self._outages = outages
+        self.pin_keep_alive = pin_keep_alive
+        self.release_keep_alive = release_keep_alive  # None: Ollama's own default, as learned
+        self._server_keep_alive: object | None = None  # Ollama's default, read off a model foreman loaded
+        self._learning: str | None = None  # the model key whose load lets Ollama apply its default
+        outages.when_back(self._forget_server_keep_alive)
+        self._models: frozenset[str] = frozenset()
+        self._due = True  # read /api/ps before the next pick
+        # /api/ps names models, not load options: remember which key we loaded each name as.
+        self._loaded_as: dict[str, str] = {}
+        # Models foreman has asked Ollama to hold beyond their own expiry. Each
+        # stays here until a request that hands the model back was accepted,
+        # so no pin outlives the work it was set for (see release_pins).
+        self._pins: dict[str, _Pin] = {}
+        # How to load each model key foreman has loaded, to pin or unpin it later.
+        self._known: dict[str, _Pin] = {}
+
+    @property
+    def due(self) -> bool:
+        """Whether /api/ps must be read again before the next pick."""
+        return self._due
+
+    def recheck(self) -> None:
+        """What Ollama holds may have changed: read /api/ps again before the next pick."""
+        self._due = True
+
+    @property
+    def models(self) -> frozenset[str]:
+        """The model keys Ollama held at the last read; none while a new read is due."""
+        return frozenset() if self._due else self._models
+
+    def as_read(self) -> frozenset[str] | None:
+        """The model keys of the last read, or None while a new read is due."""
+        return None if self._due else self._models
+
+    async def read(self) -> None:
+        """Read /api/ps; UpstreamUnreachable if Ollama does not answer."""
+        try:
+            names = await self._upstream.resident_models()
+        except UpstreamUnreachable as exc:
+            self._outages.down(exc)
+            raise
+        except (UpstreamFailed, UpstreamRejected) as exc:
+            # Ollama answers but not with a model list: assume nothing is
+            # loaded, which at worst costs a swap that was not needed.
+            log.warning("upstream.ps_failed", error=exc.message)
+            names = set()
+        self._outages.up()
+        self._models = frozenset(self._loaded_as.get(name, name) for name in names)
+        self._due = False
+
+    async def read_until_answered(self, retry: RetryPolicy, sleep: Sleep) -> None:
+        """Read /api/ps, probing with backoff while Ollama does not answer."""
+        async for attempt in retry.until_answered(sleep):
+            with attempt:
+                await self.read()
+
+    async def load(self, job: Job) -> None:
+        """Ask Ollama to load the job's model, with the expiry it will have after its drain.
+
+        The jobs pin it while work waits, so a load that is given up or whose
+        job fails leaves no pin behind. Until foreman knows Ollama's default,
+        it lets Ollama apply it, and reads it off the loaded model (`loaded`).
+        """
+        key = job.model_key
+        options = key_load_options(key)
+        learning = self.release_keep_alive is None and self._server_keep_alive is None
+        self._learning = key if learning else None
+        keep_alive = None if learning else self.release_value()
+        if keep_alive in (0, "0", "0s"):
+            keep_alive = self.pin_keep_alive  # expiring at once would unload it before its job
+            self._pins[key] = self._known[key] = _Pin(job.endpoint, job.model, options)
+        await self._upstream.load(job.endpoint, job.model, options, keep_alive)
+
+    async def loaded(self, job: Job) -> None:
+        """The job's model finished loading: remember how, learn Ollama's default if due, read /api/ps again."""
+        key = job.model_key
+        if self._learning == key:
+            self._learning = None
+            await self._learn_server_keep_alive(key)
+        self._known[key] = _Pin(job.endpoint, job.model, key_load_options(key))
+        self._loaded_as[key_model_name(key)] = key
+        self._due = True
+
+    async def _learn_server_keep_alive(self, key: str) -> None:
+        """Read Ollama's default keep_alive off a model it has just loaded without one."""
+        try:
+            left = await self._upstream.expires_in(key_model_name(key))
+        except (UpstreamUnreachable, UpstreamFailed, UpstreamRejected):
+            return  # next time
+        # Not listed: Ollama unloaded it as soon as the load ended (OLLAMA_KEEP_ALIVE=0).
+        # Otherwise the time left falls short of the default by the moments since
+        # Ollama set it: rounding up gives back a default of whole seconds.
+        learned: object = 0 if left is None else -1 if math.isinf(left) else max(math.ceil(left), 0)
+        self._server_keep_alive = learned
+        log.info("ollama.keep_alive", default=learned, model=key)
+
+    def _forget_server_keep_alive(self) -> None:
+        self._server_keep_alive = None  # a restarted Ollama may have another default
+
+    def release_value(self) -> object:
+        """The keep_alive a released model gets: FOREMAN_RELEASE_KEEP_ALIVE, else Ollama's own default."""
+        if self.release_keep_alive is not None:
+            return self.release_keep_alive
+        if self._server_keep_alive is not None:
+            return self._server_keep_alive
+        return _OLLAMA_DEFAULT_KEEP_ALIVE  # not learned yet: what Ollama uses when OLLAMA_KEEP_ALIVE is unset
+
+    def pinned(self, model_key: str) -> bool:
+        return model_key in self._pins
+
+    def pinned_models(self) -> frozenset[str]:
+        """The model keys foreman keeps loaded with FOREMAN_PIN_KEEP_ALIVE now."""
+        return frozenset(self._pins)
+
+    def pin(self, job: Job, endpoint: str | None = None) -> None:
+        """The job's requests carry the pin: more work waits for its model (loaded through `endpoint`, else the job's).
+
+        Recorded before the request goes, so that whatever becomes of it the pin is known.
+        """
+        key = job.model_key
+        self._pins[key] = self._known[key] = _Pin(endpoint or job.endpoint, job.model, key_load_options(key))
+
+    def release(self, model_key: str) -> bool:
+        """The last job of a drain hands Ollama back its expiry; False if the model was not pinned."""
+        return self._pins.pop(model_key, None) is not None
+
+    def releasing(self, model_key: str) -> _Pin | None:
+        """The pin a request that hands `model_key` back releases, if it is pinned; forget it with `unpinned`."""
+        return self._pins.get(model_key)
+
+    def unpinned(self, model_key: str, released: object | None) -> None:
+        """A request that hands the model back was accepted: forget the pin, unless a later job pinned it anew."""
+        if released is not None and self._pins.get(model_key) is released:
+            del self._pins[model_key]
+
+    async def release_pins(self, reason: str) -> None:
+        """Hand every model foreman still pins back to Ollama's expiry (idle, or shutting down).
+
+        A release is a load request, so only models Ollama still holds get
+        one: the others have no pin left to release, and would be loaded.
+        """
+        if not self._pins:
+            return
+        try:
+            await self.read()
+        except UpstreamUnreachable:
+            self._pins.clear()  # an Ollama that comes back has nothing loaded
+            return
+        resident = self._models
+        for key, pin in sorted(self._pins.items()):
+            del self._pins[key]
+            if key not in resident:
+                continue
+            keep_alive = self.release_value()
+            try:
+                await self._upstream.load(pin.endpoint, pin.model, pin.options, keep_alive)
+            except (UpstreamUnreachable, UpstreamFailed, UpstreamRejected) as exc:
+                log.warning("model.unpin_failed", model=key, reason=reason, error=exc.message)
+                continue
+            log.info("model.unpinned", model=key, keep_alive=keep_alive, reason=reason)
+
+    async def make_room(self, keep: str, evict: str | None, waiting: Mapping[str, int]) -> None:
+        """Before a load: leave only the policy's victim and idle models without a pin.
+
+        Ollama makes room by evicting an idle model with the shortest
+        keep_alive. A released pin (FOREMAN_RELEASE_KEEP_ALIVE) is shorter than
+        a pin, so foreman unpins models with no work left and the victim (the
+        loaded model with the least waiting work), and pins again any other
+        loaded model that still has work but whose last drain had released it.
+        """
+        for key in sorted(self.models | set(self._pins)):
+            if key == keep:
+                continue
+            pinned = key in self._pins
+            left = waiting.get(key, 0)
+            if pinned and key not in self.models:
+                del self._pins[key]  # gone already; a release would load it again
+                continue
+            if pinned and (key == evict or left == 0):
+                pin = self._pins.pop(key)
+                keep_alive = self.release_value()
+                event, why = "model.unpinned", "make_room" if key == evict else "idle"
+            elif not pinned and key != evict and left > 0 and key in self._known:
+                pin = self._pins[key] = self._known[key]
+                keep_alive = self.pin_keep_alive
+                event, why = "model.pinned", "make_room"
+            else:
+                continue
+            await self._upstream.load(pin.endpoint, pin.model, pin.options, keep_alive)
+            log.info(event, model=key, keep_alive=keep_alive, reason=why)
+
+    async def free_memory(self, keep: str, busy: set[str]) -> None:
+        """Ollama ran out of memory for `keep`: unload every other model foreman loaded that has no job running.
+
+        `busy` are the model keys with a job running. Ollama frees memory
+        only by evicting idle models, and a model pinned by foreman, or
+        released with a long keep_alive, may stay; unloading them (keep_alive
+        0) gives the retry room. /api/ps is read again before the next pick.
+        """
+        try:
+            names = await self._upstream.resident_models()
+        except (UpstreamUnreachable, UpstreamFailed, UpstreamRejected) as exc:
+            log.warning("model.unpin_failed", reason="memory", error=exc.message)
+            return
+        held = {self._loaded_as.get(name, name) for name in names} | set(self._pins)
+        for key in sorted(held - busy - {keep}):
+            pin = self._pins.pop(key, None) or self._known.get(key)
+            if pin is None:
+                continue  # loaded by another program: not foreman's to unload
+            try:
+                await self._upstream.load(pin.endpoint, pin.model, pin.options, 0)
+            except (UpstreamUnreachable, UpstreamFailed, UpstreamRejected) as exc:
+                log.warning("model.unpin_failed", model=key, reason="memory", error=exc.message)
+                continue
+            log.info("model.unpinned", model=key, keep_alive=0, reason="memory", for_model=keep)
+        self._due = True
