@@ -41,9 +41,13 @@ QUEUED_ENDPOINTS = (
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
 )
 # Those whose replies can stream; the others answer in one piece, whatever `stream` says.
-STREAMED_ENDPOINTS = frozenset({"/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions"})
+STREAMED_ENDPOINTS = frozenset(
+    {"/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"}
+)
 
 # The content type of Ollama's (and foreman's) JSON answers.
 JSON_TYPE = "application/json; charset=utf-8"

@@ -4,7 +4,8 @@ foreman checks what it relies on (the model, `stream`, `keep_alive`, `options`)
 and the shape of the fields Ollama would reject anyway, so a bad request fails
 at once instead of after it has waited its turn in the queue. Anything subtler
 is Ollama's to judge; its 4xx then reaches the client unchanged. The rules for
-Ollama's OpenAI-compatible endpoints are in `foreman.dialects.openai_intake`.
+Ollama's OpenAI-compatible endpoints are in `foreman.dialects.openai_intake`,
+those of the agent APIs (Responses, Anthropic Messages) in `foreman.dialects.agent_intake`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from ulid import ULID
 
-from foreman.dialects import openai_intake
+from foreman.dialects import agent_intake, openai_intake
 from foreman.dialects.fields import expect as _expect
 from foreman.dialects.fields import json_name as _json_name
 from foreman.durations import is_keep_alive
@@ -208,4 +209,6 @@ _RULES = {
     "/v1/chat/completions": _Rules(openai_intake.check_chat, streams_by_default=False, native=False),
     "/v1/completions": _Rules(openai_intake.check_completion, streams_by_default=False, native=False),
     "/v1/embeddings": _Rules(openai_intake.check_embeddings, streams_by_default=False, native=False),
+    "/v1/responses": _Rules(agent_intake.check_responses, streams_by_default=False, native=False),
+    "/v1/messages": _Rules(agent_intake.check_messages, streams_by_default=False, native=False),
 }

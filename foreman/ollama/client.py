@@ -41,6 +41,8 @@ _LOAD_ENDPOINT = {
     "/v1/chat/completions": "/api/chat",
     "/v1/completions": "/api/generate",
     "/v1/embeddings": "/api/embed",
+    "/v1/responses": "/api/chat",
+    "/v1/messages": "/api/chat",
 }
 
 

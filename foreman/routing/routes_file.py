@@ -52,6 +52,16 @@ _OPENAI_FIELDS = {
     "presence_penalty": "presence_penalty",
     "num_predict": "max_tokens",
 }
+# The agent APIs name some of these fields otherwise, and lack others.
+_FIELDS_BY_ENDPOINT = {
+    "/v1/responses": {"temperature": "temperature", "top_p": "top_p", "num_predict": "max_output_tokens"},
+    "/v1/messages": {
+        "temperature": "temperature",
+        "top_p": "top_p",
+        "top_k": "top_k",
+        "stop": "stop_sequences",
+    },
+}
 
 
 class RoutesError(ValueError):
@@ -140,9 +150,10 @@ class Routes:
             if alias.keep_alive is not None and body.get("keep_alive") is None:
                 body["keep_alive"] = alias.keep_alive
         else:
+            fields = _FIELDS_BY_ENDPOINT.get(job.endpoint, _OPENAI_FIELDS)
             for option, value in alias.options.items():
-                if option in _OPENAI_FIELDS and body.get(_OPENAI_FIELDS[option]) is None:
-                    body[_OPENAI_FIELDS[option]] = value
+                if option in fields and body.get(fields[option]) is None:
+                    body[fields[option]] = value
         runner = load_options(body.get("options")) if native else None
         return replace(
             job,
@@ -154,7 +165,13 @@ class Routes:
 
 def intent_text(endpoint: str, body: Mapping[str, Any]) -> str:
     """What route rules match on: the last user message, or the prompt (or the input to embed)."""
-    if endpoint in ("/api/chat", "/v1/chat/completions"):
+    if endpoint == "/v1/responses":
+        value = body.get("input")
+        if isinstance(value, list):
+            users = [i for i in value if isinstance(i, dict) and i.get("role") == "user"]
+            return _text(users[-1].get("content")) if users else ""
+        return _text(value)
+    if endpoint in ("/api/chat", "/v1/chat/completions", "/v1/messages"):
         for message in reversed(body.get("messages") or ()):
             if isinstance(message, dict) and message.get("role") == "user":
                 return _text(message.get("content"))
