@@ -67,7 +67,12 @@ def create_app(
     `clock` stamps and schedules jobs, `monotonic` times loads, runs and idle
     spells, `sleep` waits out backoffs: tests hand in fakes.
     """
-    app = web.Application(client_max_size=config.max_body, middlewares=[error_shape.errors])
+    app = web.Application(
+        client_max_size=config.max_body,
+        middlewares=[error_shape.errors],
+        # Bodies stay as they came: passed through byte for byte, decoded for jobs (api/request_body.py).
+        handler_args={"auto_decompress": False},
+    )
     # In Ollama's order: CORS first (it answers preflights itself), then the Host guard.
     security.cors(app, config.origins)
     if security.is_loopback(config.host):

@@ -21,11 +21,12 @@ from foreman.api.keys import (
     STORAGE,
     WORKER,
 )
+from foreman.api.request_body import read_body
 from foreman.dialects import dialect_for
 from foreman.dialects.intake import parse_job, parse_priority, request_hash
 from foreman.embeddings.cache_answer import cache_answer, wants_no_cache
 from foreman.embeddings.requests import EMBED_ENDPOINTS
-from foreman.errors import ForemanError, NotFound
+from foreman.errors import NotFound
 from foreman.job import JSON_TYPE, JobState, NewJob, Priority
 from foreman.queue.job_events import Chunk, Ended, JobEvent, StateChanged
 from foreman.storage import CacheAnswer, Submission
@@ -41,11 +42,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     """Write the request as a job; answer 202 at once, or with what the worker produces for it."""
     respond_async = prefers_async(request)
     config = request.app[CONFIG]
-    try:
-        async with asyncio.timeout(config.read_timeout):
-            raw = await request.read()
-    except TimeoutError as exc:
-        raise ForemanError("the request body did not arrive in time", 408) from exc
+    raw = await read_body(request, config.max_body, config.read_timeout)
     default_priority = config.async_priority if respond_async else config.sync_priority
     job = parse_job(
         request.path,
