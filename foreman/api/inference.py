@@ -26,8 +26,9 @@ from foreman.dialects import dialect_for
 from foreman.dialects.intake import parse_job, parse_priority, request_hash
 from foreman.embeddings.cache_answer import cache_answer, wants_no_cache
 from foreman.embeddings.requests import EMBED_ENDPOINTS
-from foreman.errors import NotFound
+from foreman.errors import BadRequest, NotFound
 from foreman.job import JSON_TYPE, JobState, NewJob, Priority
+from foreman.ollama.names import source_suffix
 from foreman.queue.job_events import Chunk, Ended, JobEvent, StateChanged
 from foreman.storage import CacheAnswer, Submission
 
@@ -69,10 +70,12 @@ async def _require_installed(request: web.Request, job: NewJob) -> None:
     """Refuse at once, as Ollama does, a model Ollama does not have; queue it when Ollama cannot tell."""
     if job.routing is not None:
         return  # an alias or a route: foreman's own name, for models its routes file names
-    source = job.model.rsplit(":", 1)[-1].strip().lower() if ":" in job.model else ""
-    if source in ("cloud", "local") or (source.endswith("-cloud") and "/" not in source):
-        return  # an explicit source (modelref.ParseRef): Ollama decides, maybe in its cloud
-    if await request.app[MODEL_TAGS].has(job.model) is False:
+    base, source = source_suffix(job.model)
+    if source is not None and source_suffix(base)[1] is not None:
+        raise BadRequest(f"use either :local or :cloud, not both: {json.dumps(job.model)}")
+    if source == "cloud":
+        return  # Ollama's cloud serves it: nothing is installed here
+    if await request.app[MODEL_TAGS].has(base) is False:
         raise NotFound(_not_found(request.path, job.model))
 
 
