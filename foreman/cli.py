@@ -162,7 +162,10 @@ def _add_client_commands(
         "--wait", action="store_true", help="show progress until all are done, then the results"
     )
     submit.add_argument(
-        "--interval", type=_arg(duration), default="0.5s", help="time between checks while waiting (default 0.5s)"
+        "--interval",
+        type=_arg(duration),
+        default="0.5s",
+        help="time between checks while waiting (default 0.5s)",
     )
 
     watch = commands.add_parser(

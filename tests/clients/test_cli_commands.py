@@ -266,7 +266,9 @@ async def test_a_refused_prompt_names_the_command(foreman: Foreman) -> None:
 async def test_submit_wait_on_a_terminal_draws_one_bar(foreman: Foreman, tmp_path: Path) -> None:
     """On a terminal, --wait redraws one bar with done, failed, total, rate and time left."""
     batch = tmp_path / "batch.jsonl"
-    batch.write_text(json.dumps(chat_body("llama3", "a")) + "\n" + json.dumps(chat_body("llama3", "b")) + "\n")
+    batch.write_text(
+        json.dumps(chat_body("llama3", "a")) + "\n" + json.dumps(chat_body("llama3", "b")) + "\n"
+    )
     args = build_parser({}, isatty=False).parse_args(
         ["submit", "--file", str(batch), "--wait", "--interval", "0.01", "--host", foreman.url]
     )
@@ -388,7 +390,9 @@ def test_main_finds_the_daemon_through_foreman_host(
     assert main(["status"], {"FOREMAN_HOST": f":{dead_port}"}) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith(f"foreman status: cannot reach the daemon at http://127.0.0.1:{dead_port} ")
+    assert captured.err.startswith(
+        f"foreman status: cannot reach the daemon at http://127.0.0.1:{dead_port} "
+    )
 
 
 def test_a_bad_number_names_its_option(capsys: pytest.CaptureFixture[str]) -> None:
