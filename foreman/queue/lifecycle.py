@@ -271,8 +271,11 @@ class Lifecycle:
         self._feed.job(
             job_id, ended.state, now, model=job.model_key, priority=job.priority, attempt=job.attempt
         )
-        started = job.started_at if job.started_at is not None else now
-        self._metrics.job_ended(job, ended.state, wait=started - job.created_at, run=now - started)
+        if job.started_at is not None:
+            # The metrics count the jobs the worker took (and those the cache answered
+            # at intake), not those cancelled while they waited.
+            started = job.started_at
+            self._metrics.job_ended(job, ended.state, wait=started - job.created_at, run=now - started)
 
     @staticmethod
     def _logged_cancel(job_id: str, job: Job | None, before: str) -> None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any
 
 from foreman.dialects import dialect_for
 from foreman.embeddings.batch import Batch, EmbedBatcher
+from foreman.embeddings.requests import EmbedRequest
 from foreman.errors import (
     TRANSIENT,
     UpstreamFailed,
@@ -179,22 +180,9 @@ class JobRunner:
                 # A load can take a minute; more work may have come for this model meanwhile.
                 waiting = (await self._swap.waiting_by_model()).get(job.model_key, 0)
             request = self._embeds.takes(job) if self._embeds is not None and batch is None else None
-            if request is not None and self._embeds is not None:
+            if request is not None:
                 # The leader of a batch: the queued jobs that may share its call come along.
-                left = waiting
-                decision = replace(claim.decision, swap=False)
-                batch = await self._embeds.lead(
-                    job,
-                    request,
-                    self._clock(),
-                    keep_alive=lambda taken: self._residency.batch_keep_alive(
-                        job, request.keep_alive, max(left - taken, 0)
-                    ),
-                    join=lambda companion, batch: start(
-                        self._job(Claim(companion, decision, claim.waiting_after), start, batch), companion
-                    ),
-                    send_back=lambda companion: lifecycle.put_back(companion, shutdown=True),
-                )
+                batch = await self._lead(claim, request, waiting, start)
                 waiting = max(waiting - len(batch.companions), 0)
             lifecycle.calling(job, wait_s=wait_s, waiting_for_model=waiting)
             started = self._monotonic()
@@ -231,6 +219,26 @@ class JobRunner:
             run_s=run_s,
         )
         return None
+
+    async def _lead(self, claim: Claim, request: EmbedRequest, waiting: int, start: Start) -> Batch:
+        """Gather the batch `claim`'s job leads; its companions start as jobs of their own."""
+        assert self._embeds is not None
+        job, lifecycle, residency = claim.job, self._lifecycle, self._residency
+        decision = replace(claim.decision, swap=False)
+
+        def keep_alive(taken: int) -> object | None:
+            return residency.batch_keep_alive(job, request.keep_alive, max(waiting - taken, 0))
+
+        def join(companion: Job, batch: Batch) -> None:
+            start(self._job(Claim(companion, decision, claim.waiting_after), start, batch), companion)
+
+        def send_back(companion: Job) -> Awaitable[None]:
+            return lifecycle.put_back(companion, shutdown=True)
+
+        now = self._clock()
+        return await self._embeds.lead(
+            job, request, now, keep_alive=keep_alive, join=join, send_back=send_back
+        )
 
     async def _call(self, job: Job, waiting_after: int) -> tuple[_Result, int]:
         """Send the job to Ollama; stream chunks to its waiters as they arrive."""
