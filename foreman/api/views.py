@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from foreman.job import Job, JobState
+from foreman.ollama.names import is_cloud
 
 
 def job_view(
@@ -22,6 +23,8 @@ def job_view(
         # For a job that named an alias or a route (README, "Model routing").
         **_routing(job),
         "async": job.respond_async,
+        # A cloud model's job runs in the cloud lane, beside the GPU's drain (worker/cloud_lane.py).
+        "lane": "cloud" if is_cloud(job.model_key) else "local",
         "attempt": job.attempt,
         "position": position,
         "created_at": iso(job.created_at),
