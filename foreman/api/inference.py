@@ -38,6 +38,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         priority=parse_priority(request.headers.get(PRIORITY_HEADER), default_priority),
         respond_async=respond_async,
         idempotency_key=request.headers.get("Idempotency-Key") if respond_async else None,
+        content_type=request.headers.get("Content-Type"),
     )
     job = request.app[ROUTES].current.route(job)
     await _require_installed(request, job)

@@ -42,8 +42,16 @@ def job_view(
             job.cache
         )  # embeddings: "hit", "partial" (served from the cache) or "no-cache" (asked)
     if with_result:
-        view["result"] = json.loads(job.result) if job.state is JobState.DONE and job.result else None
+        view["result"] = _result(job.result) if job.state is JobState.DONE and job.result else None
     return view
+
+
+def _result(result: bytes) -> Any:
+    """A result as JSON, or as the text it is (a transcription asked for `response_format=text`)."""
+    try:
+        return json.loads(result)
+    except ValueError:
+        return result.decode("utf-8", "replace")
 
 
 def _routing(job: Job) -> dict[str, Any]:

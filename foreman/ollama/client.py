@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 
 from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable, error_message
-from foreman.job import JSON_TYPE
+from foreman.job import JSON_TYPE, body_content_type
 from foreman.ollama.names import normalise_model
 
 _CENTURY_S = 100 * 365 * 86400
@@ -43,6 +43,7 @@ _LOAD_ENDPOINT = {
     "/v1/embeddings": "/api/embed",
     "/v1/responses": "/api/chat",
     "/v1/messages": "/api/chat",
+    "/v1/audio/transcriptions": "/api/chat",
 }
 
 
@@ -175,7 +176,7 @@ class Upstream:
     async def _request(
         self, method: str, path: str, body: bytes | None = None, **kwargs: Any
     ) -> AsyncIterator[Reply]:
-        headers = {"Content-Type": "application/json"} if body is not None else None
+        headers = {"Content-Type": body_content_type(body)} if body is not None else None
         response = await self.send(method, path, data=body, headers=headers, **kwargs)
         try:
             reply = Reply(response)

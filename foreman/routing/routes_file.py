@@ -30,7 +30,7 @@ from typing import Any
 from foreman.dialects.intake import check_options
 from foreman.durations import is_keep_alive
 from foreman.errors import BadRequest
-from foreman.job import NewJob
+from foreman.job import MULTIPART_ENDPOINTS, NewJob
 from foreman.ollama.names import load_options, normalise_model
 from foreman.routing.aliases import alias_key
 
@@ -132,6 +132,8 @@ class Routes:
 
     def route(self, job: NewJob) -> NewJob:
         """`job` as an alias job if it names an alias or a route; else `job` unchanged."""
+        if job.endpoint in MULTIPART_ENDPOINTS:
+            return job  # an upload is sent as it came: nothing in it can be rewritten
         key = normalise_model(job.model)
         alias = self.aliases.get(key)
         routing: dict[str, Any] = {}
