@@ -436,6 +436,14 @@ class Config:
         "how often Ollama's model list is read for digests changed behind foreman (`90s`, `15m`)",
     )
 
+    # Batches and webhooks (docs/batches.md).
+    file_max: int = setting(
+        "200M",
+        parse_bytes,
+        "largest file `POST /v1/files` takes (`K`, `M`, `G`); OpenAI's limit for a batch input file"
+        " (see [Batches](docs/batches.md))",
+    )
+
     @property
     def db_url(self) -> str | None:
         """The PostgreSQL URL of a shared queue; None for a SQLite file."""

@@ -1,0 +1,36 @@
+"""Batches on a PostgreSQL queue shared by two nodes: any node sees the files, the lines run on the shared queue."""
+
+from __future__ import annotations
+
+import openai
+
+from tests.clients.test_openai_batches import CHAT, chat_line, file_lines, finished, jsonl
+from tests.cluster.test_shared_queue import node, query
+from tests.support.helpers import MakeForeman, MakeStub
+
+
+async def test_a_batch_across_two_nodes(make_stub: MakeStub, make_foreman: MakeForeman, pg_url: str) -> None:
+    """A file uploaded to one node makes a batch on the other; the lines run on the shared queue; each line is output once."""
+    stubs = [await make_stub(token_delay=0.005), await make_stub(token_delay=0.005)]
+    one = await node(make_foreman, stubs[0], pg_url, "one")
+    two = await node(make_foreman, stubs[1], pg_url, "two")
+    first = openai.AsyncOpenAI(base_url=one.url + "/v1", api_key="x", max_retries=0)
+    second = openai.AsyncOpenAI(base_url=two.url + "/v1", api_key="x", max_retries=0)
+    try:
+        items = [chat_line(f"r{i}", ["llama3", "mistral"][i % 2], f"q{i}") for i in range(30)]
+        file = await first.files.create(file=("in.jsonl", jsonl(items)), purpose="batch")
+        assert (await second.files.content(file.id)).content == jsonl(items)
+        batch = await second.batches.create(input_file_id=file.id, endpoint=CHAT, completion_window="24h")
+        done = await finished(first, batch.id, within=60)
+        assert done.status == "completed" and done.request_counts is not None
+        assert (done.request_counts.completed, done.request_counts.failed) == (30, 0)
+        output = await file_lines(second, done.output_file_id)
+        assert [line["custom_id"] for line in output] == [f"r{i}" for i in range(30)]
+        assert all(line["response"]["status_code"] == 200 for line in output)
+        ran = [len([r for r in s.stub.inference_requests() if r.outcome == "ok"]) for s in stubs]
+        assert sum(ran) == 30, ran
+        assert [b.id async for b in first.batches.list()] == [batch.id]
+        assert len(query(pg_url, "SELECT 1 FROM files WHERE purpose = 'batch_output'")) == 1
+    finally:
+        await first.close()
+        await second.close()
