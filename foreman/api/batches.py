@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from foreman.api.keys import CLOCK, EVENTS, MODEL_TAGS, PAGE_FEED, ROUTES, STORAGE, WORKER
+from foreman.api.keys import CLOCK, MODEL_TAGS, QUEUE, ROUTES, STORAGE
 from foreman.batches.service import Announce, Batches, batch_view
 from foreman.errors import BadRequest, NotFound
 from foreman.storage.batches import open_batch_store
@@ -87,9 +87,6 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         batches=store,
         tags=app[MODEL_TAGS],
         routes=app[ROUTES],
-        events=app[EVENTS],
-        feed=app[PAGE_FEED],
-        wake=lambda model_key: app[WORKER].wake(model_key),
         clock=app[CLOCK],
         announce=app.get(ANNOUNCE) or (lambda kind, batch_id, now: []),
     )
@@ -99,6 +96,7 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def run_ctx(app: web.Application) -> AsyncIterator[None]:
     """Batches advancing while the worker runs."""
+    app[BATCHES].front = app[QUEUE]
     task = asyncio.create_task(app[BATCHES].run(), name="foreman-batches")
     yield
     task.cancel()

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -33,14 +33,12 @@ from ulid import ULID
 
 from foreman.batches import lines
 from foreman.dialects.intake import parse_job, request_hash
-from foreman.dialects.openai import error_body
 from foreman.errors import BadRequest, Conflict, ForemanError, NotFound
 from foreman.job import QUEUED_ENDPOINTS, JobState, NewJob, Priority
 from foreman.ollama.tags import ModelTags
-from foreman.queue.job_events import Ended, JobEvents
-from foreman.queue.page_feed import PageFeed
+from foreman.queue.front import QueueFront
 from foreman.routing.table import RouteTable
-from foreman.storage import Storage, Submission
+from foreman.storage import Storage
 from foreman.storage.batches import BatchStore, Delivery, Line, StoredBatch, StoredFile
 
 log = structlog.get_logger("foreman.batches")
@@ -53,8 +51,6 @@ TICK_S = 1.0
 
 # The webhook events a batch's end sends: (type, batch id, now) -> one delivery per endpoint.
 Announce = Callable[[str, str, float], list[Delivery]]
-# Wake the worker for a model key that has new work.
-Wake = Callable[[str], None]
 
 
 def _none(kind: str, batch_id: str, now: float) -> list[Delivery]:
@@ -71,17 +67,16 @@ class Batches:
         batches: BatchStore,
         tags: ModelTags,
         routes: RouteTable,
-        events: JobEvents,
-        feed: PageFeed,
-        wake: Wake,
         clock: Callable[[], float] = time.time,
         announce: Announce = _none,
         tick: float = TICK_S,
     ) -> None:
         self.store, self.batches = store, batches
-        self._tags, self._routes, self._events, self._feed = tags, routes, events, feed
-        self._wake_worker, self._clock, self._announce, self._tick = wake, clock, announce, tick
+        self._tags, self._routes = tags, routes
+        self._clock, self._announce, self._tick = clock, announce, tick
         self._nudge = asyncio.Event()
+        # The queue's front, once the worker runs (`run` needs it; the API's side does not).
+        self.front: QueueFront | None = None
 
     # The API's side
 
@@ -149,6 +144,7 @@ class Batches:
                 await asyncio.wait_for(self._nudge.wait(), self._tick)
 
     async def step(self) -> None:
+        assert self.front is not None, "Batches.front is set before the batches run"
         for batch in await self.batches.active():
             await self._advance(batch)
 
@@ -195,30 +191,31 @@ class Batches:
         """Make each line a job (again, after a restart: the same jobs come back); returns the lines refused."""
         known: dict[str, bool | None] = {}
         refused = 0
+        assert self.front is not None
+        front = self.front
         for start in range(0, len(requests), ENQUEUE_STEP):
             chunk = requests[start : start + ENQUEUE_STEP]
             recorded: list[Line] = []
-            pending: list[tuple[lines.Request, NewJob, Awaitable[Any]]] = []
+            jobs: list[tuple[lines.Request, NewJob]] = []
             for request in chunk:
                 try:
-                    job = await self._job(batch, request, now, known)
+                    jobs.append((request, await self._job(batch, request, now, known)))
                 except ForemanError as exc:
                     recorded.append(Line(request.line, request.custom_id, None, exc.status, exc.message))
-                    continue
-                pending.append((request, job, self.store.submit(Submission(job, request_hash(job)))))
-            models = set()
-            for request, job, committed in pending:
-                try:
-                    accepted = await committed
-                except ForemanError as exc:
-                    recorded.append(Line(request.line, request.custom_id, None, exc.status, exc.message))
-                    continue
-                recorded.append(Line(request.line, request.custom_id, accepted.job_id))
-                if accepted.new:
-                    models.add(job.model_key)
-                    self._feed.arrived(job.id, job.model_key, job.priority, job.created_at)
-            for model in models:
-                self._wake_worker(model)
+            # Submitted together, so the store commits the chunk as one group.
+            outcomes = await asyncio.gather(
+                *(front.submit(job, request_hash=request_hash(job)) for _, job in jobs),
+                return_exceptions=True,
+            )
+            for (request, _), outcome in zip(jobs, outcomes, strict=True):
+                if isinstance(outcome, ForemanError):
+                    recorded.append(
+                        Line(request.line, request.custom_id, None, outcome.status, outcome.message)
+                    )
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    recorded.append(Line(request.line, request.custom_id, outcome.job_id))
             refused += sum(1 for line in recorded if line.job_id is None)
             await self.batches.add_lines(batch.id, recorded)
         return refused
@@ -266,15 +263,10 @@ class Batches:
             await self._finalize(batch, ending, ("finalizing",))
 
     async def _cancel_queued(self, batch: StoredBatch, now: float) -> None:
+        assert self.front is not None
         cancelled = 0
         for job_id in await self.batches.queued_jobs(batch.id):
-            if await self.store.cancel_queued(job_id, now):
-                cancelled += 1
-                message = "the batch was cancelled" if batch.status == "cancelling" else "the batch expired"
-                self._events.publish(
-                    job_id, Ended(JobState.CANCELLED, 499, error_body(499, message), error=message)
-                )
-                self._feed.job(job_id, JobState.CANCELLED, now)
+            cancelled += await self.front.cancel(job_id)
         if cancelled:
             log.info("batch.lines_cancelled", batch_id=batch.id, lines=cancelled, status=batch.status)
 
