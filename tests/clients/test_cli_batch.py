@@ -41,8 +41,23 @@ async def test_submit_wait_in_a_pipe_then_results(foreman: Foreman, tmp_path: Pa
     assert [line["custom_id"] for line in lines] == ["p0", "p1", "p2"]
     assert lines[2]["response"]["body"]["choices"][0]["message"]["content"] == reply_text("llama3", "q2")
     listed = await batch(foreman.url, "list")
-    assert listed.out.splitlines()[0].split() == ["ID", "STATUS", "ENDPOINT", "DONE", "FAILED", "TOTAL", "CREATED"]
-    assert listed.out.splitlines()[1].split()[:6] == [batch_id, "completed", "/v1/chat/completions", "3", "0", "3"]
+    assert listed.out.splitlines()[0].split() == [
+        "ID",
+        "STATUS",
+        "ENDPOINT",
+        "DONE",
+        "FAILED",
+        "TOTAL",
+        "CREATED",
+    ]
+    assert listed.out.splitlines()[1].split()[:6] == [
+        batch_id,
+        "completed",
+        "/v1/chat/completions",
+        "3",
+        "0",
+        "3",
+    ]
     shown = await batch(foreman.url, "show", batch_id)
     assert "requests   3 done, 0 failed of 3" in shown.out and "output     file-" in shown.out
 
@@ -50,7 +65,16 @@ async def test_submit_wait_in_a_pipe_then_results(foreman: Foreman, tmp_path: Pa
 async def test_submit_wait_on_a_terminal_draws_one_bar(foreman: Foreman, tmp_path: Path) -> None:
     """On a terminal, --wait redraws one bar in place with done, failed, total, rate and time left."""
     args = build_parser({}, isatty=False).parse_args(
-        ["batch", "submit", str(batch_file(tmp_path, 4)), "--wait", "--interval", "0.01", "--host", foreman.url]
+        [
+            "batch",
+            "submit",
+            str(batch_file(tmp_path, 4)),
+            "--wait",
+            "--interval",
+            "0.01",
+            "--host",
+            foreman.url,
+        ]
     )
     err = Terminal()
     assert await run_command(args, io.StringIO(), err) == 0
