@@ -24,6 +24,7 @@ from foreman.api import (
     passthrough,
     security,
     status,
+    webhooks,
 )
 from foreman.api.keys import (
     CLOCK,
@@ -89,6 +90,7 @@ def create_app(
         app.middlewares.append(security.host_guard(config.allowed_hosts))
     if config.token:
         app.middlewares.append(security.bearer_token(config.token, public=ui.PUBLIC_PATHS))
+    app.middlewares.append(webhooks.job_webhooks)
     app[CONFIG] = config
     app[CLOCK] = clock
     app[EVENTS] = JobEvents()
@@ -239,6 +241,7 @@ def create_app(
             worker_ctx,
             retention_ctx,
             batches.run_ctx,
+            webhooks.ctx,
         ]
     )
     app.on_shutdown.append(stop_gracefully)

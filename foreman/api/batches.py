@@ -14,13 +14,11 @@ from typing import Any
 from aiohttp import web
 
 from foreman.api.keys import CLOCK, MODEL_TAGS, QUEUE, ROUTES, STORAGE
-from foreman.batches.service import Announce, Batches, batch_view
+from foreman.batches.service import Batches, batch_view
 from foreman.errors import BadRequest, NotFound
 from foreman.storage.batches import open_batch_store
 
 BATCHES = web.AppKey("batches", Batches)
-# Set by the webhooks' context before the batches' own, when webhooks are configured.
-ANNOUNCE: web.AppKey[Announce] = web.AppKey("announce")
 
 
 async def create(request: web.Request) -> web.Response:
@@ -88,7 +86,6 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         tags=app[MODEL_TAGS],
         routes=app[ROUTES],
         clock=app[CLOCK],
-        announce=app.get(ANNOUNCE) or (lambda kind, batch_id, now: []),
     )
     yield
     await store.close()

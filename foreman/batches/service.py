@@ -73,7 +73,8 @@ class Batches:
     ) -> None:
         self.store, self.batches = store, batches
         self._tags, self._routes = tags, routes
-        self._clock, self._announce, self._tick = clock, announce, tick
+        self._clock, self._tick = clock, tick
+        self.announce = announce  # the webhooks' events of a batch's end, once webhooks are configured
         self._nudge = asyncio.Event()
         # The queue's front, once the worker runs (`run` needs it; the API's side does not).
         self.front: QueueFront | None = None
@@ -173,7 +174,7 @@ class Batches:
         except lines.Invalid as exc:
             changes = {"status": "failed", "errors": exc.errors, "times": {"failed_at": now}}
             if await self.batches.finish(
-                batch.id, ("validating",), changes, [], self._announce("batch.failed", batch.id, now)
+                batch.id, ("validating",), changes, [], self.announce("batch.failed", batch.id, now)
             ):
                 log.info(
                     "batch.failed", batch_id=batch.id, errors=len(exc.errors), first=exc.errors[0]["message"]
@@ -297,7 +298,7 @@ class Batches:
                 )
                 files.append((file, data))
                 changes[f"{name}_file_id"] = file.id
-        deliveries = self._announce(f"batch.{ending}", batch.id, now)
+        deliveries = self.announce(f"batch.{ending}", batch.id, now)
         if await self.batches.finish(batch.id, expect, changes, files, deliveries):
             log.info(f"batch.{ending}", batch_id=batch.id, completed=completed, failed=failed)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import openai
@@ -39,14 +41,12 @@ async def finished(client: openai.AsyncOpenAI, batch_id: str, within: float = 20
         seen.append(await client.batches.retrieve(batch_id))
         return seen[-1].status in ("completed", "failed", "cancelled", "expired")
 
-    await _eventually_async(poll, within, f"batch {batch_id} to end")
+    await until(poll, within, f"batch {batch_id} to end")
     return seen[-1]
 
 
-async def _eventually_async(check: Callable[[], Any], within: float, what: str) -> None:
-    import asyncio
-    import time
-
+async def until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
+    """Poll the coroutine `check` until it holds, failing after `within` seconds."""
     deadline = time.monotonic() + within
     while not await check():
         if time.monotonic() > deadline:

@@ -319,7 +319,9 @@ class PostgresBatchStore:
 
     async def delivery_counts(self) -> dict[str, int]:
         async with self._store.connection() as conn:
-            cursor = await conn.execute("SELECT state, count(*) FROM webhook_outbox GROUP BY state")
+            cursor = await conn.execute(
+                "SELECT state, count(*) FROM webhook_outbox WHERE state IN ('pending', 'failed') GROUP BY state"
+            )
             return {str(state): int(n) for state, n in await cursor.fetchall()}
 
     async def close(self) -> None:

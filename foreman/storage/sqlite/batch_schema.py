@@ -66,5 +66,6 @@ CREATE TABLE IF NOT EXISTS webhook_outbox (
     PRIMARY KEY (id, endpoint)
 );
 CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (next_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS webhook_outbox_state ON webhook_outbox (state);
 """
 TABLES = frozenset({"files", "file_parts", "batches", "batch_lines", "job_webhooks", "webhook_outbox"})

@@ -355,7 +355,9 @@ class SqliteBatchStore:
 
     async def delivery_counts(self) -> dict[str, int]:
         def read() -> dict[str, int]:
-            rows = self._db.execute("SELECT state, count(*) FROM webhook_outbox GROUP BY state")
+            rows = self._db.execute(
+                "SELECT state, count(*) FROM webhook_outbox WHERE state IN ('pending', 'failed') GROUP BY state"
+            )
             return {str(state): int(n) for state, n in rows}
 
         return await self._run(read)
