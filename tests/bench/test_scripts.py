@@ -136,7 +136,7 @@ def test_cluster_bench_runs_and_its_kill_loses_nothing(tmp_path: Path, pg_server
 
 def test_batch_bench_runs_a_small_batch_by_model(tmp_path: Path) -> None:
     """batch.py runs a shuffled batch to completion, each line once, with far fewer loads than FIFO's."""
-    result = run_script("batch.py", tmp_path, *"--lines 120 --load-ms 10 --probe-every 0.5".split())
+    result = run_script("batch.py", tmp_path, *["--lines", "120", "--load-ms", "10", "--probe-every", "0.5"])
     batch = result["batch"]
     assert batch["status"] == "completed" and batch["unique_custom_ids"] == batch["output_lines"] == 120
     assert batch["loads"] <= batch["probes"] + 4 < batch["loads_if_fifo"]
