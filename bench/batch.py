@@ -17,6 +17,8 @@ Figures:
 - foreman's CPU per line: its process's user + system CPU from the batch's
   creation to its end, over the lines; and the time the lines took to enqueue
   (`in_progress_at - created_at`) and to run;
+- for comparison, foreman's CPU per job when `--clients` clients send the same
+  lines as async jobs (`Prefer: respond-async`) once the batch is done;
 - the interactive requests' latency while the batch runs: they go before every
   waiting line (class `interactive`), so they wait at most for the line
   running and, when their model is not loaded, one swap.
@@ -37,7 +39,7 @@ from typing import Any
 
 import aiohttp
 
-from _harness import Proc, Processes, all_listening, run_in_workdir
+from _harness import Proc, Processes, all_listening, run_clients, run_in_workdir
 from _report import Row, arg_parser, machine, median, ms, percentile, print_report, write_json
 
 MODELS = ("llama3", "mistral", "qwen2", "phi3")
@@ -92,6 +94,36 @@ async def probes(http: aiohttp.ClientSession, url: str, every: float, stop: asyn
     return latencies
 
 
+async def as_async_jobs(
+    http: aiohttp.ClientSession, foreman: Proc, content: bytes, clients: int
+) -> dict[str, Any]:
+    """The same lines sent by `clients` clients as async jobs (`Prefer: respond-async`), for comparison."""
+    bodies = [json.dumps(json.loads(line)["body"]).encode() for line in content.splitlines()]
+    status = await call(http, "GET", foreman.url + "/status")
+    done_before = status["jobs"].get("done", 0)
+    cpu_before = foreman.cpu_seconds()
+    start = time.perf_counter()
+    headers = {"Prefer": "respond-async", "Content-Type": "application/json"}
+
+    async def one(i: int) -> None:
+        await call(http, "POST", foreman.url + CHAT, data=bodies[i], headers=headers)
+
+    await run_clients(clients, len(bodies), one)
+    while True:
+        status = await call(http, "GET", foreman.url + "/status")
+        if status["jobs"].get("done", 0) >= done_before + len(bodies):
+            break
+        await asyncio.sleep(0.25)
+    wall = time.perf_counter() - start
+    cpu = foreman.cpu_seconds() - cpu_before
+    return {
+        "jobs": len(bodies),
+        "clients": clients,
+        "wall_s": round(wall, 2),
+        "cpu_ms_per_job": ms(cpu / len(bodies)),
+    }
+
+
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     content, models = batch_lines(args.lines, args.seed)
     with Processes(workdir) as procs:
@@ -123,6 +155,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             await asyncio.sleep(0.3)  # the stub's last log lines
             output = await http.get(f"{foreman.url}/v1/files/{batch['output_file_id']}/content")
             out_lines = (await output.read()).splitlines()
+            each = await as_async_jobs(http, foreman, content, args.clients) if args.clients else None
         results["batch"] = {
             "lines": args.lines,
             "status": batch["status"],
@@ -133,13 +166,15 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "enqueue_s": batch["in_progress_at"] - batch["created_at"],
             "wall_s": round(wall, 2),
             "lines_per_s": round(args.lines / wall, 1),
-            # Loads the probes caused are in here too: at most one per probe whose model was not loaded.
+            # The probes' loads are in here too: one to a probe's model when it is not loaded, and
+            # one back if the batch has no line left for it.
             "loads": stub_loads(stub) - loads_before,
             "loads_if_fifo": fifo_loads(models),
             "probes": len(latencies),
             "cpu_s": round(cpu, 2),
             "cpu_ms_per_line": ms(cpu / args.lines),
         }
+        results["as_async_jobs"] = each
         results["interactive_ms"] = {
             "p50": ms(median(latencies)) if latencies else None,
             "p95": ms(percentile(latencies, 95)) if latencies else None,
@@ -164,13 +199,21 @@ def table(results: dict[str, Any]) -> list[Row]:
             "24 loads",
             "models loaded for the batch vs first come, first served",
             f"{b['loads']} vs {b['loads_if_fifo']} (with {b['probes']} interactive probes among them)",
-            "<= probes + 4",
-            b["loads"] <= b["probes"] + len(MODELS),
+            "<= 4 + 2 x probes",
+            b["loads"] <= len(MODELS) + 2 * b["probes"],
         ),
         Row(
             "24 CPU",
             "foreman's CPU per line, creation to end",
             f"{b['cpu_ms_per_line']} ms ({b['cpu_s']} s); enqueue {b['enqueue_s']:.1f} s",
+            "",
+        ),
+        Row(
+            "24 CPU, async jobs",
+            "the same lines as async jobs from clients, after",
+            "skipped"
+            if results["as_async_jobs"] is None
+            else f"{results['as_async_jobs']['cpu_ms_per_job']} ms per job, {results['as_async_jobs']['wall_s']} s",
             "",
         ),
         Row(
@@ -188,6 +231,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--lines", type=int, default=10_000, help="lines in the batch (default %(default)s)")
     add("--seed", type=int, default=24, help="the shuffle's seed (default %(default)s)")
     add("--load-ms", type=float, default=200.0, help="the stub's load time (default %(default)s)")
+    add(
+        "--clients",
+        type=int,
+        default=16,
+        help="clients sending the lines as async jobs after the batch, for comparison; 0: skip (default %(default)s)",
+    )
     add("--tokens", type=int, default=8, help="tokens per reply (default %(default)s)")
     add(
         "--probe-every",
