@@ -53,9 +53,7 @@ async def get(request: web.Request) -> web.Response:
 
 
 async def list_batches(request: web.Request) -> web.Response:
-    from foreman.api.files import _int, page
-
-    limit = _int(request.query.get("limit"), 20, 1, 100, "limit")
+    limit = int_param(request.query.get("limit"), 20, 1, 100, "limit")
     found = await request.app[BATCHES].batches.batches(
         after=request.query.get("after") or None, limit=limit + 1
     )
@@ -99,6 +97,30 @@ async def run_ctx(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with suppress(asyncio.CancelledError):
         await task
+
+
+def page(data: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+    """OpenAI's list object, from up to `limit + 1` items (one more says there are more)."""
+    shown = data[:limit]
+    return {
+        "object": "list",
+        "data": shown,
+        "first_id": shown[0]["id"] if shown else None,
+        "last_id": shown[-1]["id"] if shown else None,
+        "has_more": len(data) > limit,
+    }
+
+
+def int_param(text: str | None, default: int, low: int, high: int, name: str) -> int:
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadRequest(f"Invalid value for '{name}': {text!r} is not an integer.") from None
+    if not low <= value <= high:
+        raise BadRequest(f"Invalid value for '{name}': it must be between {low} and {high}.")
+    return value
 
 
 def setup(app: web.Application) -> None:

@@ -8,17 +8,15 @@ endless upload never sits in memory whole before its 400.
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import BodyPartReader, web
 from ulid import ULID
 
-from foreman.api.batches import BATCHES
+from foreman.api.batches import BATCHES, int_param, page
 from foreman.api.keys import CLOCK, CONFIG
 from foreman.batches import lines
 from foreman.batches.service import file_view
 from foreman.errors import BadRequest, NotFound
-from foreman.storage.batches import PART_BYTES
+from foreman.storage.batches import PART_BYTES, StoredFile
 
 # The purposes foreman keeps files for: those of the Batch API.
 PURPOSES = ("batch",)
@@ -65,28 +63,26 @@ async def upload(request: web.Request) -> web.Response:
         raise BadRequest(
             f"Invalid value for 'purpose': foreman keeps files for batches only ('batch'), not {purpose!r}."
         )
-    count = lines.count_lines(b"".join(parts)) if size <= 64 * PART_BYTES else _count_parts(parts)
+    count = _count_lines(parts)
     if count > lines.MAX_LINES:
         raise BadRequest(f"The file has {count} lines; a batch file may have at most {lines.MAX_LINES}.")
     if count == 0:
         raise BadRequest("The file is empty: a batch file has one JSON request per line.")
-    from foreman.storage.batches import StoredFile
-
     file = StoredFile(f"file-{ULID()}", filename, purpose, size, app[CLOCK]())
     await app[BATCHES].batches.put_file(file, [p for p in parts if p] or [b""])
     return web.json_response(file_view(file))
 
 
-def _count_parts(parts: list[bytes]) -> int:
-    return sum(part.count(b"\n") for part in parts) + (
-        1 if parts and parts[-1] and not parts[-1].endswith(b"\n") else 0
-    )
+def _count_lines(parts: list[bytes]) -> int:
+    """The lines of a file in parts, without joining them: a last line needs no newline."""
+    last = next((part for part in reversed(parts) if part), b"")
+    return sum(part.count(b"\n") for part in parts) + (1 if last and not last.endswith(b"\n") else 0)
 
 
 async def list_files(request: web.Request) -> web.Response:
     """GET /v1/files: newest first by default; `purpose`, `limit`, `order`, `after`."""
     query = request.query
-    limit = _int(query.get("limit"), 10_000, 1, MAX_LIST, "limit")
+    limit = int_param(query.get("limit"), 10_000, 1, MAX_LIST, "limit")
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise BadRequest("Invalid value for 'order': use 'asc' or 'desc'.")
@@ -119,30 +115,6 @@ async def delete_file(request: web.Request) -> web.Response:
     if not await request.app[BATCHES].batches.delete_file(file_id):
         raise NotFound(f"No such File object: {file_id}")
     return web.json_response({"id": file_id, "object": "file", "deleted": True})
-
-
-def page(data: list[dict[str, Any]], limit: int) -> dict[str, Any]:
-    """OpenAI's list object, from up to `limit + 1` items (one more says there are more)."""
-    shown = data[:limit]
-    return {
-        "object": "list",
-        "data": shown,
-        "first_id": shown[0]["id"] if shown else None,
-        "last_id": shown[-1]["id"] if shown else None,
-        "has_more": len(data) > limit,
-    }
-
-
-def _int(text: str | None, default: int, low: int, high: int, name: str) -> int:
-    if text is None or text == "":
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise BadRequest(f"Invalid value for '{name}': {text!r} is not an integer.") from None
-    if not low <= value <= high:
-        raise BadRequest(f"Invalid value for '{name}': it must be between {low} and {high}.")
-    return value
 
 
 def setup(app: web.Application) -> None:

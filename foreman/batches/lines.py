@@ -44,11 +44,6 @@ def _error(code: str, message: str, line: int | None = None, param: str | None =
     return {"code": code, "message": message, "param": param, "line": line}
 
 
-def count_lines(content: bytes) -> int:
-    """The requests in a JSONL file: its lines that are not blank."""
-    return sum(1 for line in content.splitlines() if line.strip())
-
-
 def parse(content: bytes, endpoint: str) -> list[Request]:
     """The requests of a batch input file for `endpoint`; Invalid lists what is wrong."""
     errors: list[dict[str, Any]] = []
