@@ -72,6 +72,10 @@ async def test_a_batch_event_verified_by_the_sdk_after_two_500s(
         )
         assert (await finished(client, batch.id)).status == "completed"
         await eventually(lambda: len(receiver.received) == 3, within=15, what="three attempts")
+        # The attempt is logged once its outcome is recorded, a moment after the receiver answered.
+        await eventually(
+            lambda: any(e["event"] == "webhook.delivered" for e in logs), what="the delivery's log line"
+        )
     await client.close()
     ids = {headers["webhook-id"] for headers, _ in receiver.received}
     assert len(ids) == 1
@@ -85,8 +89,12 @@ async def test_a_batch_event_verified_by_the_sdk_after_two_500s(
         )
     attempts = [(e["event"], e.get("status")) for e in logs if e["event"].startswith("webhook.")]
     assert attempts == [("webhook.retry", 500), ("webhook.retry", 500), ("webhook.delivered", 200)]
-    status = await (await foreman.client.get("/status")).json()
-    assert status["webhooks"] == {"endpoints": ["hook"], "pending": 0, "failed": 0}
+
+    async def settled() -> bool:
+        status = await (await foreman.client.get("/status")).json()
+        return bool(status["webhooks"] == {"endpoints": ["hook"], "pending": 0, "failed": 0})
+
+    await until(settled, 5, "/status to count no pending delivery")
 
 
 async def test_a_pending_delivery_keeps_its_id_across_a_restart(
