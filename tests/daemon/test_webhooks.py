@@ -112,10 +112,13 @@ async def test_a_pending_delivery_keeps_its_id_across_a_restart(
     )
     await finished(client, batch.id)
     await eventually(lambda: len(receiver.received) >= 1, within=15, what="a first attempt")
-    status = await (await first.client.get("/status")).json()
+
+    async def pending() -> bool:
+        return bool((await (await first.client.get("/status")).json())["webhooks"]["pending"] == 1)
+
+    await until(pending, 5, "/status to count the pending delivery")
     await client.close()
     await first.close()
-    assert status["webhooks"]["pending"] == 1
     first_id = receiver.received[0][0]["webhook-id"]
     receiver.statuses = []
     tried = len(receiver.received)
