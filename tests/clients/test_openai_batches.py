@@ -251,3 +251,30 @@ async def test_batch_past_its_window_expires(
     assert done.status == "expired" and done.expired_at
     errors = await file_lines(client, done.error_file_id)
     assert [e["error"]["code"] for e in errors] == ["batch_expired", "batch_expired"]
+
+
+async def test_lines_ollama_refuses_or_keeps_failing_go_to_the_error_file(
+    make_stub: MakeStub, make_foreman: MakeForeman, openai_client: OpenAIClient
+) -> None:
+    """An Ollama 400 and a line that fails every attempt end in the error file with their status; the rest complete."""
+    server = await make_stub()
+    server.stub.faults.fail_model("qwen2:latest", status=400, error="invalid options")
+    server.stub.faults.fail_model("mistral:latest", status=500, error="the runner crashed")
+    foreman = await make_foreman(server.url, max_attempts=2)
+    client = openai_client(foreman.url)
+    items = [
+        chat_line("ok", "llama3", "a"),
+        chat_line("refused", "qwen2", "b"),
+        chat_line("broken", "mistral", "c"),
+    ]
+    batch = await client.batches.create(
+        input_file_id=await upload(client, items), endpoint=CHAT, completion_window="24h"
+    )
+    done = await finished(client, batch.id)
+    assert done.status == "completed" and done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (1, 2)
+    assert [line["custom_id"] for line in await file_lines(client, done.output_file_id)] == ["ok"]
+    errors = {line["custom_id"]: line for line in await file_lines(client, done.error_file_id)}
+    assert errors["refused"]["response"]["status_code"] == 400
+    assert "invalid options" in errors["refused"]["response"]["body"]["error"]["message"]
+    assert errors["broken"]["response"]["status_code"] == 500 and errors["broken"]["error"] is None
