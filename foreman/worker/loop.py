@@ -185,7 +185,7 @@ class Worker:
         requested.add(job_id)
         if await self._store.cancel_queued(job_id, self._clock()):
             requested.discard(job_id)
-            ended = Ended(JobState.CANCELLED, 499, error_body("request canceled"), error="request canceled")
+            ended = Ended(JobState.CANCELLED, 499, error_body("request cancelled"), error="request cancelled")
             self._events.publish(job_id, ended)
             self._feed.job(job_id, JobState.CANCELLED, self._clock())
             job = await self._store.get(job_id)

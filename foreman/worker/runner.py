@@ -183,7 +183,7 @@ class JobRunner:
         job = claim.job
         if job.id in self.cancel_requested:
             self.cancel_requested.discard(job.id)
-            await self._end(job, JobState.CANCELLED, 499, error_body("request canceled"))
+            await self._end(job, JobState.CANCELLED, 499, error_body("request cancelled"))
             log.info(
                 "job.cancelled", job_id=job.id, model=job.model_key, endpoint=job.endpoint, before="start"
             )
@@ -195,7 +195,7 @@ class JobRunner:
             return await task
         except asyncio.CancelledError:
             if running.aborted:
-                await self._end(job, JobState.CANCELLED, 499, error_body("request canceled"))
+                await self._end(job, JobState.CANCELLED, 499, error_body("request cancelled"))
                 log.info(
                     "job.cancelled", job_id=job.id, model=job.model_key, endpoint=job.endpoint, before="end"
                 )
