@@ -129,7 +129,13 @@ class Worker:
 
         A pure function of a snapshot, so the store can run it wherever it runs (another thread, for some backends).
         """
-        choice = self._driver.frozen(self.resident, self._clock())
+        resident = self.resident
+        loading = self._runner.loading.keys()
+        if loading:
+            # /api/ps lists a model only once it has loaded, and still lists the one the load
+            # evicts: the worker's own view says which goes, and the loading one runs next.
+            resident = (resident & self._driver.state.resident) | loading
+        choice = self._driver.frozen(resident, self._clock())
 
         def order(queues: list[ModelQueue]) -> list[tuple[str, Priority]]:
             folded = fold(queues, choice.state.resident)

@@ -131,6 +131,9 @@ class JobRunner:
         self._output: dict[str, list[bytes]] = {}
         self._records: set[asyncio.Future[None]] = set()  # results on their way to the store
         self.swaps = 0
+        # Models being loaded for a claimed job, with how many loads: for drain orders and
+        # positions they are as good as resident, since their jobs run next.
+        self.loading: dict[str, int] = {}
         self.last_error: tuple[float, str] | None = None  # (when, what)
 
     def is_running(self, job_id: str) -> bool:
@@ -400,6 +403,16 @@ class JobRunner:
         arrived meanwhile (`Policy.abandons`); the job is back in the queue,
         in its place and without an attempt charged.
         """
+        key = claim.job.model_key
+        self.loading[key] = self.loading.get(key, 0) + 1
+        try:
+            return await self._load_and_log(claim)
+        finally:
+            self.loading[key] -= 1
+            if not self.loading[key]:
+                del self.loading[key]
+
+    async def _load_and_log(self, claim: Claim) -> bool:
         job = claim.job
         decision = claim.decision
         key = job.model_key
