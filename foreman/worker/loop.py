@@ -51,6 +51,7 @@ class Runner(Protocol):
     swaps: int
     last_error: tuple[float, str] | None
     cancel_requested: set[str]
+    loading: dict[str, int]  # model key → loads under way for claimed jobs
 
     async def run(self, claim: Claim, start: Callable[[Coroutine[Any, Any, None], Job], None]) -> None: ...
     def stop(self) -> None: ...

@@ -58,6 +58,7 @@ class FakeRunner:
         self.swaps = 0
         self.last_error = None
         self.cancel_requested: set[str] = set()
+        self.loading: dict[str, int] = {}
         self._running: set[str] = set()
 
     async def run(self, claim: Claim, start: object) -> None:
