@@ -12,6 +12,7 @@ from foreman.metrics import Metrics
 from foreman.ollama.client import Upstream
 from foreman.ollama.outages import Outages
 from foreman.ollama.tags import ModelTags
+from foreman.queue.front import QueueFront
 from foreman.queue.job_events import JobEvents
 from foreman.queue.page_feed import PageFeed
 from foreman.routing.table import RouteTable
@@ -28,6 +29,8 @@ PAGE_FEED = web.AppKey("feed", PageFeed)
 METRICS = web.AppKey("metrics", Metrics)
 MODEL_TAGS = web.AppKey("model_tags", ModelTags)
 OUTAGES = web.AppKey("outages", Outages)
+# What the handlers submit, cancel and follow jobs through.
+QUEUE = web.AppKey("queue", QueueFront)
 ROUTES = web.AppKey("routes", RouteTable)
 STORAGE: web.AppKey[Storage] = web.AppKey("store")
 UPSTREAM = web.AppKey("upstream", Upstream)
