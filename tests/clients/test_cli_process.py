@@ -19,6 +19,8 @@ from tests.support.helpers import Foreman, chat_body, hold_worker
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 FOREMAN = [sys.executable, "-m", "foreman"]
+# As in a person's shell, where stdout into a pipe is buffered until the end (tests may run unbuffered).
+BUFFERED = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
 # A cold interpreter on a loaded 2-core machine can take seconds to start.
 DEADLINE = 60
 
@@ -54,6 +56,7 @@ async def test_a_closed_pipe_ends_submit_quietly(
         foreman.url,
         stdout=write,
         stderr=asyncio.subprocess.PIPE,
+        env=BUFFERED,
     )
     os.close(write)
     async with asyncio.timeout(DEADLINE):
@@ -66,6 +69,19 @@ async def test_a_closed_pipe_ends_submit_quietly(
     assert all(line.split()[1] == b"queued," for line in lines), lines
     assert err.count(b"Traceback") == 0, err.decode()
     assert process.returncode == 141, err.decode()
+
+
+async def test_a_pipe_closed_before_anything_is_written_ends_quietly(foreman: Foreman) -> None:
+    """`foreman jobs | true`: the output, buffered to the end, meets a closed pipe; no traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    process = await asyncio.create_subprocess_exec(
+        *FOREMAN, "jobs", "--host", foreman.url, stdout=write, stderr=asyncio.subprocess.PIPE, env=BUFFERED
+    )
+    os.close(write)
+    async with asyncio.timeout(DEADLINE):
+        _, err = await process.communicate()
+    assert (process.returncode, err) == (141, b"")
 
 
 async def test_ctrl_c_stops_the_demo_cleanly() -> None:
