@@ -9,10 +9,10 @@
   const TERMINAL = new Set(['done', 'failed', 'cancelled']);
   const KEEP_MS = 15 * 60 * 1000; // as long as foreman keeps the history it sends
   const FOREVER_MS = 100 * 365 * 24 * 3600 * 1000; // Ollama's "forever" keep_alive is ~292 years out
-  // Twelve hues, each 150 degrees round the wheel from the one before (150k mod 360 visits
-  // every 30-degree step once), at one lightness: neighbouring entries are never alike.
-  const PALETTE = ['#1d56a5', '#a5281d', '#1da56c', '#a51d99', '#56a51d', '#281da5',
-                   '#a56c1d', '#1d99a5', '#a51d56', '#1da528', '#6c1da5', '#99a51d'];
+  // Ten categorical colours (d3's category10, one blue among them), ordered so that
+  // neighbouring entries differ in hue as well as in name.
+  const PALETTE = ['#1f77b4', '#d62728', '#9467bd', '#bcbd22', '#ff7f0e',
+                   '#2ca02c', '#e377c2', '#17becf', '#8c564b', '#7f7f7f'];
   const SVG = 'http://www.w3.org/2000/svg';
   const TICKS = [5, 10, 15, 30, 60, 120, 180, 300].map((s) => s * 1000);
 
