@@ -98,6 +98,8 @@ async def test_cancel_and_results_of_a_running_batch(
     cancelled = await batch(foreman.url, "cancel", batch_id)
     assert cancelled.out == f"{batch_id} cancelling\n"
     stub_server.stub.faults.release_hung()
+    unknown = await batch(foreman.url, "show", "batch_nope")
+    assert (unknown.code, unknown.err) == (1, "foreman batch: No such batch: batch_nope\n")
     args = build_parser({}, isatty=False).parse_args(
         ["batch", "submit", "--host", foreman.url, str(tmp_path / "missing.jsonl")]
     )
