@@ -58,6 +58,8 @@ async def test_submit_wait_in_a_pipe_then_results(foreman: Foreman, tmp_path: Pa
         "0",
         "3",
     ]
+    as_json = await batch(foreman.url, "submit", str(batch_file(tmp_path)), "--json")
+    assert json.loads(as_json.out)["status"] == "validating"
     shown = await batch(foreman.url, "show", batch_id)
     assert "requests   3 done, 0 failed of 3" in shown.out and "output     file-" in shown.out
 
