@@ -53,19 +53,23 @@ async def test_cloud_job_is_answered_while_the_worker_is_busy(
 async def test_async_cloud_jobs_run_side_by_side_without_pins(
     http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman
 ) -> None:
-    """Several async cloud jobs run at once up to FOREMAN_CLOUD_PARALLEL, none preceded by a load request."""
-    server = await make_stub(token_delay=0.05, tokens=4)
+    """Async cloud jobs run at once, up to FOREMAN_CLOUD_PARALLEL side by side, none preceded by a load request."""
+    server = await make_stub()
+    stub = server.stub
     foreman = await make_foreman(server.url, cloud_parallel=3)
-    for i in range(3):
+    stub.faults.hang_next(3)  # each holds its place upstream until all three are there
+    for i in range(4):
         answer = await post(
             http, foreman.url + "/api/chat", chat_body("qwen3-coder:480b-cloud", str(i)), ASYNC
         )
         assert answer.status == 202
-    await eventually(lambda: foreman.states() == ["done"] * 3, what="the cloud jobs to finish")
-    assert server.stub.max_in_flight == 3
-    assert [r.is_load for r in server.stub.requests] == [False] * 3
-    assert server.stub.loads == []
-    assert all("keep_alive" not in (r.body or {}) for r in server.stub.requests)
+    await stub.wait_for(lambda s: s.faults.hung == 3)
+    assert len(stub.requests) == 3  # the fourth waits for a free place in the lane
+    stub.faults.release_hung()
+    await eventually(lambda: foreman.states() == ["done"] * 4, what="the cloud jobs to finish")
+    assert [r.is_load for r in stub.requests] == [False] * 4
+    assert stub.loads == []
+    assert all("keep_alive" not in (r.body or {}) for r in stub.requests)
 
 
 async def test_cloud_job_is_cancelled_when_its_client_leaves(
