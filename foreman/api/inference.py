@@ -101,10 +101,14 @@ async def _serve(request: web.Request, job: NewJob, answer: CacheAnswer | None) 
     queue = app[QUEUE]
     with app[EVENTS].subscribe(job.id, client=True) as inbox:
         try:
-            accepted = await queue.submit(job, answer=answer)
+            # A stream's chunks go out as they come: its handler waits on them, not on the run.
+            accepted = await queue.submit(job, answer=answer, run_here=not job.stream)
             if accepted.result is not None:
                 headers = {"Content-Type": JSON_TYPE, JOB_HEADER: job.id}
                 return web.Response(body=accepted.result, headers=headers)
+            if accepted.claim is not None:
+                # Claimed as it was written: it runs here, and its events are in the inbox by its end.
+                await queue.run(accepted.claim)
             return await _respond(request, job, inbox, app[CONFIG].early_headers)
         except (asyncio.CancelledError, ConnectionResetError):
             # The client went away: like Ollama, stop working for it.

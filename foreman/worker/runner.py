@@ -44,7 +44,11 @@ _RELOAD_HINT_NS = 500_000_000
 _LOAD_DURATION = re.compile(rb'"load_duration":\s*(\d+)')
 
 # Starts a job's run as a task of the worker's (which counts it among the jobs in flight).
-Start = Callable[[Coroutine[Any, Any, None], Job], None]
+Start = Callable[[Coroutine[Any, Any, object], Job], None]
+
+
+class StoppedHere(Exception):
+    """A job run on its handler's task went back to the queue because foreman stops."""
 
 
 class StreamBroken(Exception):
@@ -66,6 +70,7 @@ class _Running:
     model_key: str
     task: asyncio.Task[Exception | None]
     aborted: bool = False
+    interrupted: bool = False  # foreman stops: the job goes back to its place
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +131,13 @@ class JobRunner:
         running.task.cancel()
         return True
 
+    def interrupt(self, job_id: str) -> None:
+        """foreman stops: a job run on its handler's task goes back to the queue, as the worker's own do."""
+        running = self._running.get(job_id)
+        if running is not None:
+            running.interrupted = True
+            running.task.cancel()
+
     def stop(self) -> None:
         """foreman is stopping: a batch gathered from now on sends its companions back to their places."""
         if self._embeds is not None:
@@ -139,16 +151,30 @@ class JobRunner:
         """
         await self._job(claim, start)
 
-    async def _job(self, claim: Claim, start: Start, batch: Batch | None = None) -> None:
+    async def run_here(self, claim: Claim, start: Start) -> bool:
+        """`run` for a job claimed at intake, on its handler's task; False if the job went back to the queue.
+
+        The handler's cancellation (its client left) cancels the job, as Ollama does.
+        """
+        return await self._job(claim, start, here=True)
+
+    async def _job(
+        self, claim: Claim, start: Start, batch: Batch | None = None, *, here: bool = False
+    ) -> bool:
         try:
-            failure = await self._run(claim, start, batch)
+            failure = await self._run(claim, start, batch, here)
         finally:
             if batch is not None:
                 batch.leave(claim.job.id)  # a member that ended without the call must not hold it up
-        if failure is not None:
+        if failure is None:
+            return True
+        if not isinstance(failure, StoppedHere):
             await self._put_back(claim.job, failure)
+        return False
 
-    async def _run(self, claim: Claim, start: Start, batch: Batch | None) -> Exception | None:
+    async def _run(
+        self, claim: Claim, start: Start, batch: Batch | None, here: bool = False
+    ) -> Exception | None:
         """Run one claimed job; returns the transient failure to put it back for, if any."""
         job = claim.job
         if not await self._lifecycle.start(job):
@@ -161,8 +187,14 @@ class JobRunner:
             if running.aborted:
                 await self._lifecycle.cancelled(job, before="end")
                 return None
+            if here and not running.interrupted:
+                # The handler's own task was cancelled: its client left.
+                await self._lifecycle.cancelled(job, before="end")
+                raise
             # foreman is stopping: the job keeps its place and runs after the restart.
             await self._lifecycle.put_back(job, shutdown=True)
+            if here:
+                return StoppedHere()  # the handler answers what shutting down says
             raise
         finally:
             del self._running[job.id]
