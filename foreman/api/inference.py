@@ -27,11 +27,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
     """Write the request as a job; answer 202 at once, or with what the worker produces for it."""
     respond_async = prefers_async(request)
     config = request.app[CONFIG]
-    try:
-        async with asyncio.timeout(config.read_timeout):
-            raw = await request.read()
-    except TimeoutError as exc:
-        raise ForemanError("the request body did not arrive in time", 408) from exc
+    if request.content.is_eof():
+        raw = await request.read()  # all there already: no timer to set
+    else:
+        try:
+            async with asyncio.timeout(config.read_timeout):
+                raw = await request.read()
+        except TimeoutError as exc:
+            raise ForemanError("the request body did not arrive in time", 408) from exc
     default_priority = config.async_priority if respond_async else config.sync_priority
     job = parse_job(
         request.path,

@@ -106,7 +106,7 @@ class Lifecycle:
 
     def calling(self, job: Job, *, wait_s: float, waiting_for_model: int) -> None:
         """The job's call to Ollama begins."""
-        _bound(job).info("job.start", wait_s=wait_s, waiting_for_model=waiting_for_model)
+        log.info("job.start", **_facts(job), wait_s=wait_s, waiting_for_model=waiting_for_model)
 
     def chunk(self, job_id: str, data: bytes) -> bool:
         """The running job streamed `data`; whether its own client waits for it (here or on another node)."""
@@ -164,9 +164,10 @@ class Lifecycle:
     ) -> None:
         """The job succeeded; `body` is what its client still needs (b"" after a stream), `result` what is kept."""
         await self._end(job, JobState.DONE, 200, body, content_type=content_type, result=result, cache=cache)
-        _bound(job).info(
-            "job.done", wait_s=wait_s, run_s=round(run_s, 3), **({"cache": cache} if cache else {})
-        )
+        if cache:
+            log.info("job.done", **_facts(job), wait_s=wait_s, run_s=round(run_s, 3), cache=cache)
+        else:
+            log.info("job.done", **_facts(job), wait_s=wait_s, run_s=round(run_s, 3))
 
     async def failed(
         self,
@@ -307,13 +308,18 @@ def error_body(message: str) -> bytes:
 
 def _bound(job: Job, *, attempt: int | None = None) -> Any:
     """The log with the facts every line about a job's run carries."""
-    return log.bind(
-        model=job.model_key,
-        job_id=job.id,
-        endpoint=job.endpoint,
-        attempt=job.attempt if attempt is None else attempt,
-        priority=job.priority.value,
-    )
+    return log.bind(**_facts(job, attempt))
+
+
+def _facts(job: Job, attempt: int | None = None) -> dict[str, Any]:
+    """The facts every line about a job's run carries, first: for a line logged without binding them."""
+    return {
+        "model": job.model_key,
+        "job_id": job.id,
+        "endpoint": job.endpoint,
+        "attempt": job.attempt if attempt is None else attempt,
+        "priority": job.priority.value,
+    }
 
 
 def _error_text(body: bytes) -> str:
