@@ -68,7 +68,7 @@ class StreamBroken(Exception):
 class _Running:
     job_id: str
     model_key: str
-    task: asyncio.Task[Exception | None]
+    task: asyncio.Task[Any]  # cancelled to abort the job: its own, or its handler's
     aborted: bool = False
     interrupted: bool = False  # foreman stops: the job goes back to its place
 
@@ -179,6 +179,8 @@ class JobRunner:
         job = claim.job
         if not await self._lifecycle.start(job):
             return None  # cancelled while the worker claimed it
+        if here:
+            return await self._run_here(claim, start)
         task = asyncio.create_task(self._execute(claim, start, batch))
         self._running[job.id] = running = _Running(job.id, job.model_key, task)
         try:
@@ -187,15 +189,32 @@ class JobRunner:
             if running.aborted:
                 await self._lifecycle.cancelled(job, before="end")
                 return None
-            if here and not running.interrupted:
-                # The handler's own task was cancelled: its client left.
-                await self._lifecycle.cancelled(job, before="end")
-                raise
             # foreman is stopping: the job keeps its place and runs after the restart.
             await self._lifecycle.put_back(job, shutdown=True)
-            if here:
-                return StoppedHere()  # the handler answers what shutting down says
             raise
+        finally:
+            del self._running[job.id]
+
+    async def _run_here(self, claim: Claim, start: Start) -> Exception | None:
+        """`_run`'s call on the handler's own task: an abort or foreman stopping cancels that task, and is undone here."""
+        job = claim.job
+        here = asyncio.current_task()
+        assert here is not None
+        self._running[job.id] = running = _Running(job.id, job.model_key, here)
+        try:
+            return await self._execute(claim, start, None)
+        except asyncio.CancelledError:
+            if not (running.aborted or running.interrupted):
+                # The handler was cancelled: its client left.
+                await self._lifecycle.cancelled(job, before="end")
+                raise
+            here.uncancel()  # the handler goes on, to tell its client
+            if running.aborted:
+                await self._lifecycle.cancelled(job, before="end")
+                return None
+            # foreman is stopping: the job keeps its place and runs after the restart.
+            await self._lifecycle.put_back(job, shutdown=True)
+            return StoppedHere()  # the handler answers what shutting down says
         finally:
             del self._running[job.id]
 
