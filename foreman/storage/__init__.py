@@ -226,7 +226,7 @@ class Storage(Protocol):
         """Record which model serves an alias job (`Job.served_model`)."""
         ...
 
-    async def finish(
+    def finish(
         self,
         job: Job,
         state: JobState,
@@ -238,8 +238,12 @@ class Storage(Protocol):
         attempt: int | None = None,
         chunks: Sequence[bytes] = (),
         cache: str | None = None,
-    ) -> None:
+    ) -> Awaitable[None]:
         """End a running job for good with its output: the reply `result` or the streamed `chunks`.
+
+        As with `submit`, the write is under way when this returns: a backend
+        may commit the finishes asked for in one turn of the event loop
+        together (an embedding batch's members end in the same turn).
 
         A job that already ended (cancelled meanwhile) stays as it ended,
         chunks included. `attempt`, if given, replaces the job's count;

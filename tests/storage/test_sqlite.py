@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from foreman.job import Priority
+from foreman.job import JobState, Priority
 from foreman.scheduling.policy import Decision, ModelQueue, Policy, Reason, State
 from foreman.storage import Accepted, CacheEntry, Storage, Submission
 from foreman.storage.sqlite import schema, vector_table
@@ -319,3 +319,23 @@ def test_a_job_asked_to_run_now_is_written_claimed_only_when_nothing_waits(tmp_p
         store2.close()
     finally:
         store.close()
+
+
+async def test_finishes_asked_for_in_one_turn_share_one_commit(tmp_path: Path) -> None:
+    """An embedding batch's members end in the same turn: their finishes go to the file in one transaction."""
+    storage = await SqliteStorage.open(tmp_path / "q.db")
+    try:
+        for _ in range(3):
+            await storage.submit(Submission(new_job("a:latest")))
+        claims = [await storage.claim(resident("a:latest"), 1.0) for _ in range(3)]
+        statements: list[str] = []
+        await storage.run(lambda store: store._db.set_trace_callback(statements.append))
+        ended = [storage.finish(c.job, JobState.DONE, 2.0, status=200, result=b"{}") for c in claims if c]
+        await asyncio.gather(*ended)
+        kinds = [s.split()[0] for s in statements]
+        assert kinds == ["BEGIN", "UPDATE", "UPDATE", "UPDATE", "COMMIT"]
+        assert [job.state for job in [await storage.get(c.job.id) for c in claims if c] if job] == [
+            "done"
+        ] * 3
+    finally:
+        await storage.close()

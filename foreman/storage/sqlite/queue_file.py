@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import structlog
 
@@ -36,6 +37,20 @@ from foreman.storage.sqlite.schema import ENDED, JOB, job_from_row, open_databas
 from foreman.storage.sqlite.vector_table import EmbedCacheTable
 
 log = structlog.get_logger("foreman.store")
+
+
+class Ending(NamedTuple):
+    """One job's end, as `QueueFile.finish` takes it."""
+
+    job: Job
+    state: JobState
+    now: float
+    status: int
+    result: bytes | None = None
+    error: str | None = None
+    attempt: int | None = None
+    chunks: Sequence[bytes] = ()
+    cache: str | None = None
 
 
 class QueueFile:
@@ -394,18 +409,23 @@ class QueueFile:
 
         `cache` says how the embedding cache served it ('hit', 'partial'), if it did.
         """
-        with self._transaction(begin=bool(chunks)):
-            ended = self._db.execute(
-                "UPDATE jobs SET state = ?, finished_at = ?, status = ?, result = ?, error = ?,"
-                " attempt = coalesce(?, attempt), cache = coalesce(?, cache)"
-                " WHERE id = ? AND state IN ('loading', 'working')",
-                (state, now, status, result, error, attempt, cache, job.id),
-            ).rowcount
-            if ended and chunks:
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO chunks (job_id, seq, data) VALUES (?, ?, ?)",
-                    ((job.id, seq, data) for seq, data in enumerate(chunks)),
-                )
+        self.finish_many([Ending(job, state, now, status, result, error, attempt, chunks, cache)])
+
+    def finish_many(self, endings: Sequence[Ending]) -> None:
+        """End jobs in one transaction (one statement, when it is one job without chunks)."""
+        with self._transaction(begin=len(endings) > 1 or any(e.chunks for e in endings)):
+            for e in endings:
+                ended = self._db.execute(
+                    "UPDATE jobs SET state = ?, finished_at = ?, status = ?, result = ?, error = ?,"
+                    " attempt = coalesce(?, attempt), cache = coalesce(?, cache)"
+                    " WHERE id = ? AND state IN ('loading', 'working')",
+                    (e.state, e.now, e.status, e.result, e.error, e.attempt, e.cache, e.job.id),
+                ).rowcount
+                if ended and e.chunks:
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO chunks (job_id, seq, data) VALUES (?, ?, ?)",
+                        ((e.job.id, seq, data) for seq, data in enumerate(e.chunks)),
+                    )
 
     def cancel_queued(self, job_id: str, now: float) -> bool:
         """Cancel a job that has not started; False if it is no longer queued."""
