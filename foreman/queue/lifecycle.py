@@ -137,8 +137,12 @@ class Lifecycle:
         self._output.pop(job.id, None)
         self._publish(job, StateChanged(JobState.QUEUED, attempt))
         self._metrics.retried()
-        _bound(job, attempt=attempt).info(
-            "job.retry", error=error, retry_in_s=round(delay, 3), holds_queue=holds_queue
+        log.info(
+            "job.retry",
+            **_facts(job, attempt=attempt),
+            error=error,
+            retry_in_s=round(delay, 3),
+            holds_queue=holds_queue,
         )
 
     async def put_back(self, job: Job, *, shutdown: bool) -> None:
@@ -164,10 +168,8 @@ class Lifecycle:
     ) -> None:
         """The job succeeded; `body` is what its client still needs (b"" after a stream), `result` what is kept."""
         await self._end(job, JobState.DONE, 200, body, content_type=content_type, result=result, cache=cache)
-        if cache:
-            log.info("job.done", **_facts(job), wait_s=wait_s, run_s=round(run_s, 3), cache=cache)
-        else:
-            log.info("job.done", **_facts(job), wait_s=wait_s, run_s=round(run_s, 3))
+        cached = {"cache": cache} if cache else {}
+        log.info("job.done", **_facts(job), wait_s=wait_s, run_s=round(run_s, 3), **cached)
 
     async def failed(
         self,
@@ -182,9 +184,10 @@ class Lifecycle:
     ) -> None:
         """The job failed for good; `refused`: Ollama refused its request (the client's doing, not a fault)."""
         await self._end(job, JobState.FAILED, status, body, error=error, attempt=attempt)
-        bound = _bound(job, attempt=attempt)
         fields: dict[str, Any] = {"after": "output"} if after_output else {}
-        (bound.info if refused else bound.warning)("job.failed", status=status, error=error, **fields)
+        (log.info if refused else log.warning)(
+            "job.failed", **_facts(job, attempt=attempt), status=status, error=error, **fields
+        )
 
     async def cancelled(self, job: Job, *, before: str) -> None:
         """The job was cancelled before it started ("start") or while it ran ("end")."""
@@ -306,13 +309,8 @@ def error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
-def _bound(job: Job, *, attempt: int | None = None) -> Any:
-    """The log with the facts every line about a job's run carries."""
-    return log.bind(**_facts(job, attempt))
-
-
-def _facts(job: Job, attempt: int | None = None) -> dict[str, Any]:
-    """The facts every line about a job's run carries, first: for a line logged without binding them."""
+def _facts(job: Job, *, attempt: int | None = None) -> dict[str, Any]:
+    """What every line about a job's run says of it."""
     return {
         "model": job.model_key,
         "job_id": job.id,
