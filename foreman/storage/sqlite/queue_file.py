@@ -413,19 +413,25 @@ class QueueFile:
 
     def finish_many(self, endings: Sequence[Ending]) -> None:
         """End jobs in one transaction (one statement, when it is one job without chunks)."""
-        with self._transaction(begin=len(endings) > 1 or any(e.chunks for e in endings)):
+        if len(endings) == 1 and not endings[0].chunks:
+            self._end(endings[0])  # one statement commits on its own
+            return
+        with self._transaction():
             for e in endings:
-                ended = self._db.execute(
-                    "UPDATE jobs SET state = ?, finished_at = ?, status = ?, result = ?, error = ?,"
-                    " attempt = coalesce(?, attempt), cache = coalesce(?, cache)"
-                    " WHERE id = ? AND state IN ('loading', 'working')",
-                    (e.state, e.now, e.status, e.result, e.error, e.attempt, e.cache, e.job.id),
-                ).rowcount
-                if ended and e.chunks:
-                    self._db.executemany(
-                        "INSERT OR REPLACE INTO chunks (job_id, seq, data) VALUES (?, ?, ?)",
-                        ((e.job.id, seq, data) for seq, data in enumerate(e.chunks)),
-                    )
+                self._end(e)
+
+    def _end(self, e: Ending) -> None:
+        ended = self._db.execute(
+            "UPDATE jobs SET state = ?, finished_at = ?, status = ?, result = ?, error = ?,"
+            " attempt = coalesce(?, attempt), cache = coalesce(?, cache)"
+            " WHERE id = ? AND state IN ('loading', 'working')",
+            (e.state, e.now, e.status, e.result, e.error, e.attempt, e.cache, e.job.id),
+        ).rowcount
+        if ended and e.chunks:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO chunks (job_id, seq, data) VALUES (?, ?, ?)",
+                ((e.job.id, seq, data) for seq, data in enumerate(e.chunks)),
+            )
 
     def cancel_queued(self, job_id: str, now: float) -> bool:
         """Cancel a job that has not started; False if it is no longer queued."""
