@@ -148,10 +148,15 @@ class SqliteStorage:
         Submissions made in one turn of the event loop share one transaction,
         committed at the start of the next turn or by the next store call,
         whichever comes first: a claim asked for after this finds the job.
+        One that may run at once (`run_now`) is committed before this returns.
         """
         future: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
         self._pending.append((submission, future))
-        if len(self._pending) == 1:
+        if submission.run_now is not None:
+            # A job that may run at once is worth no wait for company: committed now,
+            # its caller goes on without a turn of the loop (and runs it, if claimed).
+            self._commit_pending()
+        elif len(self._pending) == 1:
             asyncio.get_running_loop().call_soon(self._commit_pending)
         return future
 
