@@ -177,10 +177,14 @@ class Worker:
         """Drop a job that waits, or abort one that runs; False if it had already ended."""
         if self._runner.abort(job_id):
             return True  # its run ends it (Lifecycle.cancelled)
-        if await self._lifecycle.cancel_waiting(job_id, claimed=self._runner.is_running):
+        if await self._lifecycle.cancel_waiting(job_id, claimed=self._claimed):
             return True
         # Another node sharing the queue may run it; its end comes back as events.
         return await self._store.cancel_elsewhere(job_id)
+
+    def _claimed(self, job_id: str) -> bool:
+        """Whether the job is taken to run here: running, or claimed at intake and about to start."""
+        return self._runner.is_running(job_id) or job_id in self._here
 
     def stop(self) -> None:
         """Take no new jobs (foreman is shutting down)."""
