@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 
 from stub_ollama import Stub
 from tests.support.helpers import Answer, Foreman, MakeForeman, MakeStub, chat_body, eventually, submit
@@ -26,12 +27,13 @@ async def _held_after_warm(http: aiohttp.ClientSession, foreman: Foreman, stub: 
     return task
 
 
+@pytest.mark.parametrize("sync", ["normal", "full"])
 async def test_a_job_run_at_once_is_working_in_the_store_before_ollama_answers(
-    http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman
+    http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman, sync: str
 ) -> None:
     """The job's record is written (as working) before its request reaches Ollama, and ends done."""
     server = await make_stub()
-    foreman = await make_foreman(server.url)
+    foreman = await make_foreman(server.url, sync=sync)
     held = await _held_after_warm(http, foreman, server.stub)
     assert foreman.states() == ["done", "working"]
     server.stub.faults.release_hung()
