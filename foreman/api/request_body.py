@@ -54,11 +54,14 @@ def _new_decoder(encoding: str) -> _Decoder | None:
 
 async def read_body(request: web.Request, max_body: int, read_timeout: float) -> bytes:
     """The whole body, decoded; 408 if it does not arrive in time, 413 over a limit, 400 if undecodable."""
-    try:
-        async with asyncio.timeout(read_timeout):
-            raw = await request.read()  # aiohttp holds it to FOREMAN_MAX_BODY
-    except TimeoutError as exc:
-        raise ForemanError("the request body did not arrive in time", 408) from exc
+    if request.content.is_eof():
+        raw = await request.read()  # all there already: no timer to set
+    else:
+        try:
+            async with asyncio.timeout(read_timeout):
+                raw = await request.read()  # aiohttp holds it to FOREMAN_MAX_BODY
+        except TimeoutError as exc:
+            raise ForemanError("the request body did not arrive in time", 408) from exc
     encoding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
     if encoding in ("", "identity"):
         return raw

@@ -27,11 +27,11 @@ from foreman.job import Job, Priority
 from foreman.ollama.names import is_cloud
 from foreman.queue.front import Intake
 from foreman.scheduling.policy import Decision, ModelQueue, Reason
-from foreman.storage import Claim, DrainOrder, Storage
+from foreman.storage import Chooser, Claim, DrainOrder, Storage
 
 log = structlog.get_logger("foreman.cloud")
 
-Start = Callable[[Coroutine[Any, Any, None], Job], None]
+Start = Callable[[Coroutine[Any, Any, object], Job], None]
 
 
 class Runs(Protocol):
@@ -49,7 +49,7 @@ class CloudLane:
         self._parallel = parallel
         self._clock = clock
         self._work = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[object]] = set()
         self._due: float | None = None  # when the next held-back cloud job may run
         self._stopping = False
 
@@ -89,13 +89,13 @@ class CloudLane:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
 
-    def _start(self, run: Coroutine[Any, Any, None], job: Job) -> None:
+    def _start(self, run: Coroutine[Any, Any, object], job: Job) -> None:
         with structlog.contextvars.bound_contextvars(job_id=job.id, model=job.model_key, lane="cloud"):
             task = asyncio.create_task(run, name=f"foreman-cloud-job {job.id}")
         self._tasks.add(task)
         task.add_done_callback(self._ended)
 
-    def _ended(self, task: asyncio.Task[None]) -> None:
+    def _ended(self, task: asyncio.Task[object]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (error := task.exception()) is not None:
             log.error("cloud.job_crashed", error=repr(error))
@@ -152,6 +152,17 @@ class Lanes:
 
     def drain_order_now(self) -> DrainOrder:
         return self._worker.drain_order_now()
+
+    def run_now(self) -> Chooser | None:
+        # Intake's fast path is the worker's: its policy never picks a cloud job there (a cloud
+        # model is never loaded, so it would be a swap), and those wake the lane instead.
+        return self._worker.run_now()
+
+    def unclaimed(self, job_id: str) -> None:
+        self._worker.unclaimed(job_id)
+
+    async def run_here(self, claim: Claim) -> None:
+        await self._worker.run_here(claim)
 
     async def cancel(self, job_id: str) -> bool:
         # The lane shares the worker's runner: the worker finds a running cloud job there.
