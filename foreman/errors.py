@@ -62,6 +62,10 @@ class StoreUnreachable(StoreError):
     """The database server did not answer at start: a restart may well find it."""
 
 
+class StoreBusy(StoreError):
+    """Another foreman holds the database (or this node's name in a shared one): this one must not touch it."""
+
+
 class UpstreamUnreachable(ForemanError):
     """Ollama could not be reached: refused, reset, or gone before it answered."""
 

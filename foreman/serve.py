@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import socket
 
 import structlog
 import uvloop
@@ -13,8 +15,9 @@ from foreman import log as logging_setup
 from foreman.api.security import is_loopback
 from foreman.app import create_app
 from foreman.config import EXIT_CONFIG, Config, redact_url
-from foreman.errors import StoreError, StoreUnreachable
+from foreman.errors import StoreBusy, StoreError, StoreUnreachable
 from foreman.routing.routes_file import RoutesError
+from foreman.storage.sqlite.lock import QueueLock
 
 log = structlog.get_logger("foreman")
 
@@ -44,6 +47,35 @@ def with_gc_frozen_after_start(app: web.Application) -> web.Application:
     return app
 
 
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address `host` names, as aiohttp's own site would open them.
+
+    foreman binds before it opens its database: a port that is taken stops it
+    before it has recovered (or touched) a single job, and `foreman.ready`,
+    logged once the worker runs, means a client can connect.
+    """
+    infos = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG
+    )
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # As asyncio does: the IPv6 socket must not also claim the IPv4 port.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(128)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 def serve(config: Config) -> int:
     """Run until SIGINT or SIGTERM; returns the process exit code."""
     logging_setup.configure(config.log_format, config.log_level, cache=True)
@@ -60,10 +92,23 @@ def serve(config: Config) -> int:
             hint="anyone who can reach this address can use your GPU; set FOREMAN_TOKEN or bind 127.0.0.1",
         )
     try:
+        if config.db_url is None:
+            # The database before the port: a second daemon says who holds the database.
+            QueueLock.reserve(config.db_file)
+        sockets = bind(config.host, config.port)
+    except StoreBusy as exc:
+        log.error("foreman.db_busy", error=str(exc))
+        return 1
+    except StoreError as exc:
+        log.error("foreman.db_refused", error=str(exc))
+        return EXIT_CONFIG
+    except OSError as exc:
+        log.error("foreman.listen_failed", listen=f"{config.host}:{config.port}", error=str(exc))
+        return 1
+    try:
         web.run_app(
             with_gc_frozen_after_start(create_app(config)),
-            host=config.host,
-            port=config.port,
+            sock=sockets,
             # A client that disconnects must cancel its job, as it does in Ollama.
             handler_cancellation=True,
             # Handlers still open after the worker's grace period are only
@@ -73,6 +118,11 @@ def serve(config: Config) -> int:
             access_log=None,
             loop=new_event_loop(config.loop),
         )
+    except StoreBusy as exc:
+        # Another daemon serves this database: running beside it would run jobs twice.
+        # Not a bad setting either: systemd tries again, and gets it once that one stops.
+        log.error("foreman.db_busy", error=str(exc))
+        return 1
     except StoreUnreachable as exc:
         # Not a bad setting: the server may be starting too. systemd tries again (Restart=on-failure).
         log.error("foreman.db_unreachable", error=str(exc))
@@ -86,5 +136,9 @@ def serve(config: Config) -> int:
     except OSError as exc:
         log.error("foreman.listen_failed", listen=f"{config.host}:{config.port}", error=str(exc))
         return 1
+    finally:
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
     log.info("foreman.stopped")
     return 0

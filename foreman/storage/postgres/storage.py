@@ -43,6 +43,7 @@ from foreman.storage import (
     Recovered,
     Submission,
 )
+from foreman.storage.postgres.node_lock import hold_node_name
 from foreman.storage.postgres.schema import CHANNEL, LOCK_PRUNE, LOCK_REAP, LOCK_SWAP, prepare
 
 log = structlog.get_logger("foreman.postgres")
@@ -97,6 +98,7 @@ class PostgresStorage:
         self.node = node
         self.node_timeout = node_timeout
         self.max_queue = 0
+        self.name_lock: Connection | None = None  # holds this node's name (node_lock)
         self._submitting: set[asyncio.Future[Accepted]] = set()
         # Per job this node claimed: the other nodes where a client waits for its events.
         self.watchers: dict[str, set[str]] = {}
@@ -115,6 +117,7 @@ class PostgresStorage:
             raise StoreUnreachable(f"cannot connect to {where}: {detail}") from exc
         async with first:
             await prepare(first, where)
+        name = await hold_node_name(url, node, where)  # before any job is read
         pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
             url,
             min_size=1,
@@ -129,9 +132,11 @@ class PostgresStorage:
             await pool.open(wait=True, timeout=10.0)
         except PoolTimeout as exc:
             await pool.close()
+            await name.close()
             raise StoreUnreachable(f"cannot connect to {where}") from exc
         store = cls(pool, url, node, node_timeout)
         store.max_queue = max_queue
+        store.name_lock = name
         return store
 
     @asynccontextmanager
@@ -142,6 +147,8 @@ class PostgresStorage:
 
     async def close(self) -> None:
         await self._pool.close()
+        if self.name_lock is not None:
+            await self.name_lock.close()
 
     # Intake
 
