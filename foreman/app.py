@@ -137,7 +137,10 @@ def create_app(
             outages,
             pin_keep_alive=config.pin_keep_alive,
             release_keep_alive=config.release_keep_alive,
+            ledger=store,
         )
+        # Pins a daemon killed with -9 left behind: released unless work waits for their models.
+        await residency.restore_pins(await store.waiting_by_model())
         wakeups = WakeUps()
         runner = JobRunner(
             store=store,
@@ -180,6 +183,7 @@ def create_app(
         async with _running(worker.run(), "foreman-worker"), _member(app, worker, outages, config, clock):
             log.info("foreman.ready", upstream=config.upstream, db=_where(config))
             yield
+        await residency.flush_pins()  # the releases of the stop, recorded before the store closes
 
     async def loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
         lag = app[METRICS].loop_lag

@@ -40,6 +40,7 @@ from foreman.storage import (
     Claim,
     DrainOrder,
     IdempotencyConflict,
+    RecordedPin,
     Recovered,
     Submission,
 )
@@ -667,6 +668,27 @@ class PostgresStorage:
             cursor = await conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM embed_cache")
             entries, size = await _one(cursor)
             return CacheStats(int(entries), int(size))
+
+    # Pins: each node's own, for its own Ollama
+
+    @_unavailable
+    async def pins(self) -> list[RecordedPin]:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT model_key, endpoint, model, options FROM pins WHERE node = %s ORDER BY model_key",
+                (self.node,),
+            )
+            return [RecordedPin(*row) for row in await cursor.fetchall()]
+
+    @_unavailable
+    async def set_pins(self, pins: Sequence[RecordedPin]) -> None:
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("DELETE FROM pins WHERE node = %s", (self.node,))
+            for pin in pins:
+                await conn.execute(
+                    "INSERT INTO pins (node, model_key, endpoint, model, options) VALUES (%s, %s, %s, %s, %s)",
+                    (self.node, pin.model_key, pin.endpoint, pin.model, pin.options),
+                )
 
     # Upkeep
 

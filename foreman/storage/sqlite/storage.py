@@ -48,6 +48,7 @@ from foreman.storage import (
     Chooser,
     Claim,
     DrainOrder,
+    RecordedPin,
     Recovered,
     Submission,
 )
@@ -341,6 +342,14 @@ class SqliteStorage:
 
     async def cache_stats(self) -> CacheStats:
         return self._hot.cache_stats()
+
+    # Pins
+
+    async def pins(self) -> list[RecordedPin]:
+        return self._hot.pins()
+
+    async def set_pins(self, pins: Sequence[RecordedPin]) -> None:
+        self._hot.set_pins(pins)
 
     # Upkeep
 
