@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import socket
+from collections.abc import Sequence
 
 import structlog
 import uvloop
@@ -76,8 +77,12 @@ def bind(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
-def serve(config: Config) -> int:
-    """Run until SIGINT or SIGTERM; returns the process exit code."""
+def serve(config: Config, unknown: Sequence[tuple[str, str | None]] = ()) -> int:
+    """Run until SIGINT or SIGTERM; returns the process exit code.
+
+    `unknown` lists the FOREMAN_* variables that are no setting, each with the
+    nearest one: a line each says so, and foreman starts anyway.
+    """
     logging_setup.configure(config.log_format, config.log_level, cache=True)
     log.info(
         "foreman.start",
@@ -85,6 +90,8 @@ def serve(config: Config) -> int:
         upstream=config.upstream,
         db=redact_url(config.db_url) if config.db_url is not None else str(config.db_path),
     )
+    for variable, nearest in unknown:
+        log.warning("foreman.unknown_variable", variable=variable, did_you_mean=nearest, ignored=True)
     if not is_loopback(config.host) and not config.token:
         log.warning(
             "foreman.exposed",
