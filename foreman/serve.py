@@ -52,8 +52,9 @@ def bind(host: str, port: int) -> list[socket.socket]:
     """Listening sockets on every address `host` names, as aiohttp's own site would open them.
 
     foreman binds before it opens its database: a port that is taken stops it
-    before it has recovered (or touched) a single job, and `foreman.ready`,
-    logged once the worker runs, means a client can connect.
+    before it has recovered (or touched) a single job. The sockets listen only
+    once foreman has started (aiohttp's site calls listen), so until then a
+    client is refused, not left waiting, and `foreman.ready` follows.
     """
     infos = socket.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG
@@ -68,13 +69,16 @@ def bind(host: str, port: int) -> list[socket.socket]:
                 # As asyncio does: the IPv6 socket must not also claim the IPv4 port.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
-            sock.listen(128)
             sock.setblocking(False)
     except BaseException:
         for sock in sockets:
             sock.close()
         raise
     return sockets
+
+
+def _where(config: Config) -> str:
+    return redact_url(config.db_url) if config.db_url is not None else str(config.db_path)
 
 
 def serve(config: Config, unknown: Sequence[tuple[str, str | None]] = ()) -> int:
@@ -88,7 +92,7 @@ def serve(config: Config, unknown: Sequence[tuple[str, str | None]] = ()) -> int
         "foreman.start",
         listen=f"{config.host}:{config.port}",
         upstream=config.upstream,
-        db=redact_url(config.db_url) if config.db_url is not None else str(config.db_path),
+        db=_where(config),
     )
     for variable, nearest in unknown:
         log.warning("foreman.unknown_variable", variable=variable, did_you_mean=nearest, ignored=True)
@@ -121,7 +125,10 @@ def serve(config: Config, unknown: Sequence[tuple[str, str | None]] = ()) -> int
             # Handlers still open after the worker's grace period are only
             # finishing replies or being told 503; they need little time.
             shutdown_timeout=10,
-            print=None,
+            # Called once every socket listens: only then can a client connect.
+            print=lambda _: log.info(
+                "foreman.ready", listen=f"{config.host}:{config.port}", db=_where(config)
+            ),
             access_log=None,
             loop=new_event_loop(config.loop),
         )
