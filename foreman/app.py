@@ -36,6 +36,7 @@ from foreman.job import QUEUED_ENDPOINTS
 from foreman.metrics import Metrics
 from foreman.ollama.client import Upstream
 from foreman.ollama.outages import Outages
+from foreman.ollama.stalls import Stalls
 from foreman.ollama.tags import ModelTags
 from foreman.queue.job_events import JobEvents
 from foreman.queue.page_feed import PageFeed
@@ -102,8 +103,15 @@ def create_app(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             auto_decompress=False,
         )
-        app[UPSTREAM] = Upstream(session, config.upstream)
+        stalls = Stalls(
+            config.stall_timeout,
+            restart_command=config.ollama_restart,
+            restart_after=config.restart_after_stalls,
+            on_stall=app[METRICS].stalled,
+        )
+        app[UPSTREAM] = Upstream(session, config.upstream, stalls)
         yield
+        await stalls.close()
         await session.close()
 
     async def routes_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -82,6 +82,10 @@ class UpstreamFailed(ForemanError):
         self.body = body
 
 
+class UpstreamStalled(UpstreamFailed):
+    """Ollama accepted the request and then sent nothing for FOREMAN_STALL_TIMEOUT: foreman gave it up."""
+
+
 class UpstreamRejected(ForemanError):
     """Ollama refused the request (4xx); retrying would not help."""
 

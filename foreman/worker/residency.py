@@ -208,8 +208,10 @@ class Residency:
             with attempt:
                 await self.read()
 
-    async def load(self, job: Job) -> None:
+    async def load(self, job: Job, expected_s: float = 0.0) -> None:
         """Ask Ollama to load the job's model, with the expiry it will have after its drain.
+
+        `expected_s`, what its loads took before, is allowed on top of the stall timeout.
 
         The jobs pin it while work waits, so a load that is given up or whose
         job fails leaves no pin behind. Until foreman knows Ollama's default,
@@ -223,7 +225,7 @@ class Residency:
         if keep_alive in (0, "0", "0s"):
             keep_alive = self.pin_keep_alive  # expiring at once would unload it before its job
             self._pins[key] = self._known[key] = _Pin(job.endpoint, job.model, options)
-        await self._upstream.load(job.endpoint, job.model, options, keep_alive)
+        await self._upstream.load(job.endpoint, job.model, options, keep_alive, load_s=expected_s)
 
     async def loaded(self, job: Job) -> None:
         """The job's model finished loading: remember how, learn Ollama's default if due, read /api/ps again."""
