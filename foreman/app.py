@@ -285,6 +285,9 @@ async def _member(
         reachable=lambda: outages.reachable,
     )
     await node.register()
+    # The others must stop leaving this node's models to it the moment its Ollama stops answering.
+    outages.when_down(node.beat_soon)
+    outages.when_back(node.beat_soon)
     events = app[EVENTS]
     events.forward, events.on_watch, events.waits_elsewhere = node.forward, node.watch, node.waits_elsewhere
     async with _running(node.run(), "foreman-node"):

@@ -80,6 +80,8 @@ class Node:
         self._outbox: asyncio.Queue[tuple[str, JobEvent | None]] = asyncio.Queue()
         self._listening = asyncio.Event()
         self._alive: frozenset[str] = frozenset()
+        self._beat_now = asyncio.Event()
+        self._told_reachable: bool | None = None  # what the last heartbeat said of this node's Ollama
         self.name = store.node
 
     @property
@@ -106,6 +108,10 @@ class Node:
     def watch(self, job_id: str) -> None:
         """Someone here follows a job: have the node that runs it send its events here too."""
         self._outbox.put_nowait((job_id, None))
+
+    def beat_soon(self) -> None:
+        """Write the heartbeat now, not at the next interval: this node's Ollama went away or came back."""
+        self._beat_now.set()
 
     async def listening(self) -> None:
         """Return once the node hears the others' notifications."""
@@ -162,7 +168,9 @@ class Node:
                 pause = min(pause, await self._next_expiry())
             except (psycopg.Error, OSError) as exc:
                 log.warning("node.heartbeat_failed", error=str(exc).strip())
-            await asyncio.sleep(pause)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), pause)
+            self._beat_now.clear()
 
     async def _next_expiry(self) -> float:
         async with self._store.connection() as conn:
@@ -179,13 +187,18 @@ class Node:
     async def beat(self) -> None:
         """Write this node's row and renew its leases; put back the jobs of dead nodes."""
         running = self._worker.running_jobs
+        reachable = self._reachable()
         async with self._store.connection() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO nodes (name, upstream, reachable, resident, running) VALUES (%s, %s, %s, %s, %s)"
                 " ON CONFLICT (name) DO UPDATE SET heartbeat_at = now(), left_at = NULL, upstream = excluded.upstream,"
                 " reachable = excluded.reachable, resident = excluded.resident, running = excluded.running",
-                (self.name, self._upstream, self._reachable(), sorted(self._worker.resident), running),
+                (self.name, self._upstream, reachable, sorted(self._worker.resident), running),
             )
+            if reachable != self._told_reachable and self._told_reachable is not None:
+                # The others left this node's models to it, or may now: have them look again (at commit).
+                payload = json.dumps({"n": self.name, "wake": ""})
+                await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
             await conn.execute(
                 "UPDATE jobs SET lease_until = now() + make_interval(secs => %s)"
                 " WHERE state IN ('loading', 'working') AND node = %s",
@@ -196,6 +209,7 @@ class Node:
                 (self._store.node_timeout,),
             )
             alive = frozenset(str(name) for (name,) in await cursor.fetchall())
+        self._told_reachable = reachable
         for job_id, node in await self._store.reap(self._clock(), self._max_attempts):
             log.warning("job.lease_expired", job_id=job_id, node=node, timeout_s=self._store.node_timeout)
         if alive != self._alive:

@@ -348,11 +348,14 @@ class PostgresStorage:
         return queues
 
     async def _held_elsewhere(self, conn: Connection) -> dict[str, int]:
-        """Per model key, how many other live nodes hold it, load it or run it."""
+        """Per model key, how many other live nodes hold it, load it or run it.
+
+        A node whose Ollama does not answer holds nothing: its models' work is for whoever can run it.
+        """
         cursor = await conn.execute(
             "SELECT key, count(DISTINCT name) FROM ("
             "  SELECT name, unnest(resident || serving) AS key FROM nodes"
-            "   WHERE name <> %(me)s AND left_at IS NULL"
+            "   WHERE name <> %(me)s AND left_at IS NULL AND reachable IS NOT FALSE"
             "   AND heartbeat_at > now() - make_interval(secs => %(timeout)s)"
             f"  UNION ALL SELECT node, model_key FROM jobs WHERE {_RUNNING} AND node <> %(me)s"
             "   AND lease_until > now()"
