@@ -14,7 +14,18 @@ import structlog
 from aiohttp import web
 
 from foreman import ui
-from foreman.api import error_shape, inference, job_api, model_lists, passthrough, security, status
+from foreman.api import (
+    batches,
+    error_shape,
+    files,
+    inference,
+    job_api,
+    model_lists,
+    passthrough,
+    security,
+    status,
+    webhooks,
+)
 from foreman.api.keys import (
     CLOCK,
     CONFIG,
@@ -23,6 +34,7 @@ from foreman.api.keys import (
     METRICS,
     MODEL_TAGS,
     PAGE_FEED,
+    QUEUE,
     ROUTES,
     STORAGE,
     UPSTREAM,
@@ -38,7 +50,9 @@ from foreman.ollama.client import Upstream
 from foreman.ollama.outages import Outages
 from foreman.ollama.stalls import Stalls
 from foreman.ollama.tags import ModelTags
+from foreman.queue.front import QueueFront
 from foreman.queue.job_events import JobEvents
+from foreman.queue.lifecycle import Lifecycle
 from foreman.queue.page_feed import PageFeed
 from foreman.queue.retention import prune_forever
 from foreman.retry import RetryPolicy, Sleep
@@ -50,6 +64,7 @@ from foreman.storage.sqlite.storage import SqliteStorage
 from foreman.worker.loop import Worker
 from foreman.worker.residency import Residency
 from foreman.worker.runner import JobRunner
+from foreman.worker.swap import Swap
 from foreman.worker.wakeups import WakeUps
 from foreman.worker.warm import Warmer
 
@@ -76,6 +91,7 @@ def create_app(
         app.middlewares.append(security.host_guard(config.allowed_hosts))
     if config.token:
         app.middlewares.append(security.bearer_token(config.token, public=ui.PUBLIC_PATHS))
+    app.middlewares.append(webhooks.job_webhooks)
     app[CONFIG] = config
     app[CLOCK] = clock
     app[EVENTS] = JobEvents()
@@ -136,7 +152,7 @@ def create_app(
         await cache.close()
 
     async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
-        store, upstream, events = app[STORAGE], app[UPSTREAM], app[EVENTS]
+        store, upstream, metrics, feed = app[STORAGE], app[UPSTREAM], app[METRICS], app[PAGE_FEED]
         retry = RetryPolicy(config.max_attempts, config.backoff_initial, config.backoff_max)
         driver = PolicyDriver(Policy(max_wait=config.max_wait, min_residency=config.min_residency))
         outages = Outages(upstream.base_url)
@@ -150,21 +166,32 @@ def create_app(
         # Pins a daemon killed with -9 left behind: released unless work waits for their models.
         await residency.restore_pins(await store.waiting_by_model())
         wakeups = WakeUps()
-        runner = JobRunner(
+        lifecycle = Lifecycle(
+            store=store, events=app[EVENTS], feed=feed, metrics=metrics, clock=clock, cache=app[EMBED_CACHE]
+        )
+        swap = Swap(
             store=store,
-            upstream=upstream,
-            events=events,
-            metrics=app[METRICS],
-            retry=retry,
-            driver=driver,
+            lifecycle=lifecycle,
             residency=residency,
-            outages=outages,
+            driver=driver,
             wakeups=wakeups,
-            feed=app[PAGE_FEED],
+            metrics=metrics,
+            feed=feed,
+            clock=clock,
+            monotonic=monotonic,
+        )
+        runner = JobRunner(
+            upstream=upstream,
+            lifecycle=lifecycle,
+            swap=swap,
+            residency=residency,
+            driver=driver,
+            outages=outages,
+            retry=retry,
             embeds=EmbedBatcher(
-                store=app[STORAGE],
-                upstream=app[UPSTREAM],
-                metrics=app[METRICS],
+                store=store,
+                upstream=upstream,
+                metrics=metrics,
                 max_inputs=config.embed_batch,
                 cache=app[EMBED_CACHE],
             ),
@@ -174,7 +201,7 @@ def create_app(
         )
         worker = Worker(
             store=store,
-            events=events,
+            lifecycle=lifecycle,
             driver=driver,
             residency=residency,
             runner=runner,
@@ -182,12 +209,12 @@ def create_app(
             wakeups=wakeups,
             parallel=config.parallel,
             warmer=Warmer(upstream) if config.warm == "auto" else None,
-            feed=app[PAGE_FEED],
             clock=clock,
             monotonic=monotonic,
             sleep=sleep,
         )
         app[WORKER] = worker
+        app[QUEUE] = QueueFront(store, lifecycle, worker)
         async with _running(worker.run(), "foreman-worker"), _member(app, worker, outages, config, clock):
             log.info("worker.started", upstream=config.upstream, db=_where(config))
             yield
@@ -216,7 +243,18 @@ def create_app(
 
     # Torn down in reverse: the worker stops before the session and the store close.
     app.cleanup_ctx.extend(
-        [loop_lag_ctx, routes_ctx, store_ctx, upstream_ctx, embed_cache_ctx, worker_ctx, retention_ctx]
+        [
+            loop_lag_ctx,
+            routes_ctx,
+            store_ctx,
+            upstream_ctx,
+            embed_cache_ctx,
+            batches.store_ctx,
+            worker_ctx,
+            retention_ctx,
+            batches.run_ctx,
+            webhooks.ctx,
+        ]
     )
     app.on_shutdown.append(stop_gracefully)
     for endpoint in QUEUED_ENDPOINTS:
@@ -232,6 +270,8 @@ def create_app(
     app.router.add_post("/api/show", model_lists.show)
     app.router.add_get("/v1/models", model_lists.openai_models, allow_head=False)
     app.router.add_get("/v1/models/{model}", model_lists.openai_model, allow_head=False)
+    files.setup(app)
+    batches.setup(app)
     ui.setup(app)
     app.router.add_route("*", "/{tail:.*}", passthrough.passthrough)
     return app
