@@ -113,7 +113,8 @@ CREATE TABLE IF NOT EXISTS relay (
 # What takes a database at version N-1 to version N.
 _MIGRATIONS: dict[int, str] = {}
 _OUR_TABLES = (
-    frozenset({"foreman_meta", "jobs", "chunks", "nodes", "relay", "embed_cache", "pins"}) | batch_schema.TABLES
+    frozenset({"foreman_meta", "jobs", "chunks", "nodes", "relay", "embed_cache", "pins"})
+    | batch_schema.TABLES
 )
 
 
