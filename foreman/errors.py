@@ -45,6 +45,14 @@ class Unavailable(ForemanError):
     status = 503
 
 
+class DatabaseAway(Unavailable):
+    """The database cannot be reached now (a PostgreSQL restart): the client may try again in a moment."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": "2"}
+
+
 class QueueFull(Unavailable):
     def __init__(self, limit: int) -> None:
         # Ollama's own wording (two spaces included), so clients that handle

@@ -27,7 +27,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from foreman.config import redact_url
-from foreman.errors import QueueFull, StoreError, StoreUnreachable, Unavailable
+from foreman.errors import DatabaseAway, QueueFull, StoreError, StoreUnreachable
 from foreman.job import Job, JobState, NewJob, Priority
 from foreman.scheduling.policy import Held, ModelQueue
 from foreman.storage import (
@@ -81,9 +81,9 @@ def _unavailable(
         try:
             return await method(*args, **kwargs)
         except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as exc:
-            raise Unavailable(f"foreman cannot reach its database: {exc}".strip()) from exc
+            raise DatabaseAway(f"foreman cannot reach its database: {exc}".strip()) from exc
         except PoolTimeout as exc:
-            raise Unavailable(f"foreman cannot reach its database: {exc}".strip()) from exc
+            raise DatabaseAway(f"foreman cannot reach its database: {exc}".strip()) from exc
 
     return call
 
