@@ -218,7 +218,6 @@ def create_app(
         app[WORKER] = worker
         app[QUEUE] = QueueFront(store, lifecycle, worker)
         async with _running(worker.run(), "foreman-worker"), _member(app, worker, outages, config, clock):
-            log.info("worker.started", upstream=config.upstream, db=_where(config))
             yield
         await residency.flush_pins()  # the releases of the stop, recorded before the store closes
 

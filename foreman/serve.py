@@ -127,7 +127,10 @@ def serve(config: Config, unknown: Sequence[tuple[str, str | None]] = ()) -> int
             shutdown_timeout=10,
             # Called once every socket listens: only then can a client connect.
             print=lambda _: log.info(
-                "foreman.ready", listen=f"{config.host}:{config.port}", db=_where(config)
+                "foreman.ready",
+                listen=f"{config.host}:{config.port}",
+                upstream=config.upstream,
+                db=_where(config),
             ),
             access_log=None,
             loop=new_event_loop(config.loop),
