@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any
 
@@ -207,15 +207,15 @@ class Upstream:
         ) as reply:
             await reply.read()
 
-    @asynccontextmanager
-    async def post(self, endpoint: str, body: bytes) -> AsyncIterator[Reply]:
+    def post(self, endpoint: str, body: bytes) -> AbstractAsyncContextManager[Reply]:
         """POST a job's body; yields the reply once Ollama has accepted it (2xx).
 
         UpstreamStalled if Ollama then sends nothing for the stall timeout, before its
         first byte or between two chunks; the request is aborted.
         """
-        async with self._request("POST", endpoint, body, counts=True) as reply:
-            yield reply
+        return self._request(
+            "POST", endpoint, body, counts=True
+        )  # not wrapped again: every job's call comes here
 
     async def send(self, method: str, path_qs: str, **kwargs: Any) -> aiohttp.ClientResponse:
         """Send any request to Ollama and return its response, whatever its status.
