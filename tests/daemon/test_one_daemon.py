@@ -91,7 +91,10 @@ async def test_a_second_daemon_on_the_same_database_exits_at_once_and_changes_no
         stub.faults.release_hung()
         answers = await asyncio.gather(*tasks)
         assert [a.status for a in answers] == [200, 200, 200]
-        assert [(state, attempt) for _, state, attempt in _rows(db)] == [("done", 0)] * 3
+        # Each is answered first and recorded right after.
+        await eventually(
+            lambda: [(s, a) for _, s, a in _rows(db)] == [("done", 0)] * 3, what="three done, once"
+        )
         ran = sorted(r.prompt for r in stub.inference_requests() if r.outcome == "ok")
         assert ran == ["queued 1", "queued 2", "running"]  # each once
         assert first.poll() is None
