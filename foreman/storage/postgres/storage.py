@@ -26,10 +26,10 @@ import structlog
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from foreman.config import redact_url
 from foreman.errors import DatabaseAway, QueueFull, StoreError, StoreUnreachable
 from foreman.job import Job, JobState, NewJob, Priority
 from foreman.scheduling.policy import Held, ModelQueue
+from foreman.setting_values import redact_url
 from foreman.storage import (
     Accepted,
     CacheAnswer,
