@@ -64,7 +64,8 @@ class Lifecycle:
         self._cancelling: set[str] = set()
         # What each running job has streamed so far, for late watchers and the store.
         self._output: dict[str, list[bytes]] = {}
-        self._records: set[asyncio.Future[None]] = set()  # results on their way to the store
+        # Results on their way to the store, with their jobs' ids.
+        self._records: dict[asyncio.Future[None], str] = {}
         self.last_error: tuple[float, str] | None = None  # (when, what): Ollama's last failure
 
     # At intake (the queue front, once the storage committed the job)
@@ -279,11 +280,16 @@ class Lifecycle:
             )
         )
         if state is JobState.DONE:
-            self._records.add(record)
+            self._records[record] = job.id
             record.add_done_callback(partial(self._recorded, job.id))
         else:
             await record
         self._told_end(job.id, job, Ended(state, status, body, content_type, error), now)
+
+    @property
+    def recording(self) -> list[str]:
+        """The jobs whose end is on its way to the store: still this node's, though no longer running."""
+        return sorted(self._records.values())
 
     @staticmethod
     async def _until_written(job_id: str, write: Callable[[], Awaitable[None]]) -> None:
@@ -336,7 +342,7 @@ class Lifecycle:
         )
 
     def _recorded(self, job_id: str, record: asyncio.Future[None]) -> None:
-        self._records.discard(record)
+        self._records.pop(record, None)
         if not record.cancelled() and (exc := record.exception()) is not None:
             # The job stays "working" in the store, and runs again after a restart.
             log.error("job.record_failed", job_id=job_id, error=str(exc))

@@ -110,6 +110,14 @@ class Worker:
         return self._runner.running_jobs()
 
     @property
+    def held_jobs(self) -> list[str]:
+        """The jobs this node still holds: in flight, or ended with the end not yet written (the database away).
+
+        Their leases must last: taken for dead, such a job would run a second time.
+        """
+        return sorted({*self._runner.running_jobs(), *self._lifecycle.recording})
+
+    @property
     def resident(self) -> frozenset[str]:
         """Model keys Ollama holds, as far as the worker knows (its own view while /api/ps is due)."""
         read = self._residency.as_read()

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import psycopg
 import structlog
 
+from foreman.errors import DatabaseAway
 from foreman.job import JSON_TYPE, JobState
 from foreman.queue.job_events import Chunk, Ended, JobEvent, JobEvents, StateChanged
 from foreman.storage.postgres.schema import CHANNEL
@@ -40,12 +41,19 @@ log = structlog.get_logger("foreman.node")
 # A NOTIFY payload must be shorter than 8000 bytes; bigger events go through the relay table.
 _PAYLOAD_LIMIT = 7800
 
+# The database away, as the raw pool says it (psycopg's errors) or as the storage calls do (DatabaseAway):
+# either way the loop tries again, never dies (a dead listen loop leaves waiting clients unanswered).
+_AWAY = (psycopg.Error, OSError, DatabaseAway)
+
 
 class LocalWorker(Protocol):
     """What the node needs of its own worker."""
 
     @property
     def running_jobs(self) -> list[str]: ...
+
+    @property
+    def held_jobs(self) -> list[str]: ...
 
     @property
     def resident(self) -> frozenset[str]: ...
@@ -157,7 +165,7 @@ class Node:
         while True:
             try:
                 await step()
-            except (psycopg.Error, OSError) as exc:
+            except _AWAY as exc:
                 self._listening.clear()
                 log.warning("node.db_lost", task=what, error=str(exc).strip())
                 await asyncio.sleep(self.interval)
@@ -169,7 +177,7 @@ class Node:
                 await self.beat()
                 # Wake when the next lease of another node runs out, not up to a beat later.
                 pause = min(pause, await self._next_expiry())
-            except (psycopg.Error, OSError) as exc:
+            except _AWAY as exc:
                 self._connected_since = None
                 log.warning("node.heartbeat_failed", error=str(exc).strip())
             with suppress(TimeoutError):
@@ -203,11 +211,13 @@ class Node:
                 # The others left this node's models to it, or may now: have them look again (at commit).
                 payload = json.dumps({"n": self.name, "wake": ""})
                 await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
-            # Only the jobs the worker runs: a row whose end could not be written is not held for ever.
+            # The jobs the worker runs, and those whose end is being written (the database was away):
+            # taken for dead, one would run a second time. Only those: a row that no one here will
+            # finish (its record given up) is not held for ever.
             await conn.execute(
                 "UPDATE jobs SET lease_until = now() + make_interval(secs => %s)"
                 " WHERE state IN ('loading', 'working') AND node = %s AND id = ANY(%s)",
-                (self._store.node_timeout, self.name, running),
+                (self._store.node_timeout, self.name, self._worker.held_jobs),
             )
             cursor = await conn.execute(
                 "SELECT name FROM nodes WHERE left_at IS NULL AND heartbeat_at > now() - make_interval(secs => %s)",

@@ -45,6 +45,7 @@ from foreman.storage import (
     Submission,
 )
 from foreman.storage.postgres.node_lock import hold_node_name
+from foreman.storage.postgres.pool import Pool
 from foreman.storage.postgres.schema import CHANNEL, LOCK_PRUNE, LOCK_REAP, LOCK_SWAP, prepare
 
 log = structlog.get_logger("foreman.postgres")
@@ -119,7 +120,7 @@ class PostgresStorage:
         async with first:
             await prepare(first, where)
         name = await hold_node_name(url, node, where)  # before any job is read
-        pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
+        pool: AsyncConnectionPool[Connection] = Pool(
             url,
             min_size=1,
             max_size=pool_size,
