@@ -7,8 +7,6 @@ from typing import Any
 
 import pytest
 
-from bench.schedule import Drain as PlainDrain
-from bench.schedule import Foreman, SimJob, Trace, guarantee_violations, interactive_violations, simulate
 from foreman.job import Priority
 from foreman.scheduling.policy import (
     DEFAULT_LOAD_S,
@@ -24,6 +22,11 @@ from foreman.scheduling.policy import (
     drain_order,
     next_due,
 )
+from foreman.simulator.checks import guarantee_violations, interactive_violations
+from foreman.simulator.choosers import Drain as PlainDrain
+from foreman.simulator.choosers import Foreman
+from foreman.simulator.simulate import simulate
+from foreman.simulator.traces import SimJob, Trace
 
 I, B = Priority.INTERACTIVE, Priority.BATCH  # noqa: E741 (short names keep the queues readable)
 
