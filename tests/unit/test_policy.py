@@ -276,24 +276,6 @@ def test_bound_holds_for_every_job_of_a_mixed_overloaded_trace() -> None:
     assert guarantee_violations(plain, 120) and interactive_violations(plain)
 
 
-def test_policy_is_pure() -> None:
-    """scheduler.py and driver.py import no asyncio, sqlite3 or aiohttp, so the simulator runs the same code."""
-    import ast
-    from pathlib import Path
-
-    import foreman.scheduling.driver
-    import foreman.scheduling.policy
-
-    for module in (foreman.scheduling.policy, foreman.scheduling.driver):
-        imported = set()
-        for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
-            if isinstance(node, ast.Import):
-                imported.update(alias.name.split(".")[0] for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                imported.add(node.module.split(".")[0])
-        assert imported.isdisjoint({"asyncio", "sqlite3", "aiohttp", "time"}), (module.__name__, imported)
-
-
 def test_a_load_for_batch_work_is_given_up_for_an_interactive_job_elsewhere() -> None:
     """Interactive jobs never wait for a batch model's load, a max_wait drain's included; interactive loads are kept."""
     before = loaded("old")
