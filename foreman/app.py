@@ -23,6 +23,7 @@ from foreman.api.keys import (
     METRICS,
     MODEL_TAGS,
     PAGE_FEED,
+    QUEUE,
     ROUTES,
     STORAGE,
     UPSTREAM,
@@ -37,7 +38,9 @@ from foreman.metrics import Metrics
 from foreman.ollama.client import Upstream
 from foreman.ollama.outages import Outages
 from foreman.ollama.tags import ModelTags
+from foreman.queue.front import QueueFront
 from foreman.queue.job_events import JobEvents
+from foreman.queue.lifecycle import Lifecycle
 from foreman.queue.page_feed import PageFeed
 from foreman.queue.retention import prune_forever
 from foreman.retry import RetryPolicy, Sleep
@@ -49,6 +52,7 @@ from foreman.storage.sqlite.storage import SqliteStorage
 from foreman.worker.loop import Worker
 from foreman.worker.residency import Residency
 from foreman.worker.runner import JobRunner
+from foreman.worker.swap import Swap
 from foreman.worker.wakeups import WakeUps
 from foreman.worker.warm import Warmer
 
@@ -128,7 +132,7 @@ def create_app(
         await cache.close()
 
     async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
-        store, upstream, events = app[STORAGE], app[UPSTREAM], app[EVENTS]
+        store, upstream, metrics, feed = app[STORAGE], app[UPSTREAM], app[METRICS], app[PAGE_FEED]
         retry = RetryPolicy(config.max_attempts, config.backoff_initial, config.backoff_max)
         driver = PolicyDriver(Policy(max_wait=config.max_wait, min_residency=config.min_residency))
         outages = Outages(upstream.base_url)
@@ -139,21 +143,32 @@ def create_app(
             release_keep_alive=config.release_keep_alive,
         )
         wakeups = WakeUps()
-        runner = JobRunner(
+        lifecycle = Lifecycle(
+            store=store, events=app[EVENTS], feed=feed, metrics=metrics, clock=clock, cache=app[EMBED_CACHE]
+        )
+        swap = Swap(
             store=store,
-            upstream=upstream,
-            events=events,
-            metrics=app[METRICS],
-            retry=retry,
-            driver=driver,
+            lifecycle=lifecycle,
             residency=residency,
-            outages=outages,
+            driver=driver,
             wakeups=wakeups,
-            feed=app[PAGE_FEED],
+            metrics=metrics,
+            feed=feed,
+            clock=clock,
+            monotonic=monotonic,
+        )
+        runner = JobRunner(
+            upstream=upstream,
+            lifecycle=lifecycle,
+            swap=swap,
+            residency=residency,
+            driver=driver,
+            outages=outages,
+            retry=retry,
             embeds=EmbedBatcher(
-                store=app[STORAGE],
-                upstream=app[UPSTREAM],
-                metrics=app[METRICS],
+                store=store,
+                upstream=upstream,
+                metrics=metrics,
                 max_inputs=config.embed_batch,
                 cache=app[EMBED_CACHE],
             ),
@@ -163,7 +178,7 @@ def create_app(
         )
         worker = Worker(
             store=store,
-            events=events,
+            lifecycle=lifecycle,
             driver=driver,
             residency=residency,
             runner=runner,
@@ -171,12 +186,12 @@ def create_app(
             wakeups=wakeups,
             parallel=config.parallel,
             warmer=Warmer(upstream) if config.warm == "auto" else None,
-            feed=app[PAGE_FEED],
             clock=clock,
             monotonic=monotonic,
             sleep=sleep,
         )
         app[WORKER] = worker
+        app[QUEUE] = QueueFront(store, lifecycle, worker)
         async with _running(worker.run(), "foreman-worker"), _member(app, worker, outages, config, clock):
             log.info("foreman.ready", upstream=config.upstream, db=_where(config))
             yield
