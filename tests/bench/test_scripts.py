@@ -151,3 +151,12 @@ def test_the_daemon_reproduces_trace_1s_swaps() -> None:
     simulated = simulate(trace, Foreman(Policy(max_wait=trace.max_wait)))
     assert int(line[1]) == simulated.swaps
     assert line[2] == str([load.model for load in simulated.loads])
+
+
+def test_batch_bench_runs_a_small_batch_by_model(tmp_path: Path) -> None:
+    """batch.py runs a shuffled batch to completion, each line once, with far fewer loads than FIFO's."""
+    result = run_script("batch.py", tmp_path, *["--lines", "120", "--load-ms", "10", "--probe-every", "0.5"])
+    batch = result["batch"]
+    assert batch["status"] == "completed" and batch["unique_custom_ids"] == batch["output_lines"] == 120
+    assert batch["loads"] <= 4 + 2 * batch["probes"] < batch["loads_if_fifo"]
+    assert batch["cpu_ms_per_line"] > 0
