@@ -33,7 +33,8 @@ from foreman.storage import Storage
 log = structlog.get_logger("foreman.worker")
 intake_log = structlog.get_logger("foreman.api")
 
-CANCELED = "request canceled"  # Ollama's words when a client goes away
+# One spelling with the state and with "cancelled before it ran": the job was cancelled.
+CANCELLED = "request cancelled"
 
 
 class Lifecycle:
@@ -191,7 +192,7 @@ class Lifecycle:
 
     async def cancelled(self, job: Job, *, before: str) -> None:
         """The job was cancelled before it started ("start") or while it ran ("end")."""
-        await self._end(job, JobState.CANCELLED, 499, error_body(CANCELED), error=CANCELED)
+        await self._end(job, JobState.CANCELLED, 499, error_body(CANCELLED), error=CANCELLED)
         self._logged_cancel(job.id, job, before)
 
     async def cancel_waiting(self, job_id: str, claimed: Callable[[str], bool]) -> bool:
@@ -206,7 +207,7 @@ class Lifecycle:
             self._cancelling.discard(job_id)
             job = await self._store.get(job_id)
             self._told_end(
-                job_id, job, Ended(JobState.CANCELLED, 499, error_body(CANCELED), error=CANCELED), now
+                job_id, job, Ended(JobState.CANCELLED, 499, error_body(CANCELLED), error=CANCELLED), now
             )
             self._logged_cancel(job_id, job, "start")
             return True
