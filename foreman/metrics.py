@@ -48,6 +48,7 @@ class Metrics:
         self._cache_entries = Gauge(
             "foreman_embed_cache_entries", "Vectors the embedding cache holds.", registry=r
         )
+        self._job_counters: dict[tuple[str, str, str], Counter] = {}
         self._embed_calls = Counter(
             "foreman_embed_calls", "Embed calls sent to Ollama by the worker.", registry=r
         )
@@ -59,7 +60,11 @@ class Metrics:
         )
 
     def job_ended(self, job: Job | NewJob, state: JobState, *, wait: float, run: float) -> None:
-        self._jobs.labels(job.endpoint, job.model_key, state.value).inc()
+        key = (job.endpoint, job.model_key, state.value)
+        counter = self._job_counters.get(key)
+        if counter is None:  # looked up once per label set: `labels` takes a lock and builds a key each time
+            counter = self._job_counters[key] = self._jobs.labels(*key)
+        counter.inc()
         self._wait.observe(max(wait, 0.0))
         self._run.observe(max(run, 0.0))
 

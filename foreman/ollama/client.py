@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any
 
@@ -155,11 +155,9 @@ class Upstream:
         async with self.post(family, json.dumps(body).encode()) as reply:
             await reply.read()
 
-    @asynccontextmanager
-    async def post(self, endpoint: str, body: bytes) -> AsyncIterator[Reply]:
+    def post(self, endpoint: str, body: bytes) -> AbstractAsyncContextManager[Reply]:
         """POST a job's body; yields the reply once Ollama has accepted it (2xx)."""
-        async with self._request("POST", endpoint, body) as reply:
-            yield reply
+        return self._request("POST", endpoint, body)  # not wrapped again: every job's call comes here
 
     async def send(self, method: str, path_qs: str, **kwargs: Any) -> aiohttp.ClientResponse:
         """Send any request to Ollama and return its response, whatever its status.

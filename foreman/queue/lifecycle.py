@@ -192,6 +192,7 @@ class Lifecycle:
 
     async def cancelled(self, job: Job, *, before: str) -> None:
         """The job was cancelled before it started ("start") or while it ran ("end")."""
+        self._cancelling.discard(job.id)  # a cancel that came while it was being claimed is served
         await self._end(job, JobState.CANCELLED, 499, error_body(CANCELLED), error=CANCELLED)
         self._logged_cancel(job.id, job, before)
 

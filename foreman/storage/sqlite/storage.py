@@ -53,7 +53,7 @@ from foreman.storage import (
 )
 from foreman.storage.sqlite import reads
 from foreman.storage.sqlite.checkpoints import Checkpointer
-from foreman.storage.sqlite.queue_file import QueueFile, prune
+from foreman.storage.sqlite.queue_file import Ending, QueueFile, prune
 from foreman.storage.sqlite.schema import connect_beside, wal_path
 
 T = TypeVar("T")
@@ -80,6 +80,7 @@ class SqliteStorage:
         self.path = store.path
         self._full = sync == "full"
         self._pending: list[tuple[Submission, asyncio.Future[Accepted]]] = []  # to commit together
+        self._ending: list[tuple[Ending, asyncio.Future[None]]] = []  # finishes, to commit together
         self._wal_fd: int | None = None
         self._unsynced: list[asyncio.Future[None]] = []  # commits waiting for an fsync
         self._syncing = False
@@ -147,15 +148,22 @@ class SqliteStorage:
         Submissions made in one turn of the event loop share one transaction,
         committed at the start of the next turn or by the next store call,
         whichever comes first: a claim asked for after this finds the job.
+        One that may run at once (`run_now`) is committed before this returns.
         """
         future: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
         self._pending.append((submission, future))
-        if len(self._pending) == 1:
+        if submission.run_now is not None:
+            # A job that may run at once is worth no wait for company: committed now,
+            # its caller goes on without a turn of the loop (and runs it, if claimed).
+            self._commit_pending()
+        elif len(self._pending) == 1:
             asyncio.get_running_loop().call_soon(self._commit_pending)
         return future
 
     def _commit_pending(self) -> None:
-        """Commit the submissions made so far in one transaction (group commit), and answer each."""
+        """Commit the submissions and finishes made so far, each kind in one transaction (group commit)."""
+        if self._ending:
+            self._commit_endings()
         if not self._pending:
             return
         batch, self._pending = self._pending, []
@@ -181,6 +189,19 @@ class SqliteStorage:
                 durable.add_done_callback(partial(_resolve, future, result))
             else:
                 future.set_result(result)
+
+    def _commit_endings(self) -> None:
+        batch, self._ending = self._ending, []
+        try:
+            self._store.finish_many([ending for ending, _ in batch])
+        except Exception as exc:  # the lot failed: each finish's caller hears it
+            for _, future in batch:
+                if not future.cancelled():
+                    future.set_exception(exc)
+            return
+        for _, future in batch:
+            if not future.cancelled():
+                future.set_result(None)
 
     def _fsync_after_this(self) -> asyncio.Future[None]:
         """A future resolved by an fsync of the write-ahead log that begins after now."""
@@ -250,7 +271,7 @@ class SqliteStorage:
     ) -> None:
         self._hot.requeue(job, attempt=attempt, error=error, not_before=not_before)
 
-    async def finish(
+    def finish(
         self,
         job: Job,
         state: JobState,
@@ -262,18 +283,15 @@ class SqliteStorage:
         attempt: int | None = None,
         chunks: Sequence[bytes] = (),
         cache: str | None = None,
-    ) -> None:
-        self._hot.finish(
-            job,
-            state,
-            now,
-            status=status,
-            result=result,
-            error=error,
-            attempt=attempt,
-            chunks=chunks,
-            cache=cache,
-        )
+    ) -> asyncio.Future[None]:
+        """End a job; the finishes asked for in one turn of the loop share one transaction (see `submit`)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        ending = Ending(job, state, now, status, result, error, attempt, chunks, cache)
+        self._ending.append((ending, future))
+        if len(self._ending) == 1 and not self._pending:
+            loop.call_soon(self._commit_pending)
+        return future
 
     async def set_served(self, job_id: str, model: str) -> None:
         self._hot.set_served(job_id, model)
