@@ -49,6 +49,7 @@ from foreman.job import QUEUED_ENDPOINTS
 from foreman.metrics import Metrics
 from foreman.ollama.client import Upstream
 from foreman.ollama.outages import Outages
+from foreman.ollama.stalls import Stalls
 from foreman.ollama.tags import ModelTags
 from foreman.queue.front import QueueFront
 from foreman.queue.job_events import JobEvents
@@ -119,8 +120,15 @@ def create_app(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             auto_decompress=False,
         )
-        app[UPSTREAM] = Upstream(session, config.upstream)
+        stalls = Stalls(
+            config.stall_timeout,
+            restart_command=config.ollama_restart,
+            restart_after=config.restart_after_stalls,
+            on_stall=app[METRICS].stalled,
+        )
+        app[UPSTREAM] = Upstream(session, config.upstream, stalls)
         yield
+        await stalls.close()
         await session.close()
 
     async def routes_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -155,7 +163,10 @@ def create_app(
             outages,
             pin_keep_alive=config.pin_keep_alive,
             release_keep_alive=config.release_keep_alive,
+            ledger=store,
         )
+        # Pins a daemon killed with -9 left behind: released unless work waits for their models.
+        await residency.restore_pins(await store.waiting_by_model())
         wakeups = WakeUps()
         lifecycle = Lifecycle(
             store=store, events=app[EVENTS], feed=feed, metrics=metrics, clock=clock, cache=app[EMBED_CACHE]
@@ -207,8 +218,8 @@ def create_app(
         app[WORKER] = worker
         app[QUEUE] = QueueFront(store, lifecycle, worker)
         async with _running(worker.run(), "foreman-worker"), _member(app, worker, outages, config, clock):
-            log.info("foreman.ready", upstream=config.upstream, db=_where(config))
             yield
+        await residency.flush_pins()  # the releases of the stop, recorded before the store closes
 
     async def loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
         lag = app[METRICS].loop_lag
@@ -315,6 +326,9 @@ async def _member(
         reachable=lambda: outages.reachable,
     )
     await node.register()
+    # The others must stop leaving this node's models to it the moment its Ollama stops answering.
+    outages.when_down(node.beat_soon)
+    outages.when_back(node.beat_soon)
     events = app[EVENTS]
     events.forward, events.on_watch, events.waits_elsewhere = node.forward, node.watch, node.waits_elsewhere
     async with _running(node.run(), "foreman-node"):

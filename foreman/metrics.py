@@ -33,6 +33,11 @@ class Metrics:
         self._upstream_errors = Counter(
             "foreman_upstream_errors", "Failures talking to Ollama, by kind.", ["kind"], registry=r
         )
+        self._stalls = Counter(
+            "foreman_upstream_stalls",
+            "Requests to Ollama given up because it sent nothing for FOREMAN_STALL_TIMEOUT.",
+            registry=r,
+        )
         self._retries = Counter(
             "foreman_retries", "Jobs put back in the queue after a transient failure.", registry=r
         )
@@ -74,6 +79,9 @@ class Metrics:
 
     def upstream_error(self, kind: str) -> None:
         self._upstream_errors.labels(kind).inc()
+
+    def stalled(self) -> None:
+        self._stalls.inc()
 
     def retried(self) -> None:
         self._retries.inc()

@@ -104,6 +104,16 @@ class Claim:
     waiting_after: int  # queued jobs of the same model key, all classes
 
 
+@dataclass(frozen=True, slots=True)
+class RecordedPin:
+    """A pin foreman set on a model of its Ollama, as recorded: how to load `model_key` again to release it."""
+
+    model_key: str
+    endpoint: str
+    model: str
+    options: str  # the load options, JSON
+
+
 class Recovered(NamedTuple):
     """What a restart found running: put back in line, or failed for good."""
 
@@ -313,6 +323,17 @@ class Storage(Protocol):
 
     async def cache_stats(self) -> CacheStats:
         """How many vectors the cache holds, and the bytes they count against its bound."""
+        ...
+
+    # Pins: which models this daemon (this node) keeps loaded with FOREMAN_PIN_KEEP_ALIVE, so a restart
+    # after kill -9 can release those the dead one left behind (see foreman/worker/residency.py)
+
+    async def pins(self) -> list[RecordedPin]:
+        """The pins recorded last, by model key."""
+        ...
+
+    async def set_pins(self, pins: Sequence[RecordedPin]) -> None:
+        """Record these pins in place of the ones recorded before."""
         ...
 
     # Upkeep

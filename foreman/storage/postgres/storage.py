@@ -27,7 +27,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from foreman.config import redact_url
-from foreman.errors import QueueFull, StoreError, StoreUnreachable, Unavailable
+from foreman.errors import DatabaseAway, QueueFull, StoreError, StoreUnreachable
 from foreman.job import Job, JobState, NewJob, Priority
 from foreman.scheduling.policy import Held, ModelQueue
 from foreman.storage import (
@@ -40,9 +40,11 @@ from foreman.storage import (
     Claim,
     DrainOrder,
     IdempotencyConflict,
+    RecordedPin,
     Recovered,
     Submission,
 )
+from foreman.storage.postgres.node_lock import hold_node_name
 from foreman.storage.postgres.schema import CHANNEL, LOCK_PRUNE, LOCK_REAP, LOCK_SWAP, prepare
 
 log = structlog.get_logger("foreman.postgres")
@@ -79,9 +81,9 @@ def _unavailable(
         try:
             return await method(*args, **kwargs)
         except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as exc:
-            raise Unavailable(f"foreman cannot reach its database: {exc}".strip()) from exc
+            raise DatabaseAway(f"foreman cannot reach its database: {exc}".strip()) from exc
         except PoolTimeout as exc:
-            raise Unavailable(f"foreman cannot reach its database: {exc}".strip()) from exc
+            raise DatabaseAway(f"foreman cannot reach its database: {exc}".strip()) from exc
 
     return call
 
@@ -97,6 +99,7 @@ class PostgresStorage:
         self.node = node
         self.node_timeout = node_timeout
         self.max_queue = 0
+        self.name_lock: Connection | None = None  # holds this node's name (node_lock)
         self._submitting: set[asyncio.Future[Accepted]] = set()
         # Per job this node claimed: the other nodes where a client waits for its events.
         self.watchers: dict[str, set[str]] = {}
@@ -115,6 +118,7 @@ class PostgresStorage:
             raise StoreUnreachable(f"cannot connect to {where}: {detail}") from exc
         async with first:
             await prepare(first, where)
+        name = await hold_node_name(url, node, where)  # before any job is read
         pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
             url,
             min_size=1,
@@ -129,9 +133,11 @@ class PostgresStorage:
             await pool.open(wait=True, timeout=10.0)
         except PoolTimeout as exc:
             await pool.close()
+            await name.close()
             raise StoreUnreachable(f"cannot connect to {where}") from exc
         store = cls(pool, url, node, node_timeout)
         store.max_queue = max_queue
+        store.name_lock = name
         return store
 
     @asynccontextmanager
@@ -142,6 +148,8 @@ class PostgresStorage:
 
     async def close(self) -> None:
         await self._pool.close()
+        if self.name_lock is not None:
+            await self.name_lock.close()
 
     # Intake
 
@@ -340,11 +348,14 @@ class PostgresStorage:
         return queues
 
     async def _held_elsewhere(self, conn: Connection) -> dict[str, int]:
-        """Per model key, how many other live nodes hold it, load it or run it."""
+        """Per model key, how many other live nodes hold it, load it or run it.
+
+        A node whose Ollama does not answer holds nothing: its models' work is for whoever can run it.
+        """
         cursor = await conn.execute(
             "SELECT key, count(DISTINCT name) FROM ("
             "  SELECT name, unnest(resident || serving) AS key FROM nodes"
-            "   WHERE name <> %(me)s AND left_at IS NULL"
+            "   WHERE name <> %(me)s AND left_at IS NULL AND reachable IS NOT FALSE"
             "   AND heartbeat_at > now() - make_interval(secs => %(timeout)s)"
             f"  UNION ALL SELECT node, model_key FROM jobs WHERE {_RUNNING} AND node <> %(me)s"
             "   AND lease_until > now()"
@@ -660,6 +671,27 @@ class PostgresStorage:
             cursor = await conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM embed_cache")
             entries, size = await _one(cursor)
             return CacheStats(int(entries), int(size))
+
+    # Pins: each node's own, for its own Ollama
+
+    @_unavailable
+    async def pins(self) -> list[RecordedPin]:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT model_key, endpoint, model, options FROM pins WHERE node = %s ORDER BY model_key",
+                (self.node,),
+            )
+            return [RecordedPin(*row) for row in await cursor.fetchall()]
+
+    @_unavailable
+    async def set_pins(self, pins: Sequence[RecordedPin]) -> None:
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("DELETE FROM pins WHERE node = %s", (self.node,))
+            for pin in pins:
+                await conn.execute(
+                    "INSERT INTO pins (node, model_key, endpoint, model, options) VALUES (%s, %s, %s, %s, %s)",
+                    (self.node, pin.model_key, pin.endpoint, pin.model, pin.options),
+                )
 
     # Upkeep
 

@@ -28,10 +28,11 @@ from foreman.storage import (
     Claim,
     DrainOrder,
     IdempotencyConflict,
+    RecordedPin,
     Recovered,
     Submission,
 )
-from foreman.storage.sqlite import reads
+from foreman.storage.sqlite import pin_table, reads
 from foreman.storage.sqlite.counts import WaitingCounts
 from foreman.storage.sqlite.schema import ENDED, JOB, job_from_row, open_database, wal_path
 from foreman.storage.sqlite.vector_table import EmbedCacheTable
@@ -472,6 +473,15 @@ class QueueFile:
 
     def counts_by_state(self) -> dict[str, int]:
         return reads.counts_by_state(self._db)
+
+    # Pins (see foreman/storage/sqlite/pin_table.py).
+
+    def pins(self) -> list[RecordedPin]:
+        return pin_table.read(self._db)
+
+    def set_pins(self, pins: Sequence[RecordedPin]) -> None:
+        with self._transaction():
+            pin_table.replace(self._db, pins)
 
     # The embedding cache (see foreman/storage/sqlite/vector_table.py).
 

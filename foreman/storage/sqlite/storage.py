@@ -48,11 +48,13 @@ from foreman.storage import (
     Chooser,
     Claim,
     DrainOrder,
+    RecordedPin,
     Recovered,
     Submission,
 )
 from foreman.storage.sqlite import reads
 from foreman.storage.sqlite.checkpoints import Checkpointer
+from foreman.storage.sqlite.lock import QueueLock
 from foreman.storage.sqlite.queue_file import Ending, QueueFile, prune
 from foreman.storage.sqlite.schema import connect_beside, wal_path
 
@@ -71,8 +73,14 @@ class SqliteStorage:
     """`foreman.storage.Storage` over one SQLite file."""
 
     def __init__(
-        self, store: QueueFile, side: sqlite3.Connection, executor: ThreadPoolExecutor, sync: str
+        self,
+        store: QueueFile,
+        side: sqlite3.Connection,
+        executor: ThreadPoolExecutor,
+        sync: str,
+        lock: QueueLock | None = None,
     ) -> None:
+        self._lock = lock  # this process's claim on the file, let go last
         self._store = store
         self._side = side  # the store thread's connection
         self._executor = executor
@@ -88,7 +96,11 @@ class SqliteStorage:
 
     @classmethod
     async def open(cls, path: Path, *, sync: str = "normal", max_queue: int = 0) -> SqliteStorage:
-        """Open or create the queue at `path`; StoreError if the file is not a sound foreman queue."""
+        """Open or create the queue at `path`; StoreError if the file is not a sound foreman queue.
+
+        StoreBusy, before the file is read, if another foreman has it open (`lock.QueueLock`).
+        """
+        lock = QueueLock.take(path)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="foreman-store")
         loop = asyncio.get_running_loop()
         try:
@@ -107,8 +119,9 @@ class SqliteStorage:
             side = await loop.run_in_executor(executor, connect_beside, path)
         except BaseException:
             executor.shutdown(wait=False)
+            lock.release()
             raise
-        return cls(store, side, executor, sync)
+        return cls(store, side, executor, sync, lock)
 
     async def run(self, call: Callable[[QueueFile], T]) -> T:
         """`call(store)` on the hot path's connection: for what is SQLite's own (tests, maintenance)."""
@@ -139,6 +152,8 @@ class SqliteStorage:
         if self._wal_fd is not None:
             os.close(self._wal_fd)
         self._executor.shutdown(wait=True)
+        if self._lock is not None:
+            self._lock.release()
 
     # Intake
 
@@ -345,6 +360,14 @@ class SqliteStorage:
 
     async def cache_stats(self) -> CacheStats:
         return self._hot.cache_stats()
+
+    # Pins
+
+    async def pins(self) -> list[RecordedPin]:
+        return self._hot.pins()
+
+    async def set_pins(self, pins: Sequence[RecordedPin]) -> None:
+        self._hot.set_pins(pins)
 
     # Upkeep
 
