@@ -32,10 +32,13 @@ from foreman.storage import (
 )
 from foreman.storage.sqlite import reads
 from foreman.storage.sqlite.counts import WaitingCounts
-from foreman.storage.sqlite.schema import ENDED, JOB, job_from_row, open_database, wal_path
+from foreman.storage.rows import JOB, NEW_JOB, NEW_JOB_COLUMNS, job_from_row, new_job_values
+from foreman.storage.sqlite.schema import ENDED, open_database, wal_path
 from foreman.storage.sqlite.vector_table import EmbedCacheTable
 
 log = structlog.get_logger("foreman.store")
+
+_NEW_JOB_MARKS = ", ".join("?" * len(NEW_JOB_COLUMNS))
 
 
 class QueueFile:
@@ -190,24 +193,8 @@ class QueueFile:
         if self.max_queue and self._waiting.total >= self.max_queue:
             raise QueueFull(self.max_queue)
         self._db.execute(
-            "INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at,"
-            " respond_async, idempotency_key, request_hash, priority, routing, cache)"
-            " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                job.id,
-                job.endpoint,
-                job.model,
-                job.model_key,
-                job.stream,
-                job.body,
-                job.created_at,
-                job.respond_async,
-                job.idempotency_key,
-                request_hash,
-                job.priority,
-                job.routing,
-                job.cache,
-            ),
+            f"INSERT INTO jobs (state, request_hash, {NEW_JOB}) VALUES ('queued', ?, {_NEW_JOB_MARKS})",
+            (request_hash, *new_job_values(job)),
         )
         self._waiting.add(job.model_key, job.priority, 1)
         return job.id
