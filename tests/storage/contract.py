@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import MISSING, fields, replace
 from functools import partial
 from typing import Any
 
@@ -98,6 +98,27 @@ class StorageContract:
         )
         assert await storage.get("01NOSUCHJOB") is None
         assert await storage.counts_by_state() == {"queued": 1}
+
+    async def test_every_field_of_a_new_job_reads_back_as_written(self, storage: Storage) -> None:
+        """Each field a submission carries (none left at its default) is in the job read back and claimed."""
+        job = replace(
+            new_job("@fast", 7.5, Priority.BATCH, idempotency_key="k1", body=b'{"x": 1}'),
+            endpoint="/api/embed",
+            model="fast",
+            stream=True,
+            routing='{"alias": "fast"}',
+            cache="no-cache",
+        )
+        assert all(getattr(job, f.name) != f.default for f in fields(NewJob) if f.default is not MISSING)
+        await storage.submit(Submission(job, "h1"))
+        claim = await storage.claim(resident("@fast"), now=8)
+        assert claim is not None
+        stored = await storage.get(job.id)
+        shared = [f.name for f in fields(NewJob) if f.name in {g.name for g in fields(Job)}]
+        for read in (stored, claim.job):
+            assert {name: getattr(read, name) for name in shared} == {
+                name: getattr(job, name) for name in shared
+            }
 
     async def test_a_claim_asked_for_after_submit_finds_the_job(self, storage: Storage) -> None:
         """submit's write is under way when it returns: a claim issued next, unawaited, sees the job."""
