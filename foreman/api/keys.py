@@ -15,6 +15,7 @@ from foreman.queue.job_events import JobEvents
 from foreman.queue.page_feed import PageFeed
 from foreman.routing.table import RouteTable
 from foreman.storage import Storage
+from foreman.storage.relay import Relay
 from foreman.worker.loop import Worker
 
 # The clock jobs are stamped and scheduled by: time.time, or a fake one in tests.
@@ -26,6 +27,8 @@ EVENTS = web.AppKey("events", JobEvents)
 PAGE_FEED = web.AppKey("feed", PageFeed)
 METRICS = web.AppKey("metrics", Metrics)
 MODEL_TAGS = web.AppKey("model_tags", ModelTags)
+# The line to the other nodes sharing the queue: `ALONE` for a node alone.
+RELAY: web.AppKey[Relay] = web.AppKey("relay")
 ROUTES = web.AppKey("routes", RouteTable)
 STORAGE: web.AppKey[Storage] = web.AppKey("store")
 UPSTREAM = web.AppKey("upstream", Upstream)

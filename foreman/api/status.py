@@ -11,7 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from foreman import __version__
-from foreman.api.keys import CLOCK, CONFIG, EMBED_CACHE, METRICS, STORAGE, UPSTREAM, WORKER
+from foreman.api.keys import CLOCK, CONFIG, EMBED_CACHE, METRICS, RELAY, STORAGE, UPSTREAM, WORKER
 from foreman.api.views import iso, job_view
 from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable
 from foreman.storage import Storage
@@ -60,7 +60,7 @@ async def status(request: web.Request) -> web.Response:
             "swaps": worker.swaps,
             "last_error": last_error,
             "db": await store.describe(),
-            "nodes": await store.nodes(),
+            "nodes": await app[RELAY].nodes(),
             "embed_cache": await _embed_cache(app),
         }
     )

@@ -196,7 +196,7 @@ class Worker:
             return True  # claimed meanwhile: the flag cancels it before it reaches Ollama
         requested.discard(job_id)
         # Another node sharing the queue may run it; its end comes back as events.
-        return await self._store.cancel_elsewhere(job_id)
+        return await self._events.relay.cancel_elsewhere(job_id)
 
     def stop(self) -> None:
         """Take no new jobs (foreman is shutting down)."""

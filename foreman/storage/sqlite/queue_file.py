@@ -30,9 +30,9 @@ from foreman.storage import (
     Recovered,
     Submission,
 )
+from foreman.storage.rows import JOB, NEW_JOB, NEW_JOB_COLUMNS, job_from_row, new_job_values
 from foreman.storage.sqlite import reads
 from foreman.storage.sqlite.counts import WaitingCounts
-from foreman.storage.rows import JOB, NEW_JOB, NEW_JOB_COLUMNS, job_from_row, new_job_values
 from foreman.storage.sqlite.schema import ENDED, open_database, wal_path
 from foreman.storage.sqlite.vector_table import EmbedCacheTable
 
