@@ -1,9 +1,9 @@
 """What foreman asks of the place its jobs live, whatever backend holds them.
 
 The worker, the queued endpoints, the job API, /status and retention speak to
-`Storage` and to nothing else; `SqliteStorage` (`foreman/storage/sqlite/`) is one
-implementation, and every implementation passes the contract suite in
-`tests/storage/contract.py`.
+`Storage` and to nothing else; `SqliteStorage` (`foreman/storage/sqlite/`) and
+`PostgresStorage` (`foreman/storage/postgres/`) implement it, and both pass the
+contract suite in `tests/storage/contract.py`.
 
 The interface assumes nothing about who else uses the same jobs: a backend
 shared by several foreman processes (each with its own worker) fits it as well

@@ -24,6 +24,13 @@ JOB = ", ".join(JOB_COLUMNS)
 NEW_JOB_COLUMNS = tuple(field.name for field in dataclasses.fields(NewJob))
 NEW_JOB = ", ".join(NEW_JOB_COLUMNS)
 _new_job_values = operator.attrgetter(*NEW_JOB_COLUMNS)
+_NEW_JOB_HINTS = typing.get_type_hints(NewJob)
+# The fields written as their enum's value (a job's class).
+_NEW_JOB_ENUMS = tuple(
+    i
+    for i, name in enumerate(NEW_JOB_COLUMNS)
+    if isinstance(kind := _NEW_JOB_HINTS[name], type) and issubclass(kind, Enum)
+)
 
 
 def job_summary(empty_blob: str) -> str:
@@ -37,7 +44,10 @@ def job_summary(empty_blob: str) -> str:
 
 def new_job_values(job: NewJob) -> tuple[Any, ...]:
     """The values of `NEW_JOB`'s columns for `job`; enums as their values."""
-    return tuple(v.value if isinstance(v, Enum) else v for v in _new_job_values(job))
+    values = list(_new_job_values(job))
+    for i in _NEW_JOB_ENUMS:
+        values[i] = values[i].value
+    return tuple(values)
 
 
 def _optional_bytes(value: Any) -> bytes | None:
@@ -64,9 +74,17 @@ def _reader(name: str, kind: object) -> Callable[[Any], Any] | None:
 
 
 _HINTS = typing.get_type_hints(Job)
-_READERS = tuple(_reader(name, _HINTS[name]) for name in JOB_COLUMNS)
+# (position, reader) of each column whose value needs reading; the hot path's claims read every job.
+_READERS = tuple(
+    (i, read) for i, name in enumerate(JOB_COLUMNS) if (read := _reader(name, _HINTS[name])) is not None
+)
 
 
 def job_from_row(row: Sequence[Any]) -> Job:
     """A job from a row selected with `JOB` (or `job_summary`); fails loudly on anything else."""
-    return Job(*[value if read is None else read(value) for read, value in zip(_READERS, row, strict=True)])
+    values = list(row)
+    if len(values) != len(JOB_COLUMNS):
+        raise ValueError(f"a job row has {len(JOB_COLUMNS)} columns, not {len(values)}")
+    for i, read in _READERS:
+        values[i] = read(values[i])
+    return Job(*values)
