@@ -9,7 +9,8 @@ import argparse
 import dataclasses
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from foreman import __version__
 from foreman.config import (
@@ -20,7 +21,9 @@ from foreman.config import (
     client_url,
     config_from,
     origin_list,
+    plain,
     positive_int,
+    unknown_variables,
 )
 from foreman.durations import duration
 from foreman.job import MAX_PAGE, JobState
@@ -32,12 +35,14 @@ def _add_settings(parser: argparse.ArgumentParser, environ: Mapping[str, str], i
     """`foreman serve`'s flags, one per row of the settings table; a variable beats the default."""
     for setting in SETTINGS:
         default = setting.default_text(environ, isatty)
+        shown = f"default {default}" if default else "unset by default"
         parser.add_argument(
             setting.flag,
             dest=setting.name,
             default=environ.get(setting.env, default),
             metavar=setting.env,
-            help=f"{setting.help.replace('`', '')} [env {setting.env}, default {default}]",
+            # argparse reads % as a format; the table's help is Markdown, the terminal wants plain text.
+            help=f"{plain(setting.help)} [env {setting.env}, {shown}]".replace("%", "%%"),
         )
 
 
@@ -64,10 +69,10 @@ def build_parser(environ: Mapping[str, str], isatty: bool) -> argparse.ArgumentP
     serve = commands.add_parser("serve", help="run the daemon in front of Ollama")
     _add_settings(serve, environ, isatty)
     demo = commands.add_parser("demo", help="run a stub Ollama and foreman, and watch a mixed workload drain")
-    demo.add_argument("--requests", type=positive_int, default=12, help="how many requests to send")
+    demo.add_argument("--requests", type=_arg(positive_int), default=12, help="how many requests to send")
     demo.add_argument(
         "--load-delay",
-        type=duration,
+        type=_arg(duration),
         default="1s",
         help="how long the stub takes to load a model (default 1s)",
     )
@@ -75,6 +80,23 @@ def build_parser(environ: Mapping[str, str], isatty: bool) -> argparse.ArgumentP
     return parser
 
 
+def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` for argparse, whose message then names the option and says why:
+    `argument --limit: must be at least 1, got 0`, not `invalid _page_size value: '0'`."""
+
+    def checked(value: str) -> Any:
+        try:
+            return parse(value)
+        except ValueError as exc:
+            reason = str(exc)
+            if reason.startswith("invalid literal for int()"):
+                reason = f"not a whole number: {value!r}"
+            raise argparse.ArgumentTypeError(reason) from None
+
+    return checked
+
+
+@_arg
 def _page_size(value: str) -> int:
     number = positive_int(value)
     if number > MAX_PAGE:
@@ -140,14 +162,19 @@ def _add_client_commands(
         "--wait", action="store_true", help="show progress until all are done, then the results"
     )
     submit.add_argument(
-        "--interval", type=duration, default="0.5s", help="time between checks while waiting (default 0.5s)"
+        "--interval",
+        type=_arg(duration),
+        default="0.5s",
+        help="time between checks while waiting (default 0.5s)",
     )
 
     watch = commands.add_parser(
         "watch", parents=[daemon], help="a live view of the queue draining, until Ctrl-C"
     )
-    watch.add_argument("--interval", type=duration, default="1s", help="time between refreshes (default 1s)")
-    watch.add_argument("--count", type=positive_int, help="stop after this many refreshes")
+    watch.add_argument(
+        "--interval", type=_arg(duration), default="1s", help="time between refreshes (default 1s)"
+    )
+    watch.add_argument("--count", type=_arg(positive_int), help="stop after this many refreshes")
 
 
 def _check_submit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -159,6 +186,18 @@ def _check_submit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
+    try:
+        return _main(argv, environ)
+    except BrokenPipeError:
+        # The reader went away (`foreman jobs | head`): stop quietly, as Unix tools do. Python would
+        # otherwise flush stdout again at exit, into the closed pipe, and print a second traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13  # what a shell reports for a command ended by SIGPIPE
+
+
+def _main(argv: Sequence[str] | None, environ: Mapping[str, str]) -> int:
     parser = build_parser(environ, sys.stdout.isatty())
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -170,7 +209,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return EXIT_CONFIG
         from foreman.serve import serve
 
-        return serve(config)
+        return serve(config, unknown=unknown_variables(environ))
     if args.command == "demo":
         from foreman.demo import demo
 

@@ -14,7 +14,9 @@ Adding a setting is one line in `Config`; every duration takes `duration` (or
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -488,6 +490,33 @@ def config_from(raw: Mapping[str, str]) -> Config:
         except ValueError as exc:
             raise ValueError(f"{entry.flag} / {entry.env}={text!r}: {exc}") from None
     return Config(**values)
+
+
+_LINK = re.compile(r"\[([^\]]+)\]\([^)]*\)")
+
+
+def plain(text: str) -> str:
+    """A setting's help as a terminal shows it: `see [Several hosts](#several-hosts)` → `see Several hosts`."""
+    return _LINK.sub(r"\1", text).replace("`", "")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """Each FOREMAN_* variable that is no setting, with the setting's variable it most looks like.
+
+    A misspelt variable is otherwise silently ignored: FOREMAN_MAX_WIAT=3s
+    would leave the wait bound at its default with nothing to say so.
+    """
+    known = [entry.env for entry in SETTINGS]
+    # Compared without the prefix they share, which would make every name look alike.
+    suffixes = [name.removeprefix("FOREMAN_") for name in known]
+
+    def nearest(name: str) -> str | None:
+        close = difflib.get_close_matches(name.removeprefix("FOREMAN_"), suffixes, n=1, cutoff=0.6)
+        return "FOREMAN_" + close[0] if close else None
+
+    return [
+        (name, nearest(name)) for name in sorted(environ) if name.startswith("FOREMAN_") and name not in known
+    ]
 
 
 def markdown_table() -> str:

@@ -32,7 +32,12 @@ def demo(requests: int, load_delay: float) -> int:
         )
         return 1
     logging_setup.configure("console", "info")
-    asyncio.run(_demo(requests, load_delay))
+    try:
+        asyncio.run(_demo(requests, load_delay))
+    except KeyboardInterrupt:
+        # asyncio.run has cancelled the workload and closed the servers on the way out.
+        print("foreman demo: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -58,13 +63,13 @@ async def _demo(requests: int, load_delay: float) -> None:
             )
             client = ollama.AsyncClient(host=url, trust_env=False)
             try:
-                tasks = []
-                for i, model in enumerate(workload):
-                    message = {"role": "user", "content": f"request {i}"}
-                    tasks.append(asyncio.create_task(client.chat(model=model, messages=[message])))
-                    # Space the arrivals a little so they queue in the order listed above.
-                    await asyncio.sleep(0.02)
-                await asyncio.gather(*tasks)
+                # A task group, so that Ctrl-C (which cancels this task) cancels every request too.
+                async with asyncio.TaskGroup() as requests_in_flight:
+                    for i, model in enumerate(workload):
+                        message = {"role": "user", "content": f"request {i}"}
+                        requests_in_flight.create_task(client.chat(model=model, messages=[message]))
+                        # Space the arrivals a little so they queue in the order listed above.
+                        await asyncio.sleep(0.02)
             finally:
                 await client.close()  # type: ignore[no-untyped-call]
                 await runner.cleanup()

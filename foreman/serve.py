@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections.abc import Sequence
 
 import structlog
 import uvloop
@@ -44,8 +45,12 @@ def with_gc_frozen_after_start(app: web.Application) -> web.Application:
     return app
 
 
-def serve(config: Config) -> int:
-    """Run until SIGINT or SIGTERM; returns the process exit code."""
+def serve(config: Config, unknown: Sequence[tuple[str, str | None]] = ()) -> int:
+    """Run until SIGINT or SIGTERM; returns the process exit code.
+
+    `unknown` lists the FOREMAN_* variables that are no setting, each with the
+    nearest one: a line each says so, and foreman starts anyway.
+    """
     logging_setup.configure(config.log_format, config.log_level, cache=True)
     log.info(
         "foreman.start",
@@ -53,6 +58,8 @@ def serve(config: Config) -> int:
         upstream=config.upstream,
         db=redact_url(config.db_url) if config.db_url is not None else str(config.db_path),
     )
+    for variable, nearest in unknown:
+        log.warning("foreman.unknown_variable", variable=variable, did_you_mean=nearest, ignored=True)
     if not is_loopback(config.host) and not config.token:
         log.warning(
             "foreman.exposed",

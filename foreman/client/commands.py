@@ -17,6 +17,7 @@ from typing import TextIO
 
 from foreman.client import layout
 from foreman.client.daemon import Daemon, DaemonError, Json, Rejected
+from foreman.client.progress import Progress
 from foreman.client.submit import BadInput, SubmitRequest, from_jsonl, from_prompt
 from foreman.job import JobState
 
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if args.command == "watch":
             return 0  # Ctrl-C is how a watch ends.
         if args.command == "submit":
-            print("foreman: interrupted; the jobs submitted so far stay in the queue", file=err)
+            print("foreman submit: interrupted; the jobs submitted so far stay in the queue", file=err)
         return 130
 
 
@@ -48,7 +49,7 @@ async def run_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int
         async with Daemon.connect(args.host, args.token) as daemon:
             return await COMMANDS[args.command](daemon, args, out, err)
     except (DaemonError, BadInput) as exc:
-        print(f"foreman: {exc}", file=err)
+        print(f"foreman {args.command}: {exc}", file=err)
         return 1
 
 
@@ -84,7 +85,8 @@ async def submit(daemon: Daemon, args: argparse.Namespace, out: TextIO, err: Tex
         except Rejected as exc:
             # The rest of a file still goes in; fixing the line and running the file again
             # submits only that line, as the others keep their idempotency keys.
-            print(f"foreman: {submission.source or 'request'}: {exc}", file=err)
+            where = f"{submission.source}: " if submission.source else ""
+            print(f"foreman submit: {where}{exc}", file=err)
             continue
         accepted.append((submission, answer))
         if not (args.wait and args.json):
@@ -93,7 +95,8 @@ async def submit(daemon: Daemon, args: argparse.Namespace, out: TextIO, err: Tex
     failed = len(submissions) - len(accepted)
     if args.wait and accepted:
         out.flush()  # the ids first, in case the wait is cut short
-        ended = await wait_for(daemon, [answer["id"] for _, answer in accepted], args.interval, Progress(err))
+        ids = [answer["id"] for _, answer in accepted]
+        ended = await wait_for(daemon, ids, args.interval, Progress(err, len(ids)))
         for submission, answer in accepted:
             view = ended[answer["id"]]
             out.write(
@@ -145,32 +148,12 @@ async def wait_for(daemon: Daemon, ids: list[str], interval: float, progress: Pr
                     ended[job_id] = view
                     pending.discard(job_id)
             failed = sum(view["state"] != JobState.DONE for view in ended.values())
-            progress.update(len(ended), len(ids), failed)
+            progress.update(len(ended) - failed, failed)
             if not pending:
                 return ended
             await asyncio.sleep(interval)
     finally:
         progress.close()
-
-
-class Progress:
-    """A progress bar redrawn in place on a terminal; a line per change otherwise."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.last: str | None = None
-
-    def update(self, finished: int, total: int, failed: int) -> None:
-        line = layout.progress(finished, total, failed)
-        if line != self.last:
-            self.stream.write(f"\r{line}{_CLEAR_LINE}" if self.tty else line + "\n")
-            self.stream.flush()
-            self.last = line
-
-    def close(self) -> None:
-        if self.tty and self.last is not None:
-            self.stream.write("\n")
 
 
 class Screen:

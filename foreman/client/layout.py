@@ -243,13 +243,6 @@ def format_outcome(job: Json, source: str | None) -> str:
     return header if text is None else f"{header}\n{text}"
 
 
-def progress(finished: int, total: int, failed: int, width: int = 30) -> str:
-    """`[#########---------------------] 3/10 finished, 1 failed`"""
-    filled = width * finished // total if total else width
-    tail = f", {failed} failed" if failed else ""
-    return f"[{'#' * filled}{'-' * (width - filled)}] {finished}/{total} finished{tail}"
-
-
 def watch_frame(status: Json, url: str, clock: str, now: float) -> str:
     """One screen of `foreman watch`: a title line, then what `foreman status` shows."""
     return f"foreman at {url}  {clock}  (Ctrl-C to stop)\n\n{format_status(status, now)}"

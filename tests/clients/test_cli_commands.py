@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import signal
 import socket
 import sys
@@ -137,7 +138,7 @@ async def test_job_shows_one_job_and_its_text(foreman: Foreman) -> None:
 async def test_unknown_job_is_the_daemons_message_and_exit_1(foreman: Foreman) -> None:
     """A 404 prints the daemon's error on stderr, nothing on stdout, and exits 1."""
     ran = await ctl(foreman.url, "job", "nope")
-    assert ran == Ran(1, "", "foreman: job 'nope' not found\n")
+    assert ran == Ran(1, "", "foreman job: job 'nope' not found\n")
 
 
 async def test_cancel_a_queued_job_then_409_once_it_ended(
@@ -148,7 +149,7 @@ async def test_cancel_a_queued_job_then_409_once_it_ended(
     job_id = await submit_async(foreman, "mistral", "never")
     assert await ctl(foreman.url, "cancel", job_id) == Ran(0, f"{job_id} cancelled\n", "")
     again = await ctl(foreman.url, "cancel", job_id)
-    assert again == Ran(1, "", f"foreman: job {job_id} already ended (cancelled)\n")
+    assert again == Ran(1, "", f"foreman cancel: job {job_id} already ended (cancelled)\n")
     stub.faults.release_hung()
     await first
     assert "never" not in [r.prompt for r in stub.inference_requests()]
@@ -166,7 +167,7 @@ async def test_submit_a_prompt_and_wait_for_the_result(foreman: Foreman) -> None
         f"--- {job_id} llama3 done",
         reply_text("llama3", "hello"),
     ]
-    assert ran.err.splitlines()[-1].endswith("] 1/1 finished")
+    assert ran.err.splitlines()[-1].startswith("1/1 finished: 1 done ")
 
 
 async def test_submit_a_generate_prompt_without_waiting(foreman: Foreman) -> None:
@@ -246,14 +247,36 @@ async def test_submit_goes_on_past_a_rejected_line_and_exits_1(foreman: Foreman,
     )
     ran = await ctl(foreman.url, "submit", "--file", str(batch), "--wait", "--json", "--interval", "0.01")
     assert ran.code == 1
-    assert "foreman: batch.jsonl:1: model is required\n" in ran.err
-    assert "foreman: batch.jsonl:2: model 'nope' not found\n" in ran.err
+    assert "foreman submit: batch.jsonl:1: model is required\n" in ran.err
+    assert "foreman submit: batch.jsonl:2: model 'nope' not found\n" in ran.err
     ended = [json.loads(line) for line in ran.out.splitlines()]
     assert [(job["model"], job["state"]) for job in ended] == [
         ("nomic-embed-text", "failed"),
         ("llama3", "done"),
     ]
-    assert ran.err.splitlines()[-1].endswith("] 2/2 finished, 1 failed")
+    assert ran.err.splitlines()[-1].startswith("2/2 finished: 1 done, 1 failed ")
+
+
+async def test_a_refused_prompt_names_the_command(foreman: Foreman) -> None:
+    """`foreman submit: model 'nosuch' not found`, not `foreman: request: ...`."""
+    ran = await ctl(foreman.url, "submit", "--model", "nosuch", "--prompt", "hi")
+    assert ran == Ran(1, "", "foreman submit: model 'nosuch' not found\n")
+
+
+async def test_submit_wait_on_a_terminal_draws_one_bar(foreman: Foreman, tmp_path: Path) -> None:
+    """On a terminal, --wait redraws one bar with done, failed, total, rate and time left."""
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text(
+        json.dumps(chat_body("llama3", "a")) + "\n" + json.dumps(chat_body("llama3", "b")) + "\n"
+    )
+    args = build_parser({}, isatty=False).parse_args(
+        ["submit", "--file", str(batch), "--wait", "--interval", "0.01", "--host", foreman.url]
+    )
+    err = Terminal()
+    assert await run_command(args, io.StringIO(), err) == 0
+    frames = err.getvalue().split("\r")[1:]
+    assert frames and "\n" not in "".join(frames[:-1]) and err.getvalue().endswith("\n")
+    assert re.fullmatch(r"\[#{30}\] 2 done of 2  [0-9.]+/s  0\.0s left\x1b\[K\n", frames[-1])
 
 
 async def test_submit_a_bad_file_sends_nothing(foreman: Foreman, tmp_path: Path) -> None:
@@ -261,7 +284,7 @@ async def test_submit_a_bad_file_sends_nothing(foreman: Foreman, tmp_path: Path)
     batch = tmp_path / "batch.jsonl"
     batch.write_text('{"model": "llama3"}\n{"model":\n')
     ran = await ctl(foreman.url, "submit", "--file", str(batch))
-    assert ran.code == 1 and ran.err.startswith("foreman: batch.jsonl:2: not JSON")
+    assert ran.code == 1 and ran.err.startswith("foreman submit: batch.jsonl:2: not JSON")
     missing = await ctl(foreman.url, "submit", "--file", str(tmp_path / "missing.jsonl"))
     assert missing.code == 1 and "cannot read" in missing.err
     assert foreman.jobs() == []
@@ -313,7 +336,7 @@ async def test_an_address_that_is_not_foreman_says_so(stub_server: StubServer) -
     assert ran == Ran(
         1,
         "",
-        f"foreman: {stub_server.url}/status answered 404 with something other than foreman's JSON;"
+        f"foreman status: {stub_server.url}/status answered 404 with something other than foreman's JSON;"
         " is that foreman's address?\n",
     )
 
@@ -334,7 +357,7 @@ async def test_foreman_token_goes_with_the_requests(
     app.router.add_get("/status", status)
     server = await aiohttp_server(app)
     ran = await ctl(str(server.make_url("")).rstrip("/"), "status", environ={"FOREMAN_TOKEN": "s3cret"})
-    assert ran == Ran(1, "", "foreman: unauthorized: send Authorization: Bearer <FOREMAN_TOKEN>\n")
+    assert ran == Ran(1, "", "foreman status: unauthorized: send Authorization: Bearer <FOREMAN_TOKEN>\n")
     assert seen == ["Bearer s3cret"]
 
 
@@ -355,7 +378,7 @@ async def test_an_unreachable_daemon_is_one_line_and_exit_1(argv: list[str], dea
     assert ran == Ran(
         1,
         "",
-        f"foreman: cannot reach the daemon at http://127.0.0.1:{dead_port} (connection refused);"
+        f"foreman {argv[0]}: cannot reach the daemon at http://127.0.0.1:{dead_port} (connection refused);"
         ' is "foreman serve" running?\n',
     )
 
@@ -367,7 +390,24 @@ def test_main_finds_the_daemon_through_foreman_host(
     assert main(["status"], {"FOREMAN_HOST": f":{dead_port}"}) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith(f"foreman: cannot reach the daemon at http://127.0.0.1:{dead_port} ")
+    assert captured.err.startswith(
+        f"foreman status: cannot reach the daemon at http://127.0.0.1:{dead_port} "
+    )
+
+
+def test_a_bad_number_names_its_option(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--limit 0` says which option and why, not `invalid _page_size value`."""
+    for argv, message in (
+        (["jobs", "--limit", "0"], "argument --limit: must be at least 1, got 0"),
+        (["jobs", "--limit", "ten"], "argument --limit: not a whole number: 'ten'"),
+        (["watch", "--count", "0"], "argument --count: must be at least 1, got 0"),
+        (["watch", "--interval", "soon"], "argument --interval: "),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(argv, {})
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "invalid" not in err.splitlines()[-1], err
 
 
 def test_submit_needs_a_model_for_a_prompt(capsys: pytest.CaptureFixture[str]) -> None:

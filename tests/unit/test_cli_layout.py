@@ -260,13 +260,6 @@ def test_submission_and_outcome_lines() -> None:
     )
 
 
-def test_progress_bar() -> None:
-    """The bar fills with the finished share and counts failures."""
-    assert layout.progress(0, 4, 0, width=8) == "[--------] 0/4 finished"
-    assert layout.progress(3, 4, 1, width=8) == "[######--] 3/4 finished, 1 failed"
-    assert layout.progress(4, 4, 0, width=8) == "[########] 4/4 finished"
-
-
 def test_an_alias_job_shows_the_model_that_served_it() -> None:
     """`foreman jobs` and `foreman job` name the alias asked for and the model picked for it."""
     routed = job_view(model="fast", model_key="@fast(qwen2:1.5b|llama3:8b)", served_model="qwen2:1.5b")

@@ -16,6 +16,7 @@ from foreman.config import (
     parse_keep_alive,
     parse_listen,
     parse_upstream,
+    unknown_variables,
 )
 from foreman.durations import duration
 from foreman.retry import RetryPolicy
@@ -179,6 +180,22 @@ def test_time_defaults_are_written_with_units(capsys: pytest.CaptureFixture[str]
     shown = " ".join(capsys.readouterr().out.split())
     assert "[env FOREMAN_MAX_WAIT, default 10m]" in shown
     assert "[env FOREMAN_RETENTION, default 7d]" in shown
+
+
+def test_serve_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """`foreman serve --help` has no Markdown links or backticks, and no `default ]` for an unset one."""
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"], environ={})
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "](" not in shown and "`" not in shown and "default ]" not in shown
+    assert "shared by several nodes (see Several hosts)" in shown
+    assert "[env FOREMAN_NODE, unset by default]" in shown
+
+
+def test_unknown_variables_are_named_with_the_nearest_setting() -> None:
+    """A misspelt FOREMAN_* variable is found with the setting it most looks like; others are left alone."""
+    environ = {"FOREMAN_MAX_WIAT": "3s", "FOREMAN_PARALLEL": "2", "FOREMAN_ZZZ": "1", "HOME": "/root"}
+    assert unknown_variables(environ) == [("FOREMAN_MAX_WIAT", "FOREMAN_MAX_WAIT"), ("FOREMAN_ZZZ", None)]
 
 
 def test_readme_configuration_table_is_the_settings_table() -> None:
