@@ -22,6 +22,7 @@ from foreman.api.keys import (
     METRICS,
     MODEL_TAGS,
     PAGE_FEED,
+    QUEUE,
     RELAY,
     ROUTES,
     STORAGE,
@@ -36,7 +37,9 @@ from foreman.metrics import Metrics
 from foreman.ollama.client import Upstream
 from foreman.ollama.outages import Outages
 from foreman.ollama.tags import ModelTags
+from foreman.queue.front import QueueFront
 from foreman.queue.job_events import JobEvents
+from foreman.queue.lifecycle import Lifecycle
 from foreman.queue.page_feed import PageFeed
 from foreman.queue.retention import prune_forever
 from foreman.retry import RetryPolicy, Sleep
@@ -47,6 +50,7 @@ from foreman.storage import backends
 from foreman.worker.loop import Worker
 from foreman.worker.residency import Residency
 from foreman.worker.runner import JobRunner
+from foreman.worker.swap import Swap
 from foreman.worker.wakeups import WakeUps
 from foreman.worker.warm import Warmer
 
@@ -120,7 +124,7 @@ def create_app(
         await cache.close()
 
     async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
-        store, upstream, events = app[STORAGE], app[UPSTREAM], app[EVENTS]
+        store, upstream, metrics, feed = app[STORAGE], app[UPSTREAM], app[METRICS], app[PAGE_FEED]
         retry = RetryPolicy(config.max_attempts, config.backoff_initial, config.backoff_max)
         driver = PolicyDriver(Policy(max_wait=config.max_wait, min_residency=config.min_residency))
         outages = Outages(upstream.base_url)
@@ -131,21 +135,32 @@ def create_app(
             release_keep_alive=config.release_keep_alive,
         )
         wakeups = WakeUps()
-        runner = JobRunner(
+        lifecycle = Lifecycle(
+            store=store, events=app[EVENTS], feed=feed, metrics=metrics, clock=clock, cache=app[EMBED_CACHE]
+        )
+        swap = Swap(
             store=store,
-            upstream=upstream,
-            events=events,
-            metrics=app[METRICS],
-            retry=retry,
-            driver=driver,
+            lifecycle=lifecycle,
             residency=residency,
-            outages=outages,
+            driver=driver,
             wakeups=wakeups,
-            feed=app[PAGE_FEED],
+            metrics=metrics,
+            feed=feed,
+            clock=clock,
+            monotonic=monotonic,
+        )
+        runner = JobRunner(
+            upstream=upstream,
+            lifecycle=lifecycle,
+            swap=swap,
+            residency=residency,
+            driver=driver,
+            outages=outages,
+            retry=retry,
             embeds=EmbedBatcher(
-                store=app[STORAGE],
-                upstream=app[UPSTREAM],
-                metrics=app[METRICS],
+                store=store,
+                upstream=upstream,
+                metrics=metrics,
                 max_inputs=config.embed_batch,
                 cache=app[EMBED_CACHE],
             ),
@@ -155,7 +170,7 @@ def create_app(
         )
         worker = Worker(
             store=store,
-            events=events,
+            lifecycle=lifecycle,
             driver=driver,
             residency=residency,
             runner=runner,
@@ -163,13 +178,13 @@ def create_app(
             wakeups=wakeups,
             parallel=config.parallel,
             warmer=Warmer(upstream) if config.warm == "auto" else None,
-            feed=app[PAGE_FEED],
             clock=clock,
             monotonic=monotonic,
             sleep=sleep,
         )
         app[WORKER] = worker
-        joined = app[RELAY].joined(worker, events, reachable=lambda: outages.reachable)
+        app[QUEUE] = QueueFront(store, lifecycle, worker)
+        joined = app[RELAY].joined(worker, app[EVENTS], reachable=lambda: outages.reachable)
         async with _running(worker.run(), "foreman-worker"), joined:
             log.info("foreman.ready", upstream=config.upstream, db=_where(config))
             yield

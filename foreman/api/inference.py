@@ -6,31 +6,17 @@ import asyncio
 import json
 from dataclasses import replace
 
-import structlog
 from aiohttp import web
 
-from foreman.api.keys import (
-    CLOCK,
-    CONFIG,
-    EMBED_CACHE,
-    EVENTS,
-    METRICS,
-    MODEL_TAGS,
-    PAGE_FEED,
-    ROUTES,
-    STORAGE,
-    WORKER,
-)
+from foreman.api.keys import CLOCK, CONFIG, EVENTS, MODEL_TAGS, QUEUE, ROUTES
 from foreman.dialects import dialect_for
 from foreman.dialects.intake import parse_job, parse_priority, request_hash
 from foreman.embeddings.cache_answer import cache_answer, wants_no_cache
 from foreman.embeddings.requests import EMBED_ENDPOINTS
 from foreman.errors import ForemanError, NotFound
-from foreman.job import JSON_TYPE, JobState, NewJob, Priority
+from foreman.job import JSON_TYPE, JobState, NewJob
 from foreman.queue.job_events import Chunk, Ended, JobEvent, StateChanged
-from foreman.storage import CacheAnswer, Submission
-
-log = structlog.get_logger("foreman.api")
+from foreman.storage import CacheAnswer
 
 JOB_HEADER = "X-Foreman-Job"
 MODEL_HEADER = "X-Foreman-Model"  # the model that served the job (for an alias: the one picked)
@@ -98,17 +84,10 @@ def prefers_async(request: web.Request) -> bool:
 
 async def _accept(request: web.Request, job: NewJob, answer: CacheAnswer | None) -> web.Response:
     """Commit an async job and hand back its id and place in line."""
-    app = request.app
     fingerprint = request_hash(job) if job.idempotency_key is not None else None
-    submission = Submission(job, fingerprint, app[WORKER].drain_order_now(), answer)
-    committed = app[STORAGE].submit(submission)
-    app[WORKER].wake(job.model_key)  # as in _serve: the claim queues up behind the commit
-    accepted = await asyncio.shield(committed)
-    if accepted.result is not None and answer is not None:
-        _answered(app, job, answer)
-    elif accepted.new:
-        app[WORKER].wake(job.model_key)
-        _queued(app, job)
+    accepted = await request.app[QUEUE].submit(
+        job, answer=answer, request_hash=fingerprint, with_position=True
+    )
     job_id = accepted.job_id
     return web.json_response(
         {"id": job_id, "state": accepted.state, "position": accepted.position},
@@ -117,63 +96,20 @@ async def _accept(request: web.Request, job: NewJob, answer: CacheAnswer | None)
     )
 
 
-async def job_position(app: web.Application, job_id: str, model_key: str, priority: Priority) -> int:
-    """How many queued jobs run before this one in the current drain order."""
-    order = app[WORKER].drain_order_now()
-    return await app[STORAGE].position(job_id, model_key, priority, order)
-
-
 async def _serve(request: web.Request, job: NewJob, answer: CacheAnswer | None) -> web.StreamResponse:
     app = request.app
-    worker = app[WORKER]
+    queue = app[QUEUE]
     with app[EVENTS].subscribe(job.id, client=True) as inbox:
         try:
-            # Shielded: once the insert started, it lands even if the client
-            # leaves, and the cancel below then finds the job.
-            committed = app[STORAGE].submit(Submission(job, answer=answer))
-            if answer is None:
-                # The store orders a claim asked for now behind this commit
-                # (`Storage.submit`), so the worker need not wait for the answer.
-                worker.wake(job.model_key)
-            accepted = await asyncio.shield(committed)
-            if accepted.result is not None and answer is not None:
-                _answered(app, job, answer)
+            accepted = await queue.submit(job, answer=answer)
+            if accepted.result is not None:
                 headers = {"Content-Type": JSON_TYPE, JOB_HEADER: job.id}
                 return web.Response(body=accepted.result, headers=headers)
-            worker.wake(job.model_key)  # a claim that ran ahead of a grouped commit missed the job
-            _queued(app, job)
             return await _respond(request, job, inbox, app[CONFIG].early_headers)
         except (asyncio.CancelledError, ConnectionResetError):
             # The client went away: like Ollama, stop working for it.
-            await asyncio.shield(worker.cancel(job.id))
+            await asyncio.shield(queue.cancel(job.id))
             raise
-
-
-def _answered(app: web.Application, job: NewJob, answer: CacheAnswer) -> None:
-    """The embedding cache answered the job as it was written (see foreman.embeddings.cache_answer)."""
-    cache = app[EMBED_CACHE]
-    if cache is not None:
-        cache.count(len(answer.keys), 0)
-    app[METRICS].job_ended(job, JobState.DONE, wait=0.0, run=0.0)
-    app[PAGE_FEED].job(
-        job.id, JobState.DONE, job.created_at, model=job.model_key, priority=job.priority, attempt=0
-    )
-    log.info("job.done", model=job.model_key, job_id=job.id, endpoint=job.endpoint, cache="hit")
-
-
-def _queued(app: web.Application, job: NewJob) -> None:
-    """Tell the log and the queue's watchers that a job was committed."""
-    app[PAGE_FEED].arrived(job.id, job.model_key, job.priority, job.created_at)
-    # Sizes, never content: prompts stay out of the log.
-    log.info(
-        "job.queued",
-        model=job.model_key,
-        job_id=job.id,
-        endpoint=job.endpoint,
-        priority=job.priority.value,
-        respond_async=job.respond_async,
-        body_bytes=len(job.body),
-    )
 
 
 async def _respond(

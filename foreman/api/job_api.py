@@ -7,8 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from foreman.api.inference import job_position
-from foreman.api.keys import CLOCK, EVENTS, ROUTES, STORAGE, WORKER
+from foreman.api.keys import CLOCK, EVENTS, QUEUE, ROUTES, STORAGE
 from foreman.api.views import iso as _iso
 from foreman.api.views import job_view
 from foreman.errors import BadRequest, Conflict, NotFound
@@ -22,11 +21,7 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 
 async def get_job(request: web.Request) -> web.Response:
     job = await _job_or_404(request)
-    position = (
-        await job_position(request.app, job.id, job.model_key, job.priority)
-        if job.state is JobState.QUEUED
-        else None
-    )
+    position = await request.app[QUEUE].position(job) if job.state is JobState.QUEUED else None
     return web.json_response(job_view(job, request.app[CLOCK](), position=position, with_result=True))
 
 
@@ -71,7 +66,7 @@ async def cancel_job(request: web.Request) -> web.Response:
     if job.state.terminal:
         raise Conflict(f"job {job.id} already ended ({job.state})")
     with app[EVENTS].subscribe(job.id, client=False) as inbox:
-        if not await app[WORKER].cancel(job.id):
+        if not await app[QUEUE].cancel(job.id):
             raise Conflict(f"job {job.id} ended before it could be cancelled")
         while not isinstance(await inbox.get(), Ended):
             pass
@@ -85,7 +80,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     job_id = request.match_info["id"]
     with app[EVENTS].subscribe(job_id, client=False) as inbox:
         # Taken in the same step as the subscription: no chunk is missed or doubled.
-        so_far = app[WORKER].output_so_far(job_id)
+        so_far = app[QUEUE].output_so_far(job_id)
         job = await _job_or_404(request)
         response = web.StreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)

@@ -11,6 +11,7 @@ from foreman.embeddings.cache import EmbedCache
 from foreman.metrics import Metrics
 from foreman.ollama.client import Upstream
 from foreman.ollama.tags import ModelTags
+from foreman.queue.front import QueueFront
 from foreman.queue.job_events import JobEvents
 from foreman.queue.page_feed import PageFeed
 from foreman.routing.table import RouteTable
@@ -27,6 +28,8 @@ EVENTS = web.AppKey("events", JobEvents)
 PAGE_FEED = web.AppKey("feed", PageFeed)
 METRICS = web.AppKey("metrics", Metrics)
 MODEL_TAGS = web.AppKey("model_tags", ModelTags)
+# What the handlers submit, cancel and follow jobs through.
+QUEUE = web.AppKey("queue", QueueFront)
 # The line to the other nodes sharing the queue: `ALONE` for a node alone.
 RELAY: web.AppKey[Relay] = web.AppKey("relay")
 ROUTES = web.AppKey("routes", RouteTable)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -76,12 +76,66 @@ class EmbedBatcher:
         self.max_inputs = max_inputs
         self.cache = cache
         self.max_bytes = max_bytes
+        self._stopping = False
+
+    def stop(self) -> None:
+        """foreman is stopping: a batch gathered from now on sends its companions back to their places."""
+        self._stopping = True
 
     def takes(self, job: Job) -> EmbedRequest | None:
         """The job's embed request if it runs through a batch (coalescing or the cache is on)."""
         if self.max_inputs <= 1 and self.cache is None:
             return None
         return parse_embed(job.endpoint, job.body)
+
+    async def lead(
+        self,
+        leader: Job,
+        request: EmbedRequest,
+        now: float,
+        *,
+        keep_alive: Callable[[int], object | None],
+        join: Callable[[Job, Batch], None],
+        send_back: Callable[[Job], Awaitable[None]],
+    ) -> Batch:
+        """Gather the batch `leader` leads, and have its companions `join` it, each run as a job of its own.
+
+        `keep_alive` gives the call's keep_alive from the jobs of the model
+        the batch leaves waiting. The companions are taken from the store in
+        one step that runs to its end even if the leader is cancelled
+        meanwhile: once taken, they run (or, when foreman is stopping, go
+        back to their places through `send_back`), and the leader leaves the
+        batch instead of holding them up.
+        """
+        gathering = asyncio.ensure_future(self._lead(leader, request, now, keep_alive, join, send_back))
+        try:
+            return await asyncio.shield(gathering)
+        except asyncio.CancelledError:
+            gathering.add_done_callback(
+                lambda task: None if task.cancelled() or task.exception() else task.result().leave(leader.id)
+            )
+            raise
+
+    async def _lead(
+        self,
+        leader: Job,
+        request: EmbedRequest,
+        now: float,
+        keep_alive: Callable[[int], object | None],
+        join: Callable[[Job, Batch], None],
+        send_back: Callable[[Job], Awaitable[None]],
+    ) -> Batch:
+        batch = await self.gather(leader, request, now)
+        batch.keep_alive = keep_alive(len(batch.companions))
+        if self._stopping:
+            # foreman is stopping: the companions go back to their places, uncharged.
+            for companion in batch.companions:
+                await send_back(companion)
+                batch.leave(companion.id)
+            return batch
+        for companion in batch.companions:
+            join(companion, batch)
+        return batch
 
     async def gather(self, leader: Job, request: EmbedRequest, now: float) -> Batch:
         """A batch led by `leader`, with the queued jobs that may share its call taken from the store."""

@@ -20,17 +20,15 @@ from typing import Any, Protocol
 import structlog
 
 from foreman.errors import UpstreamUnreachable
-from foreman.job import Job, JobState, ModelStats, Priority
+from foreman.job import Job, ModelStats, Priority
 from foreman.ollama.names import key_model_name
-from foreman.queue.job_events import Ended, JobEvents
-from foreman.queue.page_feed import PageFeed
+from foreman.queue.lifecycle import Lifecycle
 from foreman.retry import RetryPolicy, Sleep
 from foreman.routing.aliases import Why, alias_of, fold, is_alias_key
 from foreman.scheduling.driver import Choice, PolicyDriver
 from foreman.scheduling.policy import Decision, ModelQueue, next_due
 from foreman.storage import Claim, Storage
 from foreman.worker.residency import Residency
-from foreman.worker.runner import error_body
 from foreman.worker.wakeups import WakeUps
 from foreman.worker.warm import Warmer
 
@@ -48,17 +46,14 @@ _RELEASE_TIMEOUT_S = 5.0
 class Runner(Protocol):
     """What the worker needs of whoever runs its claims (`runner.JobRunner`)."""
 
-    swaps: int
-    last_error: tuple[float, str] | None
-    cancel_requested: set[str]
+    @property
+    def swaps(self) -> int: ...
 
     async def run(self, claim: Claim, start: Callable[[Coroutine[Any, Any, None], Job], None]) -> None: ...
     def stop(self) -> None: ...
     def is_running(self, job_id: str) -> bool: ...
     def running_jobs(self) -> list[str]: ...
     def abort(self, job_id: str) -> bool: ...
-    def output_so_far(self, job_id: str) -> list[bytes]: ...
-    async def recorded(self) -> None: ...
 
 
 class Worker:
@@ -68,7 +63,7 @@ class Worker:
         self,
         *,
         store: Storage,
-        events: JobEvents,
+        lifecycle: Lifecycle,
         driver: PolicyDriver,
         residency: Residency,
         runner: Runner,
@@ -76,20 +71,18 @@ class Worker:
         wakeups: WakeUps,
         parallel: int = 1,
         warmer: Warmer | None = None,
-        feed: PageFeed | None = None,
         clock: Callable[[], float],
         monotonic: Callable[[], float],
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._store = store
-        self._events = events
+        self._lifecycle = lifecycle
         self._driver = driver
         self._residency = residency
         self._runner = runner
         self._retry = retry
         self._parallel = parallel
         self._warmer = warmer
-        self._feed = feed if feed is not None else PageFeed()
         self._clock = clock
         self._monotonic = monotonic
         self._sleep = sleep
@@ -118,11 +111,7 @@ class Worker:
 
     @property
     def last_error(self) -> tuple[float, str] | None:
-        return self._runner.last_error
-
-    def output_so_far(self, job_id: str) -> list[bytes]:
-        """The chunks a running job has streamed up to now."""
-        return self._runner.output_so_far(job_id)
+        return self._lifecycle.last_error
 
     def drain_order_now(self) -> Callable[[list[ModelQueue]], list[tuple[str, Priority]]]:
         """The order (model, class) queues will be served in if nothing else arrives, as things stand now.
@@ -168,7 +157,7 @@ class Worker:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            await self._runner.recorded()
+            await self._lifecycle.recorded()
             # A pin must not outlive foreman: the jobs it was set for wait for the restart.
             with suppress(TimeoutError):
                 async with asyncio.timeout(_RELEASE_TIMEOUT_S):
@@ -179,24 +168,11 @@ class Worker:
     async def cancel(self, job_id: str) -> bool:
         """Drop a job that waits, or abort one that runs; False if it had already ended."""
         if self._runner.abort(job_id):
+            return True  # its run ends it (Lifecycle.cancelled)
+        if await self._lifecycle.cancel_waiting(job_id, claimed=self._runner.is_running):
             return True
-        # If the worker claims the job before the store sees this, the flag stops it.
-        requested = self._runner.cancel_requested
-        requested.add(job_id)
-        if await self._store.cancel_queued(job_id, self._clock()):
-            requested.discard(job_id)
-            ended = Ended(JobState.CANCELLED, 499, error_body("request canceled"), error="request canceled")
-            self._events.publish(job_id, ended)
-            self._feed.job(job_id, JobState.CANCELLED, self._clock())
-            job = await self._store.get(job_id)
-            model, endpoint = (job.model_key, job.endpoint) if job is not None else (None, None)
-            log.info("job.cancelled", job_id=job_id, model=model, endpoint=endpoint, before="start")
-            return True
-        if self._runner.is_running(job_id):
-            return True  # claimed meanwhile: the flag cancels it before it reaches Ollama
-        requested.discard(job_id)
-        # Another node sharing the queue may run it; its end comes back as events.
-        return await self._events.relay.cancel_elsewhere(job_id)
+        # Another node sharing the queue may run it.
+        return await self._lifecycle.cancel_elsewhere(job_id)
 
     def stop(self) -> None:
         """Take no new jobs (foreman is shutting down)."""

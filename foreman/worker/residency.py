@@ -13,14 +13,16 @@ model the policy chose (`make_room`).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import structlog
 
+from foreman.dialects import dialect_for
 from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable
-from foreman.job import Job
+from foreman.job import STREAMED_ENDPOINTS, Job
 from foreman.ollama.client import Upstream
 from foreman.ollama.names import key_load_options, key_model_name
 from foreman.ollama.outages import Outages
@@ -39,6 +41,26 @@ class _Pin:
     endpoint: str
     model: str
     options: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """A job's request as it goes to Ollama, with the pin it sets or releases.
+
+    Where the endpoint takes no keep_alive (Ollama's /v1), `keep_alive` is
+    not None: a load request sets it first. Call `accepted` once Ollama has
+    accepted a request that carries it (the load, or the job's own).
+    """
+
+    body: bytes
+    keep_alive: object | None
+    residency: Residency
+    model_key: str
+    releases: _Pin | None  # the pin the request hands back: forgotten once accepted, released later if not
+
+    def accepted(self) -> None:
+        """Ollama accepted the request: it has applied its keep_alive to the model."""
+        self.residency.unpinned(self.model_key, self.releases)
 
 
 class Residency:
@@ -184,6 +206,50 @@ class Residency:
         """The pin a request that hands `model_key` back releases, if it is pinned; forget it with `unpinned`."""
         return self._pins.get(model_key)
 
+    def dispatch(self, job: Job, waiting_after: int) -> Dispatch:
+        """The job's body with the keep_alive that pins its model (more work waits) or hands it back (the last job)."""
+        key = job.model_key
+        if not job.respond_async and waiting_after == 0 and key not in self._pins:
+            return Dispatch(job.body, None, self, key, None)  # nothing to pin, release or ask for: as it came
+        dialect = dialect_for(job.endpoint)
+        body = json.loads(job.body)
+        if _is_unload(job.endpoint, body):
+            # The client asked Ollama to unload: do exactly that.
+            return Dispatch(job.body, None, self, key, self.releasing(key))
+        changed = False
+        if job.respond_async and not job.stream and job.endpoint in STREAMED_ENDPOINTS:
+            # Nobody holds a connection for the reply: stream it anyway, so the
+            # job's events show its output as it is made.
+            dialect.ask_stream(body)
+            changed = True
+        keep_alive: object | None = None
+        releases = None
+        if waiting_after > 0:
+            if dialect.carries_keep_alive:
+                body["keep_alive"] = self.pin_keep_alive
+                changed = True
+            elif key not in self._pins:
+                keep_alive = self.pin_keep_alive  # once: the requests that follow leave it alone
+            self.pin(job)
+        elif (releases := self.releasing(key)) is not None:
+            # The last job of this drain hands Ollama back its own expiry.
+            if dialect.carries_keep_alive:
+                body.setdefault("keep_alive", self.release_value())
+                changed = True
+            else:
+                keep_alive = self.release_value()
+        body_bytes = json.dumps(body, separators=(",", ":")).encode() if changed else job.body
+        return Dispatch(body_bytes, keep_alive, self, key, releases)
+
+    def batch_keep_alive(self, job: Job, asked: object | None, waiting_after: int) -> object | None:
+        """The keep_alive of an embedding batch's call (`asked`: its leader's): the pin while work waits, else the release."""
+        if waiting_after > 0:
+            self.pin(job, endpoint="/api/embed")  # the batch's call goes to /api/embed
+            return self.pin_keep_alive
+        if self.release(job.model_key):
+            return asked if asked is not None else self.release_keep_alive
+        return asked
+
     def unpinned(self, model_key: str, released: object | None) -> None:
         """A request that hands the model back was accepted: forget the pin, unless a later job pinned it anew."""
         if released is not None and self._pins.get(model_key) is released:
@@ -270,3 +336,8 @@ class Residency:
                 continue
             log.info("model.unpinned", model=key, keep_alive=0, reason="memory", for_model=keep)
         self._due = True
+
+
+def _is_unload(endpoint: str, body: dict[str, object]) -> bool:
+    empty = not body.get("messages") if endpoint == "/api/chat" else not body.get("prompt")
+    return endpoint in ("/api/chat", "/api/generate") and empty and body.get("keep_alive") in (0, "0")

@@ -12,7 +12,10 @@ from structlog.testing import capture_logs
 from ulid import ULID
 
 from foreman.job import JobState, NewJob
+from foreman.metrics import Metrics
 from foreman.queue.job_events import Ended, JobEvents
+from foreman.queue.lifecycle import Lifecycle
+from foreman.queue.page_feed import PageFeed
 from foreman.retry import RetryPolicy
 from foreman.scheduling.driver import PolicyDriver
 from foreman.scheduling.policy import Policy, Reason
@@ -56,8 +59,6 @@ class FakeRunner:
         self.claims: list[Claim] = []
         self.release = asyncio.Event()
         self.swaps = 0
-        self.last_error = None
-        self.cancel_requested: set[str] = set()
         self._running: set[str] = set()
 
     async def run(self, claim: Claim, start: object) -> None:
@@ -81,12 +82,6 @@ class FakeRunner:
     def abort(self, job_id: str) -> bool:
         return False
 
-    def output_so_far(self, job_id: str) -> list[bytes]:
-        return []
-
-    async def recorded(self) -> None:
-        pass
-
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SqliteStorage]:
@@ -105,9 +100,10 @@ async def test_the_loop_hands_claims_to_the_runner_in_the_policys_order(store: S
     residency = FakeResidency("a")
     runner = FakeRunner(store, residency)
     wakeups = WakeUps()
+    lifecycle = Lifecycle(store=store, events=events, feed=PageFeed(), metrics=Metrics(), clock=FakeClock())
     worker = Worker(
         store=store,
-        events=events,
+        lifecycle=lifecycle,
         driver=PolicyDriver(Policy()),
         residency=residency,  # type: ignore[arg-type]
         runner=runner,
