@@ -13,7 +13,18 @@ import structlog
 from aiohttp import web
 
 from foreman import ui
-from foreman.api import error_shape, inference, job_api, model_lists, passthrough, security, status
+from foreman.api import (
+    batches,
+    error_shape,
+    files,
+    inference,
+    job_api,
+    model_lists,
+    passthrough,
+    security,
+    status,
+    webhooks,
+)
 from foreman.api.keys import (
     CLOCK,
     CONFIG,
@@ -77,6 +88,7 @@ def create_app(
         app.middlewares.append(security.host_guard(config.allowed_hosts))
     if config.token:
         app.middlewares.append(security.bearer_token(config.token, public=ui.PUBLIC_PATHS))
+    app.middlewares.append(webhooks.job_webhooks)
     app[CONFIG] = config
     app[CLOCK] = clock
     app[PAGE_FEED] = PageFeed()
@@ -212,7 +224,18 @@ def create_app(
 
     # Torn down in reverse: the worker stops before the session and the store close.
     app.cleanup_ctx.extend(
-        [loop_lag_ctx, routes_ctx, store_ctx, upstream_ctx, embed_cache_ctx, worker_ctx, retention_ctx]
+        [
+            loop_lag_ctx,
+            routes_ctx,
+            store_ctx,
+            upstream_ctx,
+            embed_cache_ctx,
+            batches.store_ctx,
+            worker_ctx,
+            retention_ctx,
+            batches.run_ctx,
+            webhooks.ctx,
+        ]
     )
     app.on_shutdown.append(stop_gracefully)
     for endpoint in QUEUED_ENDPOINTS:
@@ -228,6 +251,8 @@ def create_app(
     app.router.add_post("/api/show", model_lists.show)
     app.router.add_get("/v1/models", model_lists.openai_models, allow_head=False)
     app.router.add_get("/v1/models/{model}", model_lists.openai_model, allow_head=False)
+    files.setup(app)
+    batches.setup(app)
     ui.setup(app)
     app.router.add_route("*", "/{tail:.*}", passthrough.passthrough)
     return app

@@ -168,6 +168,10 @@ def _add_client_commands(
         help="time between checks while waiting (default 0.5s)",
     )
 
+    from foreman.client.batch_args import add_parser as add_batch_parser
+
+    add_batch_parser(commands, both, daemon, _arg(duration))
+
     watch = commands.add_parser(
         "watch", parents=[daemon], help="a live view of the queue draining, until Ctrl-C"
     )

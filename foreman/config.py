@@ -13,6 +13,7 @@ Adding a setting is one line in `Config`; every duration takes `duration` (or
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import difflib
 import json
@@ -155,6 +156,38 @@ def priority(value: str) -> Priority:
         return Priority(value.lower())
     except ValueError:
         raise ValueError(f"must be one of {', '.join(p.value for p in Priority)}") from None
+
+
+def webhook_endpoints(value: str) -> tuple[tuple[str, str], ...]:
+    """Comma-separated webhook endpoints, each `name=URL` or a bare URL (then named by the URL itself)."""
+    endpoints: list[tuple[str, str]] = []
+    for entry in names(value):
+        name, _, url = entry.partition("=") if "=" in entry.split("://", 1)[0] else ("", "", entry)
+        url = url.strip()
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{entry!r}: a webhook endpoint is an http(s) URL, or name=URL")
+        name = name.strip() or url
+        if name in (n for n, _ in endpoints):
+            raise ValueError(f"{name!r} is named twice")
+        endpoints.append((name, url))
+    return tuple(endpoints)
+
+
+def parse_webhook_secret(value: str) -> str | None:
+    """A Standard Webhooks secret as OpenAI issues them: `whsec_` and a base64 key; empty: none."""
+    value = value.strip()
+    if not value:
+        return None
+    if not value.startswith("whsec_"):
+        raise ValueError("must start with whsec_ followed by a base64 key")
+    try:
+        key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+    except ValueError:
+        raise ValueError("the part after whsec_ is not valid base64") from None
+    if len(key) < 16:
+        raise ValueError("the key is too short: use at least 16 random bytes (24 or 32 are usual)")
+    return value
 
 
 def optional(value: str) -> str | None:
@@ -437,6 +470,38 @@ class Config:
         positive_duration,
         "how often Ollama's model list is read for digests changed behind foreman (`90s`, `15m`)",
     )
+
+    # Batches and webhooks (docs/batches.md).
+    file_max: int = setting(
+        "200M",
+        parse_bytes,
+        "largest file `POST /v1/files` takes (`K`, `M`, `G`); OpenAI's limit for a batch input file"
+        " (see [Batches](docs/batches.md))",
+    )
+    webhook_url: tuple[tuple[str, str], ...] = setting(
+        "",
+        webhook_endpoints,
+        "comma-separated webhook endpoints, each a URL or `name=URL`, sent signed events when a batch"
+        " ends and, for async jobs that name one, when the job ends (see [Webhooks](docs/batches.md#webhooks))",
+    )
+    webhook_secret: str | None = setting(
+        "",
+        parse_webhook_secret,
+        "the Standard Webhooks key events are signed with: `whsec_` and base64, as OpenAI issues them;"
+        " needed with `FOREMAN_WEBHOOK_URL`",
+    )
+    webhook_backoff: float = setting(
+        "5s",
+        duration,
+        "the wait before a webhook delivery's first retry; it doubles up to an hour, and a delivery is"
+        " given up a day after its event",
+    )
+
+    def __post_init__(self) -> None:
+        if self.webhook_url and self.webhook_secret is None:
+            raise ValueError(
+                "FOREMAN_WEBHOOK_URL needs FOREMAN_WEBHOOK_SECRET (whsec_ and a base64 key) to sign events"
+            )
 
     @property
     def db_url(self) -> str | None:

@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from foreman import __version__
+from foreman.api import webhooks
 from foreman.api.keys import CLOCK, CONFIG, EMBED_CACHE, METRICS, RELAY, STORAGE, UPSTREAM, WORKER
 from foreman.api.views import iso, job_view
 from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable
@@ -62,6 +63,7 @@ async def status(request: web.Request) -> web.Response:
             "db": await store.describe(),
             "nodes": await app[RELAY].nodes(),
             "embed_cache": await _embed_cache(app),
+            "webhooks": webhooks.status_view(app),
         }
     )
 

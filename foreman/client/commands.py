@@ -198,7 +198,14 @@ def _submissions(args: argparse.Namespace) -> list[SubmitRequest]:
     return from_jsonl(path.name, text)
 
 
+async def batch(daemon: Daemon, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from foreman.client import batch
+
+    return await batch.run(daemon, args, out, err)
+
+
 COMMANDS: dict[str, Command] = {
+    "batch": batch,
     "status": status,
     "jobs": jobs,
     "job": job,

@@ -38,7 +38,7 @@ _TYPES = {
     "css": "text/css; charset=utf-8",
     "svg": "image/svg+xml",
 }
-_FILES = ("index.html", "app.js", "style.css", "favicon.svg")
+_FILES = ("index.html", "app.js", "batches.js", "style.css", "favicon.svg")
 # The page is at /ui; its files beside it, under /ui/.
 PUBLIC_PATHS = frozenset({"/ui", "/ui/", *(f"/ui/{name}" for name in _FILES if name != "index.html")})
 

@@ -132,3 +132,12 @@ def test_cluster_bench_runs_and_its_kill_loses_nothing(tmp_path: Path, pg_server
     assert all(run["states"] == {"done": 48} for run in result["runs"])
     kill = result["kill"]
     assert (kill["lost"], kill["run_twice_at_once"]) == (0, 0) and kill["states"] == {"done": 48}
+
+
+def test_batch_bench_runs_a_small_batch_by_model(tmp_path: Path) -> None:
+    """batch.py runs a shuffled batch to completion, each line once, with far fewer loads than FIFO's."""
+    result = run_script("batch.py", tmp_path, *["--lines", "120", "--load-ms", "10", "--probe-every", "0.5"])
+    batch = result["batch"]
+    assert batch["status"] == "completed" and batch["unique_custom_ids"] == batch["output_lines"] == 120
+    assert batch["loads"] <= 4 + 2 * batch["probes"] < batch["loads_if_fifo"]
+    assert batch["cpu_ms_per_line"] > 0

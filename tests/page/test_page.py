@@ -441,3 +441,40 @@ async def test_with_sqlite_the_page_shows_no_nodes_panel(foreman: Foreman, open_
     await _live(page)
     await expect(page.locator("#nodes-panel")).to_be_hidden()
     assert console.errors == []
+
+
+async def test_the_page_lists_batches_with_their_progress(
+    make_stub: MakeStub, make_foreman: MakeForeman, http: aiohttp.ClientSession, open_page: OpenPage
+) -> None:
+    """A batch appears in the Batches panel with its status and progress, and shows `completed` at its end."""
+    server = await make_stub()
+    foreman = await make_foreman(server.url)
+    page, console = await open_page(foreman)
+    await _live(page)
+    await expect(page.locator("#batches-panel")).to_be_hidden()
+    server.stub.faults.hang_next(1)
+    lines = [
+        {
+            "custom_id": f"c{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "llama3", "messages": [{"role": "user", "content": f"q{i}"}]},
+        }
+        for i in range(3)
+    ]
+    form = aiohttp.FormData()
+    form.add_field("purpose", "batch")
+    form.add_field("file", "".join(json.dumps(line) + "\n" for line in lines), filename="in.jsonl")
+    async with http.post(foreman.url + "/v1/files", data=form) as response:
+        file_id = (await response.json())["id"]
+    body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    async with http.post(foreman.url + "/v1/batches", json=body) as response:
+        batch_id = (await response.json())["id"]
+    row = page.locator(f'#batches tr[data-batch="{batch_id}"]')
+    await expect(row).to_contain_text("in_progress", timeout=WAIT_MS)
+    await expect(row).to_contain_text("0 done of 3", timeout=WAIT_MS)
+    server.stub.faults.release_hung()
+    await expect(row).to_contain_text("completed", timeout=WAIT_MS)
+    await expect(row).to_contain_text("3 done of 3")
+    assert await row.locator("progress").evaluate("bar => [bar.value, bar.max]") == [3, 3]
+    assert console.errors == []

@@ -6,6 +6,7 @@ import psycopg
 from psycopg.rows import TupleRow
 
 from foreman.errors import StoreError
+from foreman.storage.postgres import batch_schema
 
 SCHEMA_VERSION = 1
 # pg_advisory_xact_lock keys: one number per thing only one node may do at a time.
@@ -101,7 +102,9 @@ CREATE TABLE IF NOT EXISTS relay (
 
 # What takes a database at version N-1 to version N.
 _MIGRATIONS: dict[int, str] = {}
-_OUR_TABLES = frozenset({"foreman_meta", "jobs", "chunks", "nodes", "relay", "embed_cache"})
+_OUR_TABLES = (
+    frozenset({"foreman_meta", "jobs", "chunks", "nodes", "relay", "embed_cache"}) | batch_schema.TABLES
+)
 
 
 async def prepare(conn: psycopg.AsyncConnection[TupleRow], where: str) -> None:
@@ -135,7 +138,7 @@ async def prepare(conn: psycopg.AsyncConnection[TupleRow], where: str) -> None:
         for step in range(version + 1, SCHEMA_VERSION + 1):
             if version and step in _MIGRATIONS:
                 await conn.execute(_MIGRATIONS[step].encode())
-        await conn.execute(_TABLES.encode())
+        await conn.execute((_TABLES + batch_schema.SCHEMA).encode())
         await conn.execute(
             "INSERT INTO foreman_meta (key, value) VALUES ('schema_version', %s)"
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
