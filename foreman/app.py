@@ -32,6 +32,7 @@ from foreman.api.keys import (
     EVENTS,
     METRICS,
     MODEL_TAGS,
+    OUTAGES,
     PAGE_FEED,
     QUEUE,
     RELAY,
@@ -139,7 +140,8 @@ def create_app(
         store, upstream, metrics, feed = app[STORAGE], app[UPSTREAM], app[METRICS], app[PAGE_FEED]
         retry = RetryPolicy(config.max_attempts, config.backoff_initial, config.backoff_max)
         driver = PolicyDriver(Policy(max_wait=config.max_wait, min_residency=config.min_residency))
-        outages = Outages(upstream.base_url)
+        outages = Outages(upstream.base_url, clock)
+        app[OUTAGES] = outages
         residency = Residency(
             upstream,
             outages,

@@ -191,7 +191,9 @@ def _check_submit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
     try:
-        return _main(argv, environ)
+        code = _main(argv, environ)
+        sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
+        return code
     except BrokenPipeError:
         # The reader went away (`foreman jobs | head`): stop quietly, as Unix tools do. Python would
         # otherwise flush stdout again at exit, into the closed pipe, and print a second traceback.

@@ -317,7 +317,7 @@ class Config:
         " (`~/.local/state/foreman/foreman.db`)",
         parse_db,
         "the queue: a SQLite file, or a `postgresql://` URL shared by several nodes"
-        " (see [Several hosts](#several-hosts)); any other `scheme://` is refused",
+        " (see [Several hosts](several-hosts.md)); any other `scheme://` is refused",
         flag="--db",
         default_from=lambda environ, _: str(default_db_path(environ)),
         required=True,
@@ -368,7 +368,7 @@ class Config:
         "",
         optional_keep_alive,
         "`keep_alive` a model foreman loaded or pinned ends with when the client gave none; unset, it is"
-        " Ollama's own default, which foreman reads off the first model it loads (see Pinning)",
+        " Ollama's own default, which foreman reads off the first model it loads (see [Pinning](how-it-works.md#the-worker))",
     )
     max_body: int = setting(str(32 * 1024 * 1024), positive_int, "largest queued request body, in bytes")
     # Node's fetch gives up on headers after 300 s; an early 200 keeps such clients waiting.
@@ -381,7 +381,7 @@ class Config:
     max_wait: float = setting(
         "10m",
         duration,
-        "how long a job may wait before its model is served next, even at the cost of a swap (see Scheduling)",
+        "how long a job may wait before its model is served next, even at the cost of a swap (see [Scheduling](scheduling.md))",
     )
     min_residency: float = setting(
         "0s",
@@ -413,12 +413,12 @@ class Config:
         "normal",
         choice("normal", "full"),
         "`normal` survives a crash of foreman; `full` also survives power loss: a job's record is fsynced"
-        " before its answer (see [Reliability](#reliability))",
+        " before its answer (see [Reliability](reliability.md))",
     )
     loop: str = setting(
         "uvloop",
         choice("uvloop", "asyncio"),
-        "the event loop: `uvloop` (libuv's, faster; see [Performance](#performance)) or `asyncio`"
+        "the event loop: `uvloop` (libuv's, faster; see [Performance](performance.md)) or `asyncio`"
         " (the standard library's)",
     )
     max_queue: int = setting(
@@ -438,7 +438,7 @@ class Config:
     allowed_hosts: tuple[str, ...] = setting(
         "",
         names,
-        "comma-separated `Host` names accepted beside those Ollama accepts (see [Who gets in](#who-gets-in))",
+        "comma-separated `Host` names accepted beside those Ollama accepts (see [Who gets in](reliability.md#who-gets-in))",
     )
     origins: tuple[str, ...] = setting(
         "",
@@ -452,13 +452,13 @@ class Config:
     routes: Path | None = setting(
         "",
         optional_path,
-        "TOML file of model aliases and intent routes; SIGHUP reloads it (see [Model routing](#model-routing))",
+        "TOML file of model aliases and intent routes; SIGHUP reloads it (see [Model routing](routing.md))",
     )
-    # Embeddings (README, "Embeddings").
+    # Embeddings (docs/embeddings.md).
     embed_batch: int = setting(
         "64",
         positive_int,
-        "most inputs one coalesced `/api/embed` call carries; `1` turns coalescing off (see [Embeddings](#embeddings))",
+        "most inputs one coalesced `/api/embed` call carries; `1` turns coalescing off (see [Embeddings](embeddings.md))",
     )
     embed_cache: int = setting(
         "512M",
@@ -476,13 +476,13 @@ class Config:
         "200M",
         parse_bytes,
         "largest file `POST /v1/files` takes (`K`, `M`, `G`); OpenAI's limit for a batch input file"
-        " (see [Batches](docs/batches.md))",
+        " (see [Batches](batches.md))",
     )
     webhook_url: tuple[tuple[str, str], ...] = setting(
         "",
         webhook_endpoints,
         "comma-separated webhook endpoints, each a URL or `name=URL`, sent signed events when a batch"
-        " ends and, for async jobs that name one, when the job ends (see [Webhooks](docs/batches.md#webhooks))",
+        " ends and, for async jobs that name one, when the job ends (see [Webhooks](batches.md#webhooks))",
     )
     webhook_secret: str | None = setting(
         "",
@@ -584,15 +584,23 @@ def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]
     ]
 
 
-def markdown_table() -> str:
-    """README's Configuration table."""
+def markdown_table(docs: str = "docs/") -> str:
+    """The Configuration table, for README (`docs/`) or a page of the docs site beside the others (`""`).
+
+    The help links to the docs' pages by their file names; `docs` is the path from the table's
+    page to them.
+    """
     lines = ["| flag / variable | default | meaning |", "|---|---|---|"]
     for entry in SETTINGS:
         shown = f"`{entry.default}`" if entry.default else "none"
         if entry.default_from:  # a default in words
             shown = entry.default
-        lines.append(f"| `{entry.flag}` / `{entry.env}` | {shown} | {entry.help} |")
+        meaning = _LINK_TARGET.sub(lambda m: f"]({docs}{m.group(1)})", entry.help)
+        lines.append(f"| `{entry.flag}` / `{entry.env}` | {shown} | {meaning} |")
     return "\n".join(lines)
+
+
+_LINK_TARGET = re.compile(r"\]\(([\w-]+\.md(?:#[\w-]+)?)\)")
 
 
 def _bracket(host: str) -> str:

@@ -10,6 +10,7 @@ from foreman.config import Config
 from foreman.embeddings.cache import EmbedCache
 from foreman.metrics import Metrics
 from foreman.ollama.client import Upstream
+from foreman.ollama.outages import Outages
 from foreman.ollama.tags import ModelTags
 from foreman.queue.front import QueueFront
 from foreman.queue.job_events import JobEvents
@@ -28,6 +29,7 @@ EVENTS = web.AppKey("events", JobEvents)
 PAGE_FEED = web.AppKey("feed", PageFeed)
 METRICS = web.AppKey("metrics", Metrics)
 MODEL_TAGS = web.AppKey("model_tags", ModelTags)
+OUTAGES = web.AppKey("outages", Outages)
 # What the handlers submit, cancel and follow jobs through.
 QUEUE = web.AppKey("queue", QueueFront)
 # The line to the other nodes sharing the queue: `ALONE` for a node alone.

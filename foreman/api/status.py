@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from foreman import __version__
 from foreman.api import webhooks
-from foreman.api.keys import CLOCK, CONFIG, EMBED_CACHE, METRICS, RELAY, STORAGE, UPSTREAM, WORKER
+from foreman.api.keys import CLOCK, CONFIG, EMBED_CACHE, METRICS, OUTAGES, RELAY, STORAGE, UPSTREAM, WORKER
 from foreman.api.views import iso, job_view
 from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable
 from foreman.storage import Storage
@@ -45,8 +45,10 @@ async def status(request: web.Request) -> web.Response:
         view for job_id in worker.running_jobs if (view := await _view(store, job_id, now)) is not None
     ]
     last_error = None
-    if worker.last_error is not None:
-        at, message = worker.last_error
+    # A job's failure, or Ollama not answering though no job has failed of it yet.
+    errors = [error for error in (worker.last_error, app[OUTAGES].last_error) if error is not None]
+    if errors:
+        at, message = max(errors)
         last_error = {"message": message, "at": iso(at), "age_s": round(now - at, 1)}
     return web.json_response(
         {

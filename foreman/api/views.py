@@ -19,7 +19,7 @@ def job_view(
         "endpoint": job.endpoint,
         "model": job.model,
         "model_key": job.model_key,
-        # For a job that named an alias or a route (README, "Model routing").
+        # For a job that named an alias or a route (docs/routing.md).
         **_routing(job),
         "async": job.respond_async,
         "attempt": job.attempt,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -167,7 +169,9 @@ class Upstream:
         try:
             return await self.session.request(method, self.url(path_qs), **kwargs)
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-            raise UpstreamUnreachable(f"cannot reach Ollama at {self.base_url}: {exc}") from exc
+            raise UpstreamUnreachable(
+                f"cannot reach Ollama at {self.base_url}: {why_unreachable(exc)}; is it running there?"
+            ) from exc
 
     @asynccontextmanager
     async def _request(
@@ -185,6 +189,20 @@ class Upstream:
             yield reply
         finally:
             response.release()
+
+
+def why_unreachable(exc: BaseException) -> str:
+    """In plain words: `connection refused`, not `Cannot connect to host ... ssl:default [Connect call failed ...]`."""
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "it closed the connection without an answer"
+    error = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    if isinstance(error, socket.gaierror):
+        return f"the host name does not resolve ({str(error.strerror).lower()})"
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno).lower()
+    return str(exc) or type(exc).__name__
 
 
 def _error_text(body: bytes, status: int) -> str:

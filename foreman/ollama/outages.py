@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import structlog
@@ -14,9 +15,13 @@ log = structlog.get_logger("foreman.worker")
 class Outages:
     """Tracks whether Ollama answers, so an outage is logged once, not once per failed call."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, clock: Callable[[], float] = time.time) -> None:
         self._base_url = base_url
+        self._clock = clock
         self._down = False
+        # (when, what) of the latest failure to reach Ollama, for /status: with Ollama down
+        # from the start no job may have failed yet, yet the log has said so.
+        self.last_error: tuple[float, str] | None = None
         self._when_back: list[Callable[[], None]] = []
 
     def when_back(self, callback: Callable[[], None]) -> None:
@@ -29,6 +34,7 @@ class Outages:
         return not self._down
 
     def down(self, exc: UpstreamUnreachable) -> None:
+        self.last_error = (self._clock(), exc.message)
         if not self._down:
             self._down = True
             log.warning(

@@ -33,7 +33,8 @@ from foreman.storage import Storage
 log = structlog.get_logger("foreman.worker")
 intake_log = structlog.get_logger("foreman.api")
 
-CANCELED = "request canceled"  # Ollama's words when a client goes away
+# One spelling with the state and with "cancelled before it ran": the job was cancelled.
+CANCELLED = "request cancelled"
 
 
 class Lifecycle:
@@ -106,7 +107,7 @@ class Lifecycle:
 
     def calling(self, job: Job, *, wait_s: float, waiting_for_model: int) -> None:
         """The job's call to Ollama begins."""
-        _bound(job).info("job.start", wait_s=wait_s, waiting_for_model=waiting_for_model)
+        log.info("job.start", **_facts(job), wait_s=wait_s, waiting_for_model=waiting_for_model)
 
     def chunk(self, job_id: str, data: bytes) -> bool:
         """The running job streamed `data`; whether its own client waits for it (here or on another node)."""
@@ -137,8 +138,12 @@ class Lifecycle:
         self._output.pop(job.id, None)
         self._publish(job, StateChanged(JobState.QUEUED, attempt))
         self._metrics.retried()
-        _bound(job, attempt=attempt).info(
-            "job.retry", error=error, retry_in_s=round(delay, 3), holds_queue=holds_queue
+        log.info(
+            "job.retry",
+            **_facts(job, attempt=attempt),
+            error=error,
+            retry_in_s=round(delay, 3),
+            holds_queue=holds_queue,
         )
 
     async def put_back(self, job: Job, *, shutdown: bool) -> None:
@@ -164,9 +169,8 @@ class Lifecycle:
     ) -> None:
         """The job succeeded; `body` is what its client still needs (b"" after a stream), `result` what is kept."""
         await self._end(job, JobState.DONE, 200, body, content_type=content_type, result=result, cache=cache)
-        _bound(job).info(
-            "job.done", wait_s=wait_s, run_s=round(run_s, 3), **({"cache": cache} if cache else {})
-        )
+        cached = {"cache": cache} if cache else {}
+        log.info("job.done", **_facts(job), wait_s=wait_s, run_s=round(run_s, 3), **cached)
 
     async def failed(
         self,
@@ -181,13 +185,14 @@ class Lifecycle:
     ) -> None:
         """The job failed for good; `refused`: Ollama refused its request (the client's doing, not a fault)."""
         await self._end(job, JobState.FAILED, status, body, error=error, attempt=attempt)
-        bound = _bound(job, attempt=attempt)
         fields: dict[str, Any] = {"after": "output"} if after_output else {}
-        (bound.info if refused else bound.warning)("job.failed", status=status, error=error, **fields)
+        (log.info if refused else log.warning)(
+            "job.failed", **_facts(job, attempt=attempt), status=status, error=error, **fields
+        )
 
     async def cancelled(self, job: Job, *, before: str) -> None:
         """The job was cancelled before it started ("start") or while it ran ("end")."""
-        await self._end(job, JobState.CANCELLED, 499, error_body(CANCELED), error=CANCELED)
+        await self._end(job, JobState.CANCELLED, 499, error_body(CANCELLED), error=CANCELLED)
         self._logged_cancel(job.id, job, before)
 
     async def cancel_waiting(self, job_id: str, claimed: Callable[[str], bool]) -> bool:
@@ -202,7 +207,7 @@ class Lifecycle:
             self._cancelling.discard(job_id)
             job = await self._store.get(job_id)
             self._told_end(
-                job_id, job, Ended(JobState.CANCELLED, 499, error_body(CANCELED), error=CANCELED), now
+                job_id, job, Ended(JobState.CANCELLED, 499, error_body(CANCELLED), error=CANCELLED), now
             )
             self._logged_cancel(job_id, job, "start")
             return True
@@ -309,15 +314,15 @@ def error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
-def _bound(job: Job, *, attempt: int | None = None) -> Any:
-    """The log with the facts every line about a job's run carries."""
-    return log.bind(
-        model=job.model_key,
-        job_id=job.id,
-        endpoint=job.endpoint,
-        attempt=job.attempt if attempt is None else attempt,
-        priority=job.priority.value,
-    )
+def _facts(job: Job, *, attempt: int | None = None) -> dict[str, Any]:
+    """What every line about a job's run says of it."""
+    return {
+        "model": job.model_key,
+        "job_id": job.id,
+        "endpoint": job.endpoint,
+        "attempt": job.attempt if attempt is None else attempt,
+        "priority": job.priority.value,
+    }
 
 
 def _error_text(body: bytes) -> str:

@@ -10,7 +10,7 @@ Jobs put back after a failure carry a not-before time (`Held`): until it
 comes they are invisible to the rules below, and then they count again with
 their original arrival, so they keep their place.
 
-The rules, in the order they apply (README, "Scheduling"):
+The rules, in the order they apply (docs/scheduling.md):
 
 1. Priority: every interactive job is picked before any batch job, also in
    the middle of a max_wait drain of batch work (which resumes after them);

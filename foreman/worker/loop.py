@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -48,6 +48,10 @@ class Runner(Protocol):
 
     @property
     def swaps(self) -> int: ...
+    @property
+    def loading(self) -> Mapping[str, int]:
+        """Model key → loads under way for claimed jobs: as good as resident for drain orders."""
+        ...
 
     async def run(self, claim: Claim, start: Callable[[Coroutine[Any, Any, None], Job], None]) -> None: ...
     def stop(self) -> None: ...
@@ -118,7 +122,13 @@ class Worker:
 
         A pure function of a snapshot, so the store can run it wherever it runs (another thread, for some backends).
         """
-        choice = self._driver.frozen(self.resident, self._clock())
+        resident = self.resident
+        loading = self._runner.loading.keys()
+        if loading:
+            # /api/ps lists a model only once it has loaded, and still lists the one the load
+            # evicts: the worker's own view says which goes, and the loading one runs next.
+            resident = (resident & self._driver.state.resident) | loading
+        choice = self._driver.frozen(resident, self._clock())
 
         def order(queues: list[ModelQueue]) -> list[tuple[str, Priority]]:
             folded = fold(queues, choice.state.resident)

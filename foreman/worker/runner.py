@@ -110,6 +110,10 @@ class JobRunner:
     def swaps(self) -> int:
         return self._swap.swaps
 
+    @property
+    def loading(self) -> dict[str, int]:
+        return self._swap.loading
+
     def is_running(self, job_id: str) -> bool:
         return job_id in self._running
 

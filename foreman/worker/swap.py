@@ -47,6 +47,9 @@ class Swap:
         self._clock = clock
         self._monotonic = monotonic
         self.swaps = 0
+        # Models being loaded for a claimed job, with how many loads: for drain orders and
+        # positions they are as good as resident, since their jobs run next.
+        self.loading: dict[str, int] = {}
 
     async def __call__(self, claim: Claim) -> bool:
         """Load the claimed job's model (with the release keep_alive), and log why and what the swap cost.
@@ -55,6 +58,16 @@ class Swap:
         arrived meanwhile (`Policy.abandons`); the job is back in the queue,
         in its place and without an attempt charged.
         """
+        key = claim.job.model_key
+        self.loading[key] = self.loading.get(key, 0) + 1
+        try:
+            return await self._swap(claim)
+        finally:
+            self.loading[key] -= 1
+            if not self.loading[key]:
+                del self.loading[key]
+
+    async def _swap(self, claim: Claim) -> bool:
         job = claim.job
         decision = claim.decision
         key = job.model_key

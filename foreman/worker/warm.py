@@ -6,7 +6,7 @@ worker knows which model it will load next, so it asks `Warmer.prepare` to
 read that model's file ahead of time. The path comes from `/api/show`, which
 names the blob after `FROM` in the modelfile. Where that file is not readable
 (another user's files, or Ollama on another machine) nothing is read; the log
-says so once per model.
+says so once per model and reason, at debug level where no file is there to read.
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ def read_into_cache(path: str, stop: threading.Event) -> int:
 Reader = Callable[[str, threading.Event], int]
 
 
+def _exists(path: str) -> bool:
+    """A stat, as quick as the os.access beside it: only asked once per model."""
+    return os.path.exists(path)
+
+
 class Warmer:
     """Warms one model at a time: a new target stops the read of the previous one."""
 
@@ -58,6 +63,7 @@ class Warmer:
         self._upstream = upstream
         self._read = read
         self._paths: dict[str, str | None] = {}  # model name → readable blob path, or None
+        self._said: set[tuple[str, str]] = set()  # (model, reason) of each warm_skipped logged
         self._target: str | None = None
         self._stop = threading.Event()
         self._task: asyncio.Task[None] | None = None
@@ -100,18 +106,28 @@ class Warmer:
         )
 
     async def _blob_path(self, name: str) -> str | None:
-        """The model's blob if this process can read it; the reason it can't is logged once."""
+        """The model's blob if this process can read it; why it can't is logged once per model and reason."""
         if name in self._paths:
             return self._paths[name]
         try:
             path = await self._upstream.blob_path(name)
         except ForemanError as exc:
-            # Not cached: Ollama may answer next time.
-            log.info("model.warm_skipped", model=name, reason="no /api/show answer", error=exc.message)
+            # Not cached: Ollama may answer next time (but is not asked to be mentioned again).
+            self._skipped(name, "no /api/show answer", quiet=True, error=exc.message)
             return None
         readable = path if path is not None and os.access(path, os.R_OK) else None
-        if readable is None:
-            reason = "no blob path in /api/show" if path is None else "blob not readable by foreman"
-            log.info("model.warm_skipped", model=name, path=path, reason=reason)
+        if path is None:
+            self._skipped(name, "no blob path in /api/show", quiet=True)
+        elif readable is None:
+            # A file that is there but not ours to read is worth a line (adding foreman's user to
+            # Ollama's group fixes it); a path that is not on this machine at all, as with Ollama
+            # on another host or the demo's stub, is nothing anyone can fix and stays at debug.
+            self._skipped(name, "blob not readable by foreman", quiet=not _exists(path), path=path)
         self._paths[name] = readable
         return readable
+
+    def _skipped(self, name: str, reason: str, *, quiet: bool, **fields: object) -> None:
+        if (name, reason) in self._said:
+            return
+        self._said.add((name, reason))
+        (log.debug if quiet else log.info)("model.warm_skipped", model=name, reason=reason, **fields)

@@ -155,6 +155,18 @@ async def test_cancel_a_queued_job_then_409_once_it_ended(
     assert "never" not in [r.prompt for r in stub.inference_requests()]
 
 
+async def test_cancelled_is_spelt_one_way(http: aiohttp.ClientSession, foreman: Foreman, stub: Stub) -> None:
+    """A running job cancelled says `request cancelled`, as a queued one says `cancelled before it ran`."""
+    first = await hold_worker(http, foreman, stub, "llama3")
+    queued = await submit_async(foreman, "mistral", "never")
+    running = foreman.jobs()[0]["id"]
+    for job_id in (queued, running):
+        assert (await ctl(foreman.url, "cancel", job_id)).code == 0
+    await first
+    errors = {job["id"]: job["error"] for job in foreman.jobs()}
+    assert errors == {running: "request cancelled", queued: "cancelled before it ran"}
+
+
 async def test_submit_a_prompt_and_wait_for_the_result(foreman: Foreman) -> None:
     """`submit --prompt --wait` prints the id, shows progress, then the reply's text."""
     ran = await ctl(

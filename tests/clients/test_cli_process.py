@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -16,7 +17,10 @@ import pytest
 from stub_ollama import Stub
 from tests.support.helpers import Foreman, chat_body, hold_worker
 
+README = Path(__file__).resolve().parents[2] / "README.md"
 FOREMAN = [sys.executable, "-m", "foreman"]
+# As in a person's shell, where stdout into a pipe is buffered until the end (tests may run unbuffered).
+BUFFERED = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
 # A cold interpreter on a loaded 2-core machine can take seconds to start.
 DEADLINE = 60
 
@@ -52,6 +56,7 @@ async def test_a_closed_pipe_ends_submit_quietly(
         foreman.url,
         stdout=write,
         stderr=asyncio.subprocess.PIPE,
+        env=BUFFERED,
     )
     os.close(write)
     async with asyncio.timeout(DEADLINE):
@@ -64,6 +69,19 @@ async def test_a_closed_pipe_ends_submit_quietly(
     assert all(line.split()[1] == b"queued," for line in lines), lines
     assert err.count(b"Traceback") == 0, err.decode()
     assert process.returncode == 141, err.decode()
+
+
+async def test_a_pipe_closed_before_anything_is_written_ends_quietly(foreman: Foreman) -> None:
+    """`foreman jobs | true`: the output, buffered to the end, meets a closed pipe; no traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    process = await asyncio.create_subprocess_exec(
+        *FOREMAN, "jobs", "--host", foreman.url, stdout=write, stderr=asyncio.subprocess.PIPE, env=BUFFERED
+    )
+    os.close(write)
+    async with asyncio.timeout(DEADLINE):
+        _, err = await process.communicate()
+    assert (process.returncode, err) == (141, b"")
 
 
 async def test_ctrl_c_stops_the_demo_cleanly() -> None:
@@ -128,3 +146,59 @@ async def test_a_misspelt_variable_is_named_at_start_and_foreman_goes_on(tmp_pat
     finally:
         process.terminate()
         await process.communicate()
+
+
+# What differs from one run of the demo to the next: times, ids, ports, the temporary folder,
+# and the counts at the first claim, which races the second arrival by 20 ms.
+_VARIES = [
+    (re.compile(r"^\S+Z "), ""),
+    (re.compile(r"\b[0-9A-HJKMNP-TV-Z]{26}\b"), "<id>"),
+    (re.compile(r"127\.0\.0\.1:\d+"), "127.0.0.1:<port>"),
+    (re.compile(r"/tmp/foreman-demo-\w+/"), "<tmp>/"),
+    (re.compile(r"\b(waiting_from|waiting_to)=\d+"), r"\1=<n>"),
+    (re.compile(r"\b\d+\.\d+\b"), "<s>"),
+]
+
+
+_FIELD = re.compile(r"\w+=(?:'[^']*'|\[[^\]]*\]|\S+)")
+
+
+def _steady(line: str) -> str:
+    """The line without what varies, its fields sorted (the context's fields come in either order)."""
+    for pattern, replacement in _VARIES:
+        line = pattern.sub(replacement, line)
+    fields = _FIELD.findall(line)
+    head = _FIELD.sub("", line)
+    return " ".join([*head.split(), *sorted(fields)])
+
+
+def readme_demo_output() -> list[list[str]]:
+    """README's demo output, as runs of consecutive lines (`…` separates them)."""
+    text = README.read_text(encoding="utf-8")
+    block = text.split("<!-- demo output -->\n```text\n", 1)[1].split("```", 1)[0]
+    runs: list[list[str]] = [[]]
+    for line in block.splitlines():
+        if line == "…":
+            runs.append([])
+        else:
+            runs[-1].append(_steady(line))
+    return runs
+
+
+async def test_readmes_demo_output_is_what_the_demo_prints() -> None:
+    """Each run of lines README shows comes out of `foreman demo`, in order; no warm-up noise in between."""
+    process = await asyncio.create_subprocess_exec(
+        *FOREMAN, "demo", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(DEADLINE):
+        out, err = await process.communicate()
+    assert (process.returncode, err) == (0, b"")
+    printed = [_steady(line) for line in out.decode().splitlines()]
+    assert not [line for line in printed if "warm" in line]
+    at = 0
+    for run in readme_demo_output():
+        found = next((i for i in range(at, len(printed)) if printed[i : i + len(run)] == run), None)
+        assert found is not None, (
+            f"README's lines from {run[0]!r} are not what the demo printed:\n" + "\n".join(printed[at:])
+        )
+        at = found + len(run)

@@ -59,6 +59,7 @@ class FakeRunner:
         self.claims: list[Claim] = []
         self.release = asyncio.Event()
         self.swaps = 0
+        self.loading: dict[str, int] = {}
         self._running: set[str] = set()
 
     async def run(self, claim: Claim, start: object) -> None:

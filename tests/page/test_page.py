@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from playwright.async_api import Browser, ConsoleMessage, Page, expect
+from playwright.async_api import Browser, ConsoleMessage, Page, Route, expect
 
 from foreman.job import JobState, Priority
 from foreman.queue import page_feed as feed
@@ -440,6 +440,91 @@ async def test_with_sqlite_the_page_shows_no_nodes_panel(foreman: Foreman, open_
     page, console = await open_page(foreman)
     await _live(page)
     await expect(page.locator("#nodes-panel")).to_be_hidden()
+    assert console.errors == []
+
+
+SWATCH_COLOURS = """(rows) => Object.fromEntries(rows.map((row) => [
+  row.dataset.model || row.cells[1].textContent, getComputedStyle(row.querySelector('.swatch')).backgroundColor]))"""
+
+
+async def test_a_models_colour_comes_from_its_name_the_same_in_every_tab(
+    foreman: Foreman, http: aiohttp.ClientSession, open_page: OpenPage
+) -> None:
+    """Tabs that met the models in different orders give each model one colour, and no two models share one."""
+    first, console = await open_page(foreman)
+    await _live(first)
+    for model in ("llama3", "mistral", "qwen2"):
+        await submit_async(http, foreman, model)
+        await expect(first.locator(f'#jobs td:text-is("{model}:latest")')).to_have_count(1, timeout=WAIT_MS)
+    await foreman.wait_states(lambda states: states == ["done"] * 3)
+    second, _ = await open_page(foreman)  # meets them newest first, all at once
+    await _live(second)
+    colours = []
+    for page in (first, second):
+        await page.locator("#filter").get_by_role("button", name="Show").click()
+        await expect(page.locator("#jobs tbody tr")).to_have_count(3, timeout=WAIT_MS)
+        colours.append(await page.locator("#jobs tbody tr").evaluate_all(SWATCH_COLOURS))
+    assert colours[0] == colours[1]
+    assert len(set(colours[0].values())) == 3, colours[0]
+    assert console.errors == []
+
+
+async def test_a_model_ollama_lists_without_its_tag_is_the_tagged_one(
+    make_stub: MakeStub, make_foreman: MakeForeman, http: aiohttp.ClientSession, open_page: OpenPage
+) -> None:
+    """/api/ps's `beta` is foreman's `beta:latest`: the resident row shows what foreman does with it, in its colour."""
+    server = await make_stub(models=(StubModel("beta:latest"),))
+    foreman = await make_foreman(server.url)
+    job_id = await submit_async(http, foreman, "beta")
+    await eventually(lambda: foreman.states() == ["done"], what="the job to finish")
+    page, console = await open_page(foreman)
+
+    async def untagged(route: Route) -> None:
+        """/api/ps as Ollama may answer it: the model's name without its tag."""
+        listed = await (await route.fetch()).json()
+        for model in listed["models"]:
+            model["name"] = model["model"] = model["name"].removesuffix(":latest")
+        await route.fulfill(json=listed)
+
+    await page.route("**/api/ps", untagged)
+    await _live(page)
+    resident = page.locator('#resident tr[data-model="beta"]')
+    await expect(resident.locator("td").nth(1)).to_have_text("serving", timeout=WAIT_MS)
+    job = page.locator(f'#jobs tr[data-job="{job_id}"]')
+    await expect(job).to_be_visible(timeout=WAIT_MS)
+    tagged = await job.locator(".swatch").evaluate("(s) => getComputedStyle(s).backgroundColor")
+    await expect(resident.locator(".swatch")).to_have_css("background-color", tagged)
+    assert console.errors == []
+
+
+async def test_on_a_phone_each_job_shows_its_state_wait_and_run_time(
+    foreman: Foreman, http: aiohttp.ClientSession, open_page: OpenPage
+) -> None:
+    """At 390 px the jobs list shows a job's state, wait and run time on screen, without scrolling sideways."""
+    job_id = await submit_async(http, foreman, "llama3")
+    await eventually(lambda: foreman.states() == ["done"], what="the job to finish")
+    page, console = await open_page(foreman, 390, 844)
+    await _live(page)
+    cells = page.locator(f'#jobs tr[data-job="{job_id}"] td')
+    await expect(cells.nth(2)).to_have_text("done", timeout=WAIT_MS)
+    for index in (2, 4, 5):  # state, wait, run
+        cell = cells.nth(index)
+        await expect(cell).to_be_visible()
+        box = await cell.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, (index, box)
+    assert console.errors == []
+
+
+async def test_the_resident_models_foreman_column_is_explained(foreman: Foreman, open_page: OpenPage) -> None:
+    """The "foreman" column's header points at a visible note saying what serving, pinned and idle mean."""
+    page, console = await open_page(foreman)
+    await _live(page)
+    header = page.locator("#resident thead th").nth(1)
+    await expect(header).to_have_text("foreman")
+    note = page.locator("#" + str(await header.get_attribute("aria-describedby")))
+    await expect(note).to_be_visible()
+    for word in ("serving", "pinned", "max_wait drain", "idle"):
+        await expect(note).to_contain_text(word)
     assert console.errors == []
 
 

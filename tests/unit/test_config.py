@@ -198,10 +198,12 @@ def test_unknown_variables_are_named_with_the_nearest_setting() -> None:
     assert unknown_variables(environ) == [("FOREMAN_MAX_WIAT", "FOREMAN_MAX_WAIT"), ("FOREMAN_ZZZ", None)]
 
 
-def test_readme_configuration_table_is_the_settings_table() -> None:
-    """README's Configuration table is what `markdown_table()` renders; regenerate it from there."""
+def test_the_configuration_tables_are_the_settings_table() -> None:
+    """README's and the docs site's Configuration tables are what `markdown_table()` renders."""
     readme = README.read_text()
     assert markdown_table() in readme, "README's table differs; paste foreman.config.markdown_table()"
+    page = (README.parent / "docs" / "configuration.md").read_text()
+    assert markdown_table(docs="") in page, "docs/configuration.md's table differs; paste markdown_table('')"
 
 
 def test_retry_and_scheduling_defaults_are_configs() -> None:

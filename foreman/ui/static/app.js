@@ -9,7 +9,10 @@
   const TERMINAL = new Set(['done', 'failed', 'cancelled']);
   const KEEP_MS = 15 * 60 * 1000; // as long as foreman keeps the history it sends
   const FOREVER_MS = 100 * 365 * 24 * 3600 * 1000; // Ollama's "forever" keep_alive is ~292 years out
-  const PALETTE = ['#1f5fa8', '#b34700', '#1b7a4d', '#8a3ea8', '#a8123e', '#5c6b00', '#006d77', '#6b4e16'];
+  // Ten categorical colours (d3's category10, one blue among them), ordered so that
+  // neighbouring entries differ in hue as well as in name.
+  const PALETTE = ['#1f77b4', '#d62728', '#9467bd', '#bcbd22', '#ff7f0e',
+                   '#2ca02c', '#e377c2', '#17becf', '#8c564b', '#7f7f7f'];
   const SVG = 'http://www.w3.org/2000/svg';
   const TICKS = [5, 10, 15, 30, 60, 120, 180, 300].map((s) => s * 1000);
 
@@ -19,7 +22,7 @@
   let skewMs = 0; // foreman's clock minus this browser's
   let status = null;
   let ps = null;
-  const colours = new Map();
+  const seen = new Set(); // the models the timeline's legend lists
   const timeline = { runs: [], open: new Map(), loads: [], pending: null, swaps: [] };
   let following = null; // { id, controller } of the running job whose output is shown
   let jobsNext = null;
@@ -150,10 +153,22 @@
     return ms === null ? '—' : new Date(ms).toLocaleString();
   }
 
+  // A model as foreman keys it: `beta` is `beta:latest` (a tag is what follows the last colon
+  // after the last slash, so `host:5000/beta` has none either); options after a space are dropped.
+  function modelName(model) {
+    const base = String(model).split(' ')[0];
+    return base.lastIndexOf(':') > base.lastIndexOf('/') ? base : base + ':latest';
+  }
+
+  // A model's colour comes from its name alone (FNV-1a), so it is the same in every tab, after a
+  // reload and on every node, whatever order models show up in.
   function colour(model) {
     if (!model) return '#555555';
-    if (!colours.has(model)) colours.set(model, PALETTE[colours.size % PALETTE.length]);
-    return colours.get(model);
+    const name = modelName(model);
+    let hash = 0x811c9dc5;
+    for (let i = 0; i < name.length; i++) hash = Math.imul(hash ^ name.charCodeAt(i), 0x01000193) >>> 0;
+    seen.add(name);
+    return PALETTE[hash % PALETTE.length];
   }
 
   function swatch(model) {
@@ -283,7 +298,8 @@
 
   function renderResident() {
     const stats = new Map((status.models || []).map((m) => [m.model_key, m]));
-    const keysOf = (name) => [...stats.values()].filter((m) => m.model_key.split(' ')[0] === name);
+    // /api/ps may list `beta` where foreman keys `beta:latest`: one model.
+    const keysOf = (name) => [...stats.values()].filter((m) => modelName(m.model_key) === modelName(name));
     let rows;
     if (ps && Array.isArray(ps.models)) {
       rows = ps.models.map((m) => ({ name: m.name || m.model, expires: parseTime(m.expires_at), stats: keysOf(m.name || m.model) }));
@@ -552,7 +568,7 @@
       chart.append(svg('text', { x: at.toFixed(1), y: String(height - 3), class: 'tick-label', 'text-anchor': anchor }, clockTime(t)));
     }
     box.replaceChildren(chart);
-    const models = [...colours.keys()];
+    const models = [...seen].sort();
     $('legend').replaceChildren(
       ...models.map((m) => el('li', {}, swatch(m), m)),
       el('li', { class: 'muted' }, el('span', { class: 'swatch loading-swatch', 'aria-hidden': 'true' }), 'loading (darker)'),
@@ -620,13 +636,14 @@
     return el(
       'tr',
       { 'data-job': job.id, 'data-state': job.state },
-      el('td', {}, el('button', { type: 'button', class: 'link mono', text: job.id, 'aria-label': 'Job ' + job.id, onclick: () => showJob(job.id) })),
+      el('td', { class: 'job-id' }, el('button', { type: 'button', class: 'link mono', text: job.id, 'aria-label': 'Job ' + job.id, onclick: () => showJob(job.id) })),
       el('td', {}, swatch(job.model_key), job.model_key),
-      el('td', {}, badge(job.state)),
-      el('td', {}, el('time', { text: dateTime(created) })),
-      el('td', { class: 'num', text: duration(job.queue_wait_s) }),
-      el('td', { class: 'num', text: duration(job.run_s) }),
-      el('td', {}, TERMINAL.has(job.state) ? null : el('button', { type: 'button', class: 'danger', text: 'Cancel', 'aria-label': 'Cancel job ' + job.id, onclick: () => cancel(job.id) })),
+      el('td', { class: 'state' }, badge(job.state)),
+      // data-label names a cell where a phone shows the rows as cards, without the header row.
+      el('td', { class: 'created', 'data-label': 'created' }, el('time', { text: dateTime(created) })),
+      el('td', { class: 'num wait', 'data-label': 'wait', text: duration(job.queue_wait_s) }),
+      el('td', { class: 'num run', 'data-label': 'run', text: duration(job.run_s) }),
+      el('td', { class: 'action' }, TERMINAL.has(job.state) ? null : el('button', { type: 'button', class: 'danger', text: 'Cancel', 'aria-label': 'Cancel job ' + job.id, onclick: () => cancel(job.id) })),
     );
   }
 
