@@ -19,6 +19,7 @@ from foreman.errors import BadRequest, NotFound
 from foreman.storage.batches import open_batch_store
 
 BATCHES = web.AppKey("batches", Batches)
+UNFINISHED_UPLOAD_S = 3600.0
 
 
 async def create(request: web.Request) -> web.Response:
@@ -78,6 +79,8 @@ async def _json(request: web.Request) -> dict[str, Any]:
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     """The node's `Batches` over the batch store, opened beside the job store (before the worker starts)."""
     store = await open_batch_store(app[STORAGE])
+    # An upload a crash cut short is never listed; an hour on, no node is still writing it.
+    await store.drop_unfinished_uploads(app[CLOCK]() - UNFINISHED_UPLOAD_S)
     app[BATCHES] = Batches(
         store=app[STORAGE],
         batches=store,

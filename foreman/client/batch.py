@@ -60,11 +60,16 @@ async def submit(daemon: Daemon, args: argparse.Namespace, out: TextIO, err: Tex
         "/v1/batches",
         json={"input_file_id": file["id"], "endpoint": endpoint, "completion_window": "24h"},
     )
-    out.write(f"{batch['id']}\n")
-    out.flush()
+    if not args.json:
+        out.write(f"{batch['id']}\n")
+        out.flush()
     if not args.wait:
+        if args.json:
+            out.write(json.dumps(batch, indent=2) + "\n")
         return 0
     view = await wait(daemon, batch["id"], args.interval, err)
+    if args.json:
+        out.write(json.dumps(view, indent=2) + "\n")
     counts = view["request_counts"]
     err.write(
         f"{view['id']} {view['status']}: {counts['completed']} done, {counts['failed']} failed of {counts['total']}"

@@ -117,7 +117,10 @@ class Daemon:
                 status,
             )
         if status >= 400:
-            raise Rejected(str(body.get("error") or f"the daemon answered {status}"), status)
+            error = body.get("error")
+            if isinstance(error, dict):  # OpenAI's shape, on /v1
+                error = error.get("message")
+            raise Rejected(str(error or f"the daemon answered {status}"), status)
         return body
 
 

@@ -118,6 +118,10 @@ class BatchStore(Protocol):
 
     async def content(self, file_id: str) -> bytes | None: ...
 
+    async def drop_unfinished_uploads(self, before: float) -> int:
+        """Delete files whose upload began before `before` and never finished (a crash mid-upload); how many."""
+        ...
+
     async def delete_file(self, file_id: str) -> bool: ...
 
     # Batches
@@ -165,7 +169,10 @@ class BatchStore(Protocol):
         files: Sequence[tuple[StoredFile, bytes]],
         deliveries: Sequence[Delivery],
     ) -> bool:
-        """End a batch if its status is one of `expect`: its files, its change and its webhook events are one transaction."""
+        """End a batch if its status is one of `expect`: its files, its change and its webhook events are one transaction.
+
+        Its lines go with it: the files hold their outcomes from then on.
+        """
         ...
 
     # The webhook outbox

@@ -58,6 +58,8 @@ async def test_submit_wait_in_a_pipe_then_results(foreman: Foreman, tmp_path: Pa
         "0",
         "3",
     ]
+    as_json = await batch(foreman.url, "submit", str(batch_file(tmp_path)), "--json")
+    assert json.loads(as_json.out)["status"] == "validating"
     shown = await batch(foreman.url, "show", batch_id)
     assert "requests   3 done, 0 failed of 3" in shown.out and "output     file-" in shown.out
 
@@ -98,6 +100,8 @@ async def test_cancel_and_results_of_a_running_batch(
     cancelled = await batch(foreman.url, "cancel", batch_id)
     assert cancelled.out == f"{batch_id} cancelling\n"
     stub_server.stub.faults.release_hung()
+    unknown = await batch(foreman.url, "show", "batch_nope")
+    assert (unknown.code, unknown.err) == (1, "foreman batch: No such batch: batch_nope\n")
     args = build_parser({}, isatty=False).parse_args(
         ["batch", "submit", "--host", foreman.url, str(tmp_path / "missing.jsonl")]
     )

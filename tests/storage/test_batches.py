@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ from foreman.storage.batches import (
     PART_BYTES,
     BatchStore,
     Delivery,
+    Line,
     StoredBatch,
     StoredFile,
     open_batch_store,
@@ -62,6 +63,7 @@ async def test_a_file_comes_back_whole_from_its_parts(store: BatchStore) -> None
 async def test_a_batch_ends_once_with_its_files_and_events(store: BatchStore) -> None:
     """`finish` writes the files, the change and the deliveries together, and only while the status is expected."""
     await store.put_batch(batch("batch_1"))
+    await store.add_lines("batch_1", [Line(1, "a", None, 404, "model 'x' not found")])
     out = StoredFile("file-out", "o.jsonl", "batch_output", 3, 5.0)
     event = Delivery("evt_1", "hook", b"{}", 0, 5.0, 5.0)
     changes = {
@@ -82,6 +84,29 @@ async def test_a_batch_ends_once_with_its_files_and_events(store: BatchStore) ->
     assert ended.times == {"completed_at": 5.0}
     assert await store.content("file-out") == b"a\nb" and await store.file("file-out-2") is None
     assert await store.delivery_counts() == {"pending": 1}
+    assert await store.outcomes("batch_1") == []  # the output file holds the lines now
+
+
+class CutShort(list[bytes]):
+    """Parts of an upload whose client went away after the first: what a crash mid-upload leaves too."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield b"first part"
+        raise ConnectionResetError("the client went away")
+
+
+async def test_an_upload_cut_short_is_dropped(store: BatchStore) -> None:
+    """A file whose parts never all arrived is not listed, and is deleted once it is old enough."""
+    await store.put_file(StoredFile("file-done", "d.jsonl", "batch", 1, 10.0), [b"x"])
+    with pytest.raises(ConnectionResetError):
+        await store.put_file(StoredFile("file-cut", "c.jsonl", "batch", 20, 10.0), CutShort())
+    assert await store.file("file-cut") is None and await store.content("file-cut") is None
+    assert [f.id for f in await store.files(purpose=None, after=None, limit=10, newest_first=True)] == [
+        "file-done"
+    ]
+    assert await store.drop_unfinished_uploads(5.0) == 0  # too young: another node may still be writing it
+    assert await store.drop_unfinished_uploads(11.0) == 1
+    assert await store.drop_unfinished_uploads(11.0) == 0
 
 
 async def test_a_delivery_is_leased_to_one_owner(store: BatchStore) -> None:

@@ -124,6 +124,11 @@ class PostgresBatchStore:
             )
             return b"".join(bytes(data) for (data,) in await cursor.fetchall())
 
+    async def drop_unfinished_uploads(self, before: float) -> int:
+        async with self._store.connection() as conn:
+            cursor = await conn.execute("DELETE FROM files WHERE NOT complete AND created_at < %s", (before,))
+            return cursor.rowcount
+
     async def delete_file(self, file_id: str) -> bool:
         async with self._store.connection() as conn:
             cursor = await conn.execute("DELETE FROM files WHERE id = %s", (file_id,))
@@ -255,6 +260,7 @@ class PostgresBatchStore:
                         [(file.id, seq, part) for seq, part in enumerate(split(data))],
                     )
             await _enqueue(conn, deliveries)
+            await conn.execute("DELETE FROM batch_lines WHERE batch_id = %s", (batch_id,))
             return True
 
     # The webhook outbox

@@ -150,6 +150,12 @@ class SqliteBatchStore:
 
         return await self._run(read)
 
+    async def drop_unfinished_uploads(self, before: float) -> int:
+        def delete(db: sqlite3.Connection) -> int:
+            return db.execute("DELETE FROM files WHERE NOT complete AND created_at < ?", (before,)).rowcount
+
+        return await self._run(self._tx, delete)
+
     async def delete_file(self, file_id: str) -> bool:
         def delete(db: sqlite3.Connection) -> bool:
             return db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount > 0
@@ -289,6 +295,8 @@ class SqliteBatchStore:
                     [(file.id, seq, part) for seq, part in enumerate(split(data))],
                 )
             _enqueue(db, deliveries)
+            # The files hold every line's outcome now; the lines would only outlive their jobs.
+            db.execute("DELETE FROM batch_lines WHERE batch_id = ?", (batch_id,))
             return True
 
         return await self._run(self._tx, work)
