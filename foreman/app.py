@@ -48,6 +48,7 @@ from foreman.job import QUEUED_ENDPOINTS
 from foreman.metrics import Metrics
 from foreman.ollama.client import Upstream
 from foreman.ollama.outages import Outages
+from foreman.ollama.stalls import Stalls
 from foreman.ollama.tags import ModelTags
 from foreman.queue.front import QueueFront
 from foreman.queue.job_events import JobEvents
@@ -111,8 +112,15 @@ def create_app(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             auto_decompress=False,
         )
-        app[UPSTREAM] = Upstream(session, config.upstream)
+        stalls = Stalls(
+            config.stall_timeout,
+            restart_command=config.ollama_restart,
+            restart_after=config.restart_after_stalls,
+            on_stall=app[METRICS].stalled,
+        )
+        app[UPSTREAM] = Upstream(session, config.upstream, stalls)
         yield
+        await stalls.close()
         await session.close()
 
     async def routes_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -147,7 +155,10 @@ def create_app(
             outages,
             pin_keep_alive=config.pin_keep_alive,
             release_keep_alive=config.release_keep_alive,
+            ledger=store,
         )
+        # Pins a daemon killed with -9 left behind: released unless work waits for their models.
+        await residency.restore_pins(await store.waiting_by_model())
         wakeups = WakeUps()
         lifecycle = Lifecycle(
             store=store, events=app[EVENTS], feed=feed, metrics=metrics, clock=clock, cache=app[EMBED_CACHE]
@@ -198,10 +209,10 @@ def create_app(
         )
         app[WORKER] = worker
         app[QUEUE] = QueueFront(store, lifecycle, worker)
-        joined = app[RELAY].joined(worker, app[EVENTS], reachable=lambda: outages.reachable)
+        joined = app[RELAY].joined(worker, app[EVENTS], outages)
         async with _running(worker.run(), "foreman-worker"), joined:
-            log.info("foreman.ready", upstream=config.upstream, db=_where(config))
             yield
+        await residency.flush_pins()  # the releases of the stop, recorded before the store closes
 
     async def loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
         lag = app[METRICS].loop_lag

@@ -356,6 +356,22 @@ class Config:
     max_attempts: int = setting("8", positive_int, "tries per job on transient failures")
     backoff_initial: float = setting("0.5s", duration, "the first backoff step; each step doubles")
     backoff_max: float = setting("30s", duration, "the longest backoff step")
+    stall_timeout: float = setting(
+        "5m",
+        duration,
+        "how long Ollama may send nothing (before a reply's first byte or between two chunks) before foreman"
+        " gives the request up and retries the job; a swap's load gets its learned load time on top;"
+        " `0` waits for ever (see [Reliability](reliability.md#a-wedged-ollama))",
+    )
+    ollama_restart: str | None = setting(
+        "",
+        optional,
+        "a shell command that restarts Ollama (such as `systemctl restart ollama`), run after"
+        " `FOREMAN_RESTART_AFTER_STALLS` stalls in a row, once per incident, then with backoff",
+    )
+    restart_after_stalls: int = setting(
+        "3", positive_int, "stalls in a row after which foreman runs `FOREMAN_OLLAMA_RESTART`"
+    )
     # keep_alive values as sent to Ollama: a number of seconds or a duration string.
     pin_keep_alive: float | str = setting(
         "-1",

@@ -52,6 +52,7 @@ async def _demo(requests: int, load_delay: float) -> None:
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
+            log.info("foreman.ready", upstream=config.upstream, db=str(config.db_path))
             url = f"http://127.0.0.1:{runner.addresses[0][1]}"
             workload = [MODELS[i % len(MODELS)] for i in range(requests)]
             log.info(

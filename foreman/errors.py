@@ -45,6 +45,14 @@ class Unavailable(ForemanError):
     status = 503
 
 
+class DatabaseAway(Unavailable):
+    """The database cannot be reached now (a PostgreSQL restart): the client may try again in a moment."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": "2"}
+
+
 class QueueFull(Unavailable):
     def __init__(self, limit: int) -> None:
         # Ollama's own wording (two spaces included), so clients that handle
@@ -62,6 +70,10 @@ class StoreUnreachable(StoreError):
     """The database server did not answer at start: a restart may well find it."""
 
 
+class StoreBusy(StoreError):
+    """Another foreman holds the database (or this node's name in a shared one): this one must not touch it."""
+
+
 class UpstreamUnreachable(ForemanError):
     """Ollama could not be reached: refused, reset, or gone before it answered."""
 
@@ -76,6 +88,10 @@ class UpstreamFailed(ForemanError):
     def __init__(self, message: str, status: int = 502, body: bytes | None = None) -> None:
         super().__init__(message, status)
         self.body = body
+
+
+class UpstreamStalled(UpstreamFailed):
+    """Ollama accepted the request and then sent nothing for FOREMAN_STALL_TIMEOUT: foreman gave it up."""
 
 
 class UpstreamRejected(ForemanError):

@@ -66,6 +66,29 @@ class NewJob:
     routing: str | None = None  # for an alias job: JSON {"alias", and "route", "rule" if a route chose it}
     cache: str | None = None  # "no-cache": the client asked that the embedding cache not answer it
 
+    def started(self, at: float) -> Job:
+        """The job as the store holds it once claimed at `at`, the moment it was written."""
+        return Job(
+            id=self.id,
+            state=JobState.WORKING,
+            endpoint=self.endpoint,
+            model=self.model,
+            model_key=self.model_key,
+            stream=self.stream,
+            body=self.body,
+            attempt=0,
+            created_at=self.created_at,
+            started_at=at,
+            finished_at=None,
+            status=None,
+            error=None,
+            result=None,
+            respond_async=self.respond_async,
+            priority=self.priority,
+            routing=self.routing,
+            cache=self.cache,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Job:

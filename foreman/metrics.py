@@ -33,6 +33,11 @@ class Metrics:
         self._upstream_errors = Counter(
             "foreman_upstream_errors", "Failures talking to Ollama, by kind.", ["kind"], registry=r
         )
+        self._stalls = Counter(
+            "foreman_upstream_stalls",
+            "Requests to Ollama given up because it sent nothing for FOREMAN_STALL_TIMEOUT.",
+            registry=r,
+        )
         self._retries = Counter(
             "foreman_retries", "Jobs put back in the queue after a transient failure.", registry=r
         )
@@ -48,6 +53,7 @@ class Metrics:
         self._cache_entries = Gauge(
             "foreman_embed_cache_entries", "Vectors the embedding cache holds.", registry=r
         )
+        self._job_counters: dict[tuple[str, str, str], Counter] = {}
         self._embed_calls = Counter(
             "foreman_embed_calls", "Embed calls sent to Ollama by the worker.", registry=r
         )
@@ -59,7 +65,11 @@ class Metrics:
         )
 
     def job_ended(self, job: Job | NewJob, state: JobState, *, wait: float, run: float) -> None:
-        self._jobs.labels(job.endpoint, job.model_key, state.value).inc()
+        key = (job.endpoint, job.model_key, state.value)
+        counter = self._job_counters.get(key)
+        if counter is None:  # looked up once per label set: `labels` takes a lock and builds a key each time
+            counter = self._job_counters[key] = self._jobs.labels(*key)
+        counter.inc()
         self._wait.observe(max(wait, 0.0))
         self._run.observe(max(run, 0.0))
 
@@ -69,6 +79,9 @@ class Metrics:
 
     def upstream_error(self, kind: str) -> None:
         self._upstream_errors.labels(kind).inc()
+
+    def stalled(self) -> None:
+        self._stalls.inc()
 
     def retried(self) -> None:
         self._retries.inc()

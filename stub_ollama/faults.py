@@ -13,6 +13,9 @@ to. Where in a request's life each fault strikes:
 * **fail_model** strikes where **fail** does, for every request naming that
   model, until :meth:`Faults.clear`: a model Ollama can never run (a runner
   that crashes on it, weights that do not fit in memory).
+* **stall** mid-stream: a streamed request sends ``after_chunks`` lines and then
+  nothing, holding its connection open (counted in :attr:`Faults.hung`) until
+  released like a hang, as a wedged runner does; then it carries on.
 * **drop** after the runner and a slot are acquired (the model loads): the
   stream sends ``after_chunks`` lines and then the connection is aborted without
   finishing the chunked body; ``after_chunks=0`` aborts before the headers.
@@ -48,6 +51,14 @@ class Drop:
     streamed_only: bool
 
 
+@dataclass(slots=True)
+class Stall:
+    """A queued ``stall_next`` fault."""
+
+    remaining: int
+    after_chunks: int
+
+
 class Faults:
     """The fault plan tests drive; see the module docstring for when each strikes."""
 
@@ -55,6 +66,7 @@ class Faults:
         self._fails: collections.deque[Fail] = collections.deque()
         self._drops: collections.deque[Drop] = collections.deque()
         self._hangs = 0
+        self._stalls: collections.deque[Stall] = collections.deque()
         self._broken: dict[str, Fail] = {}  # model name -> the failure every request for it meets
         self._release = asyncio.Event()
         self._on_change = on_change or (lambda: None)
@@ -102,6 +114,11 @@ class Faults:
         """Hold the next ``n`` inference requests without answering (see module docstring)."""
         self._hangs += max(n, 0)
 
+    def stall_next(self, n: int = 1, after_chunks: int = 1) -> None:
+        """Make the next ``n`` streamed inference requests go silent after ``after_chunks`` lines (see module docstring)."""
+        if n > 0:
+            self._stalls.append(Stall(n, after_chunks))
+
     def release_hung(self) -> None:
         """Let every request held by a hang fault carry on."""
         self._release.set()
@@ -111,6 +128,7 @@ class Faults:
         """Forget every queued fault and release hung requests."""
         self._fails.clear()
         self._drops.clear()
+        self._stalls.clear()
         self._broken.clear()
         self._hangs = 0
         self.release_hung()
@@ -118,7 +136,7 @@ class Faults:
     @property
     def armed(self) -> bool:
         """Whether any fault is still queued."""
-        return bool(self._fails or self._drops or self._hangs or self._broken)
+        return bool(self._fails or self._drops or self._hangs or self._stalls or self._broken)
 
     # ------------------------------------------------------ used by handlers
 
@@ -153,6 +171,16 @@ class Faults:
         if head.remaining <= 0:
             self._fails.popleft()
         return head
+
+    def take_stall(self, is_load: bool, streamed: bool) -> tuple[int, asyncio.Event] | None:
+        """Consume one ``stall_next`` fault for a streamed request: after how many lines, and its release."""
+        if not self._stalls or is_load or not streamed:
+            return None
+        head = self._stalls[0]
+        head.remaining -= 1
+        if head.remaining <= 0:
+            self._stalls.popleft()
+        return head.after_chunks, self._release
 
     def take_drop(self, is_load: bool, streamed: bool) -> Drop | None:
         """Consume one ``drop_next`` fault if the head of the queue applies."""

@@ -412,10 +412,16 @@ async def _generate(
         record.outcome = "failed"
         raise RequestError(fail.status, fail.error)
 
+    stall = stub.faults.take_stall(False, True)
     response = web.StreamResponse(status=200, headers={"Content-Type": call.writer.stream_type})
     for index in range(total_chunks):
         if limit is not None and index == limit:
             break
+        if stall is not None and index == stall[0]:
+            if not response.prepared:
+                await response.prepare(request)
+                record.status = 200
+            await stub.faults.hang(stall[1])
         if 0 < index < len(tokens) and settings.token_delay > 0:
             await asyncio.sleep(settings.token_delay)
         if not response.prepared:

@@ -27,11 +27,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
     """Write the request as a job; answer 202 at once, or with what the worker produces for it."""
     respond_async = prefers_async(request)
     config = request.app[CONFIG]
-    try:
-        async with asyncio.timeout(config.read_timeout):
-            raw = await request.read()
-    except TimeoutError as exc:
-        raise ForemanError("the request body did not arrive in time", 408) from exc
+    if request.content.is_eof():
+        raw = await request.read()  # all there already: no timer to set
+    else:
+        try:
+            async with asyncio.timeout(config.read_timeout):
+                raw = await request.read()
+        except TimeoutError as exc:
+            raise ForemanError("the request body did not arrive in time", 408) from exc
     default_priority = config.async_priority if respond_async else config.sync_priority
     job = parse_job(
         request.path,
@@ -101,15 +104,32 @@ async def _serve(request: web.Request, job: NewJob, answer: CacheAnswer | None) 
     queue = app[QUEUE]
     with app[EVENTS].subscribe(job.id, client=True) as inbox:
         try:
-            accepted = await queue.submit(job, answer=answer)
+            accepted = await queue.submit(
+                job, answer=answer, run_here=_may_run_here(job, app[CONFIG].embed_batch)
+            )
             if accepted.result is not None:
                 headers = {"Content-Type": JSON_TYPE, JOB_HEADER: job.id}
                 return web.Response(body=accepted.result, headers=headers)
+            if accepted.claim is not None:
+                # Claimed as it was written: it runs here, and its events are in the inbox by its end.
+                await queue.run(accepted.claim)
             return await _respond(request, job, inbox, app[CONFIG].early_headers)
         except (asyncio.CancelledError, ConnectionResetError):
             # The client went away: like Ollama, stop working for it.
             await asyncio.shield(queue.cancel(job.id))
             raise
+
+
+def _may_run_here(job: NewJob, embed_batch: int) -> bool:
+    """Whether the job may run on its handler's task, when the worker could start it at once.
+
+    Not a stream: its chunks go out as they come, so its handler waits on
+    them, not on the run. Not an embed job that may share a call: the turn
+    the worker takes to claim it lets the requests that arrive with it join
+    its batch (run at once, the first of a wave of one-input requests would
+    go alone, and the rest after it).
+    """
+    return not job.stream and (embed_batch <= 1 or job.endpoint not in EMBED_ENDPOINTS)
 
 
 async def _respond(

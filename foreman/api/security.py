@@ -62,6 +62,7 @@ _ALLOW_HEADERS = ",".join(
 )
 _ALLOW_METHODS = "GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS"
 _LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
+_KNOWN_HOSTS = 64  # Host headers remembered as accepted; more distinct ones are parsed each time
 
 _CORS_HEADERS = web.RequestKey("cors_headers", dict)
 
@@ -88,11 +89,19 @@ def host_guard(extra_hosts: Sequence[str]) -> Middleware:
     an OPTIONS request for an accepted name itself, with 204.
     """
     extra = {h.strip().lower() for h in extra_hosts if h.strip()}
+    # Host headers that name a loopback or private address, accepted for good: the next request
+    # with the same header (a local client's every request) skips parsing it.
+    known: set[str] = set()
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        host = _split_host(request.headers.get(hdrs.HOST, ""))
+        header = request.headers.get(hdrs.HOST, "")
+        if header in known:
+            return await handler(request)
+        host = _split_host(header)
         if _allowed_address(host):
+            if len(known) < _KNOWN_HOSTS and _fixed_address(host):
+                known.add(header)
             return await handler(request)
         if _allowed_name(host) or host.lower() in extra:
             if request.method == hdrs.METH_OPTIONS:
@@ -203,14 +212,24 @@ def _allowed_address(host: str) -> bool:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    return _always_allowed(address) or _is_local(address)
+
+
+def _fixed_address(host: str) -> bool:
+    """An address accepted whatever the machine's interfaces are (loopback, private, unspecified)."""
+    try:
+        return _always_allowed(ipaddress.ip_address(host))
+    except ValueError:
+        return False
+
+
+def _always_allowed(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     plain = address
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         plain = address.ipv4_mapped  # Go's netip unmaps for these two tests, not for the others
     if plain.is_loopback or _is_private(plain):
         return True
-    if address in (ipaddress.IPv4Address(0), ipaddress.IPv6Address(0)):
-        return True
-    return _is_local(address)
+    return address in (ipaddress.IPv4Address(0), ipaddress.IPv6Address(0))
 
 
 def _is_private(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

@@ -65,9 +65,26 @@ async def status(request: web.Request) -> web.Response:
             "db": await store.describe(),
             "nodes": await app[RELAY].nodes(),
             "embed_cache": await _embed_cache(app),
+            "stalls": _stalls(app),
             "webhooks": webhooks.status_view(app),
         }
     )
+
+
+def _stalls(app: web.Application) -> dict[str, Any]:
+    """Requests Ollama accepted and then went silent on (FOREMAN_STALL_TIMEOUT), since start."""
+    stalls = app[UPSTREAM].stalls
+    if stalls is None:
+        return {"total": 0, "in_a_row": 0, "last_at": None, "last_s": None, "restarts": 0, "timeout_s": None}
+    last_at, last_s = stalls.last if stalls.last is not None else (None, None)
+    return {
+        "total": stalls.total,
+        "in_a_row": stalls.in_a_row,
+        "last_at": iso(last_at) if last_at is not None else None,
+        "last_s": last_s,
+        "restarts": stalls.restarts,
+        "timeout_s": stalls.timeout or None,
+    }
 
 
 async def _embed_cache(app: web.Application) -> dict[str, Any] | None:

@@ -13,15 +13,22 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any
 
 import aiohttp
 
-from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable, error_message
+from foreman.errors import (
+    UpstreamFailed,
+    UpstreamRejected,
+    UpstreamStalled,
+    UpstreamUnreachable,
+    error_message,
+)
 from foreman.job import JSON_TYPE
 from foreman.ollama.names import normalise_model
+from foreman.ollama.stalls import Stalls
 
 _CENTURY_S = 100 * 365 * 86400
 NDJSON = "application/x-ndjson"
@@ -46,11 +53,34 @@ _LOAD_ENDPOINT = {
 }
 
 
+class _Watch:
+    """How one request's silence is judged: the deadline it was sent with, and whether it counts as a job's."""
+
+    def __init__(self, stalls: Stalls | None, seconds: float | None, what: str, counts: bool) -> None:
+        self.stalls, self.seconds, self.what, self.counts = stalls, seconds, what, counts
+
+    def stalled(self, exc: BaseException) -> UpstreamStalled:
+        seconds = self.seconds or 0.0
+        if self.counts and self.stalls is not None:
+            self.stalls.stalled(seconds, self.what)
+        return UpstreamStalled(
+            f"Ollama sent nothing for {seconds:g} s (FOREMAN_STALL_TIMEOUT) and foreman gave the request up: {exc}"
+        )
+
+    def answered(self) -> None:
+        if self.counts and self.stalls is not None:
+            self.stalls.answered()
+
+
+_UNWATCHED = _Watch(None, None, "", False)
+
+
 class Reply:
     """Ollama's answer to a job, read as it arrives."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, watch: _Watch = _UNWATCHED) -> None:
         self._response = response
+        self._watch = watch
         self.status = response.status
         self.content_type = response.headers.get("Content-Type", JSON_TYPE)
         self.streamed = self.content_type.startswith((NDJSON, EVENT_STREAM))
@@ -70,24 +100,34 @@ class Reply:
                         yield line
                 del buffer[:start]
                 scanned = len(buffer)
+        except aiohttp.SocketTimeoutError as exc:
+            raise self._watch.stalled(exc) from exc
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             raise UpstreamFailed(f"Ollama dropped the connection mid-reply: {exc}") from exc
+        self._watch.answered()
         if buffer.strip():
             yield bytes(buffer) + b"\n"
 
     async def read(self) -> bytes:
         try:
-            return await self._response.read()
+            body = await self._response.read()
+        except aiohttp.SocketTimeoutError as exc:
+            raise self._watch.stalled(exc) from exc
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             raise UpstreamFailed(f"Ollama dropped the connection mid-reply: {exc}") from exc
+        self._watch.answered()
+        return body
 
 
 class Upstream:
     """One Ollama server behind one client session."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, stalls: Stalls | None = None) -> None:
         self.session = session
         self.base_url = base_url.rstrip("/")
+        # Every request but the pass-through gets a deadline on Ollama's silence (stalls.py);
+        # those of jobs and loads count as stalls.
+        self.stalls = stalls
 
     def url(self, path_qs: str) -> str:
         return self.base_url + path_qs
@@ -143,23 +183,39 @@ class Upstream:
         return None
 
     async def load(
-        self, endpoint: str, model: str, options: Mapping[str, Any], keep_alive: object | None
+        self,
+        endpoint: str,
+        model: str,
+        options: Mapping[str, Any],
+        keep_alive: object | None,
+        *,
+        load_s: float = 0.0,
     ) -> None:
-        """Ask Ollama to load `model` with `options` and hold it for `keep_alive` (None: Ollama's default)."""
+        """Ask Ollama to load `model` with `options` and hold it for `keep_alive` (None: Ollama's default).
+
+        A load sends nothing until it is done: `load_s`, what this model's loads
+        took before, is allowed on top of the stall timeout.
+        """
         family = _LOAD_ENDPOINT[endpoint]
         body: dict[str, Any] = {"model": model, **_LOAD_BODIES[family]}
         if keep_alive is not None:
             body["keep_alive"] = keep_alive
         if options:
             body["options"] = dict(options)
-        async with self.post(family, json.dumps(body).encode()) as reply:
+        async with self._request(
+            "POST", family, json.dumps(body).encode(), counts=True, extra=load_s
+        ) as reply:
             await reply.read()
 
-    @asynccontextmanager
-    async def post(self, endpoint: str, body: bytes) -> AsyncIterator[Reply]:
-        """POST a job's body; yields the reply once Ollama has accepted it (2xx)."""
-        async with self._request("POST", endpoint, body) as reply:
-            yield reply
+    def post(self, endpoint: str, body: bytes) -> AbstractAsyncContextManager[Reply]:
+        """POST a job's body; yields the reply once Ollama has accepted it (2xx).
+
+        UpstreamStalled if Ollama then sends nothing for the stall timeout, before its
+        first byte or between two chunks; the request is aborted.
+        """
+        return self._request(
+            "POST", endpoint, body, counts=True
+        )  # not wrapped again: every job's call comes here
 
     async def send(self, method: str, path_qs: str, **kwargs: Any) -> aiohttp.ClientResponse:
         """Send any request to Ollama and return its response, whatever its status.
@@ -175,12 +231,29 @@ class Upstream:
 
     @asynccontextmanager
     async def _request(
-        self, method: str, path: str, body: bytes | None = None, **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        counts: bool = False,
+        extra: float = 0.0,
+        **kwargs: Any,
     ) -> AsyncIterator[Reply]:
         headers = {"Content-Type": "application/json"} if body is not None else None
-        response = await self.send(method, path, data=body, headers=headers, **kwargs)
+        seconds = self.stalls.deadline(extra) if self.stalls is not None else None
+        watch = _Watch(self.stalls, seconds, f"{method} {path}", counts)
+        if seconds is not None and "timeout" not in kwargs:
+            # sock_read: the longest wait for the next bytes, headers or body, which closes the connection.
+            kwargs["timeout"] = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=seconds)
         try:
-            reply = Reply(response)
+            response = await self.send(method, path, data=body, headers=headers, **kwargs)
+        except UpstreamUnreachable as exc:
+            if isinstance(exc.__cause__, aiohttp.SocketTimeoutError):
+                raise watch.stalled(exc.__cause__) from exc.__cause__
+            raise
+        try:
+            reply = Reply(response, watch)
             if response.status >= 500:
                 error = await reply.read()
                 raise UpstreamFailed(_error_text(error, response.status), response.status, error)

@@ -23,10 +23,15 @@ class Outages:
         # from the start no job may have failed yet, yet the log has said so.
         self.last_error: tuple[float, str] | None = None
         self._when_back: list[Callable[[], None]] = []
+        self._when_down: list[Callable[[], None]] = []
 
     def when_back(self, callback: Callable[[], None]) -> None:
         """Call `callback` each time Ollama answers again after an outage (it may have restarted)."""
         self._when_back.append(callback)
+
+    def when_down(self, callback: Callable[[], None]) -> None:
+        """Call `callback` each time an outage begins."""
+        self._when_down.append(callback)
 
     @property
     def reachable(self) -> bool:
@@ -43,6 +48,8 @@ class Outages:
                 error=exc.message,
                 hint="is Ollama running? foreman keeps accepting jobs and runs them when it answers",
             )
+            for callback in self._when_down:
+                callback()
 
     def up(self) -> None:
         if self._down:

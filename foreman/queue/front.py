@@ -8,11 +8,12 @@ the storage has it.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Protocol
 
 from foreman.job import Job, NewJob
 from foreman.queue.lifecycle import Lifecycle
-from foreman.storage import Accepted, CacheAnswer, DrainOrder, Storage, Submission
+from foreman.storage import Accepted, CacheAnswer, Chooser, Claim, DrainOrder, Storage, Submission
 
 
 class Intake(Protocol):
@@ -20,6 +21,9 @@ class Intake(Protocol):
 
     def wake(self, model_key: str) -> None: ...
     def drain_order_now(self) -> DrainOrder: ...
+    def run_now(self) -> Chooser | None: ...
+    def unclaimed(self, job_id: str) -> None: ...
+    async def run_here(self, claim: Claim) -> None: ...
     async def cancel(self, job_id: str) -> bool: ...
 
 
@@ -30,6 +34,7 @@ class QueueFront:
         self._store = store
         self._lifecycle = lifecycle
         self._worker = worker
+        self._leaving: set[asyncio.Future[None]] = set()
 
     async def submit(
         self,
@@ -38,19 +43,39 @@ class QueueFront:
         answer: CacheAnswer | None = None,
         request_hash: str | None = None,
         with_position: bool = False,
+        run_here: bool = False,
     ) -> Accepted:
         """Commit the job (or find the earlier one its idempotency key stands for), then wake the worker.
+
+        With `run_here` (a caller that waits for the job), the job may be
+        claimed as it is written, when the worker could start it at once:
+        `Accepted.claim` is then the caller's to run with `run`, and the
+        worker is not woken.
 
         Once the write started it lands, even if the caller is cancelled
         meanwhile (a client that left): a cancel then finds the job.
         """
         order = self._worker.drain_order_now() if with_position else None
-        committed = self._store.submit(Submission(job, request_hash, order, answer))
-        if answer is None:
+        run_now = self._worker.run_now() if run_here and job.routing is None else None
+        committed = self._store.submit(Submission(job, request_hash, order, answer, run_now))
+        if answer is None and run_now is None:
             # The store orders a claim asked for now behind this commit
             # (`Storage.submit`), so the worker need not wait for the answer.
             self._worker.wake(job.model_key)
-        accepted = await asyncio.shield(committed)
+        committed = asyncio.ensure_future(committed)
+        try:
+            accepted = await asyncio.shield(committed)
+        except asyncio.CancelledError:
+            if run_now is not None:
+                committed.add_done_callback(partial(self._left, job))
+            raise
+        except Exception:
+            self._worker.unclaimed(job.id)
+            raise
+        if accepted.claim is not None:
+            self._lifecycle.queued(job)
+            return accepted
+        self._worker.unclaimed(job.id)  # written queued after all
         if accepted.result is not None and answer is not None:
             self._lifecycle.answered(job, len(answer.keys))
         elif accepted.new:
@@ -58,6 +83,30 @@ class QueueFront:
             self._worker.wake(job.model_key)
             self._lifecycle.queued(job)
         return accepted
+
+    async def run(self, claim: Claim) -> None:
+        """Run a job claimed at intake (`Accepted.claim`) on the caller's task; its events come as any job's."""
+        await self._worker.run_here(claim)
+
+    def _left(self, job: NewJob, committed: asyncio.Future[Accepted]) -> None:
+        """The client left while its job was written: a job claimed on the way ends cancelled, not running."""
+        if committed.cancelled() or committed.exception() is not None:
+            self._worker.unclaimed(job.id)
+            return
+        claim = committed.result().claim
+        if claim is None:
+            self._worker.unclaimed(job.id)
+            return
+        self._lifecycle.queued(job)
+        task = asyncio.ensure_future(self._cancel_claimed(claim))
+        self._leaving.add(task)
+        task.add_done_callback(self._leaving.discard)
+
+    async def _cancel_claimed(self, claim: Claim) -> None:
+        try:
+            await self._lifecycle.cancelled(claim.job, before="start")
+        finally:
+            self._worker.unclaimed(claim.job.id)
 
     async def cancel(self, job_id: str) -> bool:
         """Drop a job that waits, or abort one that runs; False if it had already ended."""

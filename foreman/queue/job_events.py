@@ -50,6 +50,10 @@ class JobEvents:
             if not subscriptions:
                 del self._subscribers[job_id]
 
+    def watched(self) -> list[str]:
+        """The jobs someone here waits for or follows."""
+        return list(self._subscribers)
+
     def has_client(self, job_id: str) -> bool:
         """Whether the client that submitted the job is still waiting for it, here or on another node."""
         if self.relay.waits_elsewhere(job_id):

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
 import structlog
 
 from foreman.embeddings.cache import EmbedCache
-from foreman.errors import error_message
+from foreman.errors import Unavailable, error_message
 from foreman.job import JSON_TYPE, Job, JobState, NewJob
 from foreman.metrics import Metrics
 from foreman.queue.job_events import Chunk, Ended, JobEvents, StateChanged
@@ -35,6 +35,10 @@ intake_log = structlog.get_logger("foreman.api")
 
 # One spelling with the state and with "cancelled before it ran": the job was cancelled.
 CANCELLED = "request cancelled"
+
+
+# How long a stopping foreman waits for the records of finished jobs to reach a database that is away.
+_RECORD_TIMEOUT_S = 10.0
 
 
 class Lifecycle:
@@ -192,6 +196,7 @@ class Lifecycle:
 
     async def cancelled(self, job: Job, *, before: str) -> None:
         """The job was cancelled before it started ("start") or while it ran ("end")."""
+        self._cancelling.discard(job.id)  # a cancel that came while it was being claimed is served
         await self._end(job, JobState.CANCELLED, 499, error_body(CANCELLED), error=CANCELLED)
         self._logged_cancel(job.id, job, before)
 
@@ -221,8 +226,17 @@ class Lifecycle:
         return await self._events.relay.cancel_elsewhere(job_id)
 
     async def recorded(self) -> None:
-        """Wait until the outcomes on their way to the store are written."""
-        await asyncio.gather(*self._records, return_exceptions=True)
+        """Wait until the outcomes on their way to the store are written, or _RECORD_TIMEOUT_S (foreman stops).
+
+        A record still retrying then (its database is away) is given up: its job runs again after the
+        restart, as after a crash.
+        """
+        if not self._records:
+            return
+        _, pending = await asyncio.wait(set(self._records), timeout=_RECORD_TIMEOUT_S)
+        for record in pending:
+            record.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     async def _end(
         self,
@@ -252,16 +266,20 @@ class Lifecycle:
             self.last_error = (now, error or "")
         chunks = self._output.pop(job.id, ())
         record = asyncio.ensure_future(
-            self._store.finish(
-                job,
-                state,
-                now,
-                status=status,
-                result=result,
-                error=error,
-                attempt=attempt,
-                chunks=chunks,
-                cache=cache,
+            self._until_written(
+                job.id,
+                partial(
+                    self._store.finish,
+                    job,
+                    state,
+                    now,
+                    status=status,
+                    result=result,
+                    error=error,
+                    attempt=attempt,
+                    chunks=chunks,
+                    cache=cache,
+                ),
             )
         )
         if state is JobState.DONE:
@@ -270,6 +288,24 @@ class Lifecycle:
         else:
             await record
         self._told_end(job.id, job, Ended(state, status, body, content_type, error), now)
+
+    @staticmethod
+    async def _until_written(job_id: str, write: Callable[[], Awaitable[None]]) -> None:
+        """`write()` a job's end, again and again while the store cannot be reached (a database restart).
+
+        Its client has its answer, or will have it: given up, the record would leave the
+        job "working", and it would run a second time.
+        """
+        pause = 0.1
+        while True:
+            try:
+                await write()
+                return
+            except Unavailable as exc:
+                if pause == 0.1:
+                    log.warning("job.record_waiting", job_id=job_id, error=exc.message)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     def _told_end(self, job_id: str, job: Job | None, ended: Ended, now: float) -> None:
         """Tell the job's waiters, the page and the metrics that it ended (`job` None: no longer stored)."""

@@ -32,13 +32,28 @@ BACKLOG_MAX = 10_000
 _RECENTLY_MOVED = 256
 
 
-@dataclass(frozen=True, slots=True)
 class FeedEvent:
-    """One transition: `kind` is the SSE event name, `data` its JSON body."""
+    """One transition: `kind` is the SSE event name, `data` its JSON body.
 
-    kind: str
-    at: float
-    data: dict[str, Any]
+    A job's move keeps only its facts; the body is built when someone reads
+    it, so a queue that no page watches builds none.
+    """
+
+    __slots__ = ("_data", "_facts", "at", "kind")
+
+    def __init__(
+        self, kind: str, at: float, data: dict[str, Any] | None = None, facts: tuple[Any, ...] = ()
+    ) -> None:
+        self.kind = kind
+        self.at = at
+        self._data = data
+        self._facts = facts
+
+    @property
+    def data(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = _job_data(*self._facts)
+        return self._data
 
 
 @dataclass(eq=False, slots=True)
@@ -61,9 +76,7 @@ class PageFeed:
         if not self._watchers or job_id in self._moved:
             return  # arrivals are only for watchers: with none, there is nothing to build
         # Arrivals are many and draw nothing on the timeline: watchers get them, the history does not.
-        self._emit(
-            FeedEvent("job", at, _job_data(job_id, JobState.QUEUED, at, model, priority, 0)), keep=False
-        )
+        self._emit(FeedEvent("job", at, facts=(job_id, JobState.QUEUED, at, model, priority, 0)), keep=False)
 
     def job(
         self,
@@ -77,7 +90,7 @@ class PageFeed:
     ) -> None:
         """The worker moved a job to `state` at `at`; `model` is None where the caller does not know it."""
         self._moved.append(job_id)
-        self._emit(FeedEvent("job", at, _job_data(job_id, state, at, model, priority, attempt)), keep=True)
+        self._emit(FeedEvent("job", at, facts=(job_id, state, at, model, priority, attempt)), keep=True)
 
     def swap(self, *, model: str, reason: str, from_models: list[str], load_s: float, at: float) -> None:
         """`model` finished loading at `at`, after `load_s` seconds, for `reason`."""
@@ -115,6 +128,8 @@ class PageFeed:
     def _emit(self, event: FeedEvent, *, keep: bool) -> None:
         if keep:
             self._history.append(event)
+        if not self._watchers:
+            return
         for watcher in self._watchers:
             if watcher.dropped:
                 continue

@@ -81,6 +81,9 @@ class Submission:
     request_hash: str | None = None  # tells a retried submission (same idempotency key) from a different one
     drain_order: DrainOrder | None = None
     answer: CacheAnswer | None = None  # the embedding cache may answer it at once
+    # The worker's pick, for a job it may run at once: the store claims the job as it
+    # writes it when nothing else waits and this picks it (see `Storage.submit`).
+    run_now: Chooser | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +95,7 @@ class Accepted:
     state: JobState
     position: int | None  # queued jobs ahead of it, when the submission asked
     result: bytes | None = None  # the reply, when the cache answered it (`Submission.answer`)
+    claim: Claim | None = None  # the job, claimed as it was written (`Submission.run_now`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +105,16 @@ class Claim:
     job: Job
     decision: Decision
     waiting_after: int  # queued jobs of the same model key, all classes
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedPin:
+    """A pin foreman set on a model of its Ollama, as recorded: how to load `model_key` again to release it."""
+
+    model_key: str
+    endpoint: str
+    model: str
+    options: str  # the load options, JSON
 
 
 class Recovered(NamedTuple):
@@ -131,7 +145,12 @@ class Storage(Protocol):
         ordered behind it and finds the job once the awaitable resolved.
         With `submission.answer`, a job the cache can answer whole is written
         done with its reply instead (`CacheAnswer`), and `Accepted.result`
-        carries the reply. Refusals come as exceptions: `IdempotencyConflict` when the job's
+        carries the reply. With `submission.run_now`, a backend that can tell
+        on the spot that nothing else waits may ask it about the job alone and,
+        if it picks the job, write it already claimed (started, never queued):
+        `Accepted.claim` is the claim, the caller's to run. A backend that
+        cannot tell without a round trip (the shared PostgreSQL queue) writes
+        the job queued, as without it. Refusals come as exceptions: `IdempotencyConflict` when the job's
         idempotency key was used for a different request (the same request
         resolves to the earlier job with `new=False`), `QueueFull` when the
         queue holds `max_queue` waiting jobs, `Unavailable` when the store
@@ -220,7 +239,7 @@ class Storage(Protocol):
         """Record which model serves an alias job (`Job.served_model`)."""
         ...
 
-    async def finish(
+    def finish(
         self,
         job: Job,
         state: JobState,
@@ -232,8 +251,12 @@ class Storage(Protocol):
         attempt: int | None = None,
         chunks: Sequence[bytes] = (),
         cache: str | None = None,
-    ) -> None:
+    ) -> Awaitable[None]:
         """End a running job for good with its output: the reply `result` or the streamed `chunks`.
+
+        As with `submit`, the write is under way when this returns: a backend
+        may commit the finishes asked for in one turn of the event loop
+        together (an embedding batch's members end in the same turn).
 
         A job that already ended (cancelled meanwhile) stays as it ended,
         chunks included. `attempt`, if given, replaces the job's count;
@@ -295,6 +318,17 @@ class Storage(Protocol):
 
     async def cache_stats(self) -> CacheStats:
         """How many vectors the cache holds, and the bytes they count against its bound."""
+        ...
+
+    # Pins: which models this daemon (this node) keeps loaded with FOREMAN_PIN_KEEP_ALIVE, so a restart
+    # after kill -9 can release those the dead one left behind (see foreman/worker/residency.py)
+
+    async def pins(self) -> list[RecordedPin]:
+        """The pins recorded last, by model key."""
+        ...
+
+    async def set_pins(self, pins: Sequence[RecordedPin]) -> None:
+        """Record these pins in place of the ones recorded before."""
         ...
 
     # Upkeep

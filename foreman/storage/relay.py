@@ -39,6 +39,21 @@ class Deliveries(Protocol):
 
     def deliver(self, job_id: str, event: JobEvent) -> None: ...
 
+    def watched(self) -> list[str]:
+        """The jobs someone here waits for or follows."""
+        ...
+
+
+class OllamaHealth(Protocol):
+    """Whether this node's Ollama answers, and word when that changes (`foreman/ollama/outages.py`)."""
+
+    @property
+    def reachable(self) -> bool | None: ...
+
+    def when_down(self, callback: Callable[[], None]) -> None: ...
+
+    def when_back(self, callback: Callable[[], None]) -> None: ...
+
 
 class Relay(Protocol):
     """This node's line to the others sharing its queue."""
@@ -68,11 +83,11 @@ class Relay(Protocol):
         ...
 
     def joined(
-        self, worker: LocalWorker, events: Deliveries, *, reachable: Callable[[], bool | None]
+        self, worker: LocalWorker, events: Deliveries, ollama: OllamaHealth
     ) -> AbstractAsyncContextManager[None]:
         """This node as a member for the life of the block (its worker runs): heartbeat, leases, hearing the others.
 
-        `reachable` says whether this node's Ollama answers (None: not known yet).
+        The others learn whether this node's Ollama answers (`ollama`) as soon as that changes.
         """
         ...
 
@@ -97,7 +112,7 @@ class Alone:
 
     @asynccontextmanager
     async def joined(
-        self, worker: LocalWorker, events: Deliveries, *, reachable: Callable[[], bool | None]
+        self, worker: LocalWorker, events: Deliveries, ollama: OllamaHealth
     ) -> AsyncIterator[None]:
         yield
 

@@ -27,7 +27,7 @@ from foreman.retry import RetryPolicy, Sleep
 from foreman.routing.aliases import Why, alias_of, fold, is_alias_key
 from foreman.scheduling.driver import Choice, PolicyDriver
 from foreman.scheduling.policy import Decision, ModelQueue, next_due
-from foreman.storage import Claim, Storage
+from foreman.storage import Chooser, Claim, Storage
 from foreman.worker.residency import Residency
 from foreman.worker.wakeups import WakeUps
 from foreman.worker.warm import Warmer
@@ -53,7 +53,11 @@ class Runner(Protocol):
         """Model key → loads under way for claimed jobs: as good as resident for drain orders."""
         ...
 
-    async def run(self, claim: Claim, start: Callable[[Coroutine[Any, Any, None], Job], None]) -> None: ...
+    async def run(self, claim: Claim, start: Callable[[Coroutine[Any, Any, object], Job], None]) -> None: ...
+    async def run_here(
+        self, claim: Claim, start: Callable[[Coroutine[Any, Any, object], Job], None]
+    ) -> bool: ...
+    def interrupt(self, job_id: str) -> None: ...
     def stop(self) -> None: ...
     def is_running(self, job_id: str) -> bool: ...
     def running_jobs(self) -> list[str]: ...
@@ -92,7 +96,9 @@ class Worker:
         self._sleep = sleep
         self._wakeups = wakeups
         self._work = wakeups.work
-        self._tasks: set[asyncio.Task[None]] = set()
+        # The jobs in flight: the worker's tasks, and a slot for each job that runs on its handler's task.
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._here: dict[str, asyncio.Future[None]] = {}  # job id -> slot, for the jobs run on their handlers
         self._crashed: list[BaseException] = []
         self._stopping = False
         self._idle_since: float | None = None  # when the queue last ran dry
@@ -164,8 +170,10 @@ class Worker:
                     await self._sleep(self._retry.maximum)
         finally:
             # Stopping: jobs in flight go back to the queue (see JobRunner.run).
+            self._interrupt_here()
             for task in self._tasks:
-                task.cancel()
+                if task not in self._here.values():
+                    task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._lifecycle.recorded()
             # A pin must not outlive foreman: the jobs it was set for wait for the restart.
@@ -179,10 +187,14 @@ class Worker:
         """Drop a job that waits, or abort one that runs; False if it had already ended."""
         if self._runner.abort(job_id):
             return True  # its run ends it (Lifecycle.cancelled)
-        if await self._lifecycle.cancel_waiting(job_id, claimed=self._runner.is_running):
+        if await self._lifecycle.cancel_waiting(job_id, claimed=self._claimed):
             return True
         # Another node sharing the queue may run it.
         return await self._lifecycle.cancel_elsewhere(job_id)
+
+    def _claimed(self, job_id: str) -> bool:
+        """Whether the job is taken to run here: running, or claimed at intake and about to start."""
+        return self._runner.is_running(job_id) or job_id in self._here
 
     def stop(self) -> None:
         """Take no new jobs (foreman is shutting down)."""
@@ -202,6 +214,71 @@ class Worker:
         _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
         if pending:
             log.warning("worker.grace_over", requeued=len(pending), grace_s=grace)
+            # A job run on its handler's task goes back now, so its client hears why before the server closes.
+            self._interrupt_here()
+
+    def run_now(self) -> Chooser | None:
+        """The pick that lets intake claim a job as it writes it, or None when the worker cannot take one now.
+
+        The job then runs on its handler's task (`run_here`): no wake-up, no
+        hand-off. That takes a free slot, nothing else waiting (the store's
+        to tell, see `Storage.submit`) and the policy picking the job without
+        a swap: the policy judges, as for any claim, on the loop.
+        """
+        if self._stopping or self._crashed or len(self._tasks) >= self._parallel or self._residency.due:
+            return None
+        if self._idle_since is not None and self._monotonic() - self._idle_since > _IDLE_RECHECK_S:
+            return None  # what Ollama holds is worth a look first: the worker's way reads /api/ps
+        now = self._clock()
+        choice = self._driver.choice(self._residency.models, now)
+
+        def choose(queues: list[ModelQueue]) -> Decision | None:
+            # Asked later in the same turn (a group commit): the slots may be taken by then.
+            if self._stopping or len(self._tasks) >= self._parallel:
+                return None
+            decision = choice.pick(queues)
+            if decision is None or decision.swap or is_alias_key(decision.model_key):
+                return None
+            if self._tasks and decision.model_key != self._driver.state.serving:
+                return None  # never two models at once
+            self._driver.claimed(decision, now)
+            self._idle_since = None
+            slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._tasks.add(slot)
+            self._here[queues[0].oldest_id] = slot
+            return decision
+
+        return choose
+
+    def unclaimed(self, job_id: str) -> None:
+        """A job `run_now` picked was not written claimed after all (the write failed): free its slot."""
+        slot = self._here.pop(job_id, None)
+        if slot is not None:
+            self._tasks.discard(slot)
+            slot.cancel()
+
+    async def run_here(self, claim: Claim) -> None:
+        """Run a job claimed at intake on the caller's task, as one of the jobs in flight."""
+        job = claim.job
+        slot = self._here[job.id]
+        ended = False
+        # Every line logged while the job runs names it (bound by hand: the context manager costs more).
+        bound = structlog.contextvars.bind_contextvars(job_id=job.id, model=job.model_key)
+        try:
+            ended = await self._runner.run_here(claim, self._start)
+        finally:
+            structlog.contextvars.reset_contextvars(**bound)
+            del self._here[job.id]
+            self._tasks.discard(slot)
+            slot.set_result(None)  # a worker waiting for a slot looks again
+            if not ended or self._stopping or self._residency.pinned_models():
+                self._work.set()  # put back, or pins to hand back: the worker's to see to
+            elif not self._tasks:
+                self._idle_since = self._monotonic()
+
+    def _interrupt_here(self) -> None:
+        for job_id in list(self._here):
+            self._runner.interrupt(job_id)
 
     async def _drain(self) -> None:
         while not self._stopping:
@@ -242,7 +319,7 @@ class Worker:
                 with structlog.contextvars.bound_contextvars(job_id=job.id, model=job.model_key):
                     self._warmer.prepare(following)
 
-    def _start(self, run: Coroutine[Any, Any, None], job: Job) -> None:
+    def _start(self, run: Coroutine[Any, Any, object], job: Job) -> None:
         """Run `job` as one of those in flight (a claim, or a job taken to share a claim's call)."""
         # Every line logged while the job runs, here or in the store, upstream or warmer, names it.
         with structlog.contextvars.bound_contextvars(job_id=job.id, model=job.model_key):
@@ -291,11 +368,13 @@ class Worker:
         to `picked`; the store gets one that names the stored key to claim from.
         When nothing is free to run, `due` gets the time the next held job may.
         """
-        busy = bool(self._tasks)
-        serving = choice.state.serving
         want_upcoming = self._warmer is not None
 
         def choose(queues: list[ModelQueue]) -> Decision | None:
+            # Read now, not when the claim was asked for: intake may have claimed a job in between.
+            busy, serving = bool(self._tasks), self._driver.state.serving
+            if len(self._tasks) >= self._parallel:
+                return None
             folded = fold(queues, choice.state.resident)
             decision = choice.pick(folded.queues)
             if decision is None:
@@ -342,7 +421,7 @@ class Worker:
             )
         return Claim(job, decision, picked.waiting_after)
 
-    def _job_ended(self, task: asyncio.Task[None]) -> None:
+    def _job_ended(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
         error = None if task.cancelled() else task.exception()
         if error is not None:

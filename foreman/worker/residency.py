@@ -9,14 +9,21 @@ forgotten only once the request that hands it back was accepted, and
 leftovers are released when the queue empties and on SIGTERM
 (`release_pins`). Before a load, pins are moved so that Ollama evicts the
 model the policy chose (`make_room`).
+
+Every change to the pins is recorded in the database (`Storage.set_pins`),
+in the background and coalesced: a kill -9 leaves no SIGTERM to release
+them, so the next start reads them back (`restore_pins`), releases those no
+waiting work needs and keeps the others until their drain hands them back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import structlog
 
@@ -27,6 +34,7 @@ from foreman.ollama.client import Upstream
 from foreman.ollama.names import key_load_options, key_model_name
 from foreman.ollama.outages import Outages
 from foreman.retry import RetryPolicy, Sleep
+from foreman.storage import RecordedPin
 
 log = structlog.get_logger("foreman.worker")
 
@@ -41,6 +49,39 @@ class _Pin:
     endpoint: str
     model: str
     options: dict[str, object] = field(default_factory=dict)
+
+
+class PinLedger(Protocol):
+    """Where the pins are recorded (`foreman.storage.Storage`)."""
+
+    async def pins(self) -> list[RecordedPin]: ...
+
+    def set_pins(self, pins: Sequence[RecordedPin]) -> Awaitable[None]: ...
+
+
+class _Pins(dict[str, _Pin]):
+    """The pins by model key, which say when they change (so that they are recorded)."""
+
+    def __init__(self, changed: Callable[[], None]) -> None:
+        super().__init__()
+        self._changed = changed
+
+    def __setitem__(self, key: str, value: _Pin) -> None:
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._changed()
+
+    def pop(self, key: str, *default: Any) -> Any:
+        value = super().pop(key, *default)
+        self._changed()
+        return value
+
+    def clear(self) -> None:
+        super().clear()
+        self._changed()
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +114,12 @@ class Residency:
         *,
         pin_keep_alive: object,
         release_keep_alive: object | None,
+        ledger: PinLedger | None = None,
     ) -> None:
         self._upstream = upstream
+        self._ledger = ledger
+        self._recorded: tuple[RecordedPin, ...] = ()  # what the ledger holds, or is being sent
+        self._recording: asyncio.Task[None] | None = None
         self._outages = outages
         self.pin_keep_alive = pin_keep_alive
         self.release_keep_alive = release_keep_alive  # None: Ollama's own default, as learned
@@ -88,9 +133,61 @@ class Residency:
         # Models foreman has asked Ollama to hold beyond their own expiry. Each
         # stays here until a request that hands the model back was accepted,
         # so no pin outlives the work it was set for (see release_pins).
-        self._pins: dict[str, _Pin] = {}
+        self._pins: dict[str, _Pin] = _Pins(self._record)
         # How to load each model key foreman has loaded, to pin or unpin it later.
         self._known: dict[str, _Pin] = {}
+
+    def _record(self) -> None:
+        """The pins changed: have the ledger record them, one write at a time, the latest set winning."""
+        if self._ledger is not None and (self._recording is None or self._recording.done()):
+            self._recording = asyncio.get_running_loop().create_task(self._write_pins())
+
+    def _pin_records(self) -> tuple[RecordedPin, ...]:
+        return tuple(
+            RecordedPin(key, pin.endpoint, pin.model, json.dumps(pin.options, sort_keys=True))
+            for key, pin in sorted(self._pins.items())
+        )
+
+    async def _write_pins(self) -> None:
+        assert self._ledger is not None
+        while (wanted := self._pin_records()) != self._recorded:
+            try:
+                await self._ledger.set_pins(wanted)
+            except Exception as exc:  # the database is away: the next change, or the flush, tries again
+                log.warning("model.pins_unrecorded", error=str(exc))
+                return
+            self._recorded = wanted
+
+    async def flush_pins(self) -> None:
+        """Wait until the ledger holds the pins as they are now (before the store closes)."""
+        if self._ledger is None:
+            return
+        if self._recording is not None:
+            await asyncio.gather(self._recording, return_exceptions=True)
+        await self._write_pins()
+
+    async def restore_pins(self, waiting: Mapping[str, int]) -> None:
+        """At start: take back the pins a stopped daemon recorded, releasing those no waiting work needs.
+
+        After a clean stop there are none (SIGTERM released them); after kill -9,
+        a model left pinned would otherwise stay loaded for good. `waiting` is the
+        queued jobs per model key: a pinned model with work keeps its pin, which its
+        drain hands back as usual.
+        """
+        if self._ledger is None:
+            return
+        recorded = await self._ledger.pins()
+        self._recorded = tuple(recorded)
+        if not recorded:
+            return
+        for pin in recorded:
+            self._pins[pin.model_key] = self._known[pin.model_key] = _Pin(
+                pin.endpoint, pin.model, json.loads(pin.options)
+            )
+        await self.release_pins("left_behind", keep=lambda key: waiting.get(key, 0) > 0)
+        if self._pins:
+            log.info("model.pins_kept", models=sorted(self._pins), reason="work_waits")
+        await self.flush_pins()
 
     @property
     def due(self) -> bool:
@@ -132,8 +229,10 @@ class Residency:
             with attempt:
                 await self.read()
 
-    async def load(self, job: Job) -> None:
+    async def load(self, job: Job, expected_s: float = 0.0) -> None:
         """Ask Ollama to load the job's model, with the expiry it will have after its drain.
+
+        `expected_s`, what its loads took before, is allowed on top of the stall timeout.
 
         The jobs pin it while work waits, so a load that is given up or whose
         job fails leaves no pin behind. Until foreman knows Ollama's default,
@@ -147,7 +246,7 @@ class Residency:
         if keep_alive in (0, "0", "0s"):
             keep_alive = self.pin_keep_alive  # expiring at once would unload it before its job
             self._pins[key] = self._known[key] = _Pin(job.endpoint, job.model, options)
-        await self._upstream.load(job.endpoint, job.model, options, keep_alive)
+        await self._upstream.load(job.endpoint, job.model, options, keep_alive, load_s=expected_s)
 
     async def loaded(self, job: Job) -> None:
         """The job's model finished loading: remember how, learn Ollama's default if due, read /api/ps again."""
@@ -255,8 +354,8 @@ class Residency:
         if released is not None and self._pins.get(model_key) is released:
             del self._pins[model_key]
 
-    async def release_pins(self, reason: str) -> None:
-        """Hand every model foreman still pins back to Ollama's expiry (idle, or shutting down).
+    async def release_pins(self, reason: str, keep: Callable[[str], bool] = lambda key: False) -> None:
+        """Hand every model foreman still pins (but those it must `keep`) back to Ollama's expiry.
 
         A release is a load request, so only models Ollama still holds get
         one: the others have no pin left to release, and would be loaded.
@@ -270,6 +369,8 @@ class Residency:
             return
         resident = self._models
         for key, pin in sorted(self._pins.items()):
+            if keep(key) and key in resident:
+                continue
             del self._pins[key]
             if key not in resident:
                 continue

@@ -44,7 +44,11 @@ _RELOAD_HINT_NS = 500_000_000
 _LOAD_DURATION = re.compile(rb'"load_duration":\s*(\d+)')
 
 # Starts a job's run as a task of the worker's (which counts it among the jobs in flight).
-Start = Callable[[Coroutine[Any, Any, None], Job], None]
+Start = Callable[[Coroutine[Any, Any, object], Job], None]
+
+
+class StoppedHere(Exception):
+    """A job run on its handler's task went back to the queue because foreman stops."""
 
 
 class StreamBroken(Exception):
@@ -64,8 +68,9 @@ class StreamBroken(Exception):
 class _Running:
     job_id: str
     model_key: str
-    task: asyncio.Task[Exception | None]
+    task: asyncio.Task[Any]  # cancelled to abort the job: its own, or its handler's
     aborted: bool = False
+    interrupted: bool = False  # foreman stops: the job goes back to its place
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +135,13 @@ class JobRunner:
         running.task.cancel()
         return True
 
+    def interrupt(self, job_id: str) -> None:
+        """foreman stops: a job run on its handler's task goes back to the queue, as the worker's own do."""
+        running = self._running.get(job_id)
+        if running is not None:
+            running.interrupted = True
+            running.task.cancel()
+
     def stop(self) -> None:
         """foreman is stopping: a batch gathered from now on sends its companions back to their places."""
         if self._embeds is not None:
@@ -143,20 +155,36 @@ class JobRunner:
         """
         await self._job(claim, start)
 
-    async def _job(self, claim: Claim, start: Start, batch: Batch | None = None) -> None:
+    async def run_here(self, claim: Claim, start: Start) -> bool:
+        """`run` for a job claimed at intake, on its handler's task; False if the job went back to the queue.
+
+        The handler's cancellation (its client left) cancels the job, as Ollama does.
+        """
+        return await self._job(claim, start, here=True)
+
+    async def _job(
+        self, claim: Claim, start: Start, batch: Batch | None = None, *, here: bool = False
+    ) -> bool:
         try:
-            failure = await self._run(claim, start, batch)
+            failure = await self._run(claim, start, batch, here)
         finally:
             if batch is not None:
                 batch.leave(claim.job.id)  # a member that ended without the call must not hold it up
-        if failure is not None:
+        if failure is None:
+            return True
+        if not isinstance(failure, StoppedHere):
             await self._put_back(claim.job, failure)
+        return False
 
-    async def _run(self, claim: Claim, start: Start, batch: Batch | None) -> Exception | None:
+    async def _run(
+        self, claim: Claim, start: Start, batch: Batch | None, here: bool = False
+    ) -> Exception | None:
         """Run one claimed job; returns the transient failure to put it back for, if any."""
         job = claim.job
         if not await self._lifecycle.start(job):
             return None  # cancelled while the worker claimed it
+        if here:
+            return await self._run_here(claim, start)
         task = asyncio.create_task(self._execute(claim, start, batch))
         self._running[job.id] = running = _Running(job.id, job.model_key, task)
         try:
@@ -168,6 +196,29 @@ class JobRunner:
             # foreman is stopping: the job keeps its place and runs after the restart.
             await self._lifecycle.put_back(job, shutdown=True)
             raise
+        finally:
+            del self._running[job.id]
+
+    async def _run_here(self, claim: Claim, start: Start) -> Exception | None:
+        """`_run`'s call on the handler's own task: an abort or foreman stopping cancels that task, and is undone here."""
+        job = claim.job
+        here = asyncio.current_task()
+        assert here is not None
+        self._running[job.id] = running = _Running(job.id, job.model_key, here)
+        try:
+            return await self._execute(claim, start, None)
+        except asyncio.CancelledError:
+            if not (running.aborted or running.interrupted):
+                # The handler was cancelled: its client left.
+                await self._lifecycle.cancelled(job, before="end")
+                raise
+            here.uncancel()  # the handler goes on, to tell its client
+            if running.aborted:
+                await self._lifecycle.cancelled(job, before="end")
+                return None
+            # foreman is stopping: the job keeps its place and runs after the restart.
+            await self._lifecycle.put_back(job, shutdown=True)
+            return StoppedHere()  # the handler answers what shutting down says
         finally:
             del self._running[job.id]
 

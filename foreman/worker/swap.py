@@ -77,7 +77,7 @@ class Swap:
         await self._residency.make_room(keep=key, evict=decision.evict, waiting=waiting_now)
         expected = self._driver.book.costs().load_s.get(key)
         started = self._monotonic()
-        load = self._residency.load(job)
+        load = self._residency.load(job, expected or 0.0)
         if not self._driver.policy.may_abandon(decision):
             await load
         elif await self._abandoned(asyncio.create_task(load), decision):

@@ -27,6 +27,7 @@ from foreman.storage import (
     CacheEntry,
     CacheStats,
     IdempotencyConflict,
+    RecordedPin,
     Storage,
     Submission,
 )
@@ -544,3 +545,15 @@ class StorageContract:
         first, second = await storage.get(partial_job.id), await storage.get(fresh.id)
         assert first is not None and first.cache == "partial"
         assert second is not None and second.cache == "no-cache"
+
+    async def test_set_pins_replaces_the_recorded_pins(self, storage: Storage) -> None:
+        """pins() returns what the last set_pins recorded, by model key; an empty set clears them."""
+        assert await storage.pins() == []
+        one = RecordedPin("llama3", "/api/chat", "llama3", "{}")
+        two = RecordedPin('qwen {"num_ctx":8192}', "/api/generate", "qwen", '{"num_ctx":8192}')
+        await storage.set_pins([two, one])
+        assert await storage.pins() == [one, two]
+        await storage.set_pins([two])
+        assert await storage.pins() == [two]
+        await storage.set_pins([])
+        assert await storage.pins() == []

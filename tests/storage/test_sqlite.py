@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from foreman.job import Priority
-from foreman.scheduling.policy import ModelQueue, Policy, State
-from foreman.storage import CacheEntry, Storage, Submission
+from foreman.job import JobState, Priority
+from foreman.scheduling.policy import Decision, ModelQueue, Policy, Reason, State
+from foreman.storage import Accepted, CacheEntry, Storage, Submission
 from foreman.storage.sqlite import schema, vector_table
 from foreman.storage.sqlite.checkpoints import Checkpointer
 from foreman.storage.sqlite.queue_file import QueueFile
@@ -288,3 +288,54 @@ def test_a_schema_5_database_gains_not_before_times(tmp_path: Path) -> None:
         indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "not_before" in columns and "jobs_held" in indexes
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+
+
+def test_a_job_asked_to_run_now_is_written_claimed_only_when_nothing_waits(tmp_path: Path) -> None:
+    """`Submission.run_now`: alone in the queue and picked, the job is written working; else it queues."""
+    asked: list[list[ModelQueue]] = []
+
+    def pick(queues: list[ModelQueue]) -> Decision | None:
+        asked.append(queues)
+        return Decision(queues[0].model_key, Reason.RESIDENT, job_id=queues[0].oldest_id)
+
+    store = QueueFile(tmp_path / "q.db")
+    try:
+        first, second, third = new_job("a:latest"), new_job("a:latest"), new_job("b:latest")
+        [claimed] = store.submit([Submission(first, run_now=pick)])
+        assert isinstance(claimed, Accepted) and claimed.claim is not None
+        assert (claimed.claim.job.state, claimed.claim.job.started_at) == ("working", first.created_at)
+        assert [(q.model_key, q.waiting, q.oldest_id) for q in asked[0]] == [("a:latest", 1, first.id)]
+        stored = store.get(first.id)
+        assert stored is not None and stored.state == "working" and store.waiting("a:latest") == 0
+        # Another job waits: the next is written queued, and the pick is not asked.
+        store.submit([Submission(second)])
+        [queued] = store.submit([Submission(third, run_now=pick)])
+        assert isinstance(queued, Accepted) and queued.claim is None and queued.state == "queued"
+        assert len(asked) == 1
+        # Not picked: queued as without it.
+        store2 = QueueFile(tmp_path / "q2.db")
+        [refused] = store2.submit([Submission(new_job("c:latest"), run_now=lambda queues: None)])
+        assert isinstance(refused, Accepted) and refused.claim is None and store2.waiting("c:latest") == 1
+        store2.close()
+    finally:
+        store.close()
+
+
+async def test_finishes_asked_for_in_one_turn_share_one_commit(tmp_path: Path) -> None:
+    """An embedding batch's members end in the same turn: their finishes go to the file in one transaction."""
+    storage = await SqliteStorage.open(tmp_path / "q.db")
+    try:
+        for _ in range(3):
+            await storage.submit(Submission(new_job("a:latest")))
+        claims = [await storage.claim(resident("a:latest"), 1.0) for _ in range(3)]
+        statements: list[str] = []
+        await storage.run(lambda store: store._db.set_trace_callback(statements.append))
+        ended = [storage.finish(c.job, JobState.DONE, 2.0, status=200, result=b"{}") for c in claims if c]
+        await asyncio.gather(*ended)
+        kinds = [s.split()[0] for s in statements]
+        assert kinds == ["BEGIN", "UPDATE", "UPDATE", "UPDATE", "COMMIT"]
+        assert [job.state for job in [await storage.get(c.job.id) for c in claims if c] if job] == [
+            "done"
+        ] * 3
+    finally:
+        await storage.close()

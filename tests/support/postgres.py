@@ -45,6 +45,7 @@ class Server:
     root: Path
     port: int
     user: str
+    options: str = ""  # the server's command-line options, to start it again the same way
 
     @property
     def data(self) -> Path:
@@ -56,6 +57,35 @@ class Server:
     def stop(self) -> None:
         self._as_owner([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"])
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def restart(self) -> None:
+        """What `pg_ctl restart -m fast` does: every session is cut, and the server is back when this returns.
+
+        As a stop and a start, so that the new server logs to its file (restart takes no -l, and a
+        server logging to our pipe would keep it open).
+        """
+        self.halt()
+        self.resume()
+
+    def halt(self) -> None:
+        """`pg_ctl stop -m fast`: gone until `resume`."""
+        self._as_owner([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"])
+
+    def resume(self) -> None:
+        """Start the server again after `halt`, as it was started."""
+        self._as_owner(
+            [
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-o",
+                self.options,
+                "-l",
+                str(self.root / "log"),
+                "-w",
+                "start",
+            ]
+        )
 
     def _as_owner(self, argv: list[str]) -> None:
         subprocess.run(_owner_prefix() + argv, check=True, capture_output=True, cwd=self.root)
@@ -90,6 +120,7 @@ def start(bindir: Path) -> Server:
             f"-p {server.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
             " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
+        server.options = options
         server._as_owner(
             [
                 str(bindir / "pg_ctl"),

@@ -63,11 +63,14 @@ async def queues(conn: Connection, me: str, node_timeout: float) -> list[ModelQu
 
 
 async def _held_elsewhere(conn: Connection, me: str, node_timeout: float) -> dict[str, int]:
-    """Per model key, how many other live nodes hold it, load it or run it."""
+    """Per model key, how many other live nodes hold it, load it or run it.
+
+    A node whose Ollama does not answer holds nothing: its models' work is for whoever can run it.
+    """
     cursor = await conn.execute(
         "SELECT key, count(DISTINCT name) FROM ("
         "  SELECT name, unnest(resident || serving) AS key FROM nodes"
-        "   WHERE name <> %(me)s AND left_at IS NULL"
+        "   WHERE name <> %(me)s AND left_at IS NULL AND reachable IS NOT FALSE"
         "   AND heartbeat_at > now() - make_interval(secs => %(timeout)s)"
         f"  UNION ALL SELECT node, model_key FROM jobs WHERE {RUNNING} AND node <> %(me)s"
         "   AND lease_until > now()"

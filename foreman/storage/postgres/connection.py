@@ -12,7 +12,8 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from foreman.config import redact_url
-from foreman.errors import StoreError, StoreUnreachable, Unavailable
+from foreman.errors import DatabaseAway, StoreError, StoreUnreachable
+from foreman.storage.postgres.node_lock import hold_node_name
 from foreman.storage.postgres.schema import CHANNEL, prepare
 
 Connection = psycopg.AsyncConnection[TupleRow]
@@ -25,8 +26,11 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-async def connect(url: str, pool_size: int) -> Pool:
-    """A pool of connections to a database whose tables are foreman's; StoreError if it cannot be used."""
+async def connect(url: str, node: str, pool_size: int) -> tuple[Pool, Connection]:
+    """A pool of connections to a database whose tables are foreman's, and the connection holding `node`'s name.
+
+    StoreError if the database cannot be used, or another process runs as `node` (`node_lock`).
+    """
     where = redact_url(url)
     # One plain connection first: libpq's own words say what is wrong (refused, password, no database).
     try:
@@ -36,6 +40,7 @@ async def connect(url: str, pool_size: int) -> Pool:
         raise StoreUnreachable(f"cannot connect to {where}: {detail}") from exc
     async with first:
         await prepare(first, where)
+    name = await hold_node_name(url, node, where)  # before any job is read
     pool: Pool = AsyncConnectionPool(
         url,
         min_size=1,
@@ -50,23 +55,24 @@ async def connect(url: str, pool_size: int) -> Pool:
         await pool.open(wait=True, timeout=10.0)
     except PoolTimeout as exc:
         await pool.close()
+        await name.close()
         raise StoreUnreachable(f"cannot connect to {where}") from exc
-    return pool
+    return pool, name
 
 
 def unavailable(
     method: Callable[P, Coroutine[Any, Any, T]],
 ) -> Callable[P, Coroutine[Any, Any, T]]:
-    """A database that cannot be reached is a 503 for the client, not a stray 500."""
+    """A database that cannot be reached is a 503 for the client (with Retry-After), not a stray 500."""
 
     @wraps(method)
     async def call(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await method(*args, **kwargs)
         except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as exc:
-            raise Unavailable(f"foreman cannot reach its database: {exc}".strip()) from exc
+            raise DatabaseAway(f"foreman cannot reach its database: {exc}".strip()) from exc
         except PoolTimeout as exc:
-            raise Unavailable(f"foreman cannot reach its database: {exc}".strip()) from exc
+            raise DatabaseAway(f"foreman cannot reach its database: {exc}".strip()) from exc
 
     return call
 

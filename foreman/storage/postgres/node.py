@@ -29,7 +29,7 @@ from typing import Any
 import psycopg
 import structlog
 
-from foreman.job import Chunk, Ended, JobEvent, JobState, StateChanged
+from foreman.job import JSON_TYPE, Chunk, Ended, JobEvent, JobState, StateChanged
 from foreman.storage.postgres.schema import CHANNEL
 from foreman.storage.postgres.storage import PostgresStorage
 from foreman.storage.relay import Deliveries, LocalWorker
@@ -69,11 +69,20 @@ class Node:
         self._outbox = outbox  # filled by the relay (relay.PostgresRelay)
         self._listening = asyncio.Event()
         self._alive: frozenset[str] = frozenset()
+        self._beat_now = asyncio.Event()
+        self._unsent: list[tuple[str, JobEvent | None]] = []  # the batch a lost connection did not send
+        self._connected_since: float | None = None  # loop time of the first heartbeat since the database came
+        self._listened = False
+        self._told_reachable: bool | None = None  # what the last heartbeat said of this node's Ollama
         self.name = store.node
 
     @property
     def interval(self) -> float:
         return self._store.node_timeout / 3
+
+    def beat_soon(self) -> None:
+        """Write the heartbeat now, not at the next interval: this node's Ollama went away or came back."""
+        self._beat_now.set()
 
     async def listening(self) -> None:
         """Return once the node hears the others' notifications."""
@@ -129,8 +138,11 @@ class Node:
                 # Wake when the next lease of another node runs out, not up to a beat later.
                 pause = min(pause, await self._next_expiry())
             except (psycopg.Error, OSError) as exc:
+                self._connected_since = None
                 log.warning("node.heartbeat_failed", error=str(exc).strip())
-            await asyncio.sleep(pause)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), pause)
+            self._beat_now.clear()
 
     async def _next_expiry(self) -> float:
         async with self._store.connection() as conn:
@@ -147,24 +159,37 @@ class Node:
     async def beat(self) -> None:
         """Write this node's row and renew its leases; put back the jobs of dead nodes."""
         running = self._worker.running_jobs
+        reachable = self._reachable()
         async with self._store.connection() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO nodes (name, upstream, reachable, resident, running) VALUES (%s, %s, %s, %s, %s)"
                 " ON CONFLICT (name) DO UPDATE SET heartbeat_at = now(), left_at = NULL, upstream = excluded.upstream,"
                 " reachable = excluded.reachable, resident = excluded.resident, running = excluded.running",
-                (self.name, self._upstream, self._reachable(), sorted(self._worker.resident), running),
+                (self.name, self._upstream, reachable, sorted(self._worker.resident), running),
             )
+            if reachable != self._told_reachable and self._told_reachable is not None:
+                # The others left this node's models to it, or may now: have them look again (at commit).
+                payload = json.dumps({"n": self.name, "wake": ""})
+                await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+            # Only the jobs the worker runs: a row whose end could not be written is not held for ever.
             await conn.execute(
                 "UPDATE jobs SET lease_until = now() + make_interval(secs => %s)"
-                " WHERE state IN ('loading', 'working') AND node = %s",
-                (self._store.node_timeout, self.name),
+                " WHERE state IN ('loading', 'working') AND node = %s AND id = ANY(%s)",
+                (self._store.node_timeout, self.name, running),
             )
             cursor = await conn.execute(
                 "SELECT name FROM nodes WHERE left_at IS NULL AND heartbeat_at > now() - make_interval(secs => %s)",
                 (self._store.node_timeout,),
             )
             alive = frozenset(str(name) for (name,) in await cursor.fetchall())
-        for job_id, node in await self._store.reap(self._clock(), self._max_attempts):
+        self._told_reachable = reachable
+        now = asyncio.get_running_loop().time()
+        if self._connected_since is None:
+            self._connected_since = now
+        # After the database was away, every lease looks run out: wait until each live node
+        # had a full timeout to renew its own before taking any for dead.
+        reaping = now - self._connected_since >= self._store.node_timeout
+        for job_id, node in await self._store.reap(self._clock(), self._max_attempts) if reaping else []:
             log.warning("job.lease_expired", job_id=job_id, node=node, timeout_s=self._store.node_timeout)
         if alive != self._alive:
             if self._alive:
@@ -180,8 +205,27 @@ class Node:
             self._listening.set()
             # Wake-ups sent while the node was not listening are lost: look at the queue now.
             self._worker.wake("")
+            if self._listened:
+                await self._catch_up()
+            self._listened = True
             async for notice in conn.notifies():
                 await self._heard(notice.payload)
+
+    async def _catch_up(self) -> None:
+        """The ends of jobs run elsewhere that were sent while this node was not listening, for who waits here."""
+        running = set(self._worker.running_jobs)
+        for job_id in self._events.watched():
+            if job_id in running:
+                continue
+            job = await self._store.get(job_id)
+            if job is None or job.state not in (JobState.DONE, JobState.FAILED, JobState.CANCELLED):
+                continue
+            if job.state is JobState.DONE:
+                ended = Ended(JobState.DONE, job.status or 200, job.result or b"", JSON_TYPE, None)
+            else:
+                body = json.dumps({"error": job.error or ""}).encode()
+                ended = Ended(job.state, job.status or 500, body, JSON_TYPE, job.error)
+            self._events.deliver(job_id, ended)
 
     async def _heard(self, payload: str) -> None:
         message = json.loads(payload)
@@ -206,11 +250,16 @@ class Node:
             self._events.deliver(message["j"], _decode(message["e"]))
 
     async def _send(self) -> None:
-        """Send the outbox in order, as many events a transaction as are waiting."""
+        """Send the outbox in order, as many events a transaction as are waiting.
+
+        A batch whose transaction failed (the database went away) is sent again first.
+        """
         while True:
-            batch = [await self._outbox.get()]
-            while not self._outbox.empty():
-                batch.append(self._outbox.get_nowait())
+            if not self._unsent:
+                self._unsent = [await self._outbox.get()]
+                while not self._outbox.empty():
+                    self._unsent.append(self._outbox.get_nowait())
+            batch = self._unsent
             async with self._store.connection() as conn, conn.transaction():
                 for job_id, event in batch:
                     if event is None:
@@ -232,6 +281,7 @@ class Node:
                         assert row is not None
                         payload = json.dumps({"n": self.name, "relay": row[0]})
                     await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+            self._unsent = []
 
 
 def _encode(event: JobEvent) -> dict[str, Any]:

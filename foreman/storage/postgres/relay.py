@@ -19,7 +19,7 @@ from foreman.job import Ended, JobEvent
 from foreman.storage.postgres.connection import RUNNING, notify, unavailable
 from foreman.storage.postgres.node import Node, Outbox
 from foreman.storage.postgres.storage import PostgresStorage
-from foreman.storage.relay import Deliveries, LocalWorker
+from foreman.storage.relay import Deliveries, LocalWorker, OllamaHealth
 
 log = structlog.get_logger("foreman.node")
 
@@ -100,7 +100,7 @@ class PostgresRelay:
 
     @asynccontextmanager
     async def joined(
-        self, worker: LocalWorker, events: Deliveries, *, reachable: Callable[[], bool | None]
+        self, worker: LocalWorker, events: Deliveries, ollama: OllamaHealth
     ) -> AsyncIterator[None]:
         """This node's heartbeat, leases and notifications for the life of the block."""
         node = Node(
@@ -111,9 +111,12 @@ class PostgresRelay:
             upstream=self._upstream,
             max_attempts=self._max_attempts,
             clock=self._clock,
-            reachable=reachable,
+            reachable=lambda: ollama.reachable,
         )
         await node.register()
+        # The others must stop leaving this node's models to it the moment its Ollama stops answering.
+        ollama.when_down(node.beat_soon)
+        ollama.when_back(node.beat_soon)
         task = asyncio.create_task(node.run(), name="foreman-node")
         try:
             await node.listening()

@@ -92,6 +92,16 @@ CREATE TABLE IF NOT EXISTS embed_cache (
 CREATE INDEX IF NOT EXISTS embed_cache_lru ON embed_cache (used);
 CREATE INDEX IF NOT EXISTS embed_cache_digest ON embed_cache (digest);
 
+-- The pins each node set on its Ollama's models: a restart after kill -9 releases those left behind.
+CREATE TABLE IF NOT EXISTS pins (
+    node      text NOT NULL,
+    model_key text NOT NULL,
+    endpoint  text NOT NULL,
+    model     text NOT NULL,
+    options   text NOT NULL,                  -- load options, JSON
+    PRIMARY KEY (node, model_key)
+);
+
 -- Job events too big for a NOTIFY payload (8000 bytes) travel through here.
 CREATE TABLE IF NOT EXISTS relay (
     id     bigserial PRIMARY KEY,
@@ -103,7 +113,8 @@ CREATE TABLE IF NOT EXISTS relay (
 # What takes a database at version N-1 to version N.
 _MIGRATIONS: dict[int, str] = {}
 _OUR_TABLES = (
-    frozenset({"foreman_meta", "jobs", "chunks", "nodes", "relay", "embed_cache"}) | batch_schema.TABLES
+    frozenset({"foreman_meta", "jobs", "chunks", "nodes", "relay", "embed_cache", "pins"})
+    | batch_schema.TABLES
 )
 
 

@@ -24,6 +24,7 @@ from foreman.storage import (
     Chooser,
     Claim,
     DrainOrder,
+    RecordedPin,
     Recovered,
     Submission,
 )
@@ -34,8 +35,17 @@ from foreman.storage.postgres.connection import Connection, Pool, connect, one, 
 class PostgresStorage:
     """Jobs in PostgreSQL, for one node among several (`node`)."""
 
-    def __init__(self, pool: Pool, url: str, node: str, node_timeout: float, max_queue: int = 0) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        url: str,
+        node: str,
+        node_timeout: float,
+        max_queue: int = 0,
+        name_lock: Connection | None = None,
+    ) -> None:
         self._pool = pool
+        self.name_lock = name_lock  # holds this node's name (node_lock)
         self.url = url
         self.node = node
         self.node_timeout = node_timeout
@@ -49,7 +59,8 @@ class PostgresStorage:
         cls, url: str, *, node: str, node_timeout: float = 15.0, max_queue: int = 0, pool_size: int = 8
     ) -> PostgresStorage:
         """Connect, create or check the tables; StoreError if the database cannot be used."""
-        return cls(await connect(url, pool_size), url, node, node_timeout, max_queue)
+        pool, name_lock = await connect(url, node, pool_size)
+        return cls(pool, url, node, node_timeout, max_queue, name_lock)
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
@@ -59,6 +70,8 @@ class PostgresStorage:
 
     async def close(self) -> None:
         await self._pool.close()
+        if self.name_lock is not None:
+            await self.name_lock.close()
 
     # Intake
 
@@ -249,6 +262,27 @@ class PostgresStorage:
     async def cache_stats(self) -> CacheStats:
         async with self._pool.connection() as conn:
             return await cache.stats(conn)
+
+    # Pins: each node's own, for its own Ollama
+
+    @unavailable
+    async def pins(self) -> list[RecordedPin]:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT model_key, endpoint, model, options FROM pins WHERE node = %s ORDER BY model_key",
+                (self.node,),
+            )
+            return [RecordedPin(*row) for row in await cursor.fetchall()]
+
+    @unavailable
+    async def set_pins(self, pins: Sequence[RecordedPin]) -> None:
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("DELETE FROM pins WHERE node = %s", (self.node,))
+            for pin in pins:
+                await conn.execute(
+                    "INSERT INTO pins (node, model_key, endpoint, model, options) VALUES (%s, %s, %s, %s, %s)",
+                    (self.node, pin.model_key, pin.endpoint, pin.model, pin.options),
+                )
 
     # Upkeep
 

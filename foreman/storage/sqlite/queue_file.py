@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import structlog
 
@@ -27,11 +28,12 @@ from foreman.storage import (
     Claim,
     DrainOrder,
     IdempotencyConflict,
+    RecordedPin,
     Recovered,
     Submission,
 )
 from foreman.storage.rows import JOB, NEW_JOB, NEW_JOB_COLUMNS, job_from_row, new_job_values
-from foreman.storage.sqlite import reads
+from foreman.storage.sqlite import pin_table, reads
 from foreman.storage.sqlite.counts import WaitingCounts
 from foreman.storage.sqlite.schema import ENDED, open_database, wal_path
 from foreman.storage.sqlite.vector_table import EmbedCacheTable
@@ -39,6 +41,20 @@ from foreman.storage.sqlite.vector_table import EmbedCacheTable
 log = structlog.get_logger("foreman.store")
 
 _NEW_JOB_MARKS = ", ".join("?" * len(NEW_JOB_COLUMNS))
+
+
+class Ending(NamedTuple):
+    """One job's end, as `QueueFile.finish` takes it."""
+
+    job: Job
+    state: JobState
+    now: float
+    status: int
+    result: bytes | None = None
+    error: str | None = None
+    attempt: int | None = None
+    chunks: Sequence[bytes] = ()
+    cache: str | None = None
 
 
 class QueueFile:
@@ -133,6 +149,15 @@ class QueueFile:
         drain: list[tuple[str, Priority]] | None = None,
     ) -> Accepted:
         job, order = submission.job, submission.drain_order
+        if (
+            submission.run_now is not None
+            and submission.answer is None
+            and job.idempotency_key is None
+            and self._waiting.total == 0
+        ):
+            claim = self._run_now(submission.run_now, job)
+            if claim is not None:
+                return Accepted(job.id, True, JobState.WORKING, None, claim=claim)
         job_id = self._insert(job, submission.request_hash)
         if job_id != job.id:
             existing = self.get(job_id)
@@ -150,6 +175,11 @@ class QueueFile:
             )
             self._waiting.add(job.model_key, job.priority, -1)
             return Accepted(job_id, True, JobState.DONE, None, result)
+        if submission.run_now is not None and self._waiting.total == 1:
+            # The cache missed, and this job is all that waits.
+            claim = self._run_now(submission.run_now, job, written=True)
+            if claim is not None:
+                return Accepted(job_id, True, JobState.WORKING, None, claim=claim)
         position = None
         if order is not None:
             # The newest job of its group: everything in its group is ahead of it.
@@ -169,6 +199,22 @@ class QueueFile:
             position = before + self._waiting.of_class(*group) - 1
         return Accepted(job_id, True, JobState.QUEUED, position)
 
+    def _run_now(self, choose: Chooser, job: NewJob, *, written: bool = False) -> Claim | None:
+        """Claim `job` as it is written if `choose` picks it, alone in the queue; None leaves it queued.
+
+        A job not yet `written` is inserted claimed: one statement for the insert and the claim.
+        """
+        decision = choose([ModelQueue(job.model_key, job.priority, 1, job.id, job.created_at)])
+        if decision is None:
+            return None
+        now = job.created_at
+        if written:
+            self._db.execute("UPDATE jobs SET state = 'working', started_at = ? WHERE id = ?", (now, job.id))
+            self._waiting.add(job.model_key, job.priority, -1)
+        else:
+            self._insert(job, None, started_at=now)
+        return Claim(job.started(now), decision, 0)
+
     def _answer(self, answer: CacheAnswer, job: NewJob) -> bytes | None:
         """The cache's reply to the job if it holds every vector, else None (the job queues)."""
         found = self._cache.get(answer.keys)
@@ -181,7 +227,7 @@ class QueueFile:
             log.exception("embed_cache.answer_failed", job_id=job.id)
             return None
 
-    def _insert(self, job: NewJob, request_hash: str | None) -> str:
+    def _insert(self, job: NewJob, request_hash: str | None, started_at: float | None = None) -> str:
         if job.idempotency_key is not None:
             row = self._db.execute(
                 "SELECT id, request_hash FROM jobs WHERE idempotency_key = ?", (job.idempotency_key,)
@@ -190,13 +236,14 @@ class QueueFile:
                 if row["request_hash"] != request_hash:
                     raise IdempotencyConflict(job.idempotency_key, row["id"])
                 return str(row["id"])
-        if self.max_queue and self._waiting.total >= self.max_queue:
+        if self.max_queue and self._waiting.total >= self.max_queue and started_at is None:
             raise QueueFull(self.max_queue)
         self._db.execute(
-            f"INSERT INTO jobs (state, request_hash, {NEW_JOB}) VALUES ('queued', ?, {_NEW_JOB_MARKS})",
-            (request_hash, *new_job_values(job)),
+            f"INSERT INTO jobs (state, started_at, request_hash, {NEW_JOB}) VALUES (?, ?, ?, {_NEW_JOB_MARKS})",
+            ("queued" if started_at is None else "working", started_at, request_hash, *new_job_values(job)),
         )
-        self._waiting.add(job.model_key, job.priority, 1)
+        if started_at is None:
+            self._waiting.add(job.model_key, job.priority, 1)
         return job.id
 
     def insert_many(self, jobs: Iterable[NewJob]) -> int:
@@ -348,18 +395,29 @@ class QueueFile:
 
         `cache` says how the embedding cache served it ('hit', 'partial'), if it did.
         """
-        with self._transaction(begin=bool(chunks)):
-            ended = self._db.execute(
-                "UPDATE jobs SET state = ?, finished_at = ?, status = ?, result = ?, error = ?,"
-                " attempt = coalesce(?, attempt), cache = coalesce(?, cache)"
-                " WHERE id = ? AND state IN ('loading', 'working')",
-                (state, now, status, result, error, attempt, cache, job.id),
-            ).rowcount
-            if ended and chunks:
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO chunks (job_id, seq, data) VALUES (?, ?, ?)",
-                    ((job.id, seq, data) for seq, data in enumerate(chunks)),
-                )
+        self.finish_many([Ending(job, state, now, status, result, error, attempt, chunks, cache)])
+
+    def finish_many(self, endings: Sequence[Ending]) -> None:
+        """End jobs in one transaction (one statement, when it is one job without chunks)."""
+        if len(endings) == 1 and not endings[0].chunks:
+            self._end(endings[0])  # one statement commits on its own
+            return
+        with self._transaction():
+            for e in endings:
+                self._end(e)
+
+    def _end(self, e: Ending) -> None:
+        ended = self._db.execute(
+            "UPDATE jobs SET state = ?, finished_at = ?, status = ?, result = ?, error = ?,"
+            " attempt = coalesce(?, attempt), cache = coalesce(?, cache)"
+            " WHERE id = ? AND state IN ('loading', 'working')",
+            (e.state, e.now, e.status, e.result, e.error, e.attempt, e.cache, e.job.id),
+        ).rowcount
+        if ended and e.chunks:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO chunks (job_id, seq, data) VALUES (?, ?, ?)",
+                ((e.job.id, seq, data) for seq, data in enumerate(e.chunks)),
+            )
 
     def cancel_queued(self, job_id: str, now: float) -> bool:
         """Cancel a job that has not started; False if it is no longer queued."""
@@ -400,6 +458,15 @@ class QueueFile:
 
     def counts_by_state(self) -> dict[str, int]:
         return reads.counts_by_state(self._db)
+
+    # Pins (see foreman/storage/sqlite/pin_table.py).
+
+    def pins(self) -> list[RecordedPin]:
+        return pin_table.read(self._db)
+
+    def set_pins(self, pins: Sequence[RecordedPin]) -> None:
+        with self._transaction():
+            pin_table.replace(self._db, pins)
 
     # The embedding cache (see foreman/storage/sqlite/vector_table.py).
 

@@ -6,7 +6,7 @@ import sqlite3
 from pathlib import Path
 
 from foreman.errors import StoreError
-from foreman.storage.sqlite import batch_schema, vector_table
+from foreman.storage.sqlite import batch_schema, pin_table, vector_table
 
 SCHEMA_VERSION = 6
 # Marks the file as foreman's (PRAGMA application_id): "FRMN".
@@ -84,7 +84,7 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE jobs ADD COLUMN not_before REAL;
     """,
 }
-_OUR_TABLES = frozenset({"jobs", "chunks", "embed_cache"}) | batch_schema.TABLES
+_OUR_TABLES = frozenset({"jobs", "chunks", "embed_cache", "pins"}) | batch_schema.TABLES
 
 ENDED = "('done', 'failed', 'cancelled')"
 
@@ -145,6 +145,7 @@ def _prepare(db: sqlite3.Connection, path: Path, sync: str) -> None:
     try:
         db.executescript(
             f"BEGIN IMMEDIATE; {migrations} {_SCHEMA} {vector_table.SCHEMA} {batch_schema.SCHEMA}"
+            f" {pin_table.SCHEMA}"
             f" PRAGMA user_version = {SCHEMA_VERSION}; PRAGMA application_id = {APPLICATION_ID}; COMMIT;"
         )
     except BaseException:

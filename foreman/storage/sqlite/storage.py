@@ -48,12 +48,14 @@ from foreman.storage import (
     Chooser,
     Claim,
     DrainOrder,
+    RecordedPin,
     Recovered,
     Submission,
 )
 from foreman.storage.sqlite import reads
 from foreman.storage.sqlite.checkpoints import Checkpointer
-from foreman.storage.sqlite.queue_file import QueueFile, prune
+from foreman.storage.sqlite.lock import QueueLock
+from foreman.storage.sqlite.queue_file import Ending, QueueFile, prune
 from foreman.storage.sqlite.schema import connect_beside, wal_path
 
 T = TypeVar("T")
@@ -71,8 +73,14 @@ class SqliteStorage:
     """`foreman.storage.Storage` over one SQLite file."""
 
     def __init__(
-        self, store: QueueFile, side: sqlite3.Connection, executor: ThreadPoolExecutor, sync: str
+        self,
+        store: QueueFile,
+        side: sqlite3.Connection,
+        executor: ThreadPoolExecutor,
+        sync: str,
+        lock: QueueLock | None = None,
     ) -> None:
+        self._lock = lock  # this process's claim on the file, let go last
         self._store = store
         self._side = side  # the store thread's connection
         self._executor = executor
@@ -80,6 +88,7 @@ class SqliteStorage:
         self.path = store.path
         self._full = sync == "full"
         self._pending: list[tuple[Submission, asyncio.Future[Accepted]]] = []  # to commit together
+        self._ending: list[tuple[Ending, asyncio.Future[None]]] = []  # finishes, to commit together
         self._wal_fd: int | None = None
         self._unsynced: list[asyncio.Future[None]] = []  # commits waiting for an fsync
         self._syncing = False
@@ -87,7 +96,11 @@ class SqliteStorage:
 
     @classmethod
     async def open(cls, path: Path, *, sync: str = "normal", max_queue: int = 0) -> SqliteStorage:
-        """Open or create the queue at `path`; StoreError if the file is not a sound foreman queue."""
+        """Open or create the queue at `path`; StoreError if the file is not a sound foreman queue.
+
+        StoreBusy, before the file is read, if another foreman has it open (`lock.QueueLock`).
+        """
+        lock = QueueLock.take(path)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="foreman-store")
         loop = asyncio.get_running_loop()
         try:
@@ -106,8 +119,9 @@ class SqliteStorage:
             side = await loop.run_in_executor(executor, connect_beside, path)
         except BaseException:
             executor.shutdown(wait=False)
+            lock.release()
             raise
-        return cls(store, side, executor, sync)
+        return cls(store, side, executor, sync, lock)
 
     async def run(self, call: Callable[[QueueFile], T]) -> T:
         """`call(store)` on the hot path's connection: for what is SQLite's own (tests, maintenance)."""
@@ -138,6 +152,8 @@ class SqliteStorage:
         if self._wal_fd is not None:
             os.close(self._wal_fd)
         self._executor.shutdown(wait=True)
+        if self._lock is not None:
+            self._lock.release()
 
     # Intake
 
@@ -147,15 +163,22 @@ class SqliteStorage:
         Submissions made in one turn of the event loop share one transaction,
         committed at the start of the next turn or by the next store call,
         whichever comes first: a claim asked for after this finds the job.
+        One that may run at once (`run_now`) is committed before this returns.
         """
         future: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
         self._pending.append((submission, future))
-        if len(self._pending) == 1:
+        if submission.run_now is not None:
+            # A job that may run at once is worth no wait for company: committed now,
+            # its caller goes on without a turn of the loop (and runs it, if claimed).
+            self._commit_pending()
+        elif len(self._pending) == 1:
             asyncio.get_running_loop().call_soon(self._commit_pending)
         return future
 
     def _commit_pending(self) -> None:
-        """Commit the submissions made so far in one transaction (group commit), and answer each."""
+        """Commit the submissions and finishes made so far, each kind in one transaction (group commit)."""
+        if self._ending:
+            self._commit_endings()
         if not self._pending:
             return
         batch, self._pending = self._pending, []
@@ -181,6 +204,19 @@ class SqliteStorage:
                 durable.add_done_callback(partial(_resolve, future, result))
             else:
                 future.set_result(result)
+
+    def _commit_endings(self) -> None:
+        batch, self._ending = self._ending, []
+        try:
+            self._store.finish_many([ending for ending, _ in batch])
+        except Exception as exc:  # the lot failed: each finish's caller hears it
+            for _, future in batch:
+                if not future.cancelled():
+                    future.set_exception(exc)
+            return
+        for _, future in batch:
+            if not future.cancelled():
+                future.set_result(None)
 
     def _fsync_after_this(self) -> asyncio.Future[None]:
         """A future resolved by an fsync of the write-ahead log that begins after now."""
@@ -250,7 +286,7 @@ class SqliteStorage:
     ) -> None:
         self._hot.requeue(job, attempt=attempt, error=error, not_before=not_before)
 
-    async def finish(
+    def finish(
         self,
         job: Job,
         state: JobState,
@@ -262,18 +298,15 @@ class SqliteStorage:
         attempt: int | None = None,
         chunks: Sequence[bytes] = (),
         cache: str | None = None,
-    ) -> None:
-        self._hot.finish(
-            job,
-            state,
-            now,
-            status=status,
-            result=result,
-            error=error,
-            attempt=attempt,
-            chunks=chunks,
-            cache=cache,
-        )
+    ) -> asyncio.Future[None]:
+        """End a job; the finishes asked for in one turn of the loop share one transaction (see `submit`)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        ending = Ending(job, state, now, status, result, error, attempt, chunks, cache)
+        self._ending.append((ending, future))
+        if len(self._ending) == 1 and not self._pending:
+            loop.call_soon(self._commit_pending)
+        return future
 
     async def set_served(self, job_id: str, model: str) -> None:
         self._hot.set_served(job_id, model)
@@ -324,6 +357,14 @@ class SqliteStorage:
 
     async def cache_stats(self) -> CacheStats:
         return self._hot.cache_stats()
+
+    # Pins
+
+    async def pins(self) -> list[RecordedPin]:
+        return self._hot.pins()
+
+    async def set_pins(self, pins: Sequence[RecordedPin]) -> None:
+        self._hot.set_pins(pins)
 
     # Upkeep
 

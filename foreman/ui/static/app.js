@@ -266,6 +266,12 @@
       ['Cancelled', String(count('cancelled'))],
       ['Swaps since start', String(status.swaps)],
     ];
+    if (status.stalls && status.stalls.total) {
+      // Requests Ollama accepted and then went silent on (FOREMAN_STALL_TIMEOUT): a wedged Ollama.
+      const stalls = status.stalls;
+      const last = stalls.last_at ? ', last ' + clockTime(parseTime(stalls.last_at)) : '';
+      items.push(['Ollama stalls', String(stalls.total) + ' (' + stalls.in_a_row + ' in a row' + last + ')']);
+    }
     if (status.last_error) {
       const at = parseTime(status.last_error.at);
       items.push(['Last error', status.last_error.message + ' (' + clockTime(at) + ')']);
