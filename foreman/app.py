@@ -27,6 +27,7 @@ from foreman.api import (
 )
 from foreman.api.keys import (
     CLOCK,
+    CLOUD_LANE,
     CONFIG,
     EMBED_CACHE,
     EVENTS,
@@ -60,6 +61,7 @@ from foreman.routing.table import RouteTable
 from foreman.scheduling.driver import PolicyDriver
 from foreman.scheduling.policy import Policy
 from foreman.storage import backends
+from foreman.worker.cloud_lane import CloudLane, Lanes
 from foreman.worker.loop import Worker
 from foreman.worker.residency import Residency
 from foreman.worker.runner import JobRunner
@@ -82,7 +84,12 @@ def create_app(
     `clock` stamps and schedules jobs, `monotonic` times loads, runs and idle
     spells, `sleep` waits out backoffs: tests hand in fakes.
     """
-    app = web.Application(client_max_size=config.max_body, middlewares=[error_shape.errors])
+    app = web.Application(
+        client_max_size=config.max_body,
+        middlewares=[error_shape.errors],
+        # Bodies stay as they came: passed through byte for byte, decoded for jobs (api/request_body.py).
+        handler_args={"auto_decompress": False},
+    )
     # In Ollama's order: CORS first (it answers preflights itself), then the Host guard.
     security.cors(app, config.origins)
     if security.is_loopback(config.host):
@@ -208,9 +215,16 @@ def create_app(
             sleep=sleep,
         )
         app[WORKER] = worker
-        app[QUEUE] = QueueFront(store, lifecycle, worker)
-        joined = app[RELAY].joined(worker, app[EVENTS], outages)
-        async with _running(worker.run(), "foreman-worker"), joined:
+        # Jobs for cloud models run beside the worker, on the same runner (worker/cloud_lane.py).
+        cloud = app[CLOUD_LANE] = CloudLane(
+            store=store, runner=runner, parallel=config.cloud_parallel, clock=clock
+        )
+        app[QUEUE] = QueueFront(store, lifecycle, Lanes(worker, cloud))
+        async with (
+            _running(worker.run(), "foreman-worker"),
+            _running(cloud.run(), "foreman-cloud-lane"),
+            app[RELAY].joined(worker, app[EVENTS], outages),
+        ):
             yield
         await residency.flush_pins()  # the releases of the stop, recorded before the store closes
 
@@ -228,11 +242,15 @@ def create_app(
         # The listener is closed already. Clients of queued jobs hear at once
         # that their job waits for the restart; running jobs get the grace
         # time to finish for the clients waiting on them.
-        worker = app[WORKER]
+        worker, cloud = app[WORKER], app[CLOUD_LANE]
         worker.stop()
+        cloud.stop()
         app[PAGE_FEED].close()
+        # The runner is shared: its running jobs are the worker's and the cloud lane's.
         app[EVENTS].end_all(inference.SHUTTING_DOWN, sparing=worker.running_jobs)
-        await worker.wait_for_running(config.shutdown_grace)
+        await asyncio.gather(
+            worker.wait_for_running(config.shutdown_grace), cloud.wait_for_running(config.shutdown_grace)
+        )
         app[EVENTS].end_all(inference.SHUTTING_DOWN)
 
     # Torn down in reverse: the worker stops before the session and the store close.

@@ -409,6 +409,11 @@ class Config:
         positive_int,
         "jobs in flight at once, all for the one loaded model; set it to Ollama's `OLLAMA_NUM_PARALLEL`",
     )
+    cloud_parallel: int = setting(
+        "4",
+        positive_int,
+        "jobs for cloud models (`:cloud`, `-cloud`) in flight at once, beside the worker; they load nothing here",
+    )
     sync_priority: Priority = setting(
         "interactive",
         priority,

@@ -41,9 +41,32 @@ QUEUED_ENDPOINTS = (
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/audio/transcriptions",
 )
 # Those whose replies can stream; the others answer in one piece, whatever `stream` says.
-STREAMED_ENDPOINTS = frozenset({"/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions"})
+STREAMED_ENDPOINTS = frozenset(
+    {"/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"}
+)
+
+# Those whose requests are multipart uploads, kept as they came (`foreman.dialects.multipart`).
+MULTIPART_ENDPOINTS = frozenset({"/v1/audio/transcriptions"})
+
+
+def boundary_of(body: bytes) -> str | None:
+    """The boundary a multipart body opens with (`--BOUNDARY` on its first line), if it opens with one."""
+    if not body.startswith(b"--"):
+        return None
+    first = body.split(b"\n", 1)[0].rstrip(b"\r")[2:]
+    return first.decode("ascii", "replace") if first else None
+
+
+def body_content_type(body: bytes) -> str:
+    """The Content-Type a job's body goes to Ollama with: JSON, or the multipart form it opens as."""
+    boundary = boundary_of(body)
+    return "application/json" if boundary is None else f'multipart/form-data; boundary="{boundary}"'
+
 
 # The content type of Ollama's (and foreman's) JSON answers.
 JSON_TYPE = "application/json; charset=utf-8"

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .agent_apis import messages, responses
 from .catalog import Installed, next_digest
 from .hosts import guard_middleware, origin_allowed
 from .inference import serve_inference
@@ -22,6 +23,7 @@ from .names import normalise
 from .openai_compat import chat_completions, completions, embeddings, list_models, retrieve_model
 from .settings import StubModel, StubSettings
 from .state import STUB, Stub
+from .transcriptions import transcriptions
 from .wire import (
     NDJSON_TYPE,
     RequestError,
@@ -296,6 +298,9 @@ def create_app(settings: StubSettings | None = None) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/responses", responses)
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/audio/transcriptions", transcriptions)
     app.router.add_get("/v1/models", list_models, allow_head=False)
     app.router.add_get("/v1/models/{model}", retrieve_model, allow_head=False)
     app.on_response_prepare.append(_cors_headers)

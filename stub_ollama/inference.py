@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from aiohttp import web
@@ -23,8 +24,10 @@ from .faults import Drop, Fail
 from .generation import count_tokens, embedding, reply_tokens, token_ids
 from .generation import normalise as normalise_vector
 from .keepalive import KeepAliveError, parse_keep_alive
+from .names import is_cloud
 from .names import normalise as normalise_name
 from .residency import QueueFull, Runner, RunnerGone, RunnerOptions
+from .settings import StubModel
 from .state import STUB, Stub, StubRequest
 from .wire import (
     NDJSON_TYPE,
@@ -252,6 +255,7 @@ class Call:
     text: str  # what the reply is derived from
     inputs: list[str]  # /api/embed inputs
     writer: Writer
+    cloud: bool = False  # a `:cloud`/`-cloud` name: Ollama's cloud answers, nothing loads here
 
 
 def _load_request(endpoint: Endpoint, body: dict[str, Any]) -> bool:
@@ -296,6 +300,10 @@ async def _parse(
         raise RequestError(400, "model is required" if endpoint == "chat" else "invalid model name")
     inputs = _embed_inputs(body.get("input")) if endpoint == "embed" else []
     installed = stub.find(model_sent)
+    cloud = installed is None and is_cloud(model_sent)
+    if cloud:
+        installed = Installed(model_sent, StubModel(model_sent), datetime.now().astimezone())
+        record.cloud = True
     if installed is None:
         if endpoint == "embeddings":  # handleScheduleError, with Go's %q
             raise RequestError(404, f'model "{model_sent}" not found, try pulling it first')
@@ -313,6 +321,7 @@ async def _parse(
         text=_prompt_text(endpoint, body),
         inputs=inputs,
         writer=writer,
+        cloud=cloud,
     )
 
 
@@ -518,6 +527,15 @@ async def _run(
         record.outcome = "unload"
         return await send(request, call.writer.reply(_short_cut_reply(call, "unload")))
 
+    if call.cloud:
+        # Forwarded to Ollama's cloud: no runner, no slot, no wait behind local work.
+        t_loaded = now_ns()
+        if call.is_load and call.endpoint in ("chat", "generate"):
+            record.outcome = "load"
+            return await send(request, call.writer.reply(_short_cut_reply(call, "load")))
+        if call.endpoint in ("chat", "generate"):
+            return await _generate(request, stub, call, record, t_start, t_loaded, fail)
+        return await _embed(request, stub, call, record, t_start, t_loaded)
     options = _runner_options(call.options, stub.settings.num_ctx)
     _int_option(call.options, "num_predict", None)  # Ollama rejects bad options before loading
     try:

@@ -58,3 +58,12 @@ def normalise(name: str) -> str | None:
 def base_name(name: str) -> str:
     """The model part of a canonical name without namespace or tag (``llama3``)."""
     return name.rsplit("/", 1)[-1].split(":", 1)[0]
+
+
+def is_cloud(name: str) -> bool:
+    """Whether ``name`` asks for Ollama's cloud: a ``:cloud`` or ``-cloud`` tag (``internal/modelref``)."""
+    colon = name.rfind(":")
+    if colon < 0:
+        return False
+    suffix = name[colon + 1 :].strip()
+    return suffix.lower() == "cloud" or ("/" not in suffix and suffix.lower().endswith("-cloud"))

@@ -39,6 +39,7 @@ class StubRequest:
     body: dict[str, Any] | None
     arrived_at: float
     is_load: bool = False
+    cloud: bool = False  # the model was a cloud name: served without loading anything
     status: int | None = None
     chunks_sent: int = 0
     finished: bool = False
@@ -51,11 +52,16 @@ class StubRequest:
     def prompt(self) -> str | None:
         """The text this request asked about: last message, prompt or joined input."""
         body = self.body or {}
-        if self.path in ("/api/chat", "/v1/chat/completions"):
+        if self.path == "/v1/responses":
+            value = body.get("input")
+            if isinstance(value, list) and value and isinstance(value[-1], dict):
+                value = value[-1].get("content")
+            return value if isinstance(value, str) else None
+        if self.path in ("/api/chat", "/v1/chat/completions", "/v1/messages"):
             messages = body.get("messages")
             if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
                 content = messages[-1].get("content")
-                if isinstance(content, list):  # OpenAI content parts
+                if isinstance(content, list):  # OpenAI content parts, Anthropic blocks
                     content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
                 return content if isinstance(content, str) else None
             return None

@@ -9,12 +9,14 @@ from dataclasses import replace
 from aiohttp import web
 
 from foreman.api.keys import CLOCK, CONFIG, EVENTS, MODEL_TAGS, QUEUE, ROUTES
+from foreman.api.request_body import read_body
 from foreman.dialects import dialect_for
 from foreman.dialects.intake import parse_job, parse_priority, request_hash
 from foreman.embeddings.cache_answer import cache_answer, wants_no_cache
 from foreman.embeddings.requests import EMBED_ENDPOINTS
-from foreman.errors import ForemanError, NotFound
+from foreman.errors import BadRequest, NotFound
 from foreman.job import JSON_TYPE, JobState, NewJob
+from foreman.ollama.names import source_suffix
 from foreman.queue.job_events import Chunk, Ended, JobEvent, StateChanged
 from foreman.storage import CacheAnswer
 
@@ -27,14 +29,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     """Write the request as a job; answer 202 at once, or with what the worker produces for it."""
     respond_async = prefers_async(request)
     config = request.app[CONFIG]
-    if request.content.is_eof():
-        raw = await request.read()  # all there already: no timer to set
-    else:
-        try:
-            async with asyncio.timeout(config.read_timeout):
-                raw = await request.read()
-        except TimeoutError as exc:
-            raise ForemanError("the request body did not arrive in time", 408) from exc
+    raw = await read_body(request, config.max_body, config.read_timeout)
     default_priority = config.async_priority if respond_async else config.sync_priority
     job = parse_job(
         request.path,
@@ -43,6 +38,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         priority=parse_priority(request.headers.get(PRIORITY_HEADER), default_priority),
         respond_async=respond_async,
         idempotency_key=request.headers.get("Idempotency-Key") if respond_async else None,
+        content_type=request.headers.get("Content-Type"),
     )
     job = request.app[ROUTES].current.route(job)
     await _require_installed(request, job)
@@ -61,10 +57,12 @@ async def _require_installed(request: web.Request, job: NewJob) -> None:
     """Refuse at once, as Ollama does, a model Ollama does not have; queue it when Ollama cannot tell."""
     if job.routing is not None:
         return  # an alias or a route: foreman's own name, for models its routes file names
-    source = job.model.rsplit(":", 1)[-1].strip().lower() if ":" in job.model else ""
-    if source in ("cloud", "local") or (source.endswith("-cloud") and "/" not in source):
-        return  # an explicit source (modelref.ParseRef): Ollama decides, maybe in its cloud
-    if await request.app[MODEL_TAGS].has(job.model) is False:
+    base, source = source_suffix(job.model)
+    if source is not None and source_suffix(base)[1] is not None:
+        raise BadRequest(f"use either :local or :cloud, not both: {json.dumps(job.model)}")
+    if source == "cloud":
+        return  # Ollama's cloud serves it: nothing is installed here
+    if await request.app[MODEL_TAGS].has(base) is False:
         raise NotFound(_not_found(request.path, job.model))
 
 

@@ -18,11 +18,13 @@ from foreman.queue.page_feed import PageFeed
 from foreman.routing.table import RouteTable
 from foreman.storage import Storage
 from foreman.storage.relay import Relay
+from foreman.worker.cloud_lane import CloudLane
 from foreman.worker.loop import Worker
 
 # The clock jobs are stamped and scheduled by: time.time, or a fake one in tests.
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 CONFIG = web.AppKey("config", Config)
+CLOUD_LANE = web.AppKey("cloud_lane", CloudLane)
 # None when FOREMAN_EMBED_CACHE=0.
 EMBED_CACHE: web.AppKey[EmbedCache | None] = web.AppKey("embed_cache")
 EVENTS = web.AppKey("events", JobEvents)

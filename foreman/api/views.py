@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from foreman.job import Job, JobState
+from foreman.ollama.names import is_cloud
 
 
 def job_view(
@@ -22,6 +23,8 @@ def job_view(
         # For a job that named an alias or a route (docs/routing.md).
         **_routing(job),
         "async": job.respond_async,
+        # A cloud model's job runs in the cloud lane, beside the GPU's drain (worker/cloud_lane.py).
+        "lane": "cloud" if is_cloud(job.model_key) else "local",
         "attempt": job.attempt,
         "position": position,
         "created_at": iso(job.created_at),
@@ -39,8 +42,16 @@ def job_view(
             job.cache
         )  # embeddings: "hit", "partial" (served from the cache) or "no-cache" (asked)
     if with_result:
-        view["result"] = json.loads(job.result) if job.state is JobState.DONE and job.result else None
+        view["result"] = _result(job.result) if job.state is JobState.DONE and job.result else None
     return view
+
+
+def _result(result: bytes) -> Any:
+    """A result as JSON, or as the text it is (a transcription asked for `response_format=text`)."""
+    try:
+        return json.loads(result)
+    except ValueError:
+        return result.decode("utf-8", "replace")
 
 
 def _routing(job: Job) -> dict[str, Any]:

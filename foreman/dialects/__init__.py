@@ -1,9 +1,11 @@
-"""The two APIs foreman queues, behind one seam: Ollama's native `/api/*` and its OpenAI-compatible `/v1/*`.
+"""The APIs foreman queues, behind one seam: Ollama's native `/api/*`, its OpenAI-compatible `/v1/*`,
+OpenAI's Responses (`/v1/responses`) and Anthropic's Messages (`/v1/messages`).
 
 The handlers, the worker and the error middleware ask `dialect_for(path)` how a
 stream is framed, how an error looks and whether a request can carry
 `keep_alive`, instead of testing paths themselves. Each side lives with its
-API: `foreman.dialects.native` and `foreman.dialects.openai`.
+API: `foreman.dialects.native`, `foreman.dialects.openai` and
+`foreman.dialects.named_events` (the two agent APIs).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from foreman.dialects.named_events import Anthropic, Responses
 from foreman.dialects.native import Native
 from foreman.dialects.openai import OpenAI
 
@@ -66,8 +69,15 @@ class Dialect(Protocol):
 
 NATIVE: Dialect = Native()
 OPENAI: Dialect = OpenAI()
+RESPONSES: Dialect = Responses()
+ANTHROPIC: Dialect = Anthropic()
+
+_BY_PATH = {"/v1/responses": RESPONSES, "/v1/messages": ANTHROPIC}
 
 
 def dialect_for(path: str) -> Dialect:
     """The API a request path belongs to."""
+    found = _BY_PATH.get(path)
+    if found is not None:
+        return found
     return OPENAI if path.startswith("/v1/") else NATIVE

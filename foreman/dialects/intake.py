@@ -4,7 +4,8 @@ foreman checks what it relies on (the model, `stream`, `keep_alive`, `options`)
 and the shape of the fields Ollama would reject anyway, so a bad request fails
 at once instead of after it has waited its turn in the queue. Anything subtler
 is Ollama's to judge; its 4xx then reaches the client unchanged. The rules for
-Ollama's OpenAI-compatible endpoints are in `foreman.dialects.openai_intake`.
+Ollama's OpenAI-compatible endpoints are in `foreman.dialects.openai_intake`,
+those of the agent APIs (Responses, Anthropic Messages) in `foreman.dialects.agent_intake`.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from typing import Any
 import orjson
 from ulid import ULID
 
-from foreman.dialects import openai_intake
+from foreman.dialects import agent_intake, openai_intake
 from foreman.dialects.fields import expect as _expect
 from foreman.dialects.fields import json_name as _json_name
+from foreman.dialects.multipart import form_fields
 from foreman.durations import is_keep_alive
 from foreman.errors import BadRequest
-from foreman.job import STREAMED_ENDPOINTS, NewJob, Priority
+from foreman.job import MULTIPART_ENDPOINTS, STREAMED_ENDPOINTS, NewJob, Priority
 from foreman.ollama.names import model_key
 
 # More messages than any real conversation has; a bigger array is an attack or a bug.
@@ -39,8 +41,23 @@ def parse_job(
     priority: Priority = Priority.INTERACTIVE,
     respond_async: bool = False,
     idempotency_key: str | None = None,
+    content_type: str | None = None,
 ) -> NewJob:
     """Validate `raw` for `endpoint` and make it a job of class `priority`; raises BadRequest."""
+    if endpoint in MULTIPART_ENDPOINTS:
+        uploaded_for, _ = form_fields(raw, content_type)
+        return NewJob(
+            id=str(ULID()),
+            endpoint=endpoint,
+            model=uploaded_for,
+            model_key=model_key(uploaded_for, None),
+            stream=False,
+            body=raw,  # the upload as it came: Ollama reads the form itself
+            created_at=now,
+            respond_async=respond_async,
+            idempotency_key=idempotency_key,
+            priority=priority,
+        )
     body = _json_object(raw)
     model = body.get("model")
     if model is None or model == "":
@@ -70,7 +87,9 @@ def parse_job(
 
 
 def request_hash(job: NewJob) -> str:
-    """A fingerprint of what was asked, blind to key order and spacing in the JSON."""
+    """A fingerprint of what was asked, blind to key order and spacing in the JSON (an upload's bytes as they are)."""
+    if job.endpoint in MULTIPART_ENDPOINTS:
+        return hashlib.sha256(job.endpoint.encode() + b"\n" + job.body).hexdigest()
     canonical = json.dumps(json.loads(job.body), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(f"{job.endpoint}\n{canonical}".encode()).hexdigest()
 
@@ -214,4 +233,6 @@ _RULES = {
     "/v1/chat/completions": _Rules(openai_intake.check_chat, streams_by_default=False, native=False),
     "/v1/completions": _Rules(openai_intake.check_completion, streams_by_default=False, native=False),
     "/v1/embeddings": _Rules(openai_intake.check_embeddings, streams_by_default=False, native=False),
+    "/v1/responses": _Rules(agent_intake.check_responses, streams_by_default=False, native=False),
+    "/v1/messages": _Rules(agent_intake.check_messages, streams_by_default=False, native=False),
 }

@@ -26,7 +26,7 @@ from foreman.errors import (
     UpstreamUnreachable,
     error_message,
 )
-from foreman.job import JSON_TYPE
+from foreman.job import JSON_TYPE, body_content_type
 from foreman.ollama.names import normalise_model
 from foreman.ollama.stalls import Stalls
 
@@ -50,6 +50,9 @@ _LOAD_ENDPOINT = {
     "/v1/chat/completions": "/api/chat",
     "/v1/completions": "/api/generate",
     "/v1/embeddings": "/api/embed",
+    "/v1/responses": "/api/chat",
+    "/v1/messages": "/api/chat",
+    "/v1/audio/transcriptions": "/api/chat",
 }
 
 
@@ -240,7 +243,7 @@ class Upstream:
         extra: float = 0.0,
         **kwargs: Any,
     ) -> AsyncIterator[Reply]:
-        headers = {"Content-Type": "application/json"} if body is not None else None
+        headers = {"Content-Type": body_content_type(body)} if body is not None else None
         seconds = self.stalls.deadline(extra) if self.stalls is not None else None
         watch = _Watch(self.stalls, seconds, f"{method} {path}", counts)
         if seconds is not None and "timeout" not in kwargs:

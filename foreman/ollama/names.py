@@ -36,9 +36,39 @@ def load_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k in RUNNER_OPTIONS and v is not None}
 
 
+def source_suffix(name: str) -> tuple[str, str | None]:
+    """The name without its source suffix, and the source it asks for: "cloud", "local" or None.
+
+    Ollama's rule (`internal/modelref`, `parseSourceSuffix`): a last `:cloud`
+    or `:local` tag names the source, and so does a tag ending in `-cloud`
+    (`gpt-oss:120b-cloud`). A cloud model runs on Ollama's cloud: nothing
+    loads on this machine's GPU.
+    """
+    colon = name.rfind(":")
+    if colon < 0:
+        return name, None
+    tag = name[colon + 1 :].strip()
+    lowered = tag.lower()
+    if lowered in ("cloud", "local"):
+        return name[:colon], lowered
+    if "/" not in tag and lowered.endswith("-cloud"):
+        return name[: colon + 1] + tag[: -len("-cloud")], "cloud"
+    return name, None
+
+
+def is_cloud(name: str) -> bool:
+    """Whether Ollama sends a request for `name` (a model name or key) to its cloud."""
+    return source_suffix(key_model_name(name))[1] == "cloud"
+
+
 def model_key(name: str, options: Mapping[str, Any] | None) -> str:
-    """The unit foreman drains by: `llama3:latest`, or `llama3:latest {"num_ctx":8192}`."""
-    base = normalise_model(name)
+    """The unit foreman drains by: `llama3:latest`, or `llama3:latest {"num_ctx":8192}`.
+
+    `llama3:local` is `llama3` asked for on this machine: the same key. A
+    cloud name keeps its suffix, so its key says where it runs.
+    """
+    base, source = source_suffix(name.strip())
+    base = normalise_model(base if source == "local" else name)
     runner = load_options(options)
     if not runner:
         return base

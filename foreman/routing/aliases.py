@@ -22,6 +22,7 @@ from enum import StrEnum
 from typing import Any
 
 from foreman.job import Priority
+from foreman.ollama.names import is_cloud
 from foreman.scheduling.policy import ModelQueue
 
 ALIAS_MARK = "@"
@@ -117,8 +118,12 @@ class Folded:
 
 
 def fold(queues: Iterable[ModelQueue], resident: frozenset[str]) -> Folded:
-    """Count each alias queue with the model that would serve it if it were picked now."""
-    queues = [q for q in queues if q.queued > 0]
+    """Count each alias queue with the model that would serve it if it were picked now.
+
+    Cloud models' queues are left out: the cloud lane serves them, outside
+    the drain order (`foreman.worker.cloud_lane`).
+    """
+    queues = [q for q in queues if q.queued > 0 and not is_cloud(q.model_key)]
     wanted = {q.model_key for q in queues if not is_alias_key(q.model_key)}
     resolved: dict[str, tuple[str, Why]] = {}
     members: dict[tuple[str, Priority], list[ModelQueue]] = {}

@@ -30,7 +30,7 @@ from typing import Any
 from foreman.dialects.intake import check_options
 from foreman.durations import is_keep_alive
 from foreman.errors import BadRequest
-from foreman.job import NewJob
+from foreman.job import MULTIPART_ENDPOINTS, NewJob
 from foreman.ollama.names import load_options, normalise_model
 from foreman.routing.aliases import alias_key
 
@@ -51,6 +51,16 @@ _OPENAI_FIELDS = {
     "frequency_penalty": "frequency_penalty",
     "presence_penalty": "presence_penalty",
     "num_predict": "max_tokens",
+}
+# The agent APIs name some of these fields otherwise, and lack others.
+_FIELDS_BY_ENDPOINT = {
+    "/v1/responses": {"temperature": "temperature", "top_p": "top_p", "num_predict": "max_output_tokens"},
+    "/v1/messages": {
+        "temperature": "temperature",
+        "top_p": "top_p",
+        "top_k": "top_k",
+        "stop": "stop_sequences",
+    },
 }
 
 
@@ -122,6 +132,8 @@ class Routes:
 
     def route(self, job: NewJob) -> NewJob:
         """`job` as an alias job if it names an alias or a route; else `job` unchanged."""
+        if job.endpoint in MULTIPART_ENDPOINTS:
+            return job  # an upload is sent as it came: nothing in it can be rewritten
         key = normalise_model(job.model)
         alias = self.aliases.get(key)
         routing: dict[str, Any] = {}
@@ -140,9 +152,10 @@ class Routes:
             if alias.keep_alive is not None and body.get("keep_alive") is None:
                 body["keep_alive"] = alias.keep_alive
         else:
+            fields = _FIELDS_BY_ENDPOINT.get(job.endpoint, _OPENAI_FIELDS)
             for option, value in alias.options.items():
-                if option in _OPENAI_FIELDS and body.get(_OPENAI_FIELDS[option]) is None:
-                    body[_OPENAI_FIELDS[option]] = value
+                if option in fields and body.get(fields[option]) is None:
+                    body[fields[option]] = value
         runner = load_options(body.get("options")) if native else None
         return replace(
             job,
@@ -154,7 +167,13 @@ class Routes:
 
 def intent_text(endpoint: str, body: Mapping[str, Any]) -> str:
     """What route rules match on: the last user message, or the prompt (or the input to embed)."""
-    if endpoint in ("/api/chat", "/v1/chat/completions"):
+    if endpoint == "/v1/responses":
+        value = body.get("input")
+        if isinstance(value, list):
+            users = [i for i in value if isinstance(i, dict) and i.get("role") == "user"]
+            return _text(users[-1].get("content")) if users else ""
+        return _text(value)
+    if endpoint in ("/api/chat", "/v1/chat/completions", "/v1/messages"):
         for message in reversed(body.get("messages") or ()):
             if isinstance(message, dict) and message.get("role") == "user":
                 return _text(message.get("content"))

@@ -121,6 +121,7 @@ class Reason(StrEnum):
     MAX_WAIT = "max_wait"  # a job waited longer than the bound
     PRIORITY = "priority"  # an interactive job waits for a model that is not loaded
     ORPHANED = "orphaned"  # jobs whose node died wait (several nodes sharing a queue)
+    CLOUD = "cloud"  # a cloud model: the cloud lane runs it at once, nothing loads (worker/cloud_lane.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ import structlog
 
 from foreman.dialects import dialect_for
 from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable
-from foreman.job import STREAMED_ENDPOINTS, Job
+from foreman.job import MULTIPART_ENDPOINTS, STREAMED_ENDPOINTS, Job
 from foreman.ollama.client import Upstream
 from foreman.ollama.names import key_load_options, key_model_name
 from foreman.ollama.outages import Outages
@@ -311,7 +311,8 @@ class Residency:
         if not job.respond_async and waiting_after == 0 and key not in self._pins:
             return Dispatch(job.body, None, self, key, None)  # nothing to pin, release or ask for: as it came
         dialect = dialect_for(job.endpoint)
-        body = json.loads(job.body)
+        # An upload (a transcription) is never changed: its model is pinned by a load request beside it.
+        body = {} if job.endpoint in MULTIPART_ENDPOINTS else json.loads(job.body)
         if _is_unload(job.endpoint, body):
             # The client asked Ollama to unload: do exactly that.
             return Dispatch(job.body, None, self, key, self.releasing(key))

@@ -179,3 +179,36 @@ async def test_chunks_reach_the_client_while_the_job_runs(
         assert not upstream.finished and upstream.chunks_sent < 6
         rest = [json.loads(line) async for line in response.content]
     assert rest[-1]["done"] is True and len(rest) == 6
+
+
+def _dialect_request(index: int, model: str) -> tuple[str, dict[str, object]]:
+    """The `index`-th of four dialects, each asking `model` one thing."""
+    content = f"job {index}"
+    chat = [{"role": "user", "content": content}]
+    return [
+        ("/api/chat", chat_body(model, content)),
+        ("/v1/chat/completions", {"model": model, "messages": chat}),
+        ("/v1/responses", {"model": model, "input": content}),
+        ("/v1/messages", {"model": model, "max_tokens": 32, "messages": chat}),
+    ][index % 4]
+
+
+async def test_every_dialect_drains_by_model(
+    http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman
+) -> None:
+    """16 requests interleaved over two models and four APIs: at most 3 loads, one request at a time upstream."""
+    server = await make_stub(token_delay=0.01, tokens=4)
+    foreman = await make_foreman(server.url)
+    stub = server.stub
+    first = await hold_worker(http, foreman, stub, "llama3")
+    # Each API asks for both models: llama3, mistral, llama3, mistral, then mistral, llama3, ...
+    requests = [_dialect_request(i, ("llama3", "mistral")[(i + i // 4) % 2]) for i in range(16)]
+    tasks = [await submit(http, foreman, body, path) for path, body in requests]
+    stub.faults.release_hung()
+    answers = await asyncio.gather(first, *tasks)
+    assert [a.status for a in answers] == [200] * 17
+    assert len(stub.loads) <= 3, stub.loads
+    assert stub.max_in_flight == 1
+    jobs = foreman.jobs()[1:]
+    assert [j["endpoint"] for j in jobs] == [path for path, _ in requests]
+    assert {j["model_key"] for j in jobs} == {"llama3:latest", "mistral:latest"}

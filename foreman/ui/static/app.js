@@ -181,6 +181,11 @@
     return el('span', { class: 'badge ' + (kind || text), text });
   }
 
+  // Cloud models' jobs run in a lane of their own, never waiting for the GPU.
+  function cloudBadge(job) {
+    return job.lane === 'cloud' ? badge('cloud', 'lane') : null;
+  }
+
   function say(text) {
     $('message').textContent = text;
   }
@@ -359,7 +364,7 @@
             'div',
             { class: 'running-job', 'data-job': job.id },
             el('button', { type: 'button', class: 'link mono', text: job.id, 'aria-label': 'Job ' + job.id, onclick: () => showJob(job.id) }),
-            el('span', {}, swatch(job.model_key), job.model_key),
+            el('span', {}, swatch(job.model_key), job.model_key, cloudBadge(job)),
             badge(job.state),
             el('span', { class: 'elapsed', 'data-since': String(parseTime(job.started_at)) }),
             el('button', { type: 'button', class: 'danger', text: 'Cancel', 'aria-label': 'Cancel job ' + job.id, onclick: () => cancel(job.id) }),
@@ -643,7 +648,7 @@
       'tr',
       { 'data-job': job.id, 'data-state': job.state },
       el('td', { class: 'job-id' }, el('button', { type: 'button', class: 'link mono', text: job.id, 'aria-label': 'Job ' + job.id, onclick: () => showJob(job.id) })),
-      el('td', {}, swatch(job.model_key), job.model_key),
+      el('td', {}, swatch(job.model_key), job.model_key, cloudBadge(job)),
       el('td', { class: 'state' }, badge(job.state)),
       // data-label names a cell where a phone shows the rows as cards, without the header row.
       el('td', { class: 'created', 'data-label': 'created' }, el('time', { text: dateTime(created) })),
