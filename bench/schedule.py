@@ -1,15 +1,17 @@
-"""The scheduling simulator: foreman's own policy on seeded traces, against two baselines.
+"""The scheduling simulator's report: foreman's own policy on seeded traces, against two baselines.
 
     python bench/schedule.py                   # the table, the target checks, bench/schedule-timeline.png
     python bench/schedule.py --e2e             # trace 1 again through the real daemon and stub_ollama
 
-The simulated worker is foreman's: one job at a time, a swap is a load that
-takes the model's load time, and the pick is `foreman.scheduling.policy.Policy.pick`
-driven by the daemon worker's own `foreman.scheduling.driver.PolicyDriver` (its `State`
-and `CostBook` bookkeeping).
-The clock is simulated, so a two-hour trace takes well under a second.
+The simulator is `foreman.simulator` (the traces, the choosers, the simulated
+worker and the guarantee checks): pure code that drives foreman's own policy
+(`foreman.scheduling`) on a simulated clock, so a two-hour trace takes well
+under a second. This script runs every trace with every chooser, prints the
+figures and the targets, draws which model is resident over time, and with
+`--e2e` runs trace 1 through the real daemon and stub_ollama to show it swaps
+as simulated.
 
-Baselines, beside it:
+Baselines, beside foreman:
 - FIFO: the oldest job first, whatever is loaded (Ollama's own queue).
 - drain: plain drain-by-model, foreman's core rule: the oldest job of a loaded
   model, else the oldest job overall; no bound, no priorities.
@@ -20,558 +22,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import math
-import random
 import socket
 import sqlite3
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import closing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import aiohttp
 
 from _harness import until
 from _report import machine
 from foreman.job import Priority
-from foreman.routing.aliases import alias_key, candidates, fold, is_alias_key
-from foreman.scheduling.driver import PolicyDriver
-from foreman.scheduling.policy import Decision, ModelQueue, Policy, Reason
+from foreman.scheduling.policy import Policy
+from foreman.simulator.checks import guarantee_violations, interactive_violations, lower_bound_beaten
+from foreman.simulator.choosers import Foreman
+from foreman.simulator.simulate import Result, run_all, served_as, simulate
+from foreman.simulator.traces import TRACES, Trace, first_models
 
 HERE = Path(__file__).resolve().parent
 
 
-# --------------------------------------------------------------------- traces
-
-
-@dataclass(frozen=True, slots=True)
-class SimJob:
-    id: str  # sorts by arrival, like a ULID
-    model: str
-    arrival: float
-    run_s: float
-    priority: Priority = Priority.BATCH
-
-
-@dataclass(frozen=True, slots=True)
-class Trace:
-    name: str
-    title: str
-    jobs: tuple[SimJob, ...]
-    load_s: Mapping[str, float]
-    slots: int = 1
-    max_wait: float = 600.0
-
-    def lower_bound(self) -> float:
-        """No schedule beats this makespan: every run, plus one load per distinct model.
-
-        A job for an alias needs one of its models: if no plain job needs any
-        of them, that is at least one more load, of the cheapest of them.
-        """
-        models = {job.model for job in self.jobs if not is_alias_key(job.model)}
-        loads = sum(self.load_s[m] for m in models)
-        uncovered = {
-            m
-            for job in self.jobs
-            if is_alias_key(job.model)
-            for m in candidates(job.model)
-            if m not in models
-        }
-        if any(not set(candidates(j.model)) & models for j in self.jobs if is_alias_key(j.model)):
-            loads += min(self.load_s[m] for m in uncovered)
-        return sum(job.run_s for job in self.jobs) + loads
-
-
-# Load times (2 to 20 s) and mean run times (0.5 to 5 s) of the models the traces use.
-LOAD_S = {"phi3": 2.0, "llama3": 8.0, "qwen2": 14.0, "mixtral": 20.0, "gemma2": 5.0, "codellama": 11.0}
-RUN_S = {"phi3": 0.8, "llama3": 2.0, "qwen2": 3.0, "mixtral": 4.5, "gemma2": 1.5, "codellama": 3.5}
-# An alias either model may serve (README, "Model routing"); its jobs take the mean of their run times.
-FAST = alias_key("fast", ["phi3", "llama3"])
-RUN_S[FAST] = (RUN_S["phi3"] + RUN_S["llama3"]) / 2
-
-
-def _run_time(rng: random.Random, model: str) -> float:
-    """A job's run time: the model's mean, give or take 40%, kept within 0.5 to 5 s."""
-    return min(5.0, max(0.5, RUN_S[model] * rng.uniform(0.6, 1.4)))
-
-
-def _jobs(items: Iterable[tuple[float, str, float, Priority]]) -> tuple[SimJob, ...]:
-    ordered = sorted(items, key=lambda item: item[0])
-    return tuple(SimJob(f"{i:07d}", m, t, r, p) for i, (t, m, r, p) in enumerate(ordered))
-
-
-def trace_batch(seed: int = 1) -> Trace:
-    """Trace 1: a batch of 400 jobs over 4 models, interleaved at random, all queued at once."""
-    rng = random.Random(seed)
-    models = ["phi3", "llama3", "qwen2", "mixtral"]
-    names = [models[i % 4] for i in range(400)]
-    rng.shuffle(names)
-    jobs = tuple(SimJob(f"{i:07d}", m, 0.0, _run_time(rng, m), Priority.BATCH) for i, m in enumerate(names))
-    return Trace("1-batch", "400 jobs, 4 models, interleaved", jobs, {m: LOAD_S[m] for m in models})
-
-
-def _poisson(
-    rng: random.Random,
-    duration: float,
-    rate: float,
-    mix: Mapping[str, float],
-    priority: Priority,
-) -> list[tuple[float, str, float, Priority]]:
-    models, weights = list(mix), list(mix.values())
-    items = []
-    t = rng.expovariate(rate)
-    while t < duration:
-        model = rng.choices(models, weights)[0]
-        items.append((t, model, _run_time(rng, model), priority))
-        t += rng.expovariate(rate)
-    return items
-
-
-def _rate_for(load: float, mix: Mapping[str, float]) -> float:
-    """Arrivals per second that keep the worker busy running jobs `load` of the time."""
-    mean_run = sum(w * RUN_S[m] for m, w in mix.items()) / sum(mix.values())
-    return load / mean_run
-
-
-def trace_hot(seed: int = 2, duration: float = 7200.0) -> Trace:
-    """Trace 2: Poisson arrivals, 4 models, 80% load, one hot model with 70% of the traffic."""
-    rng = random.Random(seed)
-    mix = {"llama3": 0.7, "phi3": 0.1, "qwen2": 0.1, "mixtral": 0.1}
-    jobs = _jobs(_poisson(rng, duration, _rate_for(0.8, mix), mix, Priority.BATCH))
-    return Trace("2-hot", "Poisson, 80% load, hot model 70%", jobs, {m: LOAD_S[m] for m in mix})
-
-
-def trace_bursts(seed: int = 3, duration: float = 7200.0) -> Trace:
-    """Trace 3: bursts of 1 to 4 interactive chats every few minutes over a steady batch stream."""
-    rng = random.Random(seed)
-    batch_mix = {"qwen2": 0.5, "mixtral": 0.5}
-    items = _poisson(rng, duration, _rate_for(0.6, batch_mix), batch_mix, Priority.BATCH)
-    t = rng.expovariate(1 / 180)
-    while t < duration:
-        model = rng.choice(["phi3", "llama3"])
-        for k in range(rng.randint(1, 4)):
-            items.append((t + 2.0 * k, model, _run_time(rng, model), Priority.INTERACTIVE))
-        t += rng.expovariate(1 / 180)
-    models = {*batch_mix, "phi3", "llama3"}
-    return Trace(
-        "3-bursts", "interactive bursts over a batch stream", _jobs(items), {m: LOAD_S[m] for m in models}
-    )
-
-
-def trace_two_slots(seed: int = 4, duration: float = 7200.0) -> Trace:
-    """Trace 4: Poisson arrivals at 80% load over 6 models, with room for two in Ollama."""
-    rng = random.Random(seed)
-    mix = {"llama3": 0.3, "phi3": 0.25, "gemma2": 0.15, "qwen2": 0.12, "codellama": 0.1, "mixtral": 0.08}
-    jobs = _jobs(_poisson(rng, duration, _rate_for(0.8, mix), mix, Priority.BATCH))
-    return Trace("4-two-slots", "6 models, 2 resident slots", jobs, {m: LOAD_S[m] for m in mix}, slots=2)
-
-
-def trace_starve(seed: int = 5, duration: float = 3600.0) -> Trace:
-    """Extra trace 5: one model's stream at 100% of capacity, and a job every 5 minutes for 3 others.
-
-    Plain drain-by-model never leaves the hot model while its queue is full:
-    this is the starvation the bound exists for.
-    """
-    rng = random.Random(seed)
-    items = _poisson(rng, duration, 1.0 / RUN_S["llama3"], {"llama3": 1.0}, Priority.BATCH)
-    for model in ("phi3", "qwen2", "mixtral"):
-        items += _poisson(rng, duration, 1 / 300, {model: 1.0}, Priority.BATCH)
-    models = ("llama3", "phi3", "qwen2", "mixtral")
-    return Trace("5-starve", "hot stream at 100% + others", _jobs(items), {m: LOAD_S[m] for m in models})
-
-
-def trace_alias(seed: int = 6, duration: float = 7200.0) -> Trace:
-    """Trace 6: Poisson arrivals at 80% load over 3 models; half the jobs name the alias fast (phi3 or llama3)."""
-    rng = random.Random(seed)
-    mix = {FAST: 0.5, "llama3": 0.2, "phi3": 0.1, "qwen2": 0.2}
-    jobs = _jobs(_poisson(rng, duration, _rate_for(0.8, mix), mix, Priority.BATCH))
-    models = ("phi3", "llama3", "qwen2")
-    return Trace("6-alias", "half the jobs name an alias of 2 models", jobs, {m: LOAD_S[m] for m in models})
-
-
-def served_as(result: Result, name: str) -> Trace:
-    """`result`'s trace with every alias job naming the model that served it in `result`."""
-    served = {s.job.id: s.model for s in result.served}
-    jobs = tuple(replace(job, model=served[job.id] or job.model) for job in result.trace.jobs)
-    return replace(result.trace, name=name, jobs=jobs)
-
-
-def first_models(trace: Trace, name: str) -> Trace:
-    """`trace` with every alias job naming the alias's first model, as a static alias would."""
-    jobs = tuple(replace(j, model=candidates(j.model)[0]) if is_alias_key(j.model) else j for j in trace.jobs)
-    return replace(trace, name=name, jobs=jobs)
-
-
-def trace_backlogs(seed: int = 6, duration: float = 7200.0, every: float = 900.0) -> Trace:
-    """Trace 7: batch backlogs for 3 models dumped every 15 minutes, Poisson interactive chats for 2 others.
-
-    Each backlog is more than the bound (120 s) can absorb, so max_wait
-    drains of batch work are under way most of the time; an interactive
-    request must not wait for them.
-    """
-    rng = random.Random(seed)
-    items: list[tuple[float, str, float, Priority]] = []
-    t = 0.0
-    while t < duration:
-        for model, count in (("qwen2", 40), ("mixtral", 30), ("codellama", 40)):
-            at = t + rng.uniform(0, 60)
-            items += [(at, model, _run_time(rng, model), Priority.BATCH) for _ in range(count)]
-        t += every
-    chat_mix = {"phi3": 0.5, "llama3": 0.5}
-    items += _poisson(rng, duration, 1 / 60, chat_mix, Priority.INTERACTIVE)
-    models = ("qwen2", "mixtral", "codellama", *chat_mix)
-    return Trace(
-        "7-backlogs",
-        "overdue batch backlogs + interactive chats",
-        _jobs(items),
-        {m: LOAD_S[m] for m in models},
-        max_wait=120.0,
-    )
-
-
-def trace_hot_tight() -> Trace:
-    """Trace 2 again with FOREMAN_MAX_WAIT=120, so that the bound binds on it."""
-    return replace(trace_hot(), name="2b-hot-w120", title="trace 2 with max_wait 120 s", max_wait=120.0)
-
-
-TRACES: dict[str, Callable[[], Trace]] = {
-    "1": trace_batch,
-    "2": trace_hot,
-    "2b": trace_hot_tight,
-    "3": trace_bursts,
-    "4": trace_two_slots,
-    "5": trace_starve,
-    "6": trace_alias,
-    "7": trace_backlogs,
-}
-
-
-# ------------------------------------------------------------------- policies
-
-
-class Chooser(Protocol):
-    """What the simulated worker asks at each pick, and tells after claims and loads."""
-
-    name: str
-
-    def choose(self, queues: list[ModelQueue], resident: frozenset[str], now: float) -> Decision | None: ...
-
-    def claimed(self, decision: Decision, now: float) -> None: ...
-
-    def loaded(self, model: str, seconds: float, now: float) -> None: ...
-
-    def ran(self, model: str, seconds: float) -> None: ...
-
-    def abandons(self, loading: Decision, queues: list[ModelQueue], now: float) -> bool: ...
-
-    def abandoned(self, loading: Decision) -> None: ...
-
-
-class Foreman(PolicyDriver):
-    """foreman's policy, driven exactly as the daemon's worker drives it (`foreman.scheduling.driver.PolicyDriver`)."""
-
-    def __init__(self, policy: Policy, name: str = "foreman") -> None:
-        super().__init__(policy)
-        self.name = name
-
-
-class _Baseline:
-    name = "baseline"
-
-    def claimed(self, decision: Decision, now: float) -> None:
-        pass
-
-    def loaded(self, model: str, seconds: float, now: float) -> None:
-        pass
-
-    def ran(self, model: str, seconds: float) -> None:
-        pass
-
-    def abandons(self, loading: Decision, queues: list[ModelQueue], now: float) -> bool:
-        return False
-
-    def abandoned(self, loading: Decision) -> None:
-        pass
-
-    @staticmethod
-    def _decide(queue: ModelQueue, resident: frozenset[str], reason: Reason) -> Decision:
-        swap = queue.model_key not in resident
-        return Decision(queue.model_key, reason if swap else Reason.RESIDENT, queue.priority, swap)
-
-
-class Fifo(_Baseline):
-    """The oldest job first, whatever is loaded: what Ollama's own queue does."""
-
-    name = "fifo"
-
-    def choose(self, queues: list[ModelQueue], resident: frozenset[str], now: float) -> Decision | None:
-        if not queues:
-            return None
-        reason = Reason.DRAINED if resident else Reason.COLD
-        return self._decide(min(queues, key=lambda q: q.oldest_id), resident, reason)
-
-
-class Drain(_Baseline):
-    """Plain drain-by-model: a loaded model's oldest job, else the oldest job overall."""
-
-    name = "drain"
-
-    def choose(self, queues: list[ModelQueue], resident: frozenset[str], now: float) -> Decision | None:
-        if not queues:
-            return None
-        loaded = [q for q in queues if q.model_key in resident]
-        reason = Reason.DRAINED if resident else Reason.COLD
-        return self._decide(min(loaded or queues, key=lambda q: q.oldest_id), resident, reason)
-
-
-# ------------------------------------------------------------------ simulation
-
-
-@dataclass(frozen=True, slots=True)
-class Served:
-    job: SimJob
-    picked: float  # when the policy chose it; before `start` by the load when it cost a swap
-    start: float
-    end: float
-    reason: Reason  # why the pick chose this job's model
-    swap: bool  # the pick cost a load
-    drain_since: float | None  # the max_wait drain it belonged to, by start time
-    model: str | None = None  # the model that served it, when that is not the job's own (an alias's)
-
-    @property
-    def served_by(self) -> str:
-        return self.model or self.job.model
-
-    @property
-    def wait(self) -> float:
-        return self.start - self.job.arrival
-
-
-@dataclass(frozen=True, slots=True)
-class Load:
-    model: str
-    start: float
-    end: float
-    reason: Reason
-    slot: int
-    priority: Priority = Priority.BATCH  # the class of the job it was begun for
-    abandoned: bool = False  # given up for an interactive job; `end` is when
-
-
-@dataclass
-class Result:
-    policy: str
-    trace: Trace
-    served: list[Served] = field(default_factory=list)
-    loads: list[Load] = field(default_factory=list)
-    evicted_at: dict[int, float] = field(default_factory=dict)  # load index → when it left
-
-    @property
-    def swaps(self) -> int:
-        return len(self.loads)
-
-    @property
-    def load_time(self) -> float:
-        """Seconds spent loading models."""
-        return sum(load.end - load.start for load in self.loads)
-
-    @property
-    def makespan(self) -> float:
-        return max(s.end for s in self.served) - min(j.arrival for j in self.trace.jobs)
-
-    def waits(self, priority: Priority | None = None) -> list[float]:
-        return sorted(s.wait for s in self.served if priority is None or s.job.priority is priority)
-
-    def longest_stay(self) -> float:
-        """The longest time the worker stayed with one model: a load and the jobs run after it."""
-        starts = [*sorted(load.start for load in self.loads), max(s.end for s in self.served)]
-        return max(b - a for a, b in itertools.pairwise(starts))
-
-
-def simulate(trace: Trace, chooser: Chooser) -> Result:
-    """Run `trace` through one simulated worker that asks `chooser` before every job."""
-    result = Result(chooser.name, trace)
-    pending: dict[tuple[str, Priority], deque[SimJob]] = {}
-    resident: dict[str, int] = {}  # model → index of its load in result.loads
-    last_used: dict[str, float] = {}
-    arrivals = deque(sorted(trace.jobs, key=lambda j: (j.arrival, j.id)))
-
-    def admit(job: SimJob) -> None:
-        pending.setdefault((job.model, job.priority), deque()).append(job)
-
-    def queues() -> list[ModelQueue]:
-        return [
-            ModelQueue(model, priority, len(jobs), jobs[0].id, jobs[0].arrival)
-            for (model, priority), jobs in pending.items()
-            if jobs
-        ]
-
-    now = 0.0
-    while arrivals or any(pending.values()):
-        while arrivals and arrivals[0].arrival <= now:
-            admit(arrivals.popleft())
-        # Alias jobs count with the model that would serve them now, as in the daemon's worker.
-        folded = fold(queues(), frozenset(resident))
-        decision = chooser.choose(folded.queues, frozenset(resident), now)
-        if decision is None:
-            now = arrivals[0].arrival
-            continue
-        source = folded.source(decision.model_key, decision.priority)
-        job = pending[source, decision.priority].popleft()
-        model = decision.model_key
-        chooser.claimed(decision, now)
-        picked = now
-        if decision.swap:
-            index = _start_load(trace, result, resident, last_used, decision, now)
-            ready = result.loads[index].end
-            # Jobs that arrive during the load may make the policy give it up (Policy.abandons).
-            while arrivals and arrivals[0].arrival < ready:
-                arrival = arrivals.popleft()
-                admit(arrival)
-                if chooser.abandons(decision, fold(queues(), frozenset(resident)).queues, arrival.arrival):
-                    ready = math.nan
-                    now = arrival.arrival
-                    break
-            if math.isnan(ready):
-                result.loads[index] = replace(result.loads[index], end=now, abandoned=True)
-                result.evicted_at[index] = now
-                del resident[decision.model_key]
-                pending[source, decision.priority].appendleft(job)
-                chooser.abandoned(decision)
-                continue
-            now = ready
-            chooser.loaded(model, trace.load_s[model], now)
-        drain = decision.drain.since if decision.drain is not None else None
-        by = model if model != job.model else None
-        result.served.append(
-            Served(job, picked, now, now + job.run_s, decision.reason, decision.swap, drain, by)
-        )
-        now += job.run_s
-        last_used[model] = now
-        chooser.ran(model, job.run_s)
-    return result
-
-
-def _start_load(
-    trace: Trace,
-    result: Result,
-    resident: dict[str, int],
-    last_used: dict[str, float],
-    decision: Decision,
-    now: float,
-) -> int:
-    """Make room if every slot is taken (the policy's victim, else the least recently used), start loading."""
-    slots = {result.loads[i].slot for i in resident.values()}
-    if len(resident) >= trace.slots:
-        victim = decision.evict if decision.evict in resident else min(resident, key=lambda m: last_used[m])
-        index = resident.pop(victim)
-        result.evicted_at[index] = now
-        slots.discard(result.loads[index].slot)
-    slot = min(set(range(trace.slots)) - slots)
-    resident[decision.model_key] = len(result.loads)
-    end = now + trace.load_s[decision.model_key]
-    result.loads.append(Load(decision.model_key, now, end, decision.reason, slot, decision.priority))
-    return len(result.loads) - 1
-
-
-# ---------------------------------------------------------------------- checks
-
-
-def guarantee_violations(result: Result, max_wait: float, min_residency: float = 0.0) -> list[str]:
-    """Every job that breaks the documented guarantee (README, "Scheduling"), explained.
-
-    For a job of class C queued at `a` that the policy had not picked by
-    `a + max_wait`, among the picks after `a + max_wait`:
-    (1) every job picked before it is interactive (when C is batch), or
-        belongs to a max_wait drain of class C, or was picked while the model
-        loaded last had held Ollama for less than `min_residency`;
-    (2) no model other than the job's own began two max_wait drains of class C;
-    (3) the job itself was picked for a max_wait drain (or in that residency time).
-    """
-    violations = []
-    served = sorted(result.served, key=lambda s: s.picked)
-    load_ends = sorted(load.end for load in result.loads if not load.abandoned)
-
-    def settling(picked: float) -> bool:
-        ended = [end for end in load_ends if end <= picked]
-        return bool(ended) and picked - ended[-1] < min_residency
-
-    def cuts_in(s: Served, priority: Priority) -> bool:
-        return s.job.priority is Priority.INTERACTIVE and priority is Priority.BATCH
-
-    drains = sorted(
-        {(s.drain_since, s.served_by, s.job.priority) for s in served if s.drain_since is not None}
-    )
-    for item in served:
-        due = item.job.arrival + max_wait
-        if item.picked <= due:
-            continue
-        what = f"job {item.job.id} ({item.job.model}, waited {item.wait:.1f}s)"
-        priority = item.job.priority
-        others = [
-            s
-            for s in served
-            if due < s.picked < item.picked
-            and not cuts_in(s, priority)
-            and not (s.reason is Reason.MAX_WAIT and s.job.priority is priority)
-            and not settling(s.picked)
-        ]
-        if others:
-            first = others[0]
-            violations.append(f"{what}: {first.job.model} job {first.job.id} ran first by {first.reason}")
-        begun = [
-            model
-            for since, model, drained in drains
-            if due < since <= item.picked and model != item.served_by and drained is priority
-        ]
-        twice = sorted({m for m in begun if begun.count(m) > 1})
-        if twice:
-            violations.append(f"{what}: {', '.join(twice)} had two max_wait drains first")
-        if item.reason is not Reason.MAX_WAIT and not settling(item.picked):
-            violations.append(f"{what}: ran by {item.reason}, not in a max_wait drain")
-    return violations
-
-
-def interactive_violations(result: Result) -> list[str]:
-    """Every interactive job that waited for batch work begun after it arrived, or for a batch load.
-
-    The interactive bound (README, "Scheduling"): an interactive job waits for
-    the job in flight when it came, its own model's load and the interactive
-    jobs ahead of it; never for a batch job picked after it arrived, nor for
-    a batch model's load.
-    """
-    violations = []
-    for item in result.served:
-        if item.job.priority is not Priority.INTERACTIVE:
-            continue
-        arrival = item.job.arrival
-        what = f"interactive job {item.job.id} ({item.job.model}, waited {item.wait:.1f}s)"
-        batch = [
-            s for s in result.served if s.job.priority is Priority.BATCH and arrival < s.picked < item.picked
-        ]
-        if batch:
-            violations.append(f"{what}: batch job {batch[0].job.id} ({batch[0].job.model}) was picked first")
-        loads = [
-            load
-            for load in result.loads
-            if load.priority is Priority.BATCH
-            and not load.abandoned
-            and load.model != item.served_by
-            and load.start < arrival < load.end
-        ]
-        if loads:
-            violations.append(f"{what}: waited for a batch load of {loads[0].model}")
-    return violations
-
-
-def lower_bound_beaten(result: Result) -> bool:
-    """A makespan below the lower bound means the simulator lost work or time."""
-    return result.makespan < result.trace.lower_bound() - 1e-6
+# --------------------------------------------------------------------- report
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -583,14 +58,6 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 # --------------------------------------------------------------------- report
-
-
-def policies(trace: Trace) -> list[Chooser]:
-    return [Fifo(), Drain(), Foreman(Policy(max_wait=trace.max_wait))]
-
-
-def run_all(traces: Iterable[Trace]) -> list[Result]:
-    return [simulate(trace, chooser) for trace in traces for chooser in policies(trace)]
 
 
 def table(results: Sequence[Result]) -> str:
@@ -964,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.configure("console", "warning")  # the daemon's own job log would drown the report
         swaps, loads = asyncio.run(end_to_end(traces[0], args.scale))
         sim_loads = [load.model for load in simulated.loads]
-        same = swaps == simulated.swaps
+        same = swaps == simulated.swaps == len(loads) and loads == sim_loads
         print(
             f"\n[{'ok' if same else 'MISSED'}] end-to-end trace 1 at scale {args.scale}:"
             f" daemon {swaps} swaps {loads}, simulator {simulated.swaps} swaps {sim_loads}"

@@ -6,7 +6,7 @@ any model key by the load options that split groups. The key alone says how to
 resolve the job, so jobs queued before a reload or a restart keep the models
 they were accepted for.
 
-Before each pick, the worker and the simulator (`bench/schedule.py`) fold the
+Before each pick, the worker and the simulator (`foreman.simulator`) fold the
 alias queues into the queues of the models that would serve them now, hand
 the folded queues to `scheduler.Policy`, and claim the oldest job of the group
 the policy chose. So a job for `fast` joins `llama3:8b`'s drain when Ollama

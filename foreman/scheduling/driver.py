@@ -1,4 +1,4 @@
-"""The policy with its memory: what the worker and the simulator (`bench/schedule.py`) both run.
+"""The policy with its memory: what the worker and the simulator (`foreman.simulator`) both run.
 
 `scheduler.Policy` decides from a snapshot and keeps nothing. `PolicyDriver`
 keeps what it needs between picks, the `State` (and the one the latest claim

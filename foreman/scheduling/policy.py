@@ -1,6 +1,6 @@
 """Which model to serve next, as pure code: no I/O, no asyncio, and no clock.
 
-The worker and the simulator (`bench/schedule.py`) hand in what waits, what
+The worker and the simulator (`foreman.simulator`) hand in what waits, what
 Ollama holds, the policy's own small state and `now`; they get back the model
 (and priority class) whose oldest job runs next, with the reason. Both then
 advance the state with `State.after` and feed observed load and run times to a

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from foreman.scheduling.policy import Policy
+from foreman.simulator.choosers import Foreman
+from foreman.simulator.simulate import simulate
+from foreman.simulator.traces import trace_batch
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -132,6 +138,19 @@ def test_cluster_bench_runs_and_its_kill_loses_nothing(tmp_path: Path, pg_server
     assert all(run["states"] == {"done": 48} for run in result["runs"])
     kill = result["kill"]
     assert (kill["lost"], kill["run_twice_at_once"]) == (0, 0) and kill["states"] == {"done": 48}
+
+
+def test_the_daemon_reproduces_trace_1s_swaps() -> None:
+    """schedule.py --e2e runs trace 1 through foreman and stub_ollama: the same swaps, in the same order, as simulated."""
+    command = [sys.executable, str(BENCH / "schedule.py"), "--no-png", "--e2e", "--scale", "0.001"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    line = re.search(r"end-to-end trace 1 at scale 0.001: daemon (\d+) swaps (\[.*?\]),", done.stdout)
+    assert line, done.stdout
+    trace = trace_batch()
+    simulated = simulate(trace, Foreman(Policy(max_wait=trace.max_wait)))
+    assert int(line[1]) == simulated.swaps
+    assert line[2] == str([load.model for load in simulated.loads])
 
 
 def test_batch_bench_runs_a_small_batch_by_model(tmp_path: Path) -> None:

@@ -7,8 +7,6 @@ from typing import Any
 
 import pytest
 
-from bench.schedule import Drain as PlainDrain
-from bench.schedule import Foreman, SimJob, Trace, guarantee_violations, interactive_violations, simulate
 from foreman.job import Priority
 from foreman.scheduling.policy import (
     DEFAULT_LOAD_S,
@@ -24,6 +22,11 @@ from foreman.scheduling.policy import (
     drain_order,
     next_due,
 )
+from foreman.simulator.checks import guarantee_violations, interactive_violations
+from foreman.simulator.choosers import Drain as PlainDrain
+from foreman.simulator.choosers import Foreman
+from foreman.simulator.simulate import simulate
+from foreman.simulator.traces import SimJob, Trace
 
 I, B = Priority.INTERACTIVE, Priority.BATCH  # noqa: E741 (short names keep the queues readable)
 
@@ -271,24 +274,6 @@ def test_bound_holds_for_every_job_of_a_mixed_overloaded_trace() -> None:
     # The checks can fail: plain drain-by-model breaks them on the same trace.
     plain = simulate(trace, PlainDrain())
     assert guarantee_violations(plain, 120) and interactive_violations(plain)
-
-
-def test_policy_is_pure() -> None:
-    """scheduler.py and driver.py import no asyncio, sqlite3 or aiohttp, so the simulator runs the same code."""
-    import ast
-    from pathlib import Path
-
-    import foreman.scheduling.driver
-    import foreman.scheduling.policy
-
-    for module in (foreman.scheduling.policy, foreman.scheduling.driver):
-        imported = set()
-        for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
-            if isinstance(node, ast.Import):
-                imported.update(alias.name.split(".")[0] for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                imported.add(node.module.split(".")[0])
-        assert imported.isdisjoint({"asyncio", "sqlite3", "aiohttp", "time"}), (module.__name__, imported)
 
 
 def test_a_load_for_batch_work_is_given_up_for_an_interactive_job_elsewhere() -> None:
