@@ -45,7 +45,6 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
 CROSSINGS: Mapping[tuple[str, str], str] = {
     ("foreman.embeddings.cache_answer", "foreman.api.keys"): "looks the cache up through the app's key",
     ("foreman.queue.page_feed", "foreman.api.views"): "formats times with the API's iso()",
-    ("foreman.storage.postgres.node", "foreman.queue.job_events"): "relays job events between nodes",
 }
 
 # What the scheduler and the simulator may not reach, directly or through what they import:
