@@ -42,7 +42,7 @@ from foreman.api.keys import (
     UPSTREAM,
     WORKER,
 )
-from foreman.config import Config, redact_url
+from foreman.config import Config
 from foreman.embeddings.batch import EmbedBatcher
 from foreman.embeddings.cache import EmbedCache
 from foreman.job import QUEUED_ENDPOINTS
@@ -60,6 +60,7 @@ from foreman.retry import RetryPolicy, Sleep
 from foreman.routing.table import RouteTable
 from foreman.scheduling.driver import PolicyDriver
 from foreman.scheduling.policy import Policy
+from foreman.setting_values import redact_url
 from foreman.storage import backends
 from foreman.worker.cloud_lane import CloudLane, Lanes
 from foreman.worker.loop import Worker

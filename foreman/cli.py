@@ -14,19 +14,16 @@ from typing import Any
 
 from foreman import __version__
 from foreman.config import (
-    DEFAULT_PORT,
     EXIT_CONFIG,
     SETTINGS,
     Config,
-    client_url,
     config_from,
-    origin_list,
     plain,
-    positive_int,
     unknown_variables,
 )
 from foreman.durations import duration
 from foreman.job import MAX_PAGE, JobState
+from foreman.setting_values import DEFAULT_PORT, client_url, origin_list, positive_int
 
 DEFAULT_HOST = f"127.0.0.1:{DEFAULT_PORT}"
 

@@ -15,9 +15,10 @@ from aiohttp import web
 from foreman import log as logging_setup
 from foreman.api.security import is_loopback
 from foreman.app import create_app
-from foreman.config import EXIT_CONFIG, Config, redact_url
+from foreman.config import EXIT_CONFIG, Config
 from foreman.errors import StoreBusy, StoreError, StoreUnreachable
 from foreman.routing.routes_file import RoutesError
+from foreman.setting_values import redact_url
 from foreman.storage.sqlite.lock import QueueLock
 
 log = structlog.get_logger("foreman")

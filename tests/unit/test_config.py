@@ -10,17 +10,13 @@ from foreman.cli import build_parser, main, serve_config
 from foreman.config import (
     SETTINGS,
     Config,
-    client_url,
-    default_db_path,
     markdown_table,
-    parse_keep_alive,
-    parse_listen,
-    parse_upstream,
     unknown_variables,
 )
 from foreman.durations import duration
 from foreman.retry import RetryPolicy
 from foreman.scheduling.policy import Policy
+from foreman.setting_values import client_url, default_db_path, parse_keep_alive, parse_listen, parse_upstream
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -11,8 +11,8 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from foreman.config import redact_url
 from foreman.errors import DatabaseAway, StoreError, StoreUnreachable
+from foreman.setting_values import redact_url
 from foreman.storage.postgres.node_lock import hold_node_name
 from foreman.storage.postgres.schema import CHANNEL, prepare
 

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from foreman.config import redact_url
 from foreman.job import Job, JobState, NewJob, Priority
 from foreman.scheduling.policy import ModelQueue
+from foreman.setting_values import redact_url
 from foreman.storage import (
     Accepted,
     CachedVector,
