@@ -25,7 +25,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(layer.split())
     for layer in (
         "foreman job errors durations log looplag",  # values and helpers everything shares
-        "retry config metrics",
+        "retry setting_values config metrics",
         "scheduling ollama client",  # the pure policy; Ollama's side; the CLI's client (talks HTTP only)
         "dialects",  # the two wire dialects, turning requests into jobs
         "routing",
