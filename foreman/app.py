@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
@@ -37,6 +36,7 @@ from foreman.api.keys import (
     OUTAGES,
     PAGE_FEED,
     QUEUE,
+    RELAY,
     ROUTES,
     STORAGE,
     UPSTREAM,
@@ -45,7 +45,6 @@ from foreman.api.keys import (
 from foreman.config import Config
 from foreman.embeddings.batch import EmbedBatcher
 from foreman.embeddings.cache import EmbedCache
-from foreman.errors import StoreError
 from foreman.job import QUEUED_ENDPOINTS
 from foreman.metrics import Metrics
 from foreman.ollama.client import Upstream
@@ -62,8 +61,7 @@ from foreman.routing.table import RouteTable
 from foreman.scheduling.driver import PolicyDriver
 from foreman.scheduling.policy import Policy
 from foreman.setting_values import redact_url
-from foreman.storage import Storage
-from foreman.storage.sqlite.storage import SqliteStorage
+from foreman.storage import backends
 from foreman.worker.cloud_lane import CloudLane, Lanes
 from foreman.worker.loop import Worker
 from foreman.worker.residency import Residency
@@ -103,23 +101,17 @@ def create_app(
     app.middlewares.append(webhooks.job_webhooks)
     app[CONFIG] = config
     app[CLOCK] = clock
-    app[EVENTS] = JobEvents()
     app[PAGE_FEED] = PageFeed()
     app[METRICS] = Metrics()
     app[ROUTES] = RouteTable(config.routes)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        store: Storage
-        if config.db_url is not None:
-            store = await open_shared(config)
-        else:
-            store = await SqliteStorage.open(config.db_file, sync=config.sync, max_queue=config.max_queue)
-        requeued, failed = await store.recover(clock(), config.max_attempts)
-        if requeued or failed:
-            log.info("queue.recovered", requeued=requeued, failed=failed, db=_where(config))
-        app[STORAGE] = store
-        yield
-        await store.close()
+        async with backends.opened(config, clock=clock) as (store, relay):
+            requeued, failed = await store.recover(clock(), config.max_attempts)
+            if requeued or failed:
+                log.info("queue.recovered", requeued=requeued, failed=failed, db=_where(config))
+            app[STORAGE], app[RELAY], app[EVENTS] = store, relay, JobEvents(relay)
+            yield
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         # No total timeout: a cold load of a big model can take minutes, and
@@ -232,7 +224,7 @@ def create_app(
         async with (
             _running(worker.run(), "foreman-worker"),
             _running(cloud.run(), "foreman-cloud-lane"),
-            _member(app, worker, outages, config, clock),
+            app[RELAY].joined(worker, app[EVENTS], outages),
         ):
             yield
         await residency.flush_pins()  # the releases of the stop, recorded before the store closes
@@ -298,67 +290,8 @@ def create_app(
     return app
 
 
-async def open_shared(config: Config) -> Storage:
-    """The PostgreSQL queue named by FOREMAN_DB, for this node; StoreError if it cannot be used."""
-    try:
-        from foreman.storage.postgres.storage import PostgresStorage
-    except ImportError as exc:
-        raise StoreError(
-            f"FOREMAN_DB is a PostgreSQL URL, but its driver is missing ({exc}): pip install 'foreman[postgres]'"
-        ) from exc
-    return await PostgresStorage.open(
-        config.db_url or "",
-        node=node_name(config),
-        node_timeout=config.node_timeout,
-        max_queue=config.max_queue,
-    )
-
-
-def node_name(config: Config) -> str:
-    """FOREMAN_NODE, or this host's name and foreman's port."""
-    return config.node or f"{socket.gethostname()}:{config.port}"
-
-
 def _where(config: Config) -> str:
     return redact_url(config.db_url) if config.db_url is not None else str(config.db_path)
-
-
-@asynccontextmanager
-async def _member(
-    app: web.Application, worker: Worker, outages: Outages, config: Config, clock: Callable[[], float]
-) -> AsyncIterator[None]:
-    """With a shared queue: this node's heartbeat, leases and notifications while the worker runs."""
-    if config.db_url is None:
-        yield
-        return
-    from foreman.storage.postgres.node import Node
-    from foreman.storage.postgres.storage import PostgresStorage
-
-    store = app[STORAGE]
-    assert isinstance(store, PostgresStorage)  # store_ctx opened it from db_url
-    node = Node(
-        store,
-        app[EVENTS],
-        worker,
-        upstream=config.upstream,
-        max_attempts=config.max_attempts,
-        clock=clock,
-        reachable=lambda: outages.reachable,
-    )
-    await node.register()
-    # The others must stop leaving this node's models to it the moment its Ollama stops answering.
-    outages.when_down(node.beat_soon)
-    outages.when_back(node.beat_soon)
-    events = app[EVENTS]
-    events.forward, events.on_watch, events.waits_elsewhere = node.forward, node.watch, node.waits_elsewhere
-    async with _running(node.run(), "foreman-node"):
-        await node.listening()
-        log.info("node.joined", node=node.name, timeout_s=config.node_timeout)
-        try:
-            yield
-        finally:
-            await node.leave()
-    events.forward = events.on_watch = events.waits_elsewhere = None
 
 
 @asynccontextmanager

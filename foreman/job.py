@@ -153,6 +153,43 @@ class Job:
         )
 
 
+# A job's events: what the handlers waiting on it hear (foreman/queue/job_events.py), from this
+# node's worker or, through the storage's relay, another node's.
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One NDJSON line of Ollama's streamed reply, newline included."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StateChanged:
+    state: JobState
+    attempt: int
+    model: str | None = None  # when the job starts: the model that serves it
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """The job is over for this handler.
+
+    `body` is the whole reply when nothing was streamed (a `stream: false`
+    answer, or an error before the first chunk); after chunks, a non-empty
+    body is an error to send as the stream's last line.
+    """
+
+    state: JobState
+    status: int
+    body: bytes
+    content_type: str = JSON_TYPE
+    error: str | None = None  # what went wrong, as the job's record keeps it
+
+
+JobEvent = Chunk | StateChanged | Ended
+
+
 @dataclass(frozen=True, slots=True)
 class ModelStats:
     """What the worker knows about one model: residency, scheduling state, learned costs.

@@ -17,6 +17,7 @@ from foreman.queue.job_events import JobEvents
 from foreman.queue.page_feed import PageFeed
 from foreman.routing.table import RouteTable
 from foreman.storage import Storage
+from foreman.storage.relay import Relay
 from foreman.worker.cloud_lane import CloudLane
 from foreman.worker.loop import Worker
 
@@ -33,6 +34,8 @@ MODEL_TAGS = web.AppKey("model_tags", ModelTags)
 OUTAGES = web.AppKey("outages", Outages)
 # What the handlers submit, cancel and follow jobs through.
 QUEUE = web.AppKey("queue", QueueFront)
+# The line to the other nodes sharing the queue: `ALONE` for a node alone.
+RELAY: web.AppKey[Relay] = web.AppKey("relay")
 ROUTES = web.AppKey("routes", RouteTable)
 STORAGE: web.AppKey[Storage] = web.AppKey("store")
 UPSTREAM = web.AppKey("upstream", Upstream)

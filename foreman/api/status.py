@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from foreman import __version__
 from foreman.api import webhooks
-from foreman.api.keys import CLOCK, CONFIG, EMBED_CACHE, METRICS, OUTAGES, STORAGE, UPSTREAM, WORKER
+from foreman.api.keys import CLOCK, CONFIG, EMBED_CACHE, METRICS, OUTAGES, RELAY, STORAGE, UPSTREAM, WORKER
 from foreman.api.views import iso, job_view
 from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable
 from foreman.storage import Storage
@@ -63,7 +63,7 @@ async def status(request: web.Request) -> web.Response:
             "swaps": worker.swaps,
             "last_error": last_error,
             "db": await store.describe(),
-            "nodes": await store.nodes(),
+            "nodes": await app[RELAY].nodes(),
             "embed_cache": await _embed_cache(app),
             "stalls": _stalls(app),
             "webhooks": webhooks.status_view(app),

@@ -1,47 +1,18 @@
-"""In-process hand-offs from the worker to the handlers waiting on a job."""
+"""Hand-offs from the worker to the handlers waiting on a job: in process, and through the relay between nodes."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from foreman.job import JSON_TYPE, JobState
+from foreman.job import Chunk, Ended, JobEvent, StateChanged
+from foreman.storage.relay import ALONE, Relay
 
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """One NDJSON line of Ollama's streamed reply, newline included."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class StateChanged:
-    state: JobState
-    attempt: int
-    model: str | None = None  # when the job starts: the model that serves it
-
-
-@dataclass(frozen=True, slots=True)
-class Ended:
-    """The job is over for this handler.
-
-    `body` is the whole reply when nothing was streamed (a `stream: false`
-    answer, or an error before the first chunk); after chunks, a non-empty
-    body is an error to send as the stream's last line.
-    """
-
-    state: JobState
-    status: int
-    body: bytes
-    content_type: str = JSON_TYPE
-    error: str | None = None  # what went wrong, as the job's record keeps it
-
-
-JobEvent = Chunk | StateChanged | Ended
+# The events are values (foreman/job.py), the storage's relay carries them too; their old home still names them.
+__all__ = ["Chunk", "Ended", "JobEvent", "JobEvents", "StateChanged", "Subscription"]
 
 
 @dataclass(eq=False, slots=True)
@@ -54,25 +25,23 @@ class JobEvents:
     """Per-job queues of events; a handler subscribes before its job can start.
 
     With several nodes sharing a queue, the handler waiting for a job may be
-    on another node than the worker running it: `forward` sends what this
-    node's worker publishes to the others, and `deliver` hands what the others
-    sent to the handlers here.
+    on another node than the worker running it: `publish` sends what this
+    node's worker publishes to the others through the storage's `relay`
+    (`foreman/storage/relay.py`), which hands what the others sent to
+    `deliver`. A node alone has the relay `ALONE`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, relay: Relay = ALONE) -> None:
         self._subscribers: defaultdict[str, list[Subscription]] = defaultdict(list)
-        self.forward: Callable[[str, JobEvent], None] | None = None
-        # Someone here follows a job's events (GET /jobs/{id}/events, a cancel): the node running it must know.
-        self.on_watch: Callable[[str], None] | None = None
-        # Whether a client waits for a job this node runs on another node (its output must not be replayed).
-        self.waits_elsewhere: Callable[[str], bool] | None = None
+        self.relay = relay
 
     @contextmanager
     def subscribe(self, job_id: str, *, client: bool) -> Iterator[asyncio.Queue[JobEvent]]:
         subscription = Subscription(asyncio.Queue(), client)
         self._subscribers[job_id].append(subscription)
-        if not client and self.on_watch is not None:
-            self.on_watch(job_id)
+        if not client:
+            # Someone here follows a job's events (GET /jobs/{id}/events, a cancel): the node running it must know.
+            self.relay.watch(job_id)
         try:
             yield subscription.queue
         finally:
@@ -87,15 +56,14 @@ class JobEvents:
 
     def has_client(self, job_id: str) -> bool:
         """Whether the client that submitted the job is still waiting for it, here or on another node."""
-        if self.waits_elsewhere is not None and self.waits_elsewhere(job_id):
+        if self.relay.waits_elsewhere(job_id):
             return True
         return any(s.client for s in self._subscribers.get(job_id, ()))
 
     def publish(self, job_id: str, event: JobEvent) -> None:
         """An event of a job this node runs (or cancelled): to the handlers here and on other nodes."""
         self.deliver(job_id, event)
-        if self.forward is not None:
-            self.forward(job_id, event)
+        self.relay.forward(job_id, event)
 
     def deliver(self, job_id: str, event: JobEvent) -> None:
         """An event for the handlers on this node only."""

@@ -222,6 +222,10 @@ class Lifecycle:
         self._cancelling.discard(job_id)
         return False
 
+    async def cancel_elsewhere(self, job_id: str) -> bool:
+        """Ask another node sharing the queue that runs the job to abort it; its end comes back as events."""
+        return await self._events.relay.cancel_elsewhere(job_id)
+
     async def recorded(self) -> None:
         """Wait until the outcomes on their way to the store are written, or _RECORD_TIMEOUT_S (foreman stops).
 

@@ -1,15 +1,18 @@
 """What foreman asks of the place its jobs live, whatever backend holds them.
 
 The worker, the queued endpoints, the job API, /status and retention speak to
-`Storage` and to nothing else; `SqliteStorage` (`foreman/storage/sqlite/`) is one
-implementation, and every implementation passes the contract suite in
-`tests/storage/contract.py`.
+`Storage` and to nothing else; `SqliteStorage` (`foreman/storage/sqlite/`) and
+`PostgresStorage` (`foreman/storage/postgres/`) implement it, and both pass the
+contract suite in `tests/storage/contract.py`.
 
 The interface assumes nothing about who else uses the same jobs: a backend
 shared by several foreman processes (each with its own worker) fits it as well
 as one file owned by one process. A claim takes a job for the caller and no
 one else; everything a backend needs to make that true between nodes (locks,
-leases, node ids) stays inside it.
+leases, node ids) stays inside it. What the nodes tell each other beside the
+queue (a job's events, cancels, who is there) is the relay's
+(`foreman/storage/relay.py`); `foreman/storage/backends.py` opens the backend
+FOREMAN_DB names, with its relay.
 
 Times are seconds on the caller's clock (`now`): the store never reads a clock.
 """
@@ -266,14 +269,6 @@ class Storage(Protocol):
         """Cancel a job that has not started (status 499); False if it is not queued."""
         ...
 
-    async def cancel_elsewhere(self, job_id: str) -> bool:
-        """Ask another node that runs `job_id` (a backend shared by several nodes) to abort it.
-
-        False when no other node runs it: it ended, or it runs here, or the
-        backend has no other nodes. The job's end reaches the caller as events.
-        """
-        ...
-
     # Reads for the job API and /status
 
     async def get(self, job_id: str) -> Job | None:
@@ -344,10 +339,6 @@ class Storage(Protocol):
 
     async def ping(self) -> None:
         """Return once the store answers a query; raise if it does not (for /healthz)."""
-        ...
-
-    async def nodes(self) -> list[dict[str, Any]]:
-        """The foreman nodes sharing this store, each with its Ollama and heartbeat; [] if only one can."""
         ...
 
     async def describe(self) -> dict[str, Any]:

@@ -197,8 +197,8 @@ class Worker:
             return True  # its run ends it (Lifecycle.cancelled)
         if await self._lifecycle.cancel_waiting(job_id, claimed=self._claimed):
             return True
-        # Another node sharing the queue may run it; its end comes back as events.
-        return await self._store.cancel_elsewhere(job_id)
+        # Another node sharing the queue may run it.
+        return await self._lifecycle.cancel_elsewhere(job_id)
 
     def _claimed(self, job_id: str) -> bool:
         """Whether the job is taken to run here: running, or claimed at intake and about to start."""

@@ -21,6 +21,7 @@ from foreman.errors import StoreError
 from foreman.job import JobState, NewJob, Priority
 from foreman.scheduling.policy import Decision, ModelQueue, Policy, State
 from foreman.storage import IdempotencyConflict, Storage, Submission
+from foreman.storage.postgres.relay import PostgresRelay
 from foreman.storage.postgres.schema import LOCK_PRUNE, SCHEMA_VERSION
 from foreman.storage.postgres.storage import PostgresStorage
 from tests.conftest import new_database
@@ -73,6 +74,11 @@ def new_job(key: str, created: float = 0.0, priority: Priority = Priority.INTERA
         created_at=created,
         priority=priority,
     )
+
+
+def relay(store: PostgresStorage) -> PostgresRelay:
+    """The node's line to the others, not joined: what it asks of the database alone."""
+    return PostgresRelay(store, upstream="http://ollama", max_attempts=3, clock=lambda: 0.0)
 
 
 def holding(*keys: str) -> Callable[[list[ModelQueue]], Decision | None]:
@@ -260,8 +266,8 @@ async def test_cancel_elsewhere_reaches_only_a_job_another_node_runs(
     assert claim is not None
     async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as listener:
         await listener.execute("LISTEN foreman")
-        assert await a.cancel_elsewhere(claim.job.id)
-        assert not await b.cancel_elsewhere(claim.job.id)  # its own job: the worker aborts it itself
+        assert await relay(a).cancel_elsewhere(claim.job.id)
+        assert not await relay(b).cancel_elsewhere(claim.job.id)  # its own job: the worker aborts it itself
         async for notice in listener.notifies(timeout=5):
             message = json.loads(notice.payload)
             assert (message["cancel"], message["to"]) == (claim.job.id, "b")

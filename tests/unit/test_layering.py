@@ -25,7 +25,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(layer.split())
     for layer in (
         "foreman job errors durations log looplag",  # values and helpers everything shares
-        "retry config setting_values metrics",
+        "retry setting_values config metrics",
         "scheduling ollama client",  # the pure policy; Ollama's side; the CLI's client (talks HTTP only)
         "dialects",  # the two wire dialects, turning requests into jobs
         "routing",
@@ -45,7 +45,6 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
 CROSSINGS: Mapping[tuple[str, str], str] = {
     ("foreman.embeddings.cache_answer", "foreman.api.keys"): "looks the cache up through the app's key",
     ("foreman.queue.page_feed", "foreman.api.views"): "formats times with the API's iso()",
-    ("foreman.storage.postgres.node", "foreman.queue.job_events"): "relays job events between nodes",
 }
 
 # What the scheduler and the simulator may not reach, directly or through what they import:

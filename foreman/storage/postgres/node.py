@@ -24,17 +24,16 @@ import base64
 import json
 from collections.abc import Callable, Coroutine
 from contextlib import suppress
-from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any
 
 import psycopg
 import structlog
 
 from foreman.errors import DatabaseAway
-from foreman.job import JSON_TYPE, JobState
-from foreman.queue.job_events import Chunk, Ended, JobEvent, JobEvents, StateChanged
+from foreman.job import JSON_TYPE, Chunk, Ended, JobEvent, JobState, StateChanged
 from foreman.storage.postgres.schema import CHANNEL
 from foreman.storage.postgres.storage import PostgresStorage
+from foreman.storage.relay import Deliveries, LocalWorker
 
 log = structlog.get_logger("foreman.node")
 
@@ -46,30 +45,18 @@ _PAYLOAD_LIMIT = 7800
 _AWAY = (psycopg.Error, OSError, DatabaseAway)
 
 
-class LocalWorker(Protocol):
-    """What the node needs of its own worker."""
-
-    @property
-    def running_jobs(self) -> list[str]: ...
-
-    @property
-    def held_jobs(self) -> list[str]: ...
-
-    @property
-    def resident(self) -> frozenset[str]: ...
-
-    def wake(self, model_key: str) -> None: ...
-
-    async def cancel(self, job_id: str) -> bool: ...
+# What a node has to say, in order: an event of a job it runs, or a watch (None) of a job run elsewhere.
+Outbox = asyncio.Queue[tuple[str, JobEvent | None]]
 
 
 class Node:
-    """This process's membership in the cluster; `run()` until cancelled."""
+    """This process's membership in the cluster while its worker runs; `run()` until cancelled."""
 
     def __init__(
         self,
         store: PostgresStorage,
-        events: JobEvents,
+        outbox: Outbox,
+        events: Deliveries,
         worker: LocalWorker,
         *,
         upstream: str,
@@ -84,8 +71,7 @@ class Node:
         self._max_attempts = max_attempts
         self._clock = clock
         self._reachable = reachable
-        # What to send, in order: an event of a job run here, or a watch of a job run elsewhere.
-        self._outbox: asyncio.Queue[tuple[str, JobEvent | None]] = asyncio.Queue()
+        self._outbox = outbox  # filled by the relay (relay.PostgresRelay)
         self._listening = asyncio.Event()
         self._alive: frozenset[str] = frozenset()
         self._beat_now = asyncio.Event()
@@ -98,27 +84,6 @@ class Node:
     @property
     def interval(self) -> float:
         return self._store.node_timeout / 3
-
-    def forward(self, job_id: str, event: JobEvent) -> None:
-        """Send an event of a job this node runs to the nodes that wait for it (in order, in the background).
-
-        The end of a job goes to every node, so that one that began to follow
-        it a moment ago does not wait for ever; its reply only where it is awaited.
-        """
-        watched = self._store.watchers.get(job_id)
-        if isinstance(event, Ended):
-            self._store.watchers.pop(job_id, None)
-            self._outbox.put_nowait((job_id, event if watched else replace(event, body=b"")))
-        elif watched:
-            self._outbox.put_nowait((job_id, event))
-
-    def waits_elsewhere(self, job_id: str) -> bool:
-        """Whether a client on another node waits for this job, which this node runs."""
-        return bool(self._store.watchers.get(job_id))
-
-    def watch(self, job_id: str) -> None:
-        """Someone here follows a job: have the node that runs it send its events here too."""
-        self._outbox.put_nowait((job_id, None))
 
     def beat_soon(self) -> None:
         """Write the heartbeat now, not at the next interval: this node's Ollama went away or came back."""

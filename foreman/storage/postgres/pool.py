@@ -23,7 +23,7 @@ class _CappedBackoff(AttemptWithBackoff):
         self.delay = min(self.delay, RECONNECT_EVERY_S)
 
 
-class Pool(AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]):
+class ReconnectingPool(AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]):
     """An AsyncConnectionPool whose reconnection attempts come at most `RECONNECT_EVERY_S` apart."""
 
     async def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:

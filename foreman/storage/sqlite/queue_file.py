@@ -32,12 +32,15 @@ from foreman.storage import (
     Recovered,
     Submission,
 )
+from foreman.storage.rows import JOB, NEW_JOB, NEW_JOB_COLUMNS, job_from_row, new_job_values
 from foreman.storage.sqlite import pin_table, reads
 from foreman.storage.sqlite.counts import WaitingCounts
-from foreman.storage.sqlite.schema import ENDED, JOB, job_from_row, open_database, wal_path
+from foreman.storage.sqlite.schema import ENDED, open_database, wal_path
 from foreman.storage.sqlite.vector_table import EmbedCacheTable
 
 log = structlog.get_logger("foreman.store")
+
+_NEW_JOB_MARKS = ", ".join("?" * len(NEW_JOB_COLUMNS))
 
 
 class Ending(NamedTuple):
@@ -236,26 +239,8 @@ class QueueFile:
         if self.max_queue and self._waiting.total >= self.max_queue and started_at is None:
             raise QueueFull(self.max_queue)
         self._db.execute(
-            "INSERT INTO jobs (id, state, started_at, endpoint, model, model_key, stream, body, created_at,"
-            " respond_async, idempotency_key, request_hash, priority, routing, cache)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                job.id,
-                "queued" if started_at is None else "working",
-                started_at,
-                job.endpoint,
-                job.model,
-                job.model_key,
-                job.stream,
-                job.body,
-                job.created_at,
-                job.respond_async,
-                job.idempotency_key,
-                request_hash,
-                job.priority,
-                job.routing,
-                job.cache,
-            ),
+            f"INSERT INTO jobs (state, started_at, request_hash, {NEW_JOB}) VALUES (?, ?, ?, {_NEW_JOB_MARKS})",
+            ("queued" if started_at is None else "working", started_at, request_hash, *new_job_values(job)),
         )
         if started_at is None:
             self._waiting.add(job.model_key, job.priority, 1)

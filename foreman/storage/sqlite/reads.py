@@ -5,7 +5,10 @@ from __future__ import annotations
 import sqlite3
 
 from foreman.job import Job, JobState, Priority
-from foreman.storage.sqlite.schema import JOB, JOB_SUMMARY, job_from_row
+from foreman.storage.rows import JOB, job_from_row, job_summary
+
+# Pages of jobs show neither the request nor the result.
+JOB_SUMMARY = job_summary("x''")
 
 
 def get(db: sqlite3.Connection, job_id: str) -> Job | None:

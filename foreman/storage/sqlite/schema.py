@@ -1,13 +1,11 @@
-"""The SQLite file: is it foreman's, which schema it holds, the pragmas, and how a row becomes a Job."""
+"""The SQLite file: is it foreman's, which schema it holds, the pragmas."""
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 from pathlib import Path
 
 from foreman.errors import StoreError
-from foreman.job import Job, JobState, Priority
 from foreman.storage.sqlite import batch_schema, pin_table, vector_table
 
 SCHEMA_VERSION = 6
@@ -87,14 +85,6 @@ _MIGRATIONS: dict[int, str] = {
     """,
 }
 _OUR_TABLES = frozenset({"jobs", "chunks", "embed_cache", "pins"}) | batch_schema.TABLES
-
-# A Job is read from the columns of its own fields' names.
-_JOB_COLUMNS = tuple(field.name for field in dataclasses.fields(Job))
-JOB = ", ".join(_JOB_COLUMNS)
-# The same for pages of jobs, which show neither the request nor the result:
-# a page of embeddings would otherwise copy megabytes it never shows.
-_LEFT_OUT = {"body": "x'' AS body", "result": "NULL AS result"}
-JOB_SUMMARY = ", ".join(_LEFT_OUT.get(column, column) for column in _JOB_COLUMNS)
 
 ENDED = "('done', 'failed', 'cancelled')"
 
@@ -190,33 +180,6 @@ def _check_ours(db: sqlite3.Connection, path: Path) -> int:
             "foreman leaves it untouched: restore a backup or move it aside"
         )
     return int(version)
-
-
-def job_from_row(row: sqlite3.Row) -> Job:
-    """A job from a row selected with `JOB` or `JOB_SUMMARY`; fails loudly on anything else."""
-    result = row["result"]
-    return Job(
-        id=row["id"],
-        state=JobState(row["state"]),
-        endpoint=row["endpoint"],
-        model=row["model"],
-        model_key=row["model_key"],
-        stream=bool(row["stream"]),
-        body=bytes(row["body"]),
-        attempt=row["attempt"],
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        status=row["status"],
-        error=row["error"],
-        result=None if result is None else bytes(result),
-        respond_async=bool(row["respond_async"]),
-        priority=Priority(row["priority"]),
-        routing=row["routing"],
-        served_model=row["served_model"],
-        cache=row["cache"],
-        not_before=row["not_before"],
-    )
 
 
 def wal_path(path: Path) -> Path:

@@ -314,9 +314,6 @@ class SqliteStorage:
     async def cancel_queued(self, job_id: str, now: float) -> bool:
         return self._hot.cancel_queued(job_id, now)
 
-    async def cancel_elsewhere(self, job_id: str) -> bool:
-        return False  # one file, one node: a job runs here or nowhere
-
     # Reads: a job's request, result and output may be megabytes, a page or a count may touch many rows.
 
     async def get(self, job_id: str) -> Job | None:
@@ -383,9 +380,6 @@ class SqliteStorage:
     async def ping(self) -> None:
         # The connection intake writes on is the one whose health matters; the query takes microseconds.
         self._hot.ping()
-
-    async def nodes(self) -> list[dict[str, Any]]:
-        return []  # one file, one node
 
     async def describe(self) -> dict[str, Any]:
         size = await asyncio.get_running_loop().run_in_executor(self._executor, self._store.size_bytes)
