@@ -35,6 +35,7 @@ from foreman.batches import lines
 from foreman.dialects.intake import parse_job, request_hash
 from foreman.errors import BadRequest, Conflict, ForemanError, NotFound
 from foreman.job import QUEUED_ENDPOINTS, JobState, NewJob, Priority
+from foreman.ollama.names import source_suffix
 from foreman.ollama.tags import ModelTags
 from foreman.queue.front import QueueFront
 from foreman.routing.table import RouteTable
@@ -236,7 +237,8 @@ class Batches:
             idempotency_key=f"{batch.id}:{request.line}",
         )
         job = self._routes.current.route(job)
-        if job.routing is None and not _explicit_source(job.model):
+        # A name that names its source (`:cloud`, `:local`) is Ollama's to decide, maybe in its cloud.
+        if job.routing is None and source_suffix(job.model)[1] is None:
             if job.model not in known:
                 known[job.model] = await self._tags.has(job.model)
             if known[job.model] is False:
@@ -301,12 +303,6 @@ class Batches:
         deliveries = self.announce(f"batch.{ending}", batch.id, now)
         if await self.batches.finish(batch.id, expect, changes, files, deliveries):
             log.info(f"batch.{ending}", batch_id=batch.id, completed=completed, failed=failed)
-
-
-def _explicit_source(model: str) -> bool:
-    """A model name that names its source (`:cloud`, `:local`): Ollama decides, maybe in its cloud."""
-    source = model.rsplit(":", 1)[-1].strip().lower() if ":" in model else ""
-    return source in ("cloud", "local") or (source.endswith("-cloud") and "/" not in source)
 
 
 def batch_view(batch: StoredBatch) -> dict[str, Any]:
