@@ -33,7 +33,9 @@ def configure(fmt: str, level: str, stream: TextIO | None = None, *, cache: bool
         # chain below does, in the same order and with the same output, at half the cost.
         structlog.configure(
             processors=[structlog.contextvars.merge_contextvars, _JsonLine()],
-            wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+            wrapper_class=structlog.make_filtering_bound_logger(
+                logging.getLevelNamesMapping()[level.upper()]
+            ),
             logger_factory=structlog.BytesLoggerFactory(buffer),
             cache_logger_on_first_use=cache,
         )
@@ -57,7 +59,6 @@ def configure(fmt: str, level: str, stream: TextIO | None = None, *, cache: bool
         logger_factory=factory,
         cache_logger_on_first_use=cache,
     )
-
 
 
 class _JsonLine:

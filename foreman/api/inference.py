@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import replace
+from functools import partial
 
+import structlog
 from aiohttp import web
 
 from foreman.api.keys import CLOCK, CONFIG, EVENTS, MODEL_TAGS, QUEUE, ROUTES
@@ -17,8 +19,12 @@ from foreman.embeddings.requests import EMBED_ENDPOINTS
 from foreman.errors import BadRequest, NotFound
 from foreman.job import JSON_TYPE, JobState, NewJob
 from foreman.ollama.names import source_suffix
+from foreman.queue.front import QueueFront
 from foreman.queue.job_events import Chunk, Ended, JobEvent, StateChanged
-from foreman.storage import CacheAnswer
+from foreman.queue.lifecycle import error_body
+from foreman.storage import CacheAnswer, Claim
+
+log = structlog.get_logger("foreman.api")
 
 JOB_HEADER = "X-Foreman-Job"
 MODEL_HEADER = "X-Foreman-Model"  # the model that served the job (for an alias: the one picked)
@@ -108,10 +114,17 @@ async def _serve(request: web.Request, job: NewJob, answer: CacheAnswer | None) 
             if accepted.result is not None:
                 headers = {"Content-Type": JSON_TYPE, JOB_HEADER: job.id}
                 return web.Response(body=accepted.result, headers=headers)
+            beside = None  # held while the handler writes: a task nobody holds may be collected
             if accepted.claim is not None:
-                # Claimed as it was written: it runs here, and its events are in the inbox by its end.
-                await queue.run(accepted.claim)
-            return await _respond(request, job, inbox, app[CONFIG].early_headers)
+                if job.stream:
+                    # Claimed as it was written: it runs beside this handler, which writes its chunks as they come.
+                    beside = _run_beside(queue, accepted.claim, inbox)
+                else:
+                    # Claimed as it was written: it runs here, and its events are in the inbox by its end.
+                    await queue.run(accepted.claim)
+            response = await _respond(request, job, inbox, app[CONFIG].early_headers)
+            del beside
+            return response
         except (asyncio.CancelledError, ConnectionResetError):
             # The client went away: like Ollama, stop working for it.
             await asyncio.shield(queue.cancel(job.id))
@@ -119,15 +132,32 @@ async def _serve(request: web.Request, job: NewJob, answer: CacheAnswer | None) 
 
 
 def _may_run_here(job: NewJob, embed_batch: int) -> bool:
-    """Whether the job may run on its handler's task, when the worker could start it at once.
+    """Whether the job may be claimed as it is written and run by its handler, when the worker could start it at once.
 
-    Not a stream: its chunks go out as they come, so its handler waits on
-    them, not on the run. Not an embed job that may share a call: the turn
-    the worker takes to claim it lets the requests that arrive with it join
-    its batch (run at once, the first of a wave of one-input requests would
-    go alone, and the rest after it).
+    Not an embed job that may share a call: the turn the worker takes to
+    claim it lets the requests that arrive with it join its batch (run at
+    once, the first of a wave of one-input requests would go alone, and the
+    rest after it).
     """
-    return not job.stream and (embed_batch <= 1 or job.endpoint not in EMBED_ENDPOINTS)
+    return embed_batch <= 1 or job.endpoint not in EMBED_ENDPOINTS
+
+
+def _run_beside(queue: QueueFront, claim: Claim, inbox: asyncio.Queue[JobEvent]) -> asyncio.Future[None]:
+    """Run a stream's job on a task of its own, the handler's job being to write what it streams.
+
+    The client leaving cancels it through the queue, as any running job; a
+    bug that ends the task early ends the client's wait with a 500, not never.
+    """
+    running = asyncio.ensure_future(queue.run(claim))
+    running.add_done_callback(partial(_ran_beside, inbox))
+    return running
+
+
+def _ran_beside(inbox: asyncio.Queue[JobEvent], running: asyncio.Future[None]) -> None:
+    if running.cancelled() or (error := running.exception()) is None:
+        return
+    log.error("request.error", exc_info=error)
+    inbox.put_nowait(Ended(JobState.FAILED, 500, error_body(_INTERNAL), error=_INTERNAL))
 
 
 async def _respond(
@@ -196,6 +226,9 @@ async def _finish(
     await stream.write_eof()
     return stream
 
+
+# What a client hears if its job's task failed on a bug in foreman (the log has it), as error_shape says it.
+_INTERNAL = "internal error in foreman; the log has the details"
 
 # What handlers still waiting at shutdown tell their clients.
 _SHUTTING_DOWN = "foreman is shutting down; the job stays queued and runs after the restart"
