@@ -167,8 +167,11 @@ async def _respond(
     stream: web.StreamResponse | None = None
     # An alias job's model is known once it is picked; until then, no header names one.
     served = None if job.routing else job.model
+    following: JobEvent | None = None  # taken from the inbox with chunks, not yet handled
     while True:
-        if stream is None and job.stream:
+        if following is not None:
+            event, following = following, None
+        elif stream is None and job.stream:
             try:
                 event = await asyncio.wait_for(inbox.get(), early_headers)
             except TimeoutError:
@@ -179,7 +182,15 @@ async def _respond(
         if isinstance(event, Chunk):
             if stream is None:
                 stream = await _start_stream(request, job, served)
-            await stream.write(dialect.frame(event.data))
+            # The chunks that came while the last write went out go out together: one send, not one each.
+            frames = [dialect.frame(event.data)]
+            while not inbox.empty():
+                following = inbox.get_nowait()
+                if not isinstance(following, Chunk):
+                    break
+                frames.append(dialect.frame(following.data))
+                following = None
+            await stream.write(frames[0] if len(frames) == 1 else b"".join(frames))
         elif isinstance(event, StateChanged):
             served = event.model or served
         elif isinstance(event, Ended):

@@ -319,6 +319,9 @@ class JobRunner:
                         continue  # framing, such as /v1's [DONE]
                     output.append(chunk)
                     delivered = self._lifecycle.chunk(job.id, chunk) or delivered
+                    if len(output) == 1:
+                        # The client's first chunk goes out now, not after the rest Ollama already sent.
+                        await asyncio.sleep(0)
             except UpstreamFailed as exc:
                 if delivered:
                     raise StreamBroken(exc.message, error_body(exc.message)) from exc
