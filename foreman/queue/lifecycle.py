@@ -175,7 +175,10 @@ class Lifecycle:
         """The job succeeded; `body` is what its client still needs (b"" after a stream), `result` what is kept."""
         await self._end(job, JobState.DONE, 200, body, content_type=content_type, result=result, cache=cache)
         cached = {"cache": cache} if cache else {}
-        log.info("job.done", **_facts(job), wait_s=wait_s, run_s=round(run_s, 3), **cached)
+        # Logged in the next turn of the loop, once the reply has gone out: the client need not wait for the line.
+        asyncio.get_running_loop().call_soon(
+            partial(log.info, "job.done", **_facts(job), wait_s=wait_s, run_s=round(run_s, 3), **cached)
+        )
 
     async def failed(
         self,
@@ -314,8 +317,15 @@ class Lifecycle:
                 pause = min(pause * 2, 2.0)
 
     def _told_end(self, job_id: str, job: Job | None, ended: Ended, now: float) -> None:
-        """Tell the job's waiters, the page and the metrics that it ended (`job` None: no longer stored)."""
+        """Tell the job's waiters that it ended, then the page and the metrics (`job` None: no longer stored).
+
+        The page and the metrics hear it in the next turn of the loop, once a
+        waiting client's reply has gone out.
+        """
         self._events.publish(job_id, ended)
+        asyncio.get_running_loop().call_soon(self._tally_end, job_id, job, ended, now)
+
+    def _tally_end(self, job_id: str, job: Job | None, ended: Ended, now: float) -> None:
         if job is None:
             self._feed.job(job_id, ended.state, now)
             return
