@@ -563,3 +563,23 @@ async def test_the_page_lists_batches_with_their_progress(
     await expect(row).to_contain_text("3 done of 3")
     assert await row.locator("progress").evaluate("bar => [bar.value, bar.max]") == [3, 3]
     assert console.errors == []
+
+
+async def test_the_overview_says_when_ollama_went_silent(
+    make_stub: MakeStub, make_foreman: MakeForeman, http: aiohttp.ClientSession, open_page: OpenPage
+) -> None:
+    """A request Ollama accepted and then never answered shows as a stall in the overview, with its time."""
+    server = await make_stub()
+    foreman = await make_foreman(server.url, stall_timeout=0.3)
+    page, console = await open_page(foreman)
+    await _live(page)
+    overview = page.locator("#overview")
+    await expect(overview).not_to_contain_text("Ollama stalls")
+    server.stub.faults.hang_next(1)
+    chat = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    async with http.post(foreman.url + "/api/chat", json=chat) as r:
+        assert r.status == 200  # retried after the stall, and answered
+    await expect(overview).to_contain_text(
+        re.compile(r"Ollama stalls\s*1 \(0 in a row, last \d"), timeout=WAIT_MS
+    )
+    assert console.errors == []
