@@ -4,7 +4,8 @@ Their tables live in the jobs' database, beside the jobs (so a batch line can
 be joined to its job, and every node of a shared queue sees the same files),
 but apart from `Storage`: the queue's hot path never touches them. Each
 backend implements `BatchStore` in its own module (`sqlite/batches.py`,
-`postgres/batches.py`) and both pass `tests/storage/test_batches.py`.
+`postgres/batches.py`), opened with the rest of the backend by
+`backends.opened`, and both pass `tests/storage/test_batches.py`.
 
 Times are seconds on the caller's clock; the store never reads a clock.
 """
@@ -204,18 +205,3 @@ class BatchStore(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-async def open_batch_store(store: object) -> BatchStore:
-    """The batch store in the same database as the job store `store`."""
-    from foreman.storage.sqlite.storage import SqliteStorage
-
-    if isinstance(store, SqliteStorage):
-        from foreman.storage.sqlite.batches import SqliteBatchStore
-
-        return await SqliteBatchStore.open(store.path)
-    from foreman.storage.postgres.batches import PostgresBatchStore
-    from foreman.storage.postgres.storage import PostgresStorage
-
-    assert isinstance(store, PostgresStorage)
-    return PostgresBatchStore(store)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from foreman.storage import Storage
+from foreman.config import Config
+from foreman.storage import backends
 from foreman.storage.batches import (
     PART_BYTES,
     BatchStore,
@@ -15,28 +17,19 @@ from foreman.storage.batches import (
     Line,
     StoredBatch,
     StoredFile,
-    open_batch_store,
     split,
 )
-from foreman.storage.sqlite.storage import SqliteStorage
 from tests.conftest import new_database
-from tests.support import postgres
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BatchStore]:
-    jobs: Storage
-    if request.param == "sqlite":
-        jobs = await SqliteStorage.open(tmp_path / "q.db")
-    else:
-        from foreman.storage.postgres.storage import PostgresStorage
-
-        server: postgres.Server = request.getfixturevalue("pg_server")
-        jobs = await PostgresStorage.open(new_database(server), node="n1")
-    batches = await open_batch_store(jobs)
-    yield batches
-    await batches.close()
-    await jobs.close()
+    """The batch store FOREMAN_DB opens, with the rest of the backend."""
+    db: Path | str = tmp_path / "q.db"
+    if request.param == "postgres":
+        db = new_database(request.getfixturevalue("pg_server"))
+    async with backends.opened(Config(db_path=db, node="n1"), clock=time.time) as backend:
+        yield backend.batches
 
 
 def batch(batch_id: str, status: str = "finalizing") -> StoredBatch:
