@@ -238,7 +238,9 @@ def create_app(
         lag.stop()
 
     async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
-        async with _running(prune_forever(app[STORAGE], config.retention, clock, sleep), "foreman-prune"):
+        async with _running(
+            prune_forever(app[STORAGE], app[BATCH_STORE], config.retention, clock, sleep), "foreman-prune"
+        ):
             yield
 
     async def stop_gracefully(app: web.Application) -> None:

@@ -30,6 +30,8 @@ def split(data: bytes) -> list[bytes]:
 
 # The statuses of a batch that still has work to do (OpenAI's names).
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+# Those of a batch that ended; each has its time in `times` as `<status>_at`.
+ENDED = ("completed", "failed", "expired", "cancelled")
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +176,28 @@ class BatchStore(Protocol):
 
         Its lines go with it: the files hold their outcomes from then on.
         """
+        ...
+
+    # Retention: each call is one short transaction.
+
+    async def prune_batches(self, cutoff: float, limit: int) -> tuple[int, list[str]]:
+        """Delete up to `limit` batches that ended before `cutoff`, with their lines; how many, and the files they leave.
+
+        Those are hidden at once, as an unfinished upload is (no read finds them
+        again), for `drop_file_parts` to delete: the batches' output and error
+        files, and an input file no batch kept still names.
+        """
+        ...
+
+    async def drop_file_parts(self, file_id: str, limit: int) -> bool:
+        """Delete up to `limit` parts of a hidden file, and the file once no part is left; False once it is gone.
+
+        A file that is not hidden (complete, listed) is left alone.
+        """
+        ...
+
+    async def prune_deliveries(self, cutoff: float, limit: int) -> int:
+        """Delete up to `limit` deliveries delivered or given up before `cutoff`; how many."""
         ...
 
     # The webhook outbox

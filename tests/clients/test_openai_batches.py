@@ -8,11 +8,20 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
 from stub_ollama import Stub
-from tests.support.helpers import FakeClock, Foreman, MakeForeman, MakeStub, eventually, reply_text
+from tests.support.helpers import (
+    FakeClock,
+    Foreman,
+    MakeForeman,
+    MakeStub,
+    eventually,
+    hold_worker,
+    reply_text,
+)
 
 OpenAIClient = Callable[[str], openai.AsyncOpenAI]
 CHAT = "/v1/chat/completions"
@@ -278,3 +287,48 @@ async def test_lines_ollama_refuses_or_keeps_failing_go_to_the_error_file(
     assert errors["refused"]["response"]["status_code"] == 400
     assert "invalid options" in errors["refused"]["response"]["body"]["error"]["message"]
     assert errors["broken"]["response"]["status_code"] == 500 and errors["broken"]["error"] is None
+
+
+async def test_retention_prunes_an_ended_batch_with_its_files_and_spares_a_running_one(
+    http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman, openai_client: OpenAIClient
+) -> None:
+    """Past FOREMAN_RETENTION an ended batch goes with its input and output files; a running batch, its
+    input file and an upload no batch used stay, however old."""
+    server = await make_stub()
+    clock = FakeClock(1_800_000_000.0)
+    foreman = await make_foreman(server.url, clock=clock, retention=0.3)
+    client = openai_client(foreman.url)
+    unused = await upload(client, [chat_line("u", "llama3", "u")])
+    ended_input = await upload(client, [chat_line(f"r{i}", "llama3", f"q{i}") for i in range(3)])
+    ended = await finished(
+        client,
+        (await client.batches.create(input_file_id=ended_input, endpoint=CHAT, completion_window="24h")).id,
+    )
+    assert ended.status == "completed" and ended.output_file_id is not None
+    first = await hold_worker(http, foreman, server.stub, "llama3")
+    running_input = await upload(client, [chat_line("w", "llama3", "waits")])
+    running = await client.batches.create(input_file_id=running_input, endpoint=CHAT, completion_window="24h")
+    await until(
+        lambda: _status_is(client, running.id, "in_progress"), 10, "the second batch to queue its line"
+    )
+    clock.now += 3600  # everything is an hour old now; only what ended may go
+
+    async def ended_gone() -> bool:
+        try:
+            await client.batches.retrieve(ended.id)
+        except openai.NotFoundError:
+            return True
+        return False
+
+    await until(ended_gone, 10, "the ended batch to be pruned")
+    for file_id in (ended_input, ended.output_file_id):
+        with pytest.raises(openai.NotFoundError):
+            await client.files.retrieve(file_id)
+    assert sorted([f.id async for f in client.files.list()]) == sorted([unused, running_input])
+    server.stub.faults.release_hung()
+    await first
+    assert (await finished(client, running.id)).status == "completed"
+
+
+async def _status_is(client: openai.AsyncOpenAI, batch_id: str, status: str) -> bool:
+    return (await client.batches.retrieve(batch_id)).status == status
