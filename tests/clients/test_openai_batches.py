@@ -332,3 +332,30 @@ async def test_retention_prunes_an_ended_batch_with_its_files_and_spares_a_runni
 
 async def _status_is(client: openai.AsyncOpenAI, batch_id: str, status: str) -> bool:
     return (await client.batches.retrieve(batch_id)).status == status
+
+
+async def test_a_batch_line_gets_the_answer_its_request_gets_alone(
+    foreman: Foreman, stub: Stub, openai_client: OpenAIClient
+) -> None:
+    """Models Ollama lacks, with a source suffix or two, are refused in a batch line as in a request alone:
+    the same status and message, and never queued."""
+    client = openai_client(foreman.url)
+    models = ["no-such:local", "llama3:local:cloud", "no-such"]
+    alone: dict[str, tuple[int, str]] = {}
+    for model in models:
+        with pytest.raises(openai.APIStatusError) as refused:
+            await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+        assert isinstance(refused.value.body, dict)
+        alone[model] = (refused.value.status_code, refused.value.body["message"])
+    items = [chat_line(model, model, "hi") for model in models]
+    batch = await client.batches.create(
+        input_file_id=await upload(client, items), endpoint=CHAT, completion_window="24h"
+    )
+    done = await finished(client, batch.id)
+    lines = {line["custom_id"]: line["response"] for line in await file_lines(client, done.error_file_id)}
+    assert {
+        model: (response["status_code"], response["body"]["error"]["message"])
+        for model, response in lines.items()
+    } == alone
+    assert all(response["request_id"] is None for response in lines.values())  # never became jobs
+    assert stub.requests == []
