@@ -23,19 +23,23 @@ from itertools import accumulate, pairwise
 from foreman.errors import StoreError
 
 # Bytes of chunks (their lengths' 4 bytes each included) kept with the row; above it, the chunks table.
-# 64 KiB: 400 to 600 chunks of Ollama's /api/chat (110 to 160 bytes each), so every reply of a few
-# hundred tokens is packed; bench/RESULTS.md (issue 25, "short replies with the job row") has the
-# measurements: the packed finish and replay are cheaper at every size measured, and the limit bounds
-# what one value costs in memory (SQLite builds a row whole to write it) and on the wire.
-OUTPUT_LIMIT = 64 * 1024
+# Packed is cheaper at every size measured (bench/stream_output.py, 8 to 8192 chunks, up to 1 MiB: the
+# finish takes 1.5 to 16 times less CPU, replay up to 3.5 times less time, more the longer the stream,
+# on both backends; bench/RESULTS.md, issue 25). The limit bounds what one value costs, as a value is written
+# and read whole: SQLite builds the row in memory to write it, psycopg sends it and reads it back whole
+# (as hex text, twice its size), a row with a large last column keeps less of the others on its page,
+# and both hold at most about 1 GB in one value. 1 MiB keeps every reply up to about 8000 tokens of
+# /api/chat (110 to 160 bytes a chunk) with its row; longer ones go to the chunks table, row by row.
+OUTPUT_LIMIT = 1024 * 1024
 
 _COUNT = struct.Struct("<I")
 
 
-def pack(chunks: Sequence[bytes], limit: int = OUTPUT_LIMIT) -> bytes | None:
-    """`chunks` as one value for `jobs.output`; None when there are none, or they are over `limit` bytes."""
+def pack(chunks: Sequence[bytes]) -> bytes | None:
+    """`chunks` as one value for `jobs.output`; None when there are none, or they are over `OUTPUT_LIMIT` bytes."""
     if not chunks:
         return None
+    limit = OUTPUT_LIMIT  # read at each call: bench/stream_output.py sets it to compare both ways
     n = len(chunks)
     size = 4 * (n + 1)
     for chunk in chunks:
