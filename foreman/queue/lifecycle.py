@@ -324,9 +324,9 @@ class Lifecycle:
         self._feed.job(
             job_id, ended.state, now, model=job.model_key, priority=job.priority, attempt=job.attempt
         )
-        if job.started_at is not None:
-            # The metrics count the jobs the worker took (and those the cache answered
-            # at intake), not those cancelled while they waited.
+        if job.started_at is None:  # cancelled while it waited: counted, but it never started to be timed
+            self._metrics.job_ended(job, ended.state)
+        else:
             started = job.started_at
             self._metrics.job_ended(job, ended.state, wait=started - job.created_at, run=now - started)
 
