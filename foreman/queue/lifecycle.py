@@ -266,6 +266,7 @@ class Lifecycle:
         if state is JobState.FAILED:
             self.last_error = (now, error or "")
         chunks = self._output.pop(job.id, ())
+        ended = Ended(state, status, body, content_type, error)
         record = asyncio.ensure_future(
             self._until_written(
                 job.id,
@@ -280,6 +281,7 @@ class Lifecycle:
                     attempt=attempt,
                     chunks=chunks,
                     cache=cache,
+                    ended=ended,  # other nodes hear it with the record (PostgreSQL)
                 ),
             )
         )
@@ -288,7 +290,7 @@ class Lifecycle:
             record.add_done_callback(partial(self._recorded, job.id))
         else:
             await record
-        self._told_end(job.id, job, Ended(state, status, body, content_type, error), now)
+        self._told_end(job.id, job, ended, now)
 
     @property
     def recording(self) -> list[str]:
