@@ -10,6 +10,9 @@ Then, alternating between them request by request and round by round:
 
 - sequential non-streamed /api/chat: added latency p50 and p99 over direct,
   as a ratio to the bare proxy's, and server CPU per request;
+- sequential streamed /api/chat of `--stream-tokens` chunks (`--streams` of
+  them, 0 for none): first and last chunk's added latency at p50, as a ratio
+  to the bare proxy's, and server CPU per streamed request;
 - 16-client serial throughput, as a ratio to direct serial calls;
 - async intake from 32 submitters (each foreman against a closed upstream),
   as a ratio to the bare 202 handler.
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from overhead import chat, rotations, submit_async, timed_chat
+from overhead import chat, rotations, stream_times, submit_async, timed_chat
 
 from _harness import (
     Proc,
@@ -49,10 +52,10 @@ async def latency(http: aiohttp.ClientSession, targets: dict[str, Proc], args: a
     order = rotations(list(targets))
     for i in range(args.warmup):
         for proc in targets.values():
-            await timed_chat(http, proc.url, chat(f"warm {i}", stream=False, num_predict=8))
+            await timed_chat(http, proc.url, chat(f"warm {i}", stream=False, num_predict=7))
     with cpu_of(*targets.values()) as used:
         for i in range(args.requests):
-            body = chat(f"hello {i}", stream=False, num_predict=8)
+            body = chat(f"hello {i}", stream=False, num_predict=7)
             for name in next(order):
                 samples[name].append(await timed_chat(http, targets[name].url, body))
     figures: dict[str, Any] = {name: spread(s) for name, s in samples.items()}
@@ -67,6 +70,40 @@ async def latency(http: aiohttp.ClientSession, targets: dict[str, Proc], args: a
     return figures
 
 
+async def streamed(http: aiohttp.ClientSession, targets: dict[str, Proc], args: argparse.Namespace) -> Any:
+    arrivals: dict[str, dict[str, list[float]]] = {name: {"first": [], "last": []} for name in targets}
+    order = rotations(list(targets))
+    for i in range(args.warmup // 5):
+        for proc in targets.values():
+            await stream_times(
+                http, proc.url, chat(f"warm stream {i}", stream=True, num_predict=args.stream_tokens)
+            )
+    with cpu_of(*targets.values()) as used:
+        for i in range(args.streams):
+            body = chat(f"stream {i}", stream=True, num_predict=args.stream_tokens)
+            for name in next(order):
+                times = await stream_times(http, targets[name].url, body)
+                if len(times) != args.stream_tokens + 1:
+                    raise RuntimeError(f"{name}: {len(times)} lines, expected {args.stream_tokens + 1}")
+                arrivals[name]["first"].append(times[0])
+                arrivals[name]["last"].append(times[-1])
+    figures: dict[str, Any] = {
+        name: {f"{which}_chunk": spread(a[which]) for which in ("first", "last")}
+        for name, a in arrivals.items()
+    }
+    for name, proc in targets.items():
+        if name != "direct":
+            figures[name]["server_cpu_ms_per_request"] = ms(used[proc.name] / args.streams)
+    for which in ("first", "last"):
+        direct = figures["direct"][f"{which}_chunk"]["p50_ms"]
+        bare = figures["bare"][f"{which}_chunk"]["p50_ms"] - direct
+        for name in ("before", "after"):
+            figures[name][f"ratio_{which}_p50"] = round(
+                (figures[name][f"{which}_chunk"]["p50_ms"] - direct) / bare, 2
+            )
+    return figures
+
+
 async def throughput(
     http: aiohttp.ClientSession, stub: Proc, builds: dict[str, Proc], args: argparse.Namespace
 ) -> Any:
@@ -74,7 +111,7 @@ async def throughput(
     cpu: dict[str, list[float]] = {name: [] for name in builds}
 
     async def call(url: str, i: int) -> None:
-        await timed_chat(http, url, chat(f"throughput {i}", stream=False, num_predict=8))
+        await timed_chat(http, url, chat(f"throughput {i}", stream=False, num_predict=7))
 
     for proc in builds.values():
         await run_clients(args.clients, args.warmup, lambda i, url=proc.url: call(url, i))
@@ -131,7 +168,8 @@ async def intake(targets: dict[str, Proc], args: argparse.Namespace) -> Any:
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     before_env, after_env = settings(args.env_before), settings(args.env_after)
     with Processes(workdir) as procs:
-        stub = procs.stub(models="llama3", tokens=7, load_delay=0, token_delay=0)
+        # num_predict caps each reply: 7 tokens (as always) for the non-streamed phases, more for streams.
+        stub = procs.stub(models="llama3", tokens=max(7, args.stream_tokens), load_delay=0, token_delay=0)
         bare = procs.bare("bare", stub.url)
         before = procs.foreman("before", stub.url, env=before_env, source=args.before)
         after = procs.foreman("after", stub.url, env=after_env)
@@ -147,6 +185,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             print("latency ...", file=sys.stderr)
             targets = {"direct": stub, "bare": bare, **builds}
             results["latency"] = await latency(http, targets, args)
+            if args.streams:
+                print("streamed ...", file=sys.stderr)
+                results["streamed"] = await streamed(http, targets, args)
             print("throughput ...", file=sys.stderr)
             results["throughput"] = await throughput(http, stub, builds, args)
             # The loop's lag over both phases, where the build has the probe.
@@ -183,6 +224,16 @@ def table(results: dict[str, Any]) -> list[Row]:
                 f" {thr[name]['cpu_ms_per_job']:.2f} ms",
             )
         )
+        if "streamed" in results:
+            st = results["streamed"]
+            rows.append(
+                Row(
+                    name,
+                    "stream: added first / last chunk / bare's, p50; CPU per stream",
+                    f"{st[name]['ratio_first_p50']:.2f} / {st[name]['ratio_last_p50']:.2f};"
+                    f" {st[name]['server_cpu_ms_per_request']:.2f} ms (bare {st['bare']['server_cpu_ms_per_request']:.2f})",
+                )
+            )
         if name in results.get("loop_lag", {}):
             lag = results["loop_lag"][name]
             rows.append(
@@ -208,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     add("--env-after", action="append", default=[], metavar="FOREMAN_X=V", help="settings of 'after'")
     add("--requests", type=int, default=1000, help="latency samples per target (default %(default)s)")
     add("--warmup", type=int, default=50, help="(default %(default)s)")
+    add(
+        "--streams",
+        type=int,
+        default=300,
+        help="streamed requests per target, 0 for none (default %(default)s)",
+    )
+    add("--stream-tokens", type=int, default=100, help="chunks per streamed reply (default %(default)s)")
     add("--jobs", type=int, default=600, help="jobs per throughput round (default %(default)s)")
     add("--rounds", type=int, default=3, help="throughput and intake rounds (default %(default)s)")
     add("--clients", type=int, default=16, help="(default %(default)s)")

@@ -64,14 +64,19 @@ class Metrics:
             registry=r,
         )
 
-    def job_ended(self, job: Job | NewJob, state: JobState, *, wait: float, run: float) -> None:
+    def job_ended(
+        self, job: Job | NewJob, state: JobState, *, wait: float | None = None, run: float | None = None
+    ) -> None:
+        """Count the job's end; `wait` and `run` are None for a job cancelled before it started (never timed)."""
         key = (job.endpoint, job.model_key, state.value)
         counter = self._job_counters.get(key)
         if counter is None:  # looked up once per label set: `labels` takes a lock and builds a key each time
             counter = self._job_counters[key] = self._jobs.labels(*key)
         counter.inc()
-        self._wait.observe(max(wait, 0.0))
-        self._run.observe(max(run, 0.0))
+        if wait is not None:
+            self._wait.observe(max(wait, 0.0))
+        if run is not None:
+            self._run.observe(max(run, 0.0))
 
     def swapped(self, load_seconds: float) -> None:
         self._swaps.inc()

@@ -10,15 +10,14 @@ from functools import partial
 import structlog
 from aiohttp import web
 
-from foreman.api.keys import CLOCK, CONFIG, EVENTS, MODEL_TAGS, QUEUE, ROUTES
+from foreman.api.keys import CLOCK, CONFIG, EMBED_CACHE, EVENTS, MODEL_TAGS, QUEUE, ROUTES
 from foreman.api.request_body import read_body
 from foreman.dialects import dialect_for
+from foreman.dialects.installed import require_installed
 from foreman.dialects.intake import parse_job, parse_priority, request_hash
 from foreman.embeddings.cache_answer import cache_answer, wants_no_cache
 from foreman.embeddings.requests import EMBED_ENDPOINTS
-from foreman.errors import BadRequest, NotFound
 from foreman.job import JSON_TYPE, JobState, NewJob
-from foreman.ollama.names import source_suffix
 from foreman.queue.front import QueueFront
 from foreman.queue.job_events import Chunk, Ended, JobEvent, StateChanged
 from foreman.queue.lifecycle import error_body
@@ -47,37 +46,16 @@ async def handle(request: web.Request) -> web.StreamResponse:
         content_type=request.headers.get("Content-Type"),
     )
     job = request.app[ROUTES].current.route(job)
-    await _require_installed(request, job)
+    await require_installed(job, request.app[MODEL_TAGS].has)
     answer = None
     if job.endpoint in EMBED_ENDPOINTS:
         if wants_no_cache(request):
             job = replace(job, cache="no-cache")
         else:
-            answer = await cache_answer(request.app, job)
+            answer = await cache_answer(request.app[EMBED_CACHE], job)
     if respond_async:
         return await _accept(request, job, answer)
     return await _serve(request, job, answer)
-
-
-async def _require_installed(request: web.Request, job: NewJob) -> None:
-    """Refuse at once, as Ollama does, a model Ollama does not have; queue it when Ollama cannot tell."""
-    if job.routing is not None:
-        return  # an alias or a route: foreman's own name, for models its routes file names
-    base, source = source_suffix(job.model)
-    if source is not None and source_suffix(base)[1] is not None:
-        raise BadRequest(f"use either :local or :cloud, not both: {json.dumps(job.model)}")
-    if source == "cloud":
-        return  # Ollama's cloud serves it: nothing is installed here
-    if await request.app[MODEL_TAGS].has(base) is False:
-        raise NotFound(_not_found(request.path, job.model))
-
-
-def _not_found(endpoint: str, model: str) -> str:
-    """Ollama's 404 message for a model it does not have, which differs by handler."""
-    if endpoint == "/api/embeddings":
-        # EmbeddingsHandler goes through handleScheduleError, which quotes with Go's %q.
-        return f"model {json.dumps(model)} not found, try pulling it first"
-    return f"model '{model}' not found"
 
 
 def prefers_async(request: web.Request) -> bool:

@@ -269,6 +269,7 @@ class Lifecycle:
         if state is JobState.FAILED:
             self.last_error = (now, error or "")
         chunks = self._output.pop(job.id, ())
+        ended = Ended(state, status, body, content_type, error)
         record = asyncio.ensure_future(
             self._until_written(
                 job.id,
@@ -283,6 +284,7 @@ class Lifecycle:
                     attempt=attempt,
                     chunks=chunks,
                     cache=cache,
+                    ended=ended,  # other nodes hear it with the record (PostgreSQL)
                 ),
             )
         )
@@ -291,7 +293,7 @@ class Lifecycle:
             record.add_done_callback(partial(self._recorded, job.id))
         else:
             await record
-        self._told_end(job.id, job, Ended(state, status, body, content_type, error), now)
+        self._told_end(job.id, job, ended, now)
 
     @property
     def recording(self) -> list[str]:
@@ -332,9 +334,9 @@ class Lifecycle:
         self._feed.job(
             job_id, ended.state, now, model=job.model_key, priority=job.priority, attempt=job.attempt
         )
-        if job.started_at is not None:
-            # The metrics count the jobs the worker took (and those the cache answered
-            # at intake), not those cancelled while they waited.
+        if job.started_at is None:  # cancelled while it waited: counted, but it never started to be timed
+            self._metrics.job_ended(job, ended.state)
+        else:
             started = job.started_at
             self._metrics.job_ended(job, ended.state, wait=started - job.created_at, run=now - started)
 

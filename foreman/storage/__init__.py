@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from foreman.errors import Conflict
-from foreman.job import Job, JobState, NewJob, Priority
+from foreman.job import Ended, Job, JobState, NewJob, Priority
 from foreman.scheduling.policy import Decision, ModelQueue
 
 # The (model, class) queues in the order they will be served, given what waits.
@@ -251,6 +251,7 @@ class Storage(Protocol):
         attempt: int | None = None,
         chunks: Sequence[bytes] = (),
         cache: str | None = None,
+        ended: Ended | None = None,
     ) -> Awaitable[None]:
         """End a running job for good with its output: the reply `result` or the streamed `chunks`.
 
@@ -262,6 +263,13 @@ class Storage(Protocol):
         chunks included. `attempt`, if given, replaces the job's count;
         `cache`, if given, says how the embedding cache served it
         (`Job.cache`: 'hit' or 'partial').
+
+        `ended` is the end its waiters hear. A backend shared by several
+        nodes announces it to the others with the record, in one step: only
+        if the job ended here (not if it had ended, or is no longer this
+        node's), and after the job's events sent before (the relay's
+        `forward` leaves the ends of the jobs this node ran to it). A node
+        alone has no one to tell.
         """
         ...
 

@@ -314,3 +314,25 @@ async def test_a_node_that_loses_the_database_answers_503_and_recovers(
     while (answer := await post(http, a.url + "/api/chat", chat_body("llama3", "back"))).status != 200:
         assert answer.status == 503 and time.monotonic() < deadline
     await eventually(lambda: job_states(pg_url) == ["done"], what="the job recorded done")
+
+
+async def test_a_client_on_one_node_gets_the_whole_stream_then_the_end_from_the_node_that_runs_it(
+    http: aiohttp.ClientSession, make_foreman: MakeForeman, make_stub: MakeStub, pg_url: str
+) -> None:
+    """Streams of 1200 chunks sent as fast as they come: every chunk reaches the other node before the end."""
+    tokens = 1200
+    stub = await make_stub(tokens=tokens)
+    a = await node(make_foreman, down_url(), pg_url, "a")
+    await node(make_foreman, stub, pg_url, "b")
+    for i in range(3):
+        answer = await post(http, a.url + "/api/chat", chat_body("llama3", f"s{i}", stream=True))
+        lines = answer.lines()
+        assert answer.status == 200
+        # The end came after the chunks: none is missing, and the last one is Ollama's closing line.
+        assert "".join(line["message"]["content"] for line in lines) == reply_text("llama3", f"s{i}", tokens)
+        assert len(lines) == tokens + 1 and lines[-1]["done"] is True
+    # A reply too big for a NOTIFY payload comes through the relay table, with the end that records it.
+    whole = await post(http, a.url + "/api/chat", chat_body("llama3", "whole"))
+    assert whole.status == 200 and whole.json()["message"]["content"] == reply_text("llama3", "whole", tokens)
+    assert query(pg_url, "SELECT count(*) FROM relay") == [(1,)]
+    assert query(pg_url, "SELECT count(*) FROM jobs WHERE state = 'done'") == [(4,)]

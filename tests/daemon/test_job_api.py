@@ -288,6 +288,20 @@ async def test_metrics_count_jobs_swaps_and_queue_depth(
     await first
 
 
+async def test_metrics_count_a_job_cancelled_while_it_waited(
+    http: aiohttp.ClientSession, foreman: Foreman, stub: Stub
+) -> None:
+    """A job cancelled in the queue shows in foreman_jobs_total as cancelled, and adds no wait or run time."""
+    first = await hold_worker(http, foreman, stub, "llama3")
+    _, queued = await submit_async(foreman, chat_body("mistral", "never runs"))
+    assert (await foreman.client.delete(f"/jobs/{queued['id']}")).status == 200
+    text = await (await foreman.client.get("/metrics")).text()
+    assert 'foreman_jobs_total{endpoint="/api/chat",model="mistral:latest",state="cancelled"} 1.0' in text
+    assert "foreman_queue_wait_seconds_count 0.0" in text  # it never started: nothing to time
+    stub.faults.release_hung()
+    await first
+
+
 async def test_healthz_is_ok_while_ollama_is_down(make_stub: MakeStub, make_foreman: MakeForeman) -> None:
     """The daemon is healthy when its database works, whether or not Ollama answers."""
     server = await make_stub()

@@ -31,6 +31,7 @@ from foreman.storage import (
     Storage,
     Submission,
 )
+from foreman.storage.output import OUTPUT_LIMIT, pack
 
 MakeStorage = Callable[..., Awaitable[Storage]]
 
@@ -244,6 +245,25 @@ class StorageContract:
         )
         assert await storage.chunks(streamed.id) == [b"one\n", b"two\n", b"three\n"]
         assert await storage.chunks(whole.id) == []
+
+    async def test_short_and_long_streams_come_back_chunk_for_chunk(self, storage: Storage) -> None:
+        """A stream kept with its row and one over the limit (in `chunks`) replay exactly, whatever their bytes."""
+        odd = [b"", b"\n", b"a\nb\n\n", b"\x00\xff\xfe\r\n" * 3, bytes(range(256)), b'{"done": true}\n']
+        short = [b'{"message": {"content": "Hi"}}\n', *odd]
+        long = [bytes([i % 256]) * 999 + b"\n" for i in range(OUTPUT_LIMIT // 1000 + 1)] + odd
+        assert pack(short) is not None and pack(long) is None
+        jobs = [new_job("a:latest") for _ in range(2)]
+        await self.submit(storage, *jobs)
+        for chunks in (short, long):
+            claim = await storage.claim(resident("a:latest"), now=1)
+            assert claim is not None
+            await storage.finish(claim.job, JobState.DONE, 2.0, status=200, result=b"{}", chunks=chunks)
+        assert [await storage.chunks(job.id) for job in jobs] == [short, long]
+        done = await storage.get(jobs[0].id)
+        assert done is not None and (done.state, done.result) == (JobState.DONE, b"{}")
+        # Pruning takes all of them, the long stream's rows too.
+        assert await storage.prune(cutoff=3.0, batch=10) == 2
+        assert [await storage.chunks(job.id) for job in jobs] == [[], []]
 
     async def test_finish_never_overwrites_an_ended_job(self, storage: Storage) -> None:
         """Once ended, a late requeue or second finish changes nothing, chunks included."""

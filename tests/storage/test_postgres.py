@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import socket
@@ -18,7 +19,7 @@ from ulid import ULID
 
 from foreman.cli import main
 from foreman.errors import StoreError
-from foreman.job import JobState, NewJob, Priority
+from foreman.job import Ended, JobState, NewJob, Priority
 from foreman.scheduling.policy import Decision, ModelQueue, Policy, State
 from foreman.storage import IdempotencyConflict, Storage, Submission
 from foreman.storage.postgres.relay import PostgresRelay
@@ -95,6 +96,40 @@ async def test_the_schema_is_versioned_and_a_newer_one_refused(open_node: OpenNo
         db.execute("UPDATE foreman_meta SET value = %s", (str(SCHEMA_VERSION + 1),))
     with pytest.raises(StoreError, match="newer foreman"):
         await open_node("a")
+
+
+async def test_a_schema_1_database_gains_the_output_column_and_replays_its_old_streams(
+    open_node: OpenNode, pg_url: str
+) -> None:
+    """Upgraded in place: a stream ended before it replays from `chunks`, a new short one from its row."""
+    store = await open_node("a")
+    await store.close()
+    # Schema 1 is today's without the column; a stream it ended kept its chunks as rows.
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute("ALTER TABLE jobs DROP COLUMN output")
+        db.execute("UPDATE foreman_meta SET value = '1' WHERE key = 'schema_version'")
+        db.execute(
+            "INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at, finished_at, status)"
+            " VALUES ('01OLD', 'done', '/api/chat', 'a', 'a:latest', true, '{}', 5, 6, 200)"
+        )
+        db.execute(
+            "INSERT INTO chunks (job_id, seq, data) VALUES ('01OLD', 0, %s), ('01OLD', 1, %s)",
+            (b"a\n", b"\nb"),
+        )
+    store = await open_node("a")
+    assert await store.chunks("01OLD") == [b"a\n", b"\nb"]
+    job = new_job("m1")
+    await store.insert_many([job])
+    claim = await store.claim(holding("m1"), 1.0)
+    assert claim is not None
+    await store.finish(claim.job, JobState.DONE, 2.0, status=200, chunks=[b"x\n", b"y\n"])
+    assert await store.chunks(job.id) == [b"x\n", b"y\n"]
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        assert db.execute("SELECT value FROM foreman_meta").fetchone() == (str(SCHEMA_VERSION),) == ("2",)
+        assert db.execute("SELECT count(*) FROM chunks WHERE job_id = %s", (job.id,)).fetchone() == (0,)
+        assert db.execute("SELECT output IS NOT NULL FROM jobs WHERE id = %s", (job.id,)).fetchone() == (
+            True,
+        )
 
 
 async def test_a_database_of_something_else_is_refused(pg_url: str) -> None:
@@ -274,6 +309,71 @@ async def test_cancel_elsewhere_reaches_only_a_job_another_node_runs(
             break
         else:
             raise AssertionError("no cancel notification")
+
+
+async def _heard_before_marker(listener: psycopg.AsyncConnection[Any], pg_url: str) -> list[dict[str, Any]]:
+    """What `listener` heard up to a marker sent now: NOTIFYs arrive in commit order, so nothing sent before is left out."""
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as other:
+        await other.execute("SELECT pg_notify('foreman', '{\"marker\": true}')")
+    heard = []
+    async for notice in listener.notifies(timeout=10):
+        message = json.loads(notice.payload)
+        if message.get("marker"):
+            return heard
+        heard.append(message)
+    raise AssertionError(f"no marker after {heard}")
+
+
+async def test_a_finish_announces_the_end_in_its_own_statement(open_node: OpenNode, pg_url: str) -> None:
+    """The end is heard once, when the row is ended: with the reply where a client waits, never for a job lost."""
+    a = await open_node("a")
+    watched, unwatched, lost, big = (new_job("m1") for _ in range(4))
+    await a.insert_many([watched, unwatched, lost, big])
+    claims = [await a.claim(holding("m1"), 1.0) for _ in range(4)]
+    assert all(claims)
+    jobs = {c.job.id: c.job for c in claims if c}
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute("UPDATE jobs SET watchers = '{a,b}' WHERE id = ANY(%s)", ([watched.id, big.id],))
+    reply = b'{"message": {"content": "hi"}}'
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as listener:
+        await listener.execute("LISTEN foreman")
+        for job_id in (watched.id, unwatched.id):
+            ended = Ended(JobState.DONE, 200, reply)
+            await a.finish(jobs[job_id], JobState.DONE, 2.0, status=200, result=reply, ended=ended)
+            # Once more, as after an answer lost with the connection: ended already, nothing is said twice.
+            await a.finish(jobs[job_id], JobState.DONE, 2.0, status=200, result=reply, ended=ended)
+        heard = await _heard_before_marker(listener, pg_url)
+        assert [(m["n"], m["j"], m["e"]["k"], m["e"]["s"]) for m in heard] == [
+            ("a", watched.id, "end", "done"),
+            ("a", unwatched.id, "end", "done"),
+        ]
+        # Node b waits for `watched`: it hears the reply; for `unwatched` no one does.
+        assert [base64.b64decode(m["e"]["b"]) for m in heard] == [reply, b""]
+        assert {(await a.get(job_id)).state for job_id in (watched.id, unwatched.id)} == {JobState.DONE}  # type: ignore[union-attr]
+        # Another node took the job meanwhile (this one's lease ran out): no record, so no end.
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            db.execute("UPDATE jobs SET node = 'b' WHERE id = %s", (lost.id,))
+        await a.finish(
+            jobs[lost.id],
+            JobState.DONE,
+            2.0,
+            status=200,
+            result=reply,
+            ended=Ended(JobState.DONE, 200, reply),
+        )
+        assert await _heard_before_marker(listener, pg_url) == []
+        assert (await a.get(lost.id)).state is JobState.WORKING  # type: ignore[union-attr]
+        # A reply too big for a payload goes as a relay row, named by the notification.
+        large = b'"' + b"x" * 9000 + b'"'
+        await a.finish(
+            jobs[big.id], JobState.DONE, 2.0, status=200, result=large, ended=Ended(JobState.DONE, 200, large)
+        )
+        [relayed] = await _heard_before_marker(listener, pg_url)
+        assert relayed["n"] == "a"
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            row = db.execute("SELECT job_id, data FROM relay WHERE id = %s", (relayed["relay"],)).fetchone()
+        assert row is not None and row[0] == big.id
+        assert base64.b64decode(json.loads(bytes(row[1]))["e"]["b"]) == large
 
 
 async def test_idempotency_keys_hold_across_nodes(open_node: OpenNode) -> None:

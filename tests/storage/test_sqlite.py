@@ -262,7 +262,7 @@ def test_positions_in_one_group_commit_are_those_of_one_submission_at_a_time(tmp
 def test_a_schema_5_database_gains_not_before_times(tmp_path: Path) -> None:
     """The migration to schema 6 adds the column and its index; queued jobs stay free to run."""
     # Schema 5 is today's schema without the column and its index.
-    lines = schema._SCHEMA.splitlines()
+    lines = _schema_6().splitlines()
     kept = [line for line in lines if "not_before" not in line]
     schema_5 = "\n".join(kept).replace("cache           TEXT,", "cache           TEXT")
     assert len(kept) == len(lines) - 2
@@ -287,7 +287,52 @@ def test_a_schema_5_database_gains_not_before_times(tmp_path: Path) -> None:
         columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
         indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "not_before" in columns and "jobs_held" in indexes
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+        assert "output" in columns
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+
+
+def _schema_6() -> str:
+    """Schema 6: today's without the output column (and the comment above it)."""
+    lines = schema._SCHEMA.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("not_before"))
+    end = next(i for i, line in enumerate(lines) if line.strip().startswith("output "))
+    assert end - start == 5
+    return "\n".join([*lines[:start], lines[start].replace("REAL,", "REAL "), *lines[end + 1 :]])
+
+
+async def test_a_schema_6_database_gains_the_output_column_and_replays_its_old_streams(
+    tmp_path: Path,
+) -> None:
+    """Upgraded in place: a stream ended before it replays from `chunks`, a new short one from its row."""
+    path = tmp_path / "v6.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        _schema_6()
+        + vector_table.SCHEMA
+        + f"""
+        INSERT INTO jobs (id, state, endpoint, model, model_key, stream, body, created_at, finished_at, status)
+            VALUES ('01OLD', 'done', '/api/chat', 'a', 'a:latest', 1, X'7B7D', 5.0, 6.0, 200);
+        INSERT INTO chunks (job_id, seq, data) VALUES ('01OLD', 0, X'610A'), ('01OLD', 1, X'0A62');
+        PRAGMA user_version = 6;
+        PRAGMA application_id = {schema.APPLICATION_ID};
+        """
+    )
+    db.close()
+    storage = await SqliteStorage.open(path)
+    try:
+        assert await storage.chunks("01OLD") == [b"a\n", b"\nb"]
+        job = new_job("a:latest")
+        await storage.submit(Submission(job))
+        claim = await storage.claim(resident("a:latest"), 1.0)
+        assert claim is not None
+        await storage.finish(claim.job, JobState.DONE, 2.0, status=200, chunks=[b"x\n", b"y\n"])
+        assert await storage.chunks(job.id) == [b"x\n", b"y\n"]
+    finally:
+        await storage.close()
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+        assert db.execute("SELECT count(*) FROM chunks WHERE job_id = ?", (job.id,)).fetchone() == (0,)
+        assert db.execute("SELECT output IS NOT NULL FROM jobs WHERE id = ?", (job.id,)).fetchone() == (1,)
 
 
 def test_a_job_asked_to_run_now_is_written_claimed_only_when_nothing_waits(tmp_path: Path) -> None:

@@ -13,14 +13,15 @@
   of its events (state, chunk, end) to them as a NOTIFY, in order, and they
   hand them to the waiting handlers as if their own worker had run the job;
   the end of every job goes to every node. An event too big for a payload
-  (8000 bytes) goes through the `relay` table. A client that leaves cancels
-  its job where it runs: the cancel travels the same way.
+  (8000 bytes) goes through the `relay` table. A job's end is announced by
+  the statement that records it (`transitions.finish`), after its earlier
+  events (`outbox.Outbox.flushed`). A client that leaves cancels its job
+  where it runs: the cancel travels the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from collections.abc import Callable, Coroutine
 from contextlib import suppress
@@ -30,23 +31,18 @@ import psycopg
 import structlog
 
 from foreman.errors import DatabaseAway
-from foreman.job import JSON_TYPE, Chunk, Ended, JobEvent, JobState, StateChanged
+from foreman.job import JSON_TYPE, Ended, JobState
+from foreman.storage.postgres.messages import PAYLOAD_LIMIT, decode, event_payload
+from foreman.storage.postgres.outbox import Item, Outbox
 from foreman.storage.postgres.schema import CHANNEL
 from foreman.storage.postgres.storage import PostgresStorage
 from foreman.storage.relay import Deliveries, LocalWorker
 
 log = structlog.get_logger("foreman.node")
 
-# A NOTIFY payload must be shorter than 8000 bytes; bigger events go through the relay table.
-_PAYLOAD_LIMIT = 7800
-
 # The database away, as the raw pool says it (psycopg's errors) or as the storage calls do (DatabaseAway):
 # either way the loop tries again, never dies (a dead listen loop leaves waiting clients unanswered).
 _AWAY = (psycopg.Error, OSError, DatabaseAway)
-
-
-# What a node has to say, in order: an event of a job it runs, or a watch (None) of a job run elsewhere.
-Outbox = asyncio.Queue[tuple[str, JobEvent | None]]
 
 
 class Node:
@@ -71,11 +67,11 @@ class Node:
         self._max_attempts = max_attempts
         self._clock = clock
         self._reachable = reachable
-        self._outbox = outbox  # filled by the relay (relay.PostgresRelay)
+        self._outbox = outbox  # filled by the relay (relay.PostgresRelay), sent here
         self._listening = asyncio.Event()
         self._alive: frozenset[str] = frozenset()
         self._beat_now = asyncio.Event()
-        self._unsent: list[tuple[str, JobEvent | None]] = []  # the batch a lost connection did not send
+        self._unsent: list[Item] = []  # the batch a lost connection did not send
         self._connected_since: float | None = None  # loop time of the first heartbeat since the database came
         self._listened = False
         self._told_reachable: bool | None = None  # what the last heartbeat said of this node's Ollama
@@ -112,6 +108,7 @@ class Node:
         try:
             await asyncio.gather(*tasks)
         finally:
+            self._outbox.stop()  # a finish waiting for its job's events to go out goes on without them
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -252,9 +249,9 @@ class Node:
                 row = await cursor.fetchone()
             if row is not None:
                 inner = json.loads(bytes(row[0]))
-                self._events.deliver(inner["j"], _decode(inner["e"]))
+                self._events.deliver(inner["j"], decode(inner["e"]))
         elif "j" in message:
-            self._events.deliver(message["j"], _decode(message["e"]))
+            self._events.deliver(message["j"], decode(message["e"]))
 
     async def _send(self) -> None:
         """Send the outbox in order, as many events a transaction as are waiting.
@@ -263,9 +260,7 @@ class Node:
         """
         while True:
             if not self._unsent:
-                self._unsent = [await self._outbox.get()]
-                while not self._outbox.empty():
-                    self._unsent.append(self._outbox.get_nowait())
+                self._unsent = await self._outbox.take()
             batch = self._unsent
             async with self._store.connection() as conn, conn.transaction():
                 for job_id, event in batch:
@@ -278,8 +273,8 @@ class Node:
                         payload = json.dumps({"n": self.name, "watch": job_id})
                         await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
                         continue
-                    payload = json.dumps({"n": self.name, "j": job_id, "e": _encode(event)})
-                    if len(payload) > _PAYLOAD_LIMIT:
+                    payload = event_payload(self.name, job_id, event)
+                    if len(payload) > PAYLOAD_LIMIT:
                         cursor = await conn.execute(
                             "INSERT INTO relay (job_id, data) VALUES (%s, %s) RETURNING id",
                             (job_id, payload.encode()),
@@ -289,31 +284,4 @@ class Node:
                         payload = json.dumps({"n": self.name, "relay": row[0]})
                     await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
             self._unsent = []
-
-
-def _encode(event: JobEvent) -> dict[str, Any]:
-    if isinstance(event, Chunk):
-        return {"k": "chunk", "d": _b64(event.data)}
-    if isinstance(event, StateChanged):
-        return {"k": "state", "s": event.state.value, "a": event.attempt}
-    return {
-        "k": "end",
-        "s": event.state.value,
-        "st": event.status,
-        "b": _b64(event.body),
-        "ct": event.content_type,
-        "er": event.error,
-    }
-
-
-def _decode(data: dict[str, Any]) -> JobEvent:
-    kind = data["k"]
-    if kind == "chunk":
-        return Chunk(base64.b64decode(data["d"]))
-    if kind == "state":
-        return StateChanged(JobState(data["s"]), int(data["a"]))
-    return Ended(JobState(data["s"]), int(data["st"]), base64.b64decode(data["b"]), data["ct"], data["er"])
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+            self._outbox.sent(batch)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from foreman.job import Job, JobState, Priority
-from foreman.storage import DrainOrder
+from foreman.storage import DrainOrder, output
 from foreman.storage.postgres import claims
 from foreman.storage.postgres.connection import Connection, one
 from foreman.storage.rows import JOB, job_from_row, job_summary
@@ -43,9 +43,19 @@ async def list_jobs(
 
 
 async def chunks(conn: Connection, job_id: str) -> list[bytes]:
-    """The output a finished job streamed, in order."""
-    cursor = await conn.execute("SELECT data FROM chunks WHERE job_id = %s ORDER BY seq", (job_id,))
-    return [bytes(data) for (data,) in await cursor.fetchall()]
+    """The output a finished job streamed, in order: kept with its row, or (a long stream, an older job) in `chunks`."""
+    cursor = await conn.execute(
+        "SELECT output, CASE WHEN output IS NULL THEN"
+        " ARRAY(SELECT data FROM chunks WHERE job_id = jobs.id ORDER BY seq) END FROM jobs WHERE id = %s",
+        (job_id,),
+    )
+    row = await cursor.fetchone()
+    if row is None:
+        return []
+    packed, rows = row
+    if packed is not None:
+        return output.unpack(bytes(packed), job_id)
+    return [bytes(data) for data in rows]
 
 
 async def position(

@@ -17,7 +17,7 @@ import structlog
 
 from foreman.job import Ended, JobEvent
 from foreman.storage.postgres.connection import RUNNING, notify, unavailable
-from foreman.storage.postgres.node import Node, Outbox
+from foreman.storage.postgres.node import Node
 from foreman.storage.postgres.storage import PostgresStorage
 from foreman.storage.relay import Deliveries, LocalWorker, OllamaHealth
 
@@ -34,25 +34,27 @@ class PostgresRelay:
         self._upstream = upstream
         self._max_attempts = max_attempts
         self._clock = clock
-        # What to send, in order: an event of a job run here, or a watch (None) of a job run elsewhere.
-        self._outbox: Outbox = asyncio.Queue()
+        self._outbox = store.outbox
 
     def forward(self, job_id: str, event: JobEvent) -> None:
         """Send an event of a job this node runs to the nodes that wait for it (in order, in the background).
 
         The end of a job goes to every node, so that one that began to follow
         it a moment ago does not wait for ever; its reply only where it is awaited.
+        The end of a job this node claimed is announced by the statement that
+        records it (`Storage.finish` with `ended`, see `transitions.finish`),
+        not from here: only if it was recorded, and after the job's events.
         """
-        watched = self._store.watchers.get(job_id)
         if isinstance(event, Ended):
-            self._store.watchers.pop(job_id, None)
-            self._outbox.put_nowait((job_id, event if watched else replace(event, body=b"")))
-        elif watched:
-            self._outbox.put_nowait((job_id, event))
+            if self._store.watchers.pop(job_id, None) is None:
+                # Not run here (a queued job cancelled here): no record of a run to announce it with.
+                self._outbox.put(job_id, replace(event, body=b""))
+        elif self._store.watchers.get(job_id):
+            self._outbox.put(job_id, event)
 
     def watch(self, job_id: str) -> None:
         """Someone here follows a job: have the node that runs it send its events here too."""
-        self._outbox.put_nowait((job_id, None))
+        self._outbox.put(job_id, None)
 
     def waits_elsewhere(self, job_id: str) -> bool:
         """Whether a client on another node waits for this job, which this node runs."""

@@ -8,7 +8,7 @@ from psycopg.rows import TupleRow
 from foreman.errors import StoreError
 from foreman.storage.postgres import batch_schema
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # pg_advisory_xact_lock keys: one number per thing only one node may do at a time.
 LOCK_SCHEMA = 0x46524D4E00  # creating or migrating the tables
 LOCK_SWAP = 0x46524D4E01  # deciding a swap, so two idle nodes do not load the same model
@@ -49,7 +49,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     node        text,                    -- the node running it (loading, working)
     lease_until timestamptz,             -- the database's time after which another node puts it back
     orphaned    boolean NOT NULL DEFAULT false,  -- put back after its node died: it goes next
-    watchers    text[] NOT NULL DEFAULT '{}'     -- nodes with a client waiting for its events
+    watchers    text[] NOT NULL DEFAULT '{}',    -- nodes with a client waiting for its events
+    -- A short stream's chunks, packed (foreman/storage/output.py); longer ones are in `chunks`.
+    -- Read by replay alone; a big value is stored out of line (TOAST), away from the other columns.
+    output      bytea
 );
 -- The pick: the oldest queued job of a model in a class is the first entry under (key, class).
 CREATE INDEX IF NOT EXISTS jobs_queued_by_class ON jobs (model_key, priority, id) WHERE state = 'queued';
@@ -60,6 +63,7 @@ CREATE INDEX IF NOT EXISTS jobs_held ON jobs (model_key, priority, id) WHERE sta
 -- Leases: what each node runs, and what ran out.
 CREATE INDEX IF NOT EXISTS jobs_running ON jobs (node, lease_until) WHERE state IN ('loading', 'working');
 
+-- The output of a long stream (over output.OUTPUT_LIMIT), one row per chunk, kept for replay.
 CREATE TABLE IF NOT EXISTS chunks (
     job_id text NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
     seq    integer NOT NULL,
@@ -111,7 +115,10 @@ CREATE TABLE IF NOT EXISTS relay (
 """
 
 # What takes a database at version N-1 to version N.
-_MIGRATIONS: dict[int, str] = {}
+_MIGRATIONS: dict[int, str] = {
+    # Short streams kept with the row; the output of the jobs before stays in `chunks`, read from there.
+    2: "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS output bytea;",
+}
 _OUR_TABLES = (
     frozenset({"foreman_meta", "jobs", "chunks", "nodes", "relay", "embed_cache", "pins"})
     | batch_schema.TABLES

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from foreman.job import Job, JobState, NewJob, Priority
+from foreman.job import Ended, Job, JobState, NewJob, Priority
 from foreman.scheduling.policy import ModelQueue
 from foreman.setting_values import redact_url
 from foreman.storage import (
@@ -30,6 +30,7 @@ from foreman.storage import (
 )
 from foreman.storage.postgres import cache, claims, intake, reads, transitions
 from foreman.storage.postgres.connection import Connection, Pool, connect, one, unavailable
+from foreman.storage.postgres.outbox import Outbox
 
 
 class PostgresStorage:
@@ -53,6 +54,8 @@ class PostgresStorage:
         self._submitting: set[asyncio.Future[Accepted]] = set()
         # Per job this node claimed: the other nodes where a client waits for its events.
         self.watchers: dict[str, set[str]] = {}
+        # What this node has to say to the others (the relay fills it, node.Node sends it).
+        self.outbox = Outbox()
 
     @classmethod
     async def open(
@@ -184,7 +187,14 @@ class PostgresStorage:
         attempt: int | None = None,
         chunks: Sequence[bytes] = (),
         cache: str | None = None,
+        ended: Ended | None = None,
     ) -> None:
+        """End the job, and announce `ended` to the other nodes with it (`transitions.finish`).
+
+        The job's events still waiting in the outbox go out first: an end never overtakes them.
+        """
+        if ended is not None:
+            await self.outbox.flushed(job.id)
         async with self._pool.connection() as conn:
             await transitions.finish(
                 conn,
@@ -198,6 +208,7 @@ class PostgresStorage:
                 attempt=attempt,
                 chunks=chunks,
                 cache=cache,
+                ended=ended,
             )
 
     @unavailable

@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from foreman.job import Job, JobState
-from foreman.storage import Recovered
+from foreman.job import Ended, Job, JobState
+from foreman.storage import Recovered, output
 from foreman.storage.postgres.connection import ENDED, RUNNING, Connection, one, wake
-from foreman.storage.postgres.schema import LOCK_PRUNE, LOCK_REAP
+from foreman.storage.postgres.messages import PAYLOAD_LIMIT, end_payloads
+from foreman.storage.postgres.schema import CHANNEL, LOCK_PRUNE, LOCK_REAP
 
 
 async def mark_working(conn: Connection, job_id: str, me: str) -> None:
@@ -53,21 +54,73 @@ async def finish(
     attempt: int | None,
     chunks: Sequence[bytes],
     cache: str | None,
-) -> None:
-    async with conn.transaction():
-        cursor = await conn.execute(
-            f"UPDATE jobs SET state = %s, finished_at = %s, status = %s, result = %s, error = %s,"
-            f" attempt = coalesce(%s, attempt), cache = coalesce(%s, cache), node = NULL, lease_until = NULL"
-            f" WHERE id = %s AND {RUNNING} AND node = %s",
-            (state.value, now, status, result, error, attempt, cache, job.id, me),
+    ended: Ended | None = None,
+) -> bool:
+    """End a running job of node `me`, with its output, in one statement; False if it is no longer `me`'s.
+
+    With `ended`, the same statement announces the end to every node (a NOTIFY
+    at its commit, or a `relay` row for a payload over the limit): an end is
+    heard if and only if it was recorded, and a retry after a lost answer
+    finds the job ended and announces nothing twice. The nodes where a
+    client waits for the job (`jobs.watchers`, read in the statement) hear it
+    with its reply, the others without. A short stream's chunks are packed
+    into `jobs.output`; a long one's are inserted into `chunks` by the same
+    statement.
+    """
+    packed = output.pack(chunks)
+    args: dict[str, Any] = {
+        "state": state.value,
+        "now": now,
+        "status": status,
+        "result": result,
+        "error": error,
+        "attempt": attempt,
+        "cache": cache,
+        "output": packed,
+        "id": job.id,
+        "me": me,
+        "channel": CHANNEL,
+    }
+    update = (
+        "UPDATE jobs SET state = %(state)s, finished_at = %(now)s, status = %(status)s, result = %(result)s,"
+        " error = %(error)s, attempt = coalesce(%(attempt)s, attempt), cache = coalesce(%(cache)s, cache),"
+        f" output = %(output)s, node = NULL, lease_until = NULL WHERE id = %(id)s AND {RUNNING} AND node = %(me)s"
+    )
+    long_stream = bool(chunks) and packed is None
+    if ended is None and not long_stream:
+        cursor = await conn.execute(update, args)
+        return bool(cursor.rowcount)
+    steps = [f"ended AS ({update} RETURNING id, cardinality(array_remove(watchers, %(me)s)) > 0 AS watched)"]
+    if long_stream:
+        args["chunks"] = list(chunks)
+        steps.append(
+            "stored AS (INSERT INTO chunks (job_id, seq, data)"
+            " SELECT ended.id, c.seq - 1, c.data FROM ended, unnest(%(chunks)s::bytea[]) WITH ORDINALITY AS c(data, seq)"
+            " ON CONFLICT (job_id, seq) DO UPDATE SET data = excluded.data)"
         )
-        if cursor.rowcount and chunks:
-            async with conn.cursor() as insert:
-                await insert.executemany(
-                    "INSERT INTO chunks (job_id, seq, data) VALUES (%s, %s, %s)"
-                    " ON CONFLICT (job_id, seq) DO UPDATE SET data = excluded.data",
-                    [(job.id, seq, data) for seq, data in enumerate(chunks)],
-                )
+    if ended is None:
+        select = "SELECT 1 FROM ended"
+    else:
+        args["full"], args["bare"] = end_payloads(me, job.id, ended)
+        if len(args["full"]) <= PAYLOAD_LIMIT:
+            select = (
+                "SELECT pg_notify(%(channel)s, CASE WHEN watched THEN %(full)s ELSE %(bare)s END) FROM ended"
+            )
+        else:
+            # Too big for a payload: a relay row, named by the notification (node.Node._heard reads it).
+            args["full"] = args["full"].encode()
+            args["relay_bare"] = len(args["bare"]) > PAYLOAD_LIMIT
+            steps.append(
+                "relayed AS (INSERT INTO relay (job_id, data)"
+                " SELECT id, CASE WHEN watched THEN %(full)s ELSE convert_to(%(bare)s, 'UTF8') END FROM ended"
+                " WHERE watched OR %(relay_bare)s RETURNING id)"
+            )
+            select = (
+                "SELECT pg_notify(%(channel)s, coalesce((SELECT json_build_object('n', %(me)s::text, 'relay', id)::text"
+                " FROM relayed), %(bare)s)) FROM ended"
+            )
+    cursor = await conn.execute(f"WITH {', '.join(steps)} {select}", args)
+    return bool(await cursor.fetchall())
 
 
 async def cancel_queued(conn: Connection, job_id: str, now: float) -> bool:
@@ -120,7 +173,9 @@ async def prune(conn: Connection, cutoff: float, batch: int) -> int:
         if not locked:
             return 0
         cursor = await conn.execute(
-            f"DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE {ENDED} AND finished_at < %s LIMIT %s)",
+            # A line of a batch that has not ended keeps its job: the batch's output file is written from it.
+            f"DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE {ENDED} AND finished_at < %s"
+            f" AND NOT EXISTS (SELECT 1 FROM batch_lines b WHERE b.job_id = jobs.id) LIMIT %s)",
             (cutoff, batch),
         )
         return cursor.rowcount

@@ -31,6 +31,7 @@ from foreman.storage import (
     RecordedPin,
     Recovered,
     Submission,
+    output,
 )
 from foreman.storage.rows import JOB, NEW_JOB, NEW_JOB_COLUMNS, job_from_row, new_job_values
 from foreman.storage.sqlite import pin_table, reads
@@ -398,22 +399,26 @@ class QueueFile:
         self.finish_many([Ending(job, state, now, status, result, error, attempt, chunks, cache)])
 
     def finish_many(self, endings: Sequence[Ending]) -> None:
-        """End jobs in one transaction (one statement, when it is one job without chunks)."""
-        if len(endings) == 1 and not endings[0].chunks:
-            self._end(endings[0])  # one statement commits on its own
-            return
+        """End jobs in one transaction; one statement for one job whose output fits its row."""
+        if len(endings) == 1:
+            e = endings[0]
+            packed = output.pack(e.chunks)
+            if packed is not None or not e.chunks:
+                self._end(e, packed)  # one statement commits on its own
+                return
         with self._transaction():
             for e in endings:
-                self._end(e)
+                self._end(e, output.pack(e.chunks))
 
-    def _end(self, e: Ending) -> None:
+    def _end(self, e: Ending, packed: bytes | None) -> None:
+        """End one job: its output in the row when `packed`, else (a long stream) in `chunks`."""
         ended = self._db.execute(
             "UPDATE jobs SET state = ?, finished_at = ?, status = ?, result = ?, error = ?,"
-            " attempt = coalesce(?, attempt), cache = coalesce(?, cache)"
+            " attempt = coalesce(?, attempt), cache = coalesce(?, cache), output = ?"
             " WHERE id = ? AND state IN ('loading', 'working')",
-            (e.state, e.now, e.status, e.result, e.error, e.attempt, e.cache, e.job.id),
+            (e.state, e.now, e.status, e.result, e.error, e.attempt, e.cache, packed, e.job.id),
         ).rowcount
-        if ended and e.chunks:
+        if ended and e.chunks and packed is None:
             self._db.executemany(
                 "INSERT OR REPLACE INTO chunks (job_id, seq, data) VALUES (?, ?, ?)",
                 ((e.job.id, seq, data) for seq, data in enumerate(e.chunks)),
@@ -505,9 +510,13 @@ class QueueFile:
 
 
 def prune(db: sqlite3.Connection, cutoff: float, batch: int) -> int:
-    """Delete up to `batch` jobs that ended before `cutoff`, with their chunks; returns how many."""
+    """Delete up to `batch` jobs that ended before `cutoff`, with their chunks; returns how many.
+
+    A line of a batch that has not ended keeps its job: the batch's output file is written from it.
+    """
     return db.execute(
-        f"DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state IN {ENDED} AND finished_at < ? LIMIT ?)",
+        f"DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state IN {ENDED} AND finished_at < ?"
+        f" AND NOT EXISTS (SELECT 1 FROM batch_lines b WHERE b.job_id = jobs.id) LIMIT ?)",
         (cutoff, batch),
     ).rowcount
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from foreman.job import Job, JobState, Priority
+from foreman.storage import output
 from foreman.storage.rows import JOB, job_from_row, job_summary
 
 # Pages of jobs show neither the request nor the result.
@@ -41,7 +42,10 @@ def list_jobs(
 
 
 def chunks(db: sqlite3.Connection, job_id: str) -> list[bytes]:
-    """The output a finished job streamed, in order."""
+    """The output a finished job streamed, in order: kept with its row, or (a long stream, an older job) in `chunks`."""
+    row = db.execute("SELECT output FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is not None and row[0] is not None:
+        return output.unpack(bytes(row[0]), job_id)
     rows = db.execute("SELECT data FROM chunks WHERE job_id = ? ORDER BY seq", (job_id,))
     return [bytes(data) for (data,) in rows]
 

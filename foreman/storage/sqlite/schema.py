@@ -8,7 +8,7 @@ from pathlib import Path
 from foreman.errors import StoreError
 from foreman.storage.sqlite import batch_schema, pin_table, vector_table
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # Marks the file as foreman's (PRAGMA application_id): "FRMN".
 APPLICATION_ID = 0x46524D4E
 
@@ -35,7 +35,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     routing         TEXT,           -- alias jobs: JSON {alias, route, rule}
     served_model    TEXT,           -- alias jobs: the model picked to serve it
     cache           TEXT,           -- embeddings: 'no-cache' (asked), 'hit' or 'partial' (served from the cache)
-    not_before      REAL            -- put back after a failure: not to run before this time
+    not_before      REAL,           -- put back after a failure: not to run before this time
+    -- A short stream's chunks, packed (foreman/storage/output.py); longer ones are in `chunks`.
+    -- Last, and read by replay alone: a row's columns are stored in order, so a read of any other
+    -- column stops before it and never walks its overflow pages. A column added later (ALTER TABLE
+    -- appends) comes after it in upgraded files: keep such a column out of the hot reads.
+    output          BLOB
 );
 -- The pick: the oldest queued job of a model in a class is the first entry under (key, class).
 CREATE INDEX IF NOT EXISTS jobs_queued_by_class ON jobs (model_key, priority, id) WHERE state = 'queued';
@@ -48,7 +53,7 @@ CREATE INDEX IF NOT EXISTS jobs_held ON jobs (not_before) WHERE state = 'queued'
 -- Retention finds old finished jobs without scanning the queue.
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE state IN ('done', 'failed', 'cancelled');
 
--- The output of a job, one row per streamed chunk, kept so its events can be replayed.
+-- The output of a long stream (over output.OUTPUT_LIMIT), one row per chunk, kept so its events can be replayed.
 CREATE TABLE IF NOT EXISTS chunks (
     job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
     seq    INTEGER NOT NULL,
@@ -82,6 +87,10 @@ _MIGRATIONS: dict[int, str] = {
     # Not-before times: no job was held back before them.
     6: """
     ALTER TABLE jobs ADD COLUMN not_before REAL;
+    """,
+    # Short streams kept with the row; the output of the jobs before stays in `chunks`, read from there.
+    7: """
+    ALTER TABLE jobs ADD COLUMN output BLOB;
     """,
 }
 _OUR_TABLES = frozenset({"jobs", "chunks", "embed_cache", "pins"}) | batch_schema.TABLES

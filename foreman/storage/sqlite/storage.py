@@ -38,7 +38,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from foreman.job import Job, JobState, Priority
+from foreman.job import Ended, Job, JobState, Priority
 from foreman.scheduling.policy import ModelQueue
 from foreman.storage import (
     Accepted,
@@ -298,8 +298,12 @@ class SqliteStorage:
         attempt: int | None = None,
         chunks: Sequence[bytes] = (),
         cache: str | None = None,
+        ended: Ended | None = None,
     ) -> asyncio.Future[None]:
-        """End a job; the finishes asked for in one turn of the loop share one transaction (see `submit`)."""
+        """End a job; the finishes asked for in one turn of the loop share one transaction (see `submit`).
+
+        `ended` goes nowhere: a queue in one file has no other node to tell.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         ending = Ending(job, state, now, status, result, error, attempt, chunks, cache)
