@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import orjson
@@ -68,7 +69,7 @@ class _JsonLine:
         self._second = -1
         self._prefix = ""  # the timestamp up to its seconds, formatted once a second
 
-    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> bytes:
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> bytes:
         event["level"] = _LEVELS.get(method, method)
         now = time.time()
         second = int(now)
