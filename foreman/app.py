@@ -26,6 +26,7 @@ from foreman.api import (
     webhooks,
 )
 from foreman.api.keys import (
+    BATCH_STORE,
     CLOCK,
     CLOUD_LANE,
     CONFIG,
@@ -106,11 +107,12 @@ def create_app(
     app[ROUTES] = RouteTable(config.routes)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        async with backends.opened(config, clock=clock) as (store, relay):
+        async with backends.opened(config, clock=clock) as (store, relay, batch_store):
             requeued, failed = await store.recover(clock(), config.max_attempts)
             if requeued or failed:
                 log.info("queue.recovered", requeued=requeued, failed=failed, db=_where(config))
             app[STORAGE], app[RELAY], app[EVENTS] = store, relay, JobEvents(relay)
+            app[BATCH_STORE] = batch_store
             yield
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -236,7 +238,9 @@ def create_app(
         lag.stop()
 
     async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
-        async with _running(prune_forever(app[STORAGE], config.retention, clock, sleep), "foreman-prune"):
+        async with _running(
+            prune_forever(app[STORAGE], app[BATCH_STORE], config.retention, clock, sleep), "foreman-prune"
+        ):
             yield
 
     async def stop_gracefully(app: web.Application) -> None:

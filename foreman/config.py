@@ -185,7 +185,12 @@ class Config:
         duration,
         "how long a streaming client waits in the queue before foreman sends 200 and its headers",
     )
-    retention: float = setting("7d", positive_duration, "how long finished jobs and their output are kept")
+    retention: float = setting(
+        "7d",
+        positive_duration,
+        "how long what ended is kept: finished jobs and their output, ended batches and their files,"
+        " delivered or given-up webhooks (see [Batches](batches.md#retention))",
+    )
     max_wait: float = setting(
         "10m",
         duration,

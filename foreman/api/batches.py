@@ -13,10 +13,9 @@ from typing import Any
 
 from aiohttp import web
 
-from foreman.api.keys import CLOCK, MODEL_TAGS, QUEUE, ROUTES, STORAGE
+from foreman.api.keys import BATCH_STORE, CLOCK, MODEL_TAGS, QUEUE, ROUTES, STORAGE
 from foreman.batches.service import Batches, batch_view
 from foreman.errors import BadRequest, NotFound
-from foreman.storage.batches import open_batch_store
 
 BATCHES = web.AppKey("batches", Batches)
 UNFINISHED_UPLOAD_S = 3600.0
@@ -77,8 +76,8 @@ async def _json(request: web.Request) -> dict[str, Any]:
 
 
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The node's `Batches` over the batch store, opened beside the job store (before the worker starts)."""
-    store = await open_batch_store(app[STORAGE])
+    """The node's `Batches` over the batch store opened with the job store (before the worker starts)."""
+    store = app[BATCH_STORE]
     # An upload a crash cut short is never listed; an hour on, no node is still writing it.
     await store.drop_unfinished_uploads(app[CLOCK]() - UNFINISHED_UPLOAD_S)
     app[BATCHES] = Batches(
@@ -89,7 +88,6 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         clock=app[CLOCK],
     )
     yield
-    await store.close()
 
 
 async def run_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -17,10 +17,13 @@ from foreman.queue.job_events import JobEvents
 from foreman.queue.page_feed import PageFeed
 from foreman.routing.table import RouteTable
 from foreman.storage import Storage
+from foreman.storage.batches import BatchStore
 from foreman.storage.relay import Relay
 from foreman.worker.cloud_lane import CloudLane
 from foreman.worker.loop import Worker
 
+# The Files and Batch APIs' tables and the webhook outbox, opened with STORAGE.
+BATCH_STORE: web.AppKey[BatchStore] = web.AppKey("batch_store")
 # The clock jobs are stamped and scheduled by: time.time, or a fake one in tests.
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 CONFIG = web.AppKey("config", Config)

@@ -32,10 +32,10 @@ import structlog
 from ulid import ULID
 
 from foreman.batches import lines
+from foreman.dialects.installed import Has, remembered, require_installed
 from foreman.dialects.intake import parse_job, request_hash
 from foreman.errors import BadRequest, Conflict, ForemanError, NotFound
 from foreman.job import QUEUED_ENDPOINTS, JobState, NewJob, Priority
-from foreman.ollama.names import source_suffix
 from foreman.ollama.tags import ModelTags
 from foreman.queue.front import QueueFront
 from foreman.routing.table import RouteTable
@@ -191,7 +191,7 @@ class Batches:
 
     async def _enqueue(self, batch: StoredBatch, requests: Sequence[lines.Request], now: float) -> int:
         """Make each line a job (again, after a restart: the same jobs come back); returns the lines refused."""
-        known: dict[str, bool | None] = {}
+        has = remembered(self._tags.has)
         refused = 0
         assert self.front is not None
         front = self.front
@@ -201,7 +201,7 @@ class Batches:
             jobs: list[tuple[lines.Request, NewJob]] = []
             for request in chunk:
                 try:
-                    jobs.append((request, await self._job(batch, request, now, known)))
+                    jobs.append((request, await self._job(batch, request, now, has)))
                 except ForemanError as exc:
                     recorded.append(Line(request.line, request.custom_id, None, exc.status, exc.message))
             # Submitted together, so the store commits the chunk as one group.
@@ -222,9 +222,7 @@ class Batches:
             await self.batches.add_lines(batch.id, recorded)
         return refused
 
-    async def _job(
-        self, batch: StoredBatch, request: lines.Request, now: float, known: dict[str, bool | None]
-    ) -> NewJob:
+    async def _job(self, batch: StoredBatch, request: lines.Request, now: float, has: Has) -> NewJob:
         body = json.loads(request.body)
         if body.get("stream") is True:
             raise BadRequest("stream is not supported in a batch")
@@ -237,12 +235,8 @@ class Batches:
             idempotency_key=f"{batch.id}:{request.line}",
         )
         job = self._routes.current.route(job)
-        # A name that names its source (`:cloud`, `:local`) is Ollama's to decide, maybe in its cloud.
-        if job.routing is None and source_suffix(job.model)[1] is None:
-            if job.model not in known:
-                known[job.model] = await self._tags.has(job.model)
-            if known[job.model] is False:
-                raise NotFound(f"model '{job.model}' not found")
+        # The check its request would meet alone, so the line gets the same answer.
+        await require_installed(job, has)
         return replace(job, stream=False)
 
     async def _counted(self, batch: StoredBatch) -> int:

@@ -30,6 +30,18 @@ async def require_installed(job: NewJob, has: Has) -> None:
         raise NotFound(not_found(job.endpoint, job.model))
 
 
+def remembered(has: Has) -> Has:
+    """`has`, asked once per name: a batch's lines name few models, and a missing one reads the list again."""
+    known: dict[str, bool | None] = {}
+
+    async def ask(model: str) -> bool | None:
+        if model not in known:
+            known[model] = await has(model)
+        return known[model]
+
+    return ask
+
+
 def not_found(endpoint: str, model: str) -> str:
     """Ollama's 404 message for a model it does not have, which differs by handler."""
     if endpoint == "/api/embeddings":

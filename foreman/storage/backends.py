@@ -1,4 +1,4 @@
-"""The backend FOREMAN_DB names, opened: its storage, and the relay between the nodes that share it.
+"""The backend FOREMAN_DB names, opened: its storage, its batch store, and the relay between the nodes that share it.
 
 A path is a SQLite file this node uses alone (the relay `ALONE`); a
 postgresql:// URL is a queue shared with every node given the same URL, and
@@ -16,18 +16,21 @@ from typing import NamedTuple
 from foreman.config import Config
 from foreman.errors import StoreError
 from foreman.storage import Storage
+from foreman.storage.batches import BatchStore
 from foreman.storage.relay import ALONE, Relay
+from foreman.storage.sqlite.batches import SqliteBatchStore
 from foreman.storage.sqlite.storage import SqliteStorage
 
 
 class Backend(NamedTuple):
     storage: Storage
     relay: Relay
+    batches: BatchStore  # the Files and Batch APIs' tables and the webhook outbox, in the same database
 
 
 @asynccontextmanager
 async def opened(config: Config, *, clock: Callable[[], float]) -> AsyncIterator[Backend]:
-    """The storage and relay of FOREMAN_DB for the life of the block; StoreError if it cannot be used.
+    """The storage, relay and batch store of FOREMAN_DB for the life of the block; StoreError if it cannot be used.
 
     `clock` dates what the relay does to jobs on its own (putting back those
     of a node that stopped answering).
@@ -36,16 +39,25 @@ async def opened(config: Config, *, clock: Callable[[], float]) -> AsyncIterator
     try:
         yield backend
     finally:
-        await backend.storage.close()
+        try:
+            await backend.batches.close()
+        finally:
+            await backend.storage.close()
 
 
 async def _open_file(config: Config) -> Backend:
     storage = await SqliteStorage.open(config.db_file, sync=config.sync, max_queue=config.max_queue)
-    return Backend(storage, ALONE)
+    try:
+        batches = await SqliteBatchStore.open(config.db_file)
+    except BaseException:
+        await storage.close()
+        raise
+    return Backend(storage, ALONE, batches)
 
 
 async def _open_shared(config: Config, clock: Callable[[], float]) -> Backend:
     try:
+        from foreman.storage.postgres.batches import PostgresBatchStore
         from foreman.storage.postgres.relay import PostgresRelay
         from foreman.storage.postgres.storage import PostgresStorage
     except ImportError as exc:
@@ -59,7 +71,7 @@ async def _open_shared(config: Config, clock: Callable[[], float]) -> Backend:
         max_queue=config.max_queue,
     )
     relay = PostgresRelay(storage, upstream=config.upstream, max_attempts=config.max_attempts, clock=clock)
-    return Backend(storage, relay)
+    return Backend(storage, relay, PostgresBatchStore(storage))
 
 
 def node_name(config: Config) -> str:

@@ -4,7 +4,8 @@ Their tables live in the jobs' database, beside the jobs (so a batch line can
 be joined to its job, and every node of a shared queue sees the same files),
 but apart from `Storage`: the queue's hot path never touches them. Each
 backend implements `BatchStore` in its own module (`sqlite/batches.py`,
-`postgres/batches.py`) and both pass `tests/storage/test_batches.py`.
+`postgres/batches.py`), opened with the rest of the backend by
+`backends.opened`, and both pass `tests/storage/test_batches.py`.
 
 Times are seconds on the caller's clock; the store never reads a clock.
 """
@@ -29,6 +30,8 @@ def split(data: bytes) -> list[bytes]:
 
 # The statuses of a batch that still has work to do (OpenAI's names).
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+# Those of a batch that ended; each has its time in `times` as `<status>_at`.
+ENDED = ("completed", "failed", "expired", "cancelled")
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +178,28 @@ class BatchStore(Protocol):
         """
         ...
 
+    # Retention: each call is one short transaction.
+
+    async def prune_batches(self, cutoff: float, limit: int) -> tuple[int, list[str]]:
+        """Delete up to `limit` batches that ended before `cutoff`, with their lines; how many, and the files they leave.
+
+        Those are hidden at once, as an unfinished upload is (no read finds them
+        again), for `drop_file_parts` to delete: the batches' output and error
+        files, and an input file no batch kept still names.
+        """
+        ...
+
+    async def drop_file_parts(self, file_id: str, limit: int) -> bool:
+        """Delete up to `limit` parts of a hidden file, and the file once no part is left; False once it is gone.
+
+        A file that is not hidden (complete, listed) is left alone.
+        """
+        ...
+
+    async def prune_deliveries(self, cutoff: float, limit: int) -> int:
+        """Delete up to `limit` deliveries delivered or given up before `cutoff`; how many."""
+        ...
+
     # The webhook outbox
 
     async def watch_job(self, job_id: str, endpoint: str) -> None:
@@ -204,18 +229,3 @@ class BatchStore(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-async def open_batch_store(store: object) -> BatchStore:
-    """The batch store in the same database as the job store `store`."""
-    from foreman.storage.sqlite.storage import SqliteStorage
-
-    if isinstance(store, SqliteStorage):
-        from foreman.storage.sqlite.batches import SqliteBatchStore
-
-        return await SqliteBatchStore.open(store.path)
-    from foreman.storage.postgres.batches import PostgresBatchStore
-    from foreman.storage.postgres.storage import PostgresStorage
-
-    assert isinstance(store, PostgresStorage)
-    return PostgresBatchStore(store)

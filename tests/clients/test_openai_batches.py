@@ -8,11 +8,20 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
 from stub_ollama import Stub
-from tests.support.helpers import FakeClock, Foreman, MakeForeman, MakeStub, eventually, reply_text
+from tests.support.helpers import (
+    FakeClock,
+    Foreman,
+    MakeForeman,
+    MakeStub,
+    eventually,
+    hold_worker,
+    reply_text,
+)
 
 OpenAIClient = Callable[[str], openai.AsyncOpenAI]
 CHAT = "/v1/chat/completions"
@@ -278,3 +287,75 @@ async def test_lines_ollama_refuses_or_keeps_failing_go_to_the_error_file(
     assert errors["refused"]["response"]["status_code"] == 400
     assert "invalid options" in errors["refused"]["response"]["body"]["error"]["message"]
     assert errors["broken"]["response"]["status_code"] == 500 and errors["broken"]["error"] is None
+
+
+async def test_retention_prunes_an_ended_batch_with_its_files_and_spares_a_running_one(
+    http: aiohttp.ClientSession, make_stub: MakeStub, make_foreman: MakeForeman, openai_client: OpenAIClient
+) -> None:
+    """Past FOREMAN_RETENTION an ended batch goes with its input and output files; a running batch, its
+    input file and an upload no batch used stay, however old."""
+    server = await make_stub()
+    clock = FakeClock(1_800_000_000.0)
+    foreman = await make_foreman(server.url, clock=clock, retention=0.3)
+    client = openai_client(foreman.url)
+    unused = await upload(client, [chat_line("u", "llama3", "u")])
+    ended_input = await upload(client, [chat_line(f"r{i}", "llama3", f"q{i}") for i in range(3)])
+    ended = await finished(
+        client,
+        (await client.batches.create(input_file_id=ended_input, endpoint=CHAT, completion_window="24h")).id,
+    )
+    assert ended.status == "completed" and ended.output_file_id is not None
+    first = await hold_worker(http, foreman, server.stub, "llama3")
+    running_input = await upload(client, [chat_line("w", "llama3", "waits")])
+    running = await client.batches.create(input_file_id=running_input, endpoint=CHAT, completion_window="24h")
+    await until(
+        lambda: _status_is(client, running.id, "in_progress"), 10, "the second batch to queue its line"
+    )
+    clock.now += 3600  # everything is an hour old now; only what ended may go
+
+    async def ended_gone() -> bool:
+        try:
+            await client.batches.retrieve(ended.id)
+        except openai.NotFoundError:
+            return True
+        return False
+
+    await until(ended_gone, 10, "the ended batch to be pruned")
+    for file_id in (ended_input, ended.output_file_id):
+        with pytest.raises(openai.NotFoundError):
+            await client.files.retrieve(file_id)
+    assert sorted([f.id async for f in client.files.list()]) == sorted([unused, running_input])
+    server.stub.faults.release_hung()
+    await first
+    assert (await finished(client, running.id)).status == "completed"
+
+
+async def _status_is(client: openai.AsyncOpenAI, batch_id: str, status: str) -> bool:
+    return (await client.batches.retrieve(batch_id)).status == status
+
+
+async def test_a_batch_line_gets_the_answer_its_request_gets_alone(
+    foreman: Foreman, stub: Stub, openai_client: OpenAIClient
+) -> None:
+    """Models Ollama lacks, with a source suffix or two, are refused in a batch line as in a request alone:
+    the same status and message, and never queued."""
+    client = openai_client(foreman.url)
+    models = ["no-such:local", "llama3:local:cloud", "no-such"]
+    alone: dict[str, tuple[int, str]] = {}
+    for model in models:
+        with pytest.raises(openai.APIStatusError) as refused:
+            await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+        assert isinstance(refused.value.body, dict)
+        alone[model] = (refused.value.status_code, refused.value.body["message"])
+    items = [chat_line(model, model, "hi") for model in models]
+    batch = await client.batches.create(
+        input_file_id=await upload(client, items), endpoint=CHAT, completion_window="24h"
+    )
+    done = await finished(client, batch.id)
+    lines = {line["custom_id"]: line["response"] for line in await file_lines(client, done.error_file_id)}
+    assert {
+        model: (response["status_code"], response["body"]["error"]["message"])
+        for model, response in lines.items()
+    } == alone
+    assert all(response["request_id"] is None for response in lines.values())  # never became jobs
+    assert stub.requests == []

@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 CREATE INDEX IF NOT EXISTS batches_active ON batches (status, id)
     WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling');
+-- Retention keeps an input file while a batch names it.
+CREATE INDEX IF NOT EXISTS batches_input ON batches (input_file_id);
 CREATE TABLE IF NOT EXISTS batch_lines (
     batch_id  text NOT NULL,
     line      integer NOT NULL,
@@ -48,6 +50,8 @@ CREATE TABLE IF NOT EXISTS batch_lines (
     error     text,
     PRIMARY KEY (batch_id, line)
 );
+-- Retention keeps the jobs of a batch that has not ended.
+CREATE INDEX IF NOT EXISTS batch_lines_job ON batch_lines (job_id) WHERE job_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS job_webhooks (
     job_id   text PRIMARY KEY,
     endpoint text NOT NULL

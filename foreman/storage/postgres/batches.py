@@ -17,6 +17,7 @@ from psycopg.types.json import Jsonb
 from foreman.job import JobState
 from foreman.storage.batches import (
     ACTIVE,
+    ENDED,
     Delivery,
     JobEventMaker,
     Line,
@@ -262,6 +263,56 @@ class PostgresBatchStore:
             await _enqueue(conn, deliveries)
             await conn.execute("DELETE FROM batch_lines WHERE batch_id = %s", (batch_id,))
             return True
+
+    # Retention
+
+    async def prune_batches(self, cutoff: float, limit: int) -> tuple[int, list[str]]:
+        async with self._store.connection() as conn, conn.transaction():
+            # SKIP LOCKED: nodes pruning at once take different batches.
+            cursor = await conn.execute(
+                "DELETE FROM batches WHERE id IN (SELECT id FROM batches WHERE status = ANY(%s)"
+                " AND (times ->> (status || '_at'))::double precision < %s ORDER BY id LIMIT %s"
+                " FOR UPDATE SKIP LOCKED) RETURNING id, input_file_id, output_file_id, error_file_id",
+                (list(ENDED), cutoff, limit),
+            )
+            rows = await cursor.fetchall()
+            if not rows:
+                return 0, []
+            await conn.execute("DELETE FROM batch_lines WHERE batch_id = ANY(%s)", ([r[0] for r in rows],))
+            left = [f for row in rows for f in (row[2], row[3]) if f]
+            cursor = await conn.execute(
+                "SELECT f FROM unnest(%s::text[]) AS f WHERE NOT EXISTS"
+                " (SELECT 1 FROM batches WHERE input_file_id = f)",
+                (list(dict.fromkeys(row[1] for row in rows)),),
+            )
+            left += [f for (f,) in await cursor.fetchall()]
+            await conn.execute("UPDATE files SET complete = false WHERE id = ANY(%s)", (left,))
+            return len(rows), left
+
+    async def drop_file_parts(self, file_id: str, limit: int) -> bool:
+        async with self._store.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                "SELECT 1 FROM files WHERE id = %s AND NOT complete FOR UPDATE", (file_id,)
+            )
+            if await cursor.fetchone() is None:
+                return False
+            cursor = await conn.execute(
+                "DELETE FROM file_parts WHERE file_id = %s AND seq IN"
+                " (SELECT seq FROM file_parts WHERE file_id = %s ORDER BY seq LIMIT %s)",
+                (file_id, file_id, limit),
+            )
+            if cursor.rowcount == 0:
+                await conn.execute("DELETE FROM files WHERE id = %s", (file_id,))
+            return True
+
+    async def prune_deliveries(self, cutoff: float, limit: int) -> int:
+        async with self._store.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                "DELETE FROM webhook_outbox WHERE (id, endpoint) IN (SELECT id, endpoint FROM webhook_outbox"
+                " WHERE state IN ('delivered', 'failed') AND next_at < %s LIMIT %s FOR UPDATE SKIP LOCKED)",
+                (cutoff, limit),
+            )
+            return cursor.rowcount
 
     # The webhook outbox
 

@@ -173,7 +173,9 @@ async def prune(conn: Connection, cutoff: float, batch: int) -> int:
         if not locked:
             return 0
         cursor = await conn.execute(
-            f"DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE {ENDED} AND finished_at < %s LIMIT %s)",
+            # A line of a batch that has not ended keeps its job: the batch's output file is written from it.
+            f"DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE {ENDED} AND finished_at < %s"
+            f" AND NOT EXISTS (SELECT 1 FROM batch_lines b WHERE b.job_id = jobs.id) LIMIT %s)",
             (cutoff, batch),
         )
         return cursor.rowcount

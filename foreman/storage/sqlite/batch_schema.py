@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 CREATE INDEX IF NOT EXISTS batches_active ON batches (status, id)
     WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling');
+-- Retention keeps an input file while a batch names it.
+CREATE INDEX IF NOT EXISTS batches_input ON batches (input_file_id);
 CREATE TABLE IF NOT EXISTS batch_lines (
     batch_id  TEXT NOT NULL,
     line      INTEGER NOT NULL,
@@ -48,6 +50,8 @@ CREATE TABLE IF NOT EXISTS batch_lines (
     error     TEXT,
     PRIMARY KEY (batch_id, line)
 ) WITHOUT ROWID;
+-- Retention keeps the jobs of a batch that has not ended.
+CREATE INDEX IF NOT EXISTS batch_lines_job ON batch_lines (job_id) WHERE job_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS job_webhooks (
     job_id   TEXT PRIMARY KEY,
     endpoint TEXT NOT NULL

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from foreman.job import JobState
 from foreman.storage.batches import (
     ACTIVE,
+    ENDED,
     Delivery,
     JobEventMaker,
     Line,
@@ -298,6 +299,54 @@ class SqliteBatchStore:
             # The files hold every line's outcome now; the lines would only outlive their jobs.
             db.execute("DELETE FROM batch_lines WHERE batch_id = ?", (batch_id,))
             return True
+
+        return await self._run(self._tx, work)
+
+    # Retention
+
+    async def prune_batches(self, cutoff: float, limit: int) -> tuple[int, list[str]]:
+        def work(db: sqlite3.Connection) -> tuple[int, list[str]]:
+            rows = db.execute(
+                f"SELECT id, input_file_id, output_file_id, error_file_id FROM batches"
+                f" WHERE status IN {ENDED!r} AND json_extract(times, '$.' || status || '_at') < ?"
+                f" ORDER BY id LIMIT ?",
+                (cutoff, limit),
+            ).fetchall()
+            ids = [(row["id"],) for row in rows]
+            db.executemany("DELETE FROM batch_lines WHERE batch_id = ?", ids)
+            db.executemany("DELETE FROM batches WHERE id = ?", ids)
+            left = [f for row in rows for f in (row["output_file_id"], row["error_file_id"]) if f]
+            for input_file in dict.fromkeys(row["input_file_id"] for row in rows):
+                named = db.execute("SELECT 1 FROM batches WHERE input_file_id = ?", (input_file,))
+                if named.fetchone() is None:
+                    left.append(input_file)
+            db.executemany("UPDATE files SET complete = 0 WHERE id = ?", [(f,) for f in left])
+            return len(rows), left
+
+        return await self._run(self._tx, work)
+
+    async def drop_file_parts(self, file_id: str, limit: int) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            if db.execute("SELECT 1 FROM files WHERE id = ? AND NOT complete", (file_id,)).fetchone() is None:
+                return False
+            deleted = db.execute(
+                "DELETE FROM file_parts WHERE file_id = ? AND seq IN"
+                " (SELECT seq FROM file_parts WHERE file_id = ? ORDER BY seq LIMIT ?)",
+                (file_id, file_id, limit),
+            ).rowcount
+            if deleted == 0:
+                db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+            return True
+
+        return await self._run(self._tx, work)
+
+    async def prune_deliveries(self, cutoff: float, limit: int) -> int:
+        def work(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "DELETE FROM webhook_outbox WHERE rowid IN (SELECT rowid FROM webhook_outbox"
+                " WHERE state IN ('delivered', 'failed') AND next_at < ? LIMIT ?)",
+                (cutoff, limit),
+            ).rowcount
 
         return await self._run(self._tx, work)
 

@@ -510,9 +510,13 @@ class QueueFile:
 
 
 def prune(db: sqlite3.Connection, cutoff: float, batch: int) -> int:
-    """Delete up to `batch` jobs that ended before `cutoff`, with their chunks; returns how many."""
+    """Delete up to `batch` jobs that ended before `cutoff`, with their chunks; returns how many.
+
+    A line of a batch that has not ended keeps its job: the batch's output file is written from it.
+    """
     return db.execute(
-        f"DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state IN {ENDED} AND finished_at < ? LIMIT ?)",
+        f"DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state IN {ENDED} AND finished_at < ?"
+        f" AND NOT EXISTS (SELECT 1 FROM batch_lines b WHERE b.job_id = jobs.id) LIMIT ?)",
         (cutoff, batch),
     ).rowcount
 
