@@ -3,11 +3,14 @@
 foreman's time settings read the same forms (plus days, as in `FOREMAN_RETENTION=7d`)
 and bare seconds. Kept apart from the request checks so the settings, and the
 client commands that read them, need nothing heavier than a regular expression.
+Instants, as the API and the live page write them (`iso`), live here too, in the
+lowest layer, so the queue's feed and the API spell them alike.
 """
 
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _GO_UNITS = r"ns|us|µs|μs|ms|s|m|h"
@@ -63,3 +66,10 @@ def positive_duration(value: str) -> float:
     if seconds <= 0:
         raise ValueError(f"must be more than zero, got {value!r}")
     return seconds
+
+
+def iso(timestamp: float | None) -> str | None:
+    """A Unix time as ISO 8601 in UTC to the millisecond (`2026-12-07T09:15:00.123Z`); None stays None."""
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from foreman.api.keys import CLOCK, CONFIG, EVENTS, MODEL_TAGS, QUEUE, ROUTES
+from foreman.api.keys import CLOCK, CONFIG, EMBED_CACHE, EVENTS, MODEL_TAGS, QUEUE, ROUTES
 from foreman.api.request_body import read_body
 from foreman.dialects import dialect_for
 from foreman.dialects.installed import require_installed
@@ -46,7 +46,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if wants_no_cache(request):
             job = replace(job, cache="no-cache")
         else:
-            answer = await cache_answer(request.app, job)
+            answer = await cache_answer(request.app[EMBED_CACHE], job)
     if respond_async:
         return await _accept(request, job, answer)
     return await _serve(request, job, answer)

@@ -8,8 +8,8 @@ from typing import Any
 from aiohttp import web
 
 from foreman.api.keys import CLOCK, EVENTS, QUEUE, ROUTES, STORAGE
-from foreman.api.views import iso as _iso
 from foreman.api.views import job_view
+from foreman.durations import iso as _iso
 from foreman.errors import BadRequest, Conflict, NotFound
 from foreman.job import MAX_PAGE, Job, JobState
 from foreman.ollama.names import normalise_model

@@ -13,7 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from foreman import __version__
 from foreman.api import webhooks
 from foreman.api.keys import CLOCK, CONFIG, EMBED_CACHE, METRICS, OUTAGES, RELAY, STORAGE, UPSTREAM, WORKER
-from foreman.api.views import iso, job_view
+from foreman.api.views import job_view
+from foreman.durations import iso
 from foreman.errors import UpstreamFailed, UpstreamRejected, UpstreamUnreachable
 from foreman.storage import Storage
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import Any
 
+from foreman.durations import iso
 from foreman.job import Job, JobState
 from foreman.ollama.names import is_cloud
 
@@ -61,12 +61,6 @@ def _routing(job: Job) -> dict[str, Any]:
         "route": routing.get("route"),
         "served_model": job.served_model,
     }
-
-
-def iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _since(start: float | None, now: float) -> float | None:

@@ -13,7 +13,7 @@ from functools import partial
 
 from aiohttp import web
 
-from foreman.api.keys import EMBED_CACHE
+from foreman.embeddings.cache import EmbedCache
 from foreman.embeddings.requests import EmbedRequest, cache_key, job_reply, parse_embed
 from foreman.job import NewJob
 from foreman.storage import CacheAnswer, CachedVector
@@ -35,13 +35,12 @@ def _reply(request: EmbedRequest, started_ns: int, vectors: list[CachedVector]) 
     return job_reply(request, [v.vector for v in vectors], tokens, elapsed, 0)
 
 
-async def cache_answer(app: web.Application, job: NewJob) -> CacheAnswer | None:
+async def cache_answer(cache: EmbedCache | None, job: NewJob) -> CacheAnswer | None:
     """What the storage looks up as it writes the job; None when the cache cannot answer it at all.
 
     That is: the cache is off, the client sent no-cache, the job is no embed
     request that can be cached, or the model's digest is unknown.
     """
-    cache = app[EMBED_CACHE]
     if cache is None or job.cache == "no-cache":
         return None
     request = parse_embed(job.endpoint, job.body)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from foreman.api.views import iso
+from foreman.durations import iso
 from foreman.job import JobState, Priority
 
 # What a page that connects is told of the past: the moves of the last

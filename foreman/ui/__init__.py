@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from foreman.api.keys import CLOCK, PAGE_FEED
-from foreman.api.views import iso
+from foreman.durations import iso
 from foreman.errors import NotFound
 from foreman.queue.page_feed import FeedEvent
 

@@ -26,6 +26,7 @@ from foreman.storage.batches import (
     StoredFile,
     split,
 )
+from foreman.storage.postgres.connection import unavailable
 from foreman.storage.postgres.storage import PostgresStorage
 
 Connection = AsyncConnection[TupleRow]
@@ -264,8 +265,9 @@ class PostgresBatchStore:
             await conn.execute("DELETE FROM batch_lines WHERE batch_id = %s", (batch_id,))
             return True
 
-    # Retention
+    # Retention: a database away is `Unavailable`, which costs the retention loop one round
 
+    @unavailable
     async def prune_batches(self, cutoff: float, limit: int) -> tuple[int, list[str]]:
         async with self._store.connection() as conn, conn.transaction():
             # SKIP LOCKED: nodes pruning at once take different batches.
@@ -289,6 +291,7 @@ class PostgresBatchStore:
             await conn.execute("UPDATE files SET complete = false WHERE id = ANY(%s)", (left,))
             return len(rows), left
 
+    @unavailable
     async def drop_file_parts(self, file_id: str, limit: int) -> bool:
         async with self._store.connection() as conn, conn.transaction():
             cursor = await conn.execute(
@@ -305,6 +308,7 @@ class PostgresBatchStore:
                 await conn.execute("DELETE FROM files WHERE id = %s", (file_id,))
             return True
 
+    @unavailable
     async def prune_deliveries(self, cutoff: float, limit: int) -> int:
         async with self._store.connection() as conn, conn.transaction():
             cursor = await conn.execute(
