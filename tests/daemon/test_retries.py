@@ -155,6 +155,7 @@ async def test_a_failing_job_waits_out_its_backoff_alone(
     server = await make_stub(capacity=2)
     server.stub.faults.fail_model("qwen2:latest")
     foreman = await make_foreman(server.url, backoff_initial=30, backoff_max=30, max_attempts=3)
+    submitted = time.time()
     broken = await _submit_async(foreman, "qwen2", "never")
     others = [await _submit_async(foreman, m, f"{m}-{i}") for i in range(3) for m in ("llama3", "mistral")]
     # Without the change the one worker sleeps 15 to 30 s after the first failure.
@@ -169,7 +170,8 @@ async def test_a_failing_job_waits_out_its_backoff_alone(
     assert (view["state"], view["attempt"]) == ("queued", 1)
     assert view["error"] == "Ollama answered 500: llama runner process has terminated: exit status 2"
     row = next(j for j in foreman.jobs() if j["id"] == broken)
-    assert 15 <= row["not_before"] - time.time() <= 30 and view["not_before"] is not None
+    # Held for 15 to 30 s from its failure, which came after `submitted` and before now.
+    assert submitted + 15 <= row["not_before"] <= time.time() + 30 and view["not_before"] is not None
 
 
 async def test_a_held_job_keeps_its_place_when_its_time_comes(

@@ -291,6 +291,28 @@ def test_a_schema_5_database_gains_not_before_times(tmp_path: Path) -> None:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
 
 
+def test_only_replay_reads_the_output_column(store: QueueFile) -> None:
+    """A job read whole or in a page never loads its kept output; replay does."""
+    job = new_job("a:latest")
+    store.insert(job)
+    claim = store.claim(resident("a:latest"), 1.0)
+    assert claim is not None
+    store.finish(claim.job, JobState.DONE, 2.0, status=200, result=b"{}", chunks=[b"x\n" * 1000])
+    read: list[str] = []
+
+    def watch(action: int, table: str | None, column: str | None, *_: object) -> int:
+        if action == sqlite3.SQLITE_READ and table == "jobs":
+            read.append(column or "")
+        return sqlite3.SQLITE_OK
+
+    store._db.set_authorizer(watch)
+    store.get(job.id)
+    store.list_jobs(state=None, model_key=None, limit=50, before=None)
+    assert "output" not in read and "result" in read
+    assert store.chunks(job.id) == [b"x\n" * 1000]
+    assert "output" in read
+
+
 def _schema_6() -> str:
     """Schema 6: today's without the output column (and the comment above it)."""
     lines = schema._SCHEMA.splitlines()
