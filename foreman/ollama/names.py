@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 # Options that make Ollama reload a model it already holds (Options.Runner in
@@ -16,6 +17,7 @@ RUNNER_OPTIONS = frozenset(
 _DEFAULT_PREFIXES = ("registry.ollama.ai/library/", "registry.ollama.ai/", "library/")
 
 
+@lru_cache(maxsize=4096)  # a handful of names, asked for several times a request
 def normalise_model(name: str) -> str:
     """Ollama's shortest display form: `Llama3` → `llama3:latest`."""
     short = name.strip().lower()

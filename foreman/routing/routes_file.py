@@ -136,14 +136,15 @@ class Routes:
             return job  # an upload is sent as it came: nothing in it can be rewritten
         key = normalise_model(job.model)
         alias = self.aliases.get(key)
+        route = self.routes.get(key) if alias is None else None
+        if alias is None and route is None:
+            return job  # a model's name: the body is not read again
         routing: dict[str, Any] = {}
         body: dict[str, Any] = json.loads(job.body)
-        if alias is None:
-            route = self.routes.get(key)
-            if route is None:
-                return job
+        if route is not None:
             alias, rule = route.choose(intent_text(job.endpoint, body))
             routing = {"route": route.name, "rule": rule}
+        assert alias is not None
         routing = {"alias": alias.name, **routing}
         native = not job.endpoint.startswith("/v1/")
         if native:
