@@ -151,7 +151,8 @@ async def _respond(
             event, following = following, None
         elif stream is None and job.stream:
             try:
-                event = await asyncio.wait_for(inbox.get(), early_headers)
+                async with asyncio.timeout(early_headers):  # no task of its own, as wait_for's would be
+                    event = await inbox.get()
             except TimeoutError:
                 stream = await _start_stream(request, job, served)
                 continue
