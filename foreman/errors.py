@@ -98,7 +98,9 @@ class UpstreamRejected(ForemanError):
     """Ollama refused the request (4xx); retrying would not help."""
 
     def __init__(self, status: int, body: bytes) -> None:
-        super().__init__(body.decode("utf-8", "replace"), status)
+        # The job's error (GET /jobs/{id}, a batch's error line, the log) is Ollama's message;
+        # its client gets the body as Ollama sent it.
+        super().__init__(error_message(body) or body.decode("utf-8", "replace"), status)
         self.body = body
 
 
