@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import aiohttp
 import structlog
 from aiohttp import web
 
@@ -65,12 +66,13 @@ async def _demo(requests: int, load_delay: float) -> None:
             client = ollama.AsyncClient(host=url, trust_env=False)
             try:
                 # A task group, so that Ctrl-C (which cancels this task) cancels every request too.
-                async with asyncio.TaskGroup() as requests_in_flight:
+                async with asyncio.TaskGroup() as requests_in_flight, aiohttp.ClientSession() as http:
                     for i, model in enumerate(workload):
                         message = {"role": "user", "content": f"request {i}"}
                         requests_in_flight.create_task(client.chat(model=model, messages=[message]))
-                        # Space the arrivals a little so they queue in the order listed above.
-                        await asyncio.sleep(0.02)
+                        # Each request is in the queue before the next leaves, so they queue in the
+                        # order listed above (a fixed pause was overtaken on a busy machine).
+                        await _queued(http, url, i + 1)
             finally:
                 await client.close()  # type: ignore[no-untyped-call]
                 await runner.cleanup()
@@ -82,3 +84,14 @@ async def _demo(requests: int, load_delay: float) -> None:
                 loads=len(upstream.stub.loads),
                 loads_if_fifo=fifo_loads,
             )
+
+
+async def _queued(http: aiohttp.ClientSession, url: str, jobs: int) -> None:
+    """Until foreman holds `jobs` jobs, asking `GET /jobs`; after 10 s the demo goes on regardless."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while loop.time() < deadline:
+        async with http.get(f"{url}/jobs", params={"limit": str(jobs)}) as response:
+            if len((await response.json())["jobs"]) >= jobs:
+                return
+        await asyncio.sleep(0.005)
