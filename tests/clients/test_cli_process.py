@@ -149,7 +149,7 @@ async def test_a_misspelt_variable_is_named_at_start_and_foreman_goes_on(tmp_pat
 
 
 # What differs from one run of the demo to the next: times, ids, ports, the temporary folder,
-# and the counts at the first claim, which races the second arrival by 20 ms.
+# and the counts at the first claim, which races the second arrival.
 _VARIES = [
     (re.compile(r"^\S+Z "), ""),
     (re.compile(r"\b[0-9A-HJKMNP-TV-Z]{26}\b"), "<id>"),
