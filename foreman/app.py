@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager, suppress
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import structlog
@@ -43,6 +41,7 @@ from foreman.api.keys import (
     UPSTREAM,
     WORKER,
 )
+from foreman.background import running
 from foreman.config import Config
 from foreman.embeddings.batch import EmbedBatcher
 from foreman.embeddings.cache import EmbedCache
@@ -150,7 +149,7 @@ def create_app(
         if cache is None:
             yield
             return
-        async with _running(tags.refresh_forever(config.cache_refresh, sleep), "foreman-model-tags"):
+        async with running(tags.refresh_forever(config.cache_refresh, sleep), "foreman-model-tags"):
             yield
         await cache.close()
 
@@ -224,8 +223,8 @@ def create_app(
         )
         app[QUEUE] = QueueFront(store, lifecycle, Lanes(worker, cloud))
         async with (
-            _running(worker.run(), "foreman-worker"),
-            _running(cloud.run(), "foreman-cloud-lane"),
+            running(worker.run(), "foreman-worker"),
+            running(cloud.run(), "foreman-cloud-lane"),
             app[RELAY].joined(worker, app[EVENTS], outages),
         ):
             yield
@@ -238,7 +237,7 @@ def create_app(
         lag.stop()
 
     async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
-        async with _running(
+        async with running(
             prune_forever(app[STORAGE], app[BATCH_STORE], config.retention, clock, sleep), "foreman-prune"
         ):
             yield
@@ -296,15 +295,3 @@ def create_app(
 
 def _where(config: Config) -> str:
     return redact_url(config.db_url) if config.db_url is not None else str(config.db_path)
-
-
-@asynccontextmanager
-async def _running(work: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
-    """A background task for the life of the block, cancelled and awaited at its end."""
-    task = asyncio.create_task(work, name=name)
-    try:
-        yield
-    finally:
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task

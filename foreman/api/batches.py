@@ -5,15 +5,14 @@ The work is `foreman.batches.service.Batches`'; these handlers read and check re
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
-from contextlib import suppress
 from typing import Any
 
 from aiohttp import web
 
 from foreman.api.keys import BATCH_STORE, CLOCK, MODEL_TAGS, QUEUE, ROUTES, STORAGE
+from foreman.background import running
 from foreman.batches.service import Batches, batch_view
 from foreman.errors import BadRequest, NotFound
 
@@ -93,11 +92,8 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
 async def run_ctx(app: web.Application) -> AsyncIterator[None]:
     """Batches advancing while the worker runs."""
     app[BATCHES].front = app[QUEUE]
-    task = asyncio.create_task(app[BATCHES].run(), name="foreman-batches")
-    yield
-    task.cancel()
-    with suppress(asyncio.CancelledError):
-        await task
+    async with running(app[BATCHES].run(), "foreman-batches"):
+        yield
 
 
 def page(data: list[dict[str, Any]], limit: int) -> dict[str, Any]:

@@ -6,9 +6,7 @@ endpoints (`X-Foreman-Webhook: NAME`); a URL from a request is never called.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
-from contextlib import suppress
 from typing import Any
 
 from aiohttp import web
@@ -17,6 +15,7 @@ from prometheus_client import Gauge
 
 from foreman.api.batches import BATCHES
 from foreman.api.keys import CLOCK, CONFIG, METRICS
+from foreman.background import running
 from foreman.errors import BadRequest
 from foreman.job import QUEUED_ENDPOINTS
 from foreman.webhooks.service import Webhooks
@@ -50,13 +49,10 @@ async def ctx(app: web.Application) -> AsyncIterator[None]:
     )
     for state in ("pending", "failed"):
         gauge.labels(state).set_function(lambda state=state: webhooks.counts[state])  # type: ignore[misc]
-    task = asyncio.create_task(webhooks.run(), name="foreman-webhooks")
     try:
-        yield
+        async with running(webhooks.run(), "foreman-webhooks"):
+            yield
     finally:
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
         registry.unregister(gauge)
 
 

@@ -24,7 +24,7 @@ ROOT = Path(foreman.__file__).resolve().parent
 LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(layer.split())
     for layer in (
-        "foreman job errors durations log looplag",  # values and helpers everything shares
+        "foreman job errors durations log looplag background",  # values and helpers everything shares
         "retry setting_values config metrics",
         "scheduling ollama client",  # the pure policy; Ollama's side; the CLI's client (talks HTTP only)
         "dialects",  # the two wire dialects, turning requests into jobs

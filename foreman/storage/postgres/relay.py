@@ -7,14 +7,14 @@ worker runs) sends them in order and hears the others.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
 import structlog
 
+from foreman.background import running
 from foreman.job import Ended, JobEvent
 from foreman.storage.postgres.connection import RUNNING, notify, unavailable
 from foreman.storage.postgres.node import Node
@@ -119,15 +119,10 @@ class PostgresRelay:
         # The others must stop leaving this node's models to it the moment its Ollama stops answering.
         ollama.when_down(node.beat_soon)
         ollama.when_back(node.beat_soon)
-        task = asyncio.create_task(node.run(), name="foreman-node")
-        try:
+        async with running(node.run(), "foreman-node"):
             await node.listening()
             log.info("node.joined", node=node.name, timeout_s=self._store.node_timeout)
             try:
                 yield
             finally:
                 await node.leave()
-        finally:
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
