@@ -19,13 +19,17 @@ Times are seconds on the caller's clock (`now`): the store never reads a clock.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
+
+import structlog
 
 from foreman.errors import Conflict
 from foreman.job import Ended, Job, JobState, NewJob, Priority
 from foreman.scheduling.policy import Decision, ModelQueue
+
+log = structlog.get_logger("foreman.store")
 
 # The (model, class) queues in the order they will be served, given what waits.
 DrainOrder = Callable[[list[ModelQueue]], list[tuple[str, Priority]]]
@@ -71,6 +75,17 @@ class CacheAnswer:
 
     keys: tuple[bytes, ...]
     reply: Callable[[list[CachedVector]], bytes]
+
+    def from_found(self, found: Mapping[bytes, CachedVector], job_id: str) -> bytes | None:
+        """The reply if `found` (what the cache holds of `keys`) has every key, else None (the job queues)."""
+        if len(found) < len(set(self.keys)):
+            return None  # the worker looks again, and sends only what is missing
+        try:
+            return self.reply([found[key] for key in self.keys])
+        except Exception:
+            # A bug here must not refuse the job: it queues, and the worker serves it.
+            log.exception("embed_cache.answer_failed", job_id=job_id)
+            return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,16 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import structlog
-
 from foreman.errors import QueueFull
 from foreman.job import JobState, NewJob, Priority
 from foreman.storage import Accepted, CacheAnswer, IdempotencyConflict, Submission
 from foreman.storage.postgres import cache, reads
 from foreman.storage.postgres.connection import Connection, one, wake
 from foreman.storage.rows import NEW_JOB, NEW_JOB_COLUMNS, new_job_values
-
-log = structlog.get_logger("foreman.postgres")
 
 _NEW_JOB_MARKS = ", ".join(["%s"] * len(NEW_JOB_COLUMNS))
 
@@ -74,15 +70,7 @@ async def submit(
 
 async def _answer(conn: Connection, answer: CacheAnswer, job: NewJob) -> bytes | None:
     """The cache's reply to the job if it holds every vector, else None (the job queues)."""
-    found = await cache.get(conn, answer.keys)
-    if len(found) < len(set(answer.keys)):
-        return None  # the worker looks again, and sends only what is missing
-    try:
-        return answer.reply([found[key] for key in answer.keys])
-    except Exception:
-        # A bug here must not refuse the job: it queues, and the worker serves it.
-        log.exception("embed_cache.answer_failed", job_id=job.id)
-        return None
+    return answer.from_found(await cache.get(conn, answer.keys), job.id)
 
 
 async def _existing(

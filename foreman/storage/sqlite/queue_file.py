@@ -13,8 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
-import structlog
-
 from foreman.errors import ForemanError, QueueFull, Unavailable
 from foreman.job import Job, JobState, NewJob, Priority
 from foreman.scheduling.policy import Held, ModelQueue, waiting_before
@@ -38,8 +36,6 @@ from foreman.storage.sqlite import pin_table, reads
 from foreman.storage.sqlite.counts import WaitingCounts
 from foreman.storage.sqlite.schema import ENDED, open_database, wal_path
 from foreman.storage.sqlite.vector_table import EmbedCacheTable
-
-log = structlog.get_logger("foreman.store")
 
 _NEW_JOB_MARKS = ", ".join("?" * len(NEW_JOB_COLUMNS))
 
@@ -218,15 +214,7 @@ class QueueFile:
 
     def _answer(self, answer: CacheAnswer, job: NewJob) -> bytes | None:
         """The cache's reply to the job if it holds every vector, else None (the job queues)."""
-        found = self._cache.get(answer.keys)
-        if len(found) < len(set(answer.keys)):
-            return None  # the worker looks again, and sends only what is missing
-        try:
-            return answer.reply([found[key] for key in answer.keys])
-        except Exception:
-            # A bug here must not refuse the job: it queues, and the worker serves it.
-            log.exception("embed_cache.answer_failed", job_id=job.id)
-            return None
+        return answer.from_found(self._cache.get(answer.keys), job.id)
 
     def _insert(self, job: NewJob, request_hash: str | None, started_at: float | None = None) -> str:
         if job.idempotency_key is not None:
