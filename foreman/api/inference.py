@@ -92,17 +92,14 @@ async def _serve(request: web.Request, job: NewJob, answer: CacheAnswer | None) 
             if accepted.result is not None:
                 headers = {"Content-Type": JSON_TYPE, JOB_HEADER: job.id}
                 return web.Response(body=accepted.result, headers=headers)
-            beside = None  # held while the handler writes: a task nobody holds may be collected
             if accepted.claim is not None:
                 if job.stream:
                     # Claimed as it was written: it runs beside this handler, which writes its chunks as they come.
-                    beside = _run_beside(queue, accepted.claim, inbox)
+                    request[_BESIDE] = _run_beside(queue, accepted.claim, inbox)
                 else:
                     # Claimed as it was written: it runs here, and its events are in the inbox by its end.
                     await queue.run(accepted.claim)
-            response = await _respond(request, job, inbox, app[CONFIG].early_headers)
-            del beside
-            return response
+            return await _respond(request, job, inbox, app[CONFIG].early_headers)
         except (asyncio.CancelledError, ConnectionResetError):
             # The client went away: like Ollama, stop working for it.
             await asyncio.shield(queue.cancel(job.id))
@@ -118,6 +115,10 @@ def _may_run_here(job: NewJob, embed_batch: int) -> bool:
     rest after it).
     """
     return embed_batch <= 1 or job.endpoint not in EMBED_ENDPOINTS
+
+
+# A stream's job running beside its handler, held by the request: the loop keeps only weak references to tasks.
+_BESIDE = web.RequestKey("foreman_beside", asyncio.Future[None])
 
 
 def _run_beside(queue: QueueFront, claim: Claim, inbox: asyncio.Queue[JobEvent]) -> asyncio.Future[None]:
