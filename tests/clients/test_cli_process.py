@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 
 from stub_ollama import Stub
 from tests.support.helpers import Foreman, chat_body, hold_worker
+from tests.support.processes import free_port
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 FOREMAN = [sys.executable, "-m", "foreman"]
@@ -102,17 +102,11 @@ async def test_ctrl_c_stops_the_demo_cleanly() -> None:
     assert (process.returncode, err) == (130, b"foreman demo: interrupted\n")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM")
 async def test_a_misspelt_variable_is_named_at_start_and_foreman_goes_on(tmp_path: Path) -> None:
     """FOREMAN_MAX_WIAT=3s gets one warning naming it and FOREMAN_MAX_WAIT; the daemon still starts."""
     environ = {**os.environ, "FOREMAN_MAX_WIAT": "3s", "FOREMAN_LOG_FORMAT": "json"}
-    port = _free_port()
+    port = free_port()
     process = await asyncio.create_subprocess_exec(
         *FOREMAN,
         "serve",
@@ -121,7 +115,7 @@ async def test_a_misspelt_variable_is_named_at_start_and_foreman_goes_on(tmp_pat
         "--db",
         str(tmp_path / "foreman.db"),
         "--upstream",
-        f"127.0.0.1:{_free_port()}",
+        f"127.0.0.1:{free_port()}",
         env=environ,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import aiohttp
 
 from tests.cluster.test_shared_queue import ROOT, down_url, node, query, spawn_node
 from tests.support.helpers import MakeForeman, MakeStub, chat_body, eventually, post, reply_text
+from tests.support.processes import free_port
 
 
 async def test_a_second_node_with_the_same_name_is_refused_and_changes_nothing(
@@ -57,18 +57,12 @@ def _spawn(pg_url: str, name: str, upstream: str, port: int, log: Path) -> subpr
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_a_node_whose_ollama_went_down_leaves_its_models_work_to_a_node_that_can_run_it(
     http: aiohttp.ClientSession, make_foreman: MakeForeman, make_stub: MakeStub, pg_url: str, tmp_path: Path
 ) -> None:
     """Node A held mistral, then its Ollama went down: a streamed mistral request sent to A is answered by B."""
     stub_a, stub_b = await make_stub(), await make_stub()
-    port, log = _free_port(), tmp_path / "a.log"
+    port, log = free_port(), tmp_path / "a.log"
     a = _spawn(pg_url, "a", stub_a.url, port, log)
     a_url = f"http://127.0.0.1:{port}"
     try:

@@ -3,43 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
 from tests.support.helpers import MakeStub, chat_body, eventually
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _serve(port: int, upstream: str, db: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "FOREMAN_LOG_FORMAT": "json",
-        "FOREMAN_BACKOFF_INITIAL": "0",
-        "FOREMAN_BACKOFF_MAX": "0",
-    }
-    command = [sys.executable, "-m", "foreman", "serve", "--host", f"127.0.0.1:{port}"]
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [*command, "--upstream", upstream, "--db", str(db)], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-
-
-def _lines(log: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+from tests.support.processes import free_port, json_lines, serve
 
 
 def _rows(db: Path) -> list[tuple[str, str, int]]:
@@ -62,8 +35,8 @@ async def test_a_second_daemon_on_the_same_database_exits_at_once_and_changes_no
     """Started on the same port, then on another: each second daemon exits naming the database and the first's pid."""
     server = await make_stub()
     stub = server.stub
-    port, db = _free_port(), tmp_path / "queue.db"
-    first = _serve(port, server.url, db, tmp_path / "first.log")
+    port, db = free_port(), tmp_path / "queue.db"
+    first = serve(port, server.url, db, tmp_path / "first.log")
     try:
         await _listening(port, first)
         url = f"http://127.0.0.1:{port}"
@@ -75,17 +48,19 @@ async def test_a_second_daemon_on_the_same_database_exits_at_once_and_changes_no
         await eventually(lambda: len(_rows(db)) == 3, what="three jobs on disk")
         before = _rows(db)
 
-        for name, second_port in (("same-port", port), ("other-port", _free_port())):
+        for name, second_port in (("same-port", port), ("other-port", free_port())):
             log = tmp_path / f"{name}.log"
             started = time.monotonic()
-            second = _serve(second_port, server.url, db, log)
+            second = serve(second_port, server.url, db, log)
             assert second.wait(timeout=20) == 1
             assert time.monotonic() - started < 15
-            errors = [line for line in _lines(log) if line["level"] == "error"]
+            errors = [line for line in json_lines(log) if line["level"] == "error"]
             assert len(errors) == 1, log.read_text()
             assert errors[0]["event"] == "foreman.db_busy"
             assert str(db) in errors[0]["error"] and f"pid {first.pid}" in errors[0]["error"]
-            assert not [line for line in _lines(log) if line["event"] in ("queue.recovered", "foreman.ready")]
+            assert not [
+                line for line in json_lines(log) if line["event"] in ("queue.recovered", "foreman.ready")
+            ]
             assert _rows(db) == before  # nothing requeued, nothing charged an attempt
 
         stub.faults.release_hung()
@@ -109,11 +84,11 @@ async def test_a_taken_port_stops_foreman_before_it_touches_the_database(
     """With its port taken, foreman exits without recovering a job and without logging foreman.ready."""
     server = await make_stub()
     db, log = tmp_path / "queue.db", tmp_path / "foreman.log"
-    port = _free_port()
+    port = free_port()
     first_log = tmp_path / "first.log"
-    first = _serve(port, server.url, db, first_log)
+    first = serve(port, server.url, db, first_log)
     await eventually(
-        lambda: "foreman.ready" in [line["event"] for line in _lines(first_log)], within=20, what="ready"
+        lambda: "foreman.ready" in [line["event"] for line in json_lines(first_log)], within=20, what="ready"
     )
     first.terminate()
     first.wait()
@@ -125,9 +100,9 @@ async def test_a_taken_port_stops_foreman_before_it_touches_the_database(
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen()
-        process = _serve(port, server.url, db, log)
+        process = serve(port, server.url, db, log)
         assert process.wait(timeout=20) == 1
-    events = [line["event"] for line in _lines(log)]
+    events = [line["event"] for line in json_lines(log)]
     assert "foreman.listen_failed" in events
     assert "queue.recovered" not in events and "foreman.ready" not in events
     assert [(state, attempt) for _, state, attempt in _rows(db)] == [("working", 0)]

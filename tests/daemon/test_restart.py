@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import sqlite3
@@ -15,6 +14,7 @@ import aiohttp
 import pytest
 
 from tests.support.helpers import MakeForeman, MakeStub, chat_body, eventually, submit
+from tests.support.processes import free_port, serve
 
 
 async def test_restart_mid_queue_runs_every_job_once(
@@ -67,27 +67,6 @@ async def test_jobs_found_running_at_boot_are_requeued_with_an_attempt(
     assert job["attempt"] == 1 and job["result"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _start_foreman(port: int, upstream: str, db: Path) -> subprocess.Popen[bytes]:
-    """`foreman serve` as its own process, logging to a file beside the database."""
-    env = {
-        **os.environ,
-        "FOREMAN_LOG_FORMAT": "json",
-        "FOREMAN_BACKOFF_INITIAL": "0",
-        "FOREMAN_BACKOFF_MAX": "0",
-    }
-    command = [sys.executable, "-m", "foreman", "serve", "--host", f"127.0.0.1:{port}"]
-    with open(db.with_suffix(".log"), "ab") as log:
-        return subprocess.Popen(
-            [*command, "--upstream", upstream, "--db", str(db)], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-
-
 async def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
     def accepts() -> bool:
         assert process.poll() is None, "foreman exited; see its log beside the database"
@@ -104,9 +83,9 @@ async def test_kill_9_mid_run_loses_no_acknowledged_job(
     """A real `foreman serve` killed with SIGKILL while a job runs finishes every job after a restart."""
     server = await make_stub()
     stub = server.stub
-    port, db = _free_port(), tmp_path / "crash.db"
+    port, db = free_port(), tmp_path / "crash.db"
     url = f"http://127.0.0.1:{port}"
-    process = _start_foreman(port, server.url, db)
+    process = serve(port, server.url, db, db.with_suffix(".log"))
     try:
         await _wait_listening(port, process)
         stub.faults.hang_next(1)
@@ -128,7 +107,7 @@ async def test_kill_9_mid_run_loses_no_acknowledged_job(
                 await task
         stub.faults.release_hung()
 
-        process = _start_foreman(port, server.url, db)
+        process = serve(port, server.url, db, db.with_suffix(".log"))
         await eventually(lambda: [s for s, _ in rows()] == ["done"] * 3, within=20, what="every job done")
         assert [a for _, a in rows()] == [1, 0, 0]
         completed = sorted(r.prompt for r in stub.inference_requests() if r.outcome == "ok")
