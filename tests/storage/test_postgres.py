@@ -6,7 +6,6 @@ import asyncio
 import base64
 import itertools
 import json
-import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from foreman.storage.postgres.storage import PostgresStorage
 from tests.conftest import new_database
 from tests.storage.contract import MakeStorage, StorageContract
 from tests.support import postgres
+from tests.support.processes import free_port
 
 OpenNode = Callable[..., Awaitable[PostgresStorage]]
 
@@ -385,13 +385,6 @@ async def test_idempotency_keys_hold_across_nodes(open_node: OpenNode) -> None:
     assert first.new and not again.new and again.job_id == first.job_id
     with pytest.raises(IdempotencyConflict):
         await b.submit(Submission(replace(keyed, id=str(ULID())), "h2"))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def test_serve_with_no_database_server_exits_1_for_systemd_to_retry(

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.support.processes import free_port
 
 
 def server_bindir() -> Path | None:
@@ -28,13 +29,6 @@ def server_bindir() -> Path | None:
     # Debian keeps the server's binaries off PATH, one directory per major version.
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
     return found[-1].parent if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -101,7 +95,7 @@ def start(bindir: Path) -> Server:
     user = "postgres" if os.geteuid() == 0 else os.environ.get("USER", "postgres")
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
-    server = Server(bindir, root, _free_port(), user)
+    server = Server(bindir, root, free_port(), user)
     try:
         server._as_owner(
             [
