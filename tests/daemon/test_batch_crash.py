@@ -13,8 +13,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.daemon.test_restart import _free_port, _start_foreman, _wait_listening
 from tests.support.helpers import MakeForeman, MakeStub, eventually
+from tests.support.processes import free_port, listening, serve
 
 CHAT = "/v1/chat/completions"
 
@@ -33,11 +33,11 @@ async def ended(client: openai.AsyncOpenAI, batch_id: str, within: float) -> ope
 async def test_kill_9_mid_batch_then_restart(make_stub: MakeStub, tmp_path: Path) -> None:
     """foreman killed with SIGKILL halfway through a 60-line batch finishes it after a restart, no line lost or doubled."""
     server = await make_stub(token_delay=0.002)
-    port, db = _free_port(), tmp_path / "crash.db"
-    process = _start_foreman(port, server.url, db)
+    port, db = free_port(), tmp_path / "crash.db"
+    process = serve(port, server.url, db, db.with_suffix(".log"))
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
     try:
-        await _wait_listening(port, process)
+        await listening(port, process)
         models = ["llama3", "mistral", "qwen2"]
         items = [
             {
@@ -61,8 +61,8 @@ async def test_kill_9_mid_batch_then_restart(make_stub: MakeStub, tmp_path: Path
         process.wait()
         assert done() < 60, "the batch ended before the kill"
 
-        process = _start_foreman(port, server.url, db)
-        await _wait_listening(port, process)
+        process = serve(port, server.url, db, db.with_suffix(".log"))
+        await listening(port, process)
 
         final = await ended(client, batch.id, within=60)
         assert final.status == "completed", final

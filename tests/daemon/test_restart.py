@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sqlite3
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import aiohttp
 import pytest
 
 from tests.support.helpers import MakeForeman, MakeStub, chat_body, eventually, submit
-from tests.support.processes import free_port, serve
+from tests.support.processes import free_port, listening, serve
 
 
 async def test_restart_mid_queue_runs_every_job_once(
@@ -67,15 +65,6 @@ async def test_jobs_found_running_at_boot_are_requeued_with_an_attempt(
     assert job["attempt"] == 1 and job["result"]
 
 
-async def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
-    def accepts() -> bool:
-        assert process.poll() is None, "foreman exited; see its log beside the database"
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", port)) == 0
-
-    await eventually(accepts, within=20, what="foreman to listen")
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
 async def test_kill_9_mid_run_loses_no_acknowledged_job(
     http: aiohttp.ClientSession, make_stub: MakeStub, tmp_path: Path
@@ -87,7 +76,7 @@ async def test_kill_9_mid_run_loses_no_acknowledged_job(
     url = f"http://127.0.0.1:{port}"
     process = serve(port, server.url, db, db.with_suffix(".log"))
     try:
-        await _wait_listening(port, process)
+        await listening(port, process)
         stub.faults.hang_next(1)
         body = chat_body("llama3", "running")
         tasks = [asyncio.create_task(http.post(url + "/api/chat", json=body))]

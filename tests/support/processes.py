@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests.support.helpers import eventually
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -36,3 +38,14 @@ def serve(port: int, upstream: str, db: Path, log: Path, **settings: str) -> sub
 def json_lines(log: Path) -> list[dict[str, Any]]:
     """The JSON lines of a process's log, skipping anything else it printed."""
     return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+
+
+async def listening(port: int, process: subprocess.Popen[bytes]) -> None:
+    """Until the process accepts connections on `port`; fails at once if it exited."""
+
+    def accepts() -> bool:
+        assert process.poll() is None, "foreman exited; see its log"
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    await eventually(accepts, within=20, what="foreman to listen")
