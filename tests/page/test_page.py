@@ -447,6 +447,21 @@ SWATCH_COLOURS = """(rows) => Object.fromEntries(rows.map((row) => [
   row.dataset.model || row.cells[1].textContent, getComputedStyle(row.querySelector('.swatch')).backgroundColor]))"""
 
 
+async def _swatch_colours(page: Page) -> dict[str, str]:
+    """Each listed model's swatch colour, read again while the list is being redrawn.
+
+    A row the page replaced between finding the rows and reading them (the list
+    reloads when a job's end arrives) is no longer in the document, and its
+    colour reads as "".
+    """
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while True:
+        colours: dict[str, str] = await page.locator("#jobs tbody tr").evaluate_all(SWATCH_COLOURS)
+        if all(colours.values()) or time.monotonic() > deadline:
+            return colours
+        await asyncio.sleep(0.05)
+
+
 async def test_a_models_colour_comes_from_its_name_the_same_in_every_tab(
     foreman: Foreman, http: aiohttp.ClientSession, open_page: OpenPage
 ) -> None:
@@ -463,7 +478,7 @@ async def test_a_models_colour_comes_from_its_name_the_same_in_every_tab(
     for page in (first, second):
         await page.locator("#filter").get_by_role("button", name="Show").click()
         await expect(page.locator("#jobs tbody tr")).to_have_count(3, timeout=WAIT_MS)
-        colours.append(await page.locator("#jobs tbody tr").evaluate_all(SWATCH_COLOURS))
+        colours.append(await _swatch_colours(page))
     assert colours[0] == colours[1]
     assert len(set(colours[0].values())) == 3, colours[0]
     assert console.errors == []
